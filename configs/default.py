@@ -1,0 +1,94 @@
+"""Default configuration: the CIFAR-10 settings of the score SDE paper.
+
+Every other config imports `get_config()` from here and changes only its
+deltas. Key names follow the 2021 reference code where it has one, so
+existing configs port by renaming `evaluate` to `eval`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 42
+
+  # Training.
+  config.training = training = ml_collections.ConfigDict()
+  training.sde = "vpsde"  # vpsde | subvpsde | vesde
+  training.continuous = True
+  training.reduce_mean = False
+  training.likelihood_weighting = False
+  training.importance_weighting = False
+  training.batch_size = 128
+  training.n_iters = 1_300_001
+  training.snapshot_freq = 50_000
+  training.snapshot_freq_for_preemption = 10_000
+  training.snapshot_sampling = True
+  training.log_freq = 50
+  training.eval_freq = 100
+  training.eps = 1e-5  # t ~ U(eps, T)
+  training.class_dropout = 0.0  # label dropout for classifier-free guidance
+
+  # Sampling.
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = "pc"  # pc | ode | ddim | heun | dpm_solver
+  sampling.predictor = "reverse_diffusion"
+  sampling.corrector = "langevin"
+  sampling.snr = 0.16
+  sampling.n_steps_each = 1
+  sampling.noise_removal = True
+  sampling.probability_flow = False
+  sampling.num_steps = 0  # fast solvers: score evaluations; 0 = sampler default
+  sampling.rtol = 1e-5
+  sampling.atol = 1e-5
+  sampling.eps = 1e-3
+  sampling.guidance_weight = 0.0
+  sampling.batch_size = 64
+
+  # Evaluation.
+  config.eval = evaluate = ml_collections.ConfigDict()
+  evaluate.begin_ckpt = 9
+  evaluate.end_ckpt = 26
+  evaluate.batch_size = 1024
+  evaluate.enable_sampling = False
+  evaluate.num_samples = 50_000
+  evaluate.enable_loss = True
+  evaluate.enable_bpd = False
+  evaluate.bpd_dataset = "test"
+  evaluate.bpd_passes = 5
+
+  # Data.
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "cifar10"
+  data.data_dir = ""  # empty: the tfds default (~/tensorflow_datasets)
+  data.image_size = 32
+  data.num_channels = 3
+  data.random_flip = True
+  data.centered = False
+  data.uniform_dequantization = False
+
+  # Model. Family-specific keys are set by the model configs.
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "ddpmpp"
+  model.sigma_min = 0.01
+  model.sigma_max = 50.0
+  model.num_scales = 1000
+  model.beta_min = 0.1
+  model.beta_max = 20.0
+  model.dropout = 0.1
+  model.embedding_type = "fourier"
+  model.ema_rate = 0.9999
+  model.num_classes = 0  # 0: unconditional
+  model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+
+  # Optimization.
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.optimizer = "Adam"
+  optim.lr = 2e-4
+  optim.beta1 = 0.9
+  optim.eps = 1e-8
+  optim.weight_decay = 0.0
+  optim.warmup = 5000
+  optim.grad_clip = 1.0
+
+  return config

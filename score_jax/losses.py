@@ -1,0 +1,230 @@
+"""Score-matching losses as pure functions.
+
+Every loss takes a score function and an explicit PRNG key and returns
+`(loss, LossAux)`: the scalar batch mean and per-example terms, so that
+`jax.value_and_grad(..., has_aux=True)` works directly. The per-example
+residual and weighting are written for one example and `vmap`ped; the score
+function itself is called on the whole batch (networks are batched).
+
+- `dsm_loss`: continuous denoising score matching for any SDE.
+- `ddpm_loss`: the DDPM discrete loss (epsilon prediction, L_simple).
+- `smld_loss`: the NCSN discrete loss (random noise level, sigma^2 weight).
+- `implicit_score_matching_loss`, `sliced_score_matching_loss`: score
+  matching without noise, for low-dimensional data.
+
+A network-backed `score_fn` closes over its parameters, so gradients with
+respect to the parameters flow through the closure.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from score_jax.sde import SDE, VESDE, VPSDE, batch_mul
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]  # (x [B, ...], t [B]) -> [B, ...]
+
+__all__ = [
+    "LossAux",
+    "dsm_loss",
+    "ddpm_loss",
+    "smld_loss",
+    "implicit_score_matching_loss",
+    "sliced_score_matching_loss",
+]
+
+
+class LossAux(NamedTuple):
+  per_example: Array  # [B] loss of each example
+  t: Array  # [B] times (or discrete-time labels as times) used
+
+
+def _reduce(sq: Array, reduce_mean: bool) -> Array:
+  """Per-example reduction over dimensions: mean, or 0.5 * sum (the reference's)."""
+  return jnp.mean(sq) if reduce_mean else 0.5 * jnp.sum(sq)
+
+
+def _weighted_residual(score: Array, z: Array, std: Array, weight: Array, reduce_mean: bool) -> Array:
+  """weight * reduce(|std * score + z|^2) for ONE example.
+
+  |std s + z|^2 = std^2 |s + z / std|^2: the DSM residual with lambda = std^2
+  folded in; `weight` carries lambda / std^2 for other weightings.
+  """
+  return weight * _reduce(jnp.square(std * score + z), reduce_mean)
+
+
+_batched_residual = jax.vmap(_weighted_residual, in_axes=(0, 0, 0, 0, None))
+
+
+def _check_eps(sde: SDE, eps: float) -> None:
+  if not 0.0 < eps < sde.T:
+    raise ValueError(f"eps must lie in (0, T) = (0, {sde.T}), got {eps!r}.")
+
+
+def dsm_loss(
+    rng: Array,
+    sde: SDE,
+    score_fn: ScoreFn,
+    x: Array,
+    *,
+    eps: float = 1e-5,
+    reduce_mean: bool = False,
+    likelihood_weighting: bool = False,
+    importance_weighting: bool = False,
+    t: Optional[Array] = None,
+) -> Tuple[Array, LossAux]:
+  """Continuous denoising score matching (Song et al. 2021, eq. 7).
+
+  t ~ U(eps, T), x_t = mean + std z, per-example loss
+  lambda(t) reduce(|s(x_t, t) + z / std|^2) with lambda = std^2 by default or
+  g(t)^2 with `likelihood_weighting` (then the loss bounds the negative
+  log-likelihood). `importance_weighting` (only with likelihood weighting)
+  samples t with density proportional to g^2 / std^2 instead of uniformly and
+  reweights, which keeps the expectation and reduces its variance.
+
+  Args:
+    rng: PRNG key.
+    sde: the forward SDE.
+    score_fn: (x [B, ...], t [B]) -> score [B, ...].
+    x: data batch [B, ...].
+    t: optional fixed times [B] (e.g. to evaluate the loss per noise level);
+      sampled when None.
+  Returns:
+    (scalar batch mean, LossAux with per-example losses [B] and t [B]).
+  """
+  _check_eps(sde, eps)
+  if importance_weighting and not likelihood_weighting:
+    raise ValueError("importance_weighting applies to the likelihood-weighted loss; "
+                     "set likelihood_weighting=True as well.")
+  b = x.shape[0]
+  rng_t, rng_z = jax.random.split(rng)
+  if t is not None:
+    if importance_weighting:
+      raise ValueError("importance_weighting samples t itself; do not pass t as well.")
+    if t.shape != (b,):
+      raise ValueError(f"t must have shape [B] = {(b,)}, got {t.shape}.")
+  elif importance_weighting:
+    t, weight = sde.sample_importance_time(rng_t, (b,), eps)
+  else:
+    t = jax.random.uniform(rng_t, (b,), minval=eps, maxval=sde.T)
+  z = jax.random.normal(rng_z, x.shape, x.dtype)
+  mean, std = sde.marginal_prob(x, t)
+  x_t = mean + batch_mul(std, z)
+  score = score_fn(x_t, t)
+  if not importance_weighting:
+    if likelihood_weighting:
+      g = sde.sde(jnp.zeros_like(x), t)[1]
+      weight = g**2 / std**2
+    else:
+      weight = jnp.ones_like(t)
+  per_example = _batched_residual(score, z, std, weight, reduce_mean)
+  return jnp.mean(per_example), LossAux(per_example, t)
+
+
+def _discrete_loss(rng, score_fn, x, num_scales, mean_coefs, stds, reduce_mean):
+  """Shared body of the discrete losses: index i ~ U{0..N-1}, x_i = a_i x + s_i z."""
+  b = x.shape[0]
+  rng_i, rng_z = jax.random.split(rng)
+  i = jax.random.randint(rng_i, (b,), 0, num_scales)
+  t = i.astype(jnp.float32) / max(num_scales - 1, 1)
+  z = jax.random.normal(rng_z, x.shape, x.dtype)
+  std = stds[i]
+  x_t = batch_mul(mean_coefs[i], x) + batch_mul(std, z)
+  score = score_fn(x_t, t)
+  per_example = _batched_residual(score, z, std, jnp.ones_like(std), reduce_mean)
+  return jnp.mean(per_example), LossAux(per_example, t)
+
+
+def ddpm_loss(rng: Array, sde: VPSDE, score_fn: ScoreFn, x: Array, *,
+              reduce_mean: bool = True) -> Tuple[Array, LossAux]:
+  """DDPM L_simple: |eps_theta(x_i, i) - z|^2 at a random step i of the chain.
+
+  The score function receives t = i / (N - 1) (the time of step i) and the
+  epsilon prediction is -sqrt(1 - alphabar_i) * score, so the residual is
+  |sqrt(1 - alphabar_i) score + z|^2.
+  """
+  if not isinstance(sde, VPSDE):
+    raise TypeError(f"ddpm_loss needs a VPSDE (the DDPM chain), got {type(sde).__name__}; "
+                    "use dsm_loss for continuous training of other SDEs.")
+  return _discrete_loss(rng, score_fn, x, sde.N, sde.sqrt_alphas_cumprod,
+                        sde.sqrt_1m_alphas_cumprod, reduce_mean)
+
+
+def smld_loss(rng: Array, sde: VESDE, score_fn: ScoreFn, x: Array, *,
+              reduce_mean: bool = False) -> Tuple[Array, LossAux]:
+  """NCSN loss: sigma_i^2 |s(x + sigma_i z, i) + z / sigma_i|^2, i ~ U{0..N-1}.
+
+  The score function receives t = i / (N - 1), the time of sigma_i on the
+  SMLD grid.
+  """
+  if not isinstance(sde, VESDE):
+    raise TypeError(f"smld_loss needs a VESDE (the SMLD noise levels), got {type(sde).__name__}; "
+                    "use dsm_loss for continuous training of other SDEs.")
+  sigmas = sde.discrete_sigmas
+  return _discrete_loss(rng, score_fn, x, sde.N, jnp.ones_like(sigmas), sigmas, reduce_mean)
+
+
+def _flat_score_fn(score_fn: Callable[[Array], Array], x: Array):
+  """Wraps score_fn to act on [B, D] flattened inputs."""
+  shape = x.shape
+  return lambda v: score_fn(v.reshape(shape)).reshape(shape[0], -1)
+
+
+def implicit_score_matching_loss(score_fn: Callable[[Array], Array], x: Array) -> Tuple[Array, Array]:
+  """Hyvarinen's score matching: E[tr(d s / d x) + |s|^2 / 2], exact trace.
+
+  Costs D Jacobian-vector products; meant for low-dimensional data. Equals
+  E|s - grad log p|^2 / 2 minus a constant independent of s.
+
+  Args:
+    score_fn: x [B, ...] -> score [B, ...] (no time argument; a noise-level
+      conditional model can be bound with functools.partial).
+    x: samples [B, ...].
+  Returns:
+    (scalar mean, per-example values [B]).
+  """
+  flat = _flat_score_fn(score_fn, x)
+  xf = x.reshape(x.shape[0], -1)
+  d = xf.shape[1]
+  s = flat(xf)
+
+  def diag_term(e):  # e: [D] basis vector, the same for every example
+    v = jnp.broadcast_to(e, xf.shape)
+    return jnp.sum(jax.jvp(flat, (xf,), (v,))[1] * v, axis=-1)  # [B]
+
+  trace = jnp.sum(jax.vmap(diag_term)(jnp.eye(d, dtype=xf.dtype)), axis=0)
+  per_example = trace + 0.5 * jnp.sum(s**2, axis=-1)
+  return jnp.mean(per_example), per_example
+
+
+def sliced_score_matching_loss(rng: Array, score_fn: Callable[[Array], Array], x: Array, *,
+                               n_projections: int = 1,
+                               projection: str = "gaussian") -> Tuple[Array, Array]:
+  """Sliced score matching (Song et al. 2019): E_v[v^T (ds/dx) v + (v^T s)^2 / 2].
+
+  Unbiased for the implicit score matching objective when E[v v^T] = I
+  ('gaussian' or 'rademacher' projections); one JVP per projection.
+
+  Returns:
+    (scalar mean, per-example values [B]).
+  """
+  if projection not in ("gaussian", "rademacher"):
+    raise ValueError(f"projection must be 'gaussian' or 'rademacher', got {projection!r}.")
+  flat = _flat_score_fn(score_fn, x)
+  xf = x.reshape(x.shape[0], -1)
+  shape = (n_projections,) + xf.shape
+  if projection == "gaussian":
+    vs = jax.random.normal(rng, shape, xf.dtype)
+  else:
+    vs = jax.random.rademacher(rng, shape, xf.dtype)
+
+  def one(v):
+    s, jv = jax.jvp(flat, (xf,), (v,))
+    return jnp.sum(v * jv, axis=-1) + 0.5 * jnp.sum(v * s, axis=-1) ** 2
+
+  per_example = jnp.mean(jax.vmap(one)(vs), axis=0)
+  return jnp.mean(per_example), per_example
