@@ -56,6 +56,35 @@ def get_config() -> ml_collections.ConfigDict:
   evaluate.enable_bpd = False
   evaluate.bpd_dataset = "test"
   evaluate.bpd_passes = 5
+  # Likelihood ODE (probability flow): trace estimator and solver tolerances.
+  evaluate.hutchinson = "rademacher"  # rademacher | gaussian | exact
+  evaluate.likelihood_rtol = 1e-5
+  evaluate.likelihood_atol = 1e-5
+  evaluate.likelihood_eps = 1e-5
+  # Eval beside training: wait this long for a checkpoint not written yet.
+  evaluate.wait_timeout_s = 86_400.0
+  evaluate.poll_interval_s = 60.0
+  # FID / IS / KID: a converted FID Inception .npz (python -m score_jax.inception
+  # convert ...); empty skips them. Dataset statistics are cached in stats_path
+  # (empty: WORKDIR/eval/stats_<dataset>_<size>_<resize>.npz).
+  evaluate.inception_path = ""
+  evaluate.inception_resize = "tf1"  # tf1 (reference) | pytorch (pytorch-fid)
+  evaluate.inception_precision = "highest"  # highest | high | default
+  evaluate.inception_batch_size = 250
+  evaluate.stats_path = ""
+  evaluate.stats_num_images = 0  # 0: all training images (the protocol)
+  evaluate.kid_dataset_features = 10_000  # dataset feature rows kept for KID
+
+  # Sample mode (--mode=sample); the sampler itself is config.sampling.
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.ckpt_step = -1  # checkpoint step to load; -1: the newest
+  sample.num = 64
+  sample.task = "generate"  # generate | inpaint | colorize | interpolate
+  sample.images_path = ""  # .npz / .png / .jpg / folder: images to inpaint, colorize, interpolate
+  sample.mask = "right_half"  # inpaint: {left,right,top,bottom}_half | center | .npz / .png path
+  sample.class_label = -1  # class-conditional models: -1 cycles through the classes
+  sample.interpolation_steps = 8
+  sample.output_dir = ""  # empty: WORKDIR/sample
 
   # Data.
   config.data = data = ml_collections.ConfigDict()
