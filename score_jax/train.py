@@ -1,0 +1,344 @@
+"""Training: train state, the jitted data-parallel step, and the training loop.
+
+One code path from one CPU to a pod: a 1-D device mesh over all devices,
+parameters replicated, the batch sharded along the mesh. Resume order (the
+one place it is decided): the newest complete checkpoint in
+WORKDIR/checkpoints, else a fresh initialization from config.seed. The data
+position is a pure function of the step, so a resumed run reads exactly the
+batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from score_jax import builders, checkpoints, datasets, plotting
+from score_jax.models import get_model, get_score_fn, init_model
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # int32 [] completed optimizer steps
+  params: Any
+  opt_state: Any
+  ema_params: Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run builds once from its config."""
+  config: ml_collections.ConfigDict
+  sde: Any
+  model: Any
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P("data"))
+
+
+def check_run_config(config: ml_collections.ConfigDict) -> None:
+  """Fails before anything compiles, with a message naming the key to fix.
+
+  Checks the config values, the devices, the dataset (present on disk, right
+  shape) and that the network maps the data shape to itself (traced with
+  `jax.eval_shape`: no compilation, no memory).
+  """
+  builders.check_config(config, jax.device_count(), jax.process_count())
+  model = get_model(config)
+  sde = builders.get_sde(config)
+  builders.get_sampler(config, sde)
+  builders.get_loss_fn(config, sde, model, train=True)
+  datasets.num_examples(config, "train")  # unknown or missing dataset: clear error here
+  toy_data = str(config.data.dataset).lower() == "toy"
+  if toy_data != (str(config.model.name).lower() == "mlp"):
+    raise ValueError(f"model.name {config.model.name!r} does not fit data.dataset "
+                     f"{config.data.dataset!r}: 2-D toy data needs model.name='mlp', image data a "
+                     "convolutional network (ncsnpp, ddpmpp, ddpm, ncsnv2).")
+  ch_mult = config.model.get("ch_mult", None)
+  if not toy_data and ch_mult is not None:
+    factor = 2 ** (len(ch_mult) - 1)
+    if int(config.data.image_size) % factor:
+      raise ValueError(f"data.image_size = {config.data.image_size} must be divisible by "
+                       f"{factor}, since the network halves the resolution {len(ch_mult) - 1} times "
+                       f"(model.ch_mult = {tuple(ch_mult)}).")
+  shape = builders.data_shape(config, 2)
+  try:
+    out = jax.eval_shape(lambda r: model.apply(init_model(r, model, shape), jnp.zeros(shape),
+                                               jnp.ones((2,))), jax.random.PRNGKey(0))
+  except Exception as e:  # noqa: BLE001 - re-raised with the config context
+    raise ValueError(f"The network {config.model.name!r} cannot take data of shape {shape[1:]} "
+                     f"(data.image_size / data.num_channels): {e}") from e
+  if out.shape != shape:
+    raise ValueError(f"The network {config.model.name!r} maps data of shape {shape[1:]} to "
+                     f"{out.shape[1:]}; check data.image_size and data.num_channels.")
+
+
+def make_setup(config: ml_collections.ConfigDict) -> Setup:
+  """Validates the config against the devices and builds SDE, model, optimizer and mesh."""
+  check_run_config(config)
+  # Auto axes: XLA propagates the batch sharding through the step (explicit
+  # sharding-in-types would need annotations inside every loss and sampler).
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  return Setup(config, builders.get_sde(config), get_model(config), builders.get_optimizer(config), mesh)
+
+
+def init_state(setup: Setup, rng: Array) -> TrainState:
+  """A fresh train state, replicated over the mesh."""
+  shape = builders.data_shape(setup.config, 1)
+
+  @jax.jit
+  def init(rng):
+    params = init_model(rng, setup.model, shape)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=setup.tx.init(params), ema_params=params)
+
+  return jax.device_put(init(rng), setup.replicated)
+
+
+def make_train_step(setup: Setup):
+  """The jitted step (state, x, y, root_key) -> (state, metrics); `state` is donated.
+
+  Keys come from fold_in(root_key, step): nothing random lives in the state.
+  A step whose loss or gradient norm is not finite leaves the state unchanged
+  and reports finite=False, so the last good state is what gets saved.
+  """
+  config = setup.config
+  loss_fn = builders.get_loss_fn(config, setup.sde, setup.model, train=True)
+  schedule = builders.get_lr_schedule(config)
+  ema_rate = float(config.model.ema_rate)
+  use_labels = int(config.model.get("num_classes", 0) or 0) > 0
+
+  def step_fn(state: TrainState, x: Array, y: Array, root_key: Array):
+    rng = jax.random.fold_in(root_key, state.step)
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(p, rng, x, y if use_labels else None), has_aux=True)
+    (loss, _), grads = grad_fn(state.params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
+    return new, metrics
+
+  rep, bat = setup.replicated, setup.batch_sharding
+  return jax.jit(step_fn, in_shardings=(rep, bat, bat, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+
+def make_eval_step(setup: Setup):
+  """(state, x, y, rng) -> loss of the EMA parameters without dropout."""
+  loss_fn = builders.get_loss_fn(setup.config, setup.sde, setup.model, train=False)
+  use_labels = int(setup.config.model.get("num_classes", 0) or 0) > 0
+  rep, bat = setup.replicated, setup.batch_sharding
+
+  def eval_fn(state: TrainState, x: Array, y: Array, rng: Array):
+    return loss_fn(state.ema_params, rng, x, y if use_labels else None)[0]
+
+  return jax.jit(eval_fn, in_shardings=(rep, bat, bat, rep), out_shardings=rep)
+
+
+def make_sample_fn(setup: Setup, num_samples: int):
+  """(params, rng, y) -> (samples [num_samples, ...], nfe), one jitted call."""
+  sampler = builders.get_sampler(setup.config, setup.sde)
+  shape = builders.data_shape(setup.config, num_samples)
+  continuous = bool(setup.config.training.continuous)
+  use_labels = int(setup.config.model.get("num_classes", 0) or 0) > 0
+
+  @jax.jit
+  def sample(params, rng, y):
+    base = get_score_fn(setup.sde, setup.model, {"params": params}, continuous=continuous)
+    return sampler(rng, lambda x, t: base(x, t, y if use_labels else None), shape)
+
+  return sample
+
+
+def global_batch(setup: Setup, batch: Dict[str, np.ndarray]) -> Tuple[Array, Array]:
+  """Process-local numpy batch -> globally sharded arrays."""
+  make = lambda a: jax.make_array_from_process_local_data(setup.batch_sharding, a)
+  return make(np.asarray(batch["image"], np.float32)), make(np.asarray(batch["label"], np.int32))
+
+
+class _StopFlag:
+  """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def _handler(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, path)  # atomic: never a half-written config
+
+
+def _append_jsonl(path: str, record: Dict[str, Any]) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains as the config says, resuming from WORKDIR/checkpoints if present.
+
+  Writes WORKDIR/config.json, checkpoints/, samples/ (PNG grids or scatter
+  plots and .npz arrays at each snapshot), tensorboard/ event files and
+  metrics.jsonl (one line per log step). Returns the final state.
+  """
+  setup = make_setup(config)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    _save_config(config, workdir)
+  t_cfg = config.training
+  n_iters = int(t_cfg.n_iters)
+
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  keep_period=int(t_cfg.snapshot_freq))
+  root_key = jax.random.PRNGKey(int(config.seed))
+  init_key, train_key, sample_key, eval_key = jax.random.split(root_key, 4)
+  state = init_state(setup, init_key)
+  state = ckpt.restore_latest(state)
+  start = int(state.step)
+  if start > 0:
+    logging.info("Resumed from step %d.", start)
+
+  train_iter = datasets.get_dataset(config, "train", start_step=start)
+  eval_iter = None
+  train_step = make_train_step(setup)
+  eval_step = make_eval_step(setup)
+  num_samples = int(config.sampling.get("batch_size", 64))
+  sample_fn = make_sample_fn(setup, num_samples)
+  writer = plotting.MetricWriter(workdir) if is_main else None
+  train_key = jax.device_put(train_key, setup.replicated)
+  images_per_step = int(t_cfg.batch_size)
+
+  from tqdm.auto import tqdm
+  bar = tqdm(total=n_iters, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
+  last_time, last_step = time.perf_counter(), start
+  pending: Optional[Dict[str, Array]] = None
+
+  def check_finite(metrics, step):
+    if not bool(metrics["finite"]):
+      raise NonFiniteLossError(
+          f"Loss or gradient became non-finite by step {step} (loss={float(metrics['loss'])}, "
+          f"grad_norm={float(metrics['grad_norm'])}). The last good checkpoint in "
+          f"{ckpt.directory} is untouched; lower optim.lr, check the data scaling, or raise "
+          "training.eps.")
+
+  try:
+    with _StopFlag() as stop:
+      while int(state.step) < n_iters:
+        step = int(state.step) + 1  # the step this iteration completes
+        x, y = global_batch(setup, next(train_iter))
+        state, metrics = train_step(state, x, y, train_key)
+        pending = metrics
+        snapshot = step % int(t_cfg.snapshot_freq) == 0 or step == n_iters
+        preempt = step % int(t_cfg.snapshot_freq_for_preemption) == 0
+        if step % int(t_cfg.log_freq) == 0 or snapshot or preempt or stop.requested:
+          metrics = jax.device_get(metrics)
+          check_finite(metrics, step)
+          now = time.perf_counter()
+          steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
+          last_time, last_step = now, step
+          record = {"step": step, "loss": float(metrics["loss"]),
+                    "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]),
+                    "steps_per_s": steps_per_s, "images_per_s": steps_per_s * images_per_step}
+          if is_main:
+            writer.scalars(step, {k: v for k, v in record.items() if k != "step"})
+            _append_jsonl(os.path.join(workdir, "metrics.jsonl"), record)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", it_s=f"{steps_per_s:.2f}",
+                            img_s=f"{record['images_per_s']:.1f}")
+        if step % int(t_cfg.eval_freq) == 0 and bool(config.eval.get("enable_loss", True)):
+          if eval_iter is None:
+            eval_iter = datasets.get_dataset(config, "test", start_step=step // int(t_cfg.eval_freq))
+          ex, ey = global_batch(setup, next(eval_iter))
+          eval_loss = float(eval_step(state, ex, ey, jax.random.fold_in(eval_key, step)))
+          if is_main:
+            writer.scalars(step, {"eval_loss": eval_loss})
+        bar.update(1)
+        if snapshot or preempt or stop.requested:
+          ckpt.save(step, state)
+        if snapshot and bool(t_cfg.snapshot_sampling):
+          _write_samples(setup, state, sample_fn, num_samples,
+                         jax.random.fold_in(sample_key, step), workdir, step, is_main)
+        if stop.requested:
+          logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
+          break
+    if pending is not None:
+      check_finite(jax.device_get(pending), int(state.step))
+  finally:
+    bar.close()
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+  return state
+
+
+def _write_samples(setup: Setup, state: TrainState, sample_fn, num_samples: int, rng: Array,
+                   workdir: str, step: int, is_main: bool) -> None:
+  """Samples with the EMA parameters; writes samples/step_<k>.{png,npz} on process 0.
+
+  Class-conditional models get the labels 0, 1, 2, ... in turn.
+  """
+  config = setup.config
+  num_classes = int(config.model.get("num_classes", 0) or 0)
+  y = jnp.arange(num_samples, dtype=jnp.int32) % max(num_classes, 1)
+  x, nfe = sample_fn(state.ema_params, rng, y)
+  if not is_main:
+    return
+  x = np.asarray(jax.device_get(x))
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  base = os.path.join(out_dir, f"step_{step}")
+  title = f"step {step}, {int(nfe)} score evaluations"
+  if x.ndim == 2:
+    data = next(iter(datasets.get_dataset(config, "test", evaluation=True, batch_size=1024,
+                                          process_index=0, process_count=1)))["image"]
+    plotting.save_scatter(base + ".png", x, np.asarray(data), title=title)
+  else:
+    plotting.save_image_grid(base + ".png", datasets.inverse_scaler(bool(config.data.centered))(x))
+  plotting.save_arrays(base + ".npz", samples=x, nfe=np.asarray(nfe))

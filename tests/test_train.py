@@ -1,0 +1,224 @@
+"""Training pipeline end to end through main.py: files, resume after SIGKILL, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import toy
+from score_jax import builders, checkpoints, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny but not instantaneous toy run: enough work per step that a kill lands mid-run.
+TINY = [
+    "--config.training.batch_size=64",
+    "--config.training.log_freq=1",
+    "--config.training.eval_freq=1000000",
+    "--config.model.hidden_sizes=(64,64)",
+    "--config.model.num_scales=20",
+    "--config.sampling.batch_size=64",
+]
+
+
+def _env(devices=4):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _cmd(workdir, *overrides):
+  return [sys.executable, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(ROOT, "configs/toy.py"),
+          f"--workdir={workdir}", "--mode=train", *TINY, *overrides]
+
+
+def _run(workdir, *overrides, devices=4):
+  proc = subprocess.run(_cmd(workdir, *overrides), env=_env(devices), cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def _final_params(workdir):
+  """The newest checkpoint, restored with the config the run saved."""
+  config = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
+  setup = train.make_setup(config)
+  template = train.init_state(setup, jax.random.PRNGKey(1))
+  ck = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state = ck.restore(ck.latest_step(), template)
+  ck.close()
+  return state
+
+
+def _losses(workdir):
+  by_step = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      by_step[r["step"]] = r["loss"]  # a step logged twice (before a kill, after resume) keeps the last
+  return [by_step[k] for k in sorted(by_step)]
+
+
+def test_train_end_to_end_on_four_devices(tmp_path):
+  workdir = str(tmp_path / "run")
+  _run(workdir, "--config.training.n_iters=6", "--config.training.snapshot_freq=3",
+       "--config.training.snapshot_freq_for_preemption=2")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  cfg = json.load(open(os.path.join(workdir, "config.json")))
+  assert cfg["training"]["n_iters"] == 6 and cfg["model"]["hidden_sizes"] == [64, 64]
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(e.startswith("events.out.tfevents") for e in events)
+  samples = np.load(os.path.join(workdir, "samples", "step_6.npz"))
+  assert samples["samples"].shape == (64, 2) and np.all(np.isfinite(samples["samples"]))
+  assert int(samples["nfe"]) == 20
+  with open(os.path.join(workdir, "samples", "step_6.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert len(_losses(workdir)) == 6
+  # A second invocation finds the run finished and trains nothing more.
+  _run(workdir, "--config.training.n_iters=6", "--config.training.snapshot_freq=3")
+  assert len(_losses(workdir)) == 6
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+  """N steps straight == killed (twice, mid-checkpoint likely) and resumed runs."""
+  n = 120
+  common = [f"--config.training.n_iters={n}", "--config.training.snapshot_freq=100000",
+            "--config.training.snapshot_sampling=False", "--config.model.hidden_sizes=(128,128)",
+            "--config.training.batch_size=128"]
+  straight = str(tmp_path / "straight")
+  _run(straight, *common, "--config.training.snapshot_freq_for_preemption=40", devices=2)
+
+  killed = str(tmp_path / "killed")
+  # Save at every step (asynchronously), so a kill very likely hits a write in progress.
+  args = _cmd(killed, *common, "--config.training.snapshot_freq_for_preemption=1")
+  kills = 0
+  for target in (30, 70):
+    proc = subprocess.Popen(args, env=_env(2), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckdir = os.path.join(killed, "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      steps = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if os.path.isdir(ckdir) else []
+      if steps and max(steps) >= target:
+        break
+      time.sleep(0.02)
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+      kills += 1
+    proc.wait()
+  assert kills == 2, "the run finished before it could be killed; make it slower"
+  _run(killed, *common, "--config.training.snapshot_freq_for_preemption=1", devices=2)
+
+  a = _final_params(straight)
+  b = _final_params(killed)
+  assert int(a.step) == int(b.step) == n
+  for x, y in zip(jax.tree.leaves((a.params, a.ema_params, a.opt_state)),
+                  jax.tree.leaves((b.params, b.ema_params, b.opt_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  np.testing.assert_array_equal(_losses(straight), _losses(killed))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  workdir = str(tmp_path / "run")
+  args = _cmd(workdir, "--config.training.n_iters=100000", "--config.training.snapshot_freq=100000",
+              "--config.training.snapshot_freq_for_preemption=100000",
+              "--config.training.snapshot_sampling=False")
+  proc = subprocess.Popen(args, env=_env(1), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
+  config = toy.get_config()
+  workdir = str(tmp_path / "run")
+  with config.unlocked():
+    config.model.hidden_sizes = (32,)
+    config.training.batch_size = 16
+    config.training.n_iters = 4
+    config.training.snapshot_freq = 2
+    config.training.snapshot_sampling = False
+  train.train_and_evaluate(config, workdir)
+  good = _final_params(workdir)
+  with config.unlocked():
+    config.training.n_iters = 8
+    config.optim.lr = float("inf")  # the first update makes the parameters non-finite
+  with pytest.raises(train.NonFiniteLossError, match="non-finite"):
+    train.train_and_evaluate(config, workdir)
+  ck = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  steps = ck.all_steps()
+  ck.close()
+  assert max(steps) <= 6
+  after = _final_params(workdir)
+  for x in jax.tree.leaves(after.params):
+    assert np.all(np.isfinite(np.asarray(x)))
+  if max(steps) == 4:
+    for x, y in zip(jax.tree.leaves(good.params), jax.tree.leaves(after.params)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"training.sde": "cosine"}, "Unknown training.sde 'cosine'"),
+    ({"model.name": "unet9000"}, "Unknown model 'unet9000'"),
+    ({"training.batch_size": 6}, "does not divide across the 4 devices"),
+    ({"data.dataset": "nope"}, "nope"),
+    ({"model.ema_rate": 1.5}, "ema_rate"),
+    ({"sampling.method": "magic"}, "Unknown sampling.method 'magic'"),
+    ({"training.continuous": False, "training.sde": "subvpsde"}, "Discrete training"),
+])
+def test_bad_config_fails_before_compiling(tmp_path, change, match):
+  config = toy.get_config()
+  with config.unlocked():
+    for k, v in change.items():
+      section, key = k.split(".")
+      config[section][key] = v
+  with pytest.raises(ValueError, match=match):
+    train.check_run_config(config)
+
+
+def test_image_size_must_match_the_network():
+  from configs import digits
+  config = digits.get_config()
+  with config.unlocked():
+    config.data.image_size = 12
+  with pytest.raises(ValueError, match="image_size"):
+    train.check_run_config(config)
+
+
+def test_train_step_is_data_parallel_and_matches_single_device():
+  """The loss of the sharded step equals the loss computed on one device."""
+  config = toy.get_config()
+  with config.unlocked():
+    config.model.hidden_sizes = (32,)
+    config.training.batch_size = 8
+  setup = train.make_setup(config)
+  assert setup.mesh.devices.size == jax.device_count() == 4
+  state = train.init_state(setup, jax.random.PRNGKey(0))
+  x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
+  y = np.zeros((8,), np.int32)
+  xs, ys = train.global_batch(setup, {"image": x, "label": y})
+  assert len(xs.sharding.device_set) == 4
+  key = jax.random.PRNGKey(5)
+  loss_fn = builders.get_loss_fn(config, setup.sde, setup.model, train=True)
+  expected = loss_fn(jax.device_get(state.params), jax.random.fold_in(key, 0), jnp.asarray(x), None)[0]
+  step = train.make_train_step(setup)
+  new_state, metrics = step(state, xs, ys, jax.device_put(key, setup.replicated))
+  np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
+  assert int(new_state.step) == 1
