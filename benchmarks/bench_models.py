@@ -1,0 +1,172 @@
+"""Speed of the score networks on this machine: training step and network evaluation.
+
+For each selected network it measures
+  - compile: seconds to compile one training step (forward, continuous DSM
+    loss, backward, gradient clipping, Adam, EMA) at batch 8,
+  - s/step at batch 8 and 32 (mean over timed steps after a warm-up step),
+  - s/eval: one network evaluation (score_fn, no dropout) at batch 64,
+  - peak RSS of the process that ran it (each network runs in its own
+    process, so the peaks do not mix).
+
+Usage:
+  python benchmarks/bench_models.py                          # all networks
+  python benchmarks/bench_models.py --configs ddpmpp_small ddpmpp --steps 3
+  python benchmarks/bench_models.py --configs ddpmpp --dtype bfloat16
+
+Networks: ncsnpp (configs/ve_cifar.py, NCSN++ cont., VE), ddpmpp
+(configs/vp_cifar.py, DDPM++ cont., VP), ddpmpp_small (DDPM++ with nf 32,
+ch_mult (1, 2, 2), one residual block per resolution).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from configs import ve_cifar, vp_cifar  # noqa: E402
+from score_jax import losses, models  # noqa: E402
+from score_jax.sde import VESDE, VPSDE  # noqa: E402
+
+
+def _small_ddpmpp():
+  config = vp_cifar.get_config()
+  config.model.nf = 32
+  config.model.ch_mult = (1, 2, 2)
+  config.model.num_res_blocks = 1
+  return config
+
+
+CONFIGS = {
+    "ncsnpp": ve_cifar.get_config,
+    "ddpmpp": vp_cifar.get_config,
+    "ddpmpp_small": _small_ddpmpp,
+}
+
+
+def _sde(config):
+  m = config.model
+  if config.training.sde == "vesde":
+    return VESDE(m.sigma_min, m.sigma_max, m.num_scales)
+  return VPSDE(m.beta_min, m.beta_max, m.num_scales)
+
+
+def _host_params(model, shape, seed=0):
+  """Parameters drawn on the host (init's own compilation is not what we time)."""
+  shapes = jax.eval_shape(lambda r: models.init_model(r, model, shape), jax.random.PRNGKey(0))
+  rng = np.random.default_rng(seed)
+  scale = lambda s: 1.0 / math.sqrt(math.prod(s.shape[:-1])) if len(s.shape) > 1 else 0.1
+  return jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(size=s.shape) * scale(s), jnp.float32), shapes)
+
+
+def bench_one(name: str, steps: int, dtype: str) -> Dict[str, float]:
+  config = CONFIGS[name]()
+  config.model.dtype = dtype
+  model = models.get_model(config)
+  sde = _sde(config)
+  size, ch = config.data.image_size, config.data.num_channels
+  variables = _host_params(model, (1, size, size, ch))
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
+  tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip),
+                   optax.adam(config.optim.lr, b1=config.optim.beta1, eps=config.optim.eps))
+  ema_rate = config.model.ema_rate
+
+  def loss_fn(params, rng, x):
+    rng_drop, rng_loss = jax.random.split(rng)
+    score_fn = models.get_score_fn(sde, model, {"params": params}, continuous=True, train=True,
+                                   rng=rng_drop)
+    loss, _ = losses.dsm_loss(rng_loss, sde, score_fn, x, reduce_mean=config.training.reduce_mean)
+    return loss
+
+  def train_step(state, x, key):
+    params, opt_state, ema, step = state
+    rng = jax.random.fold_in(key, step)
+    loss, grads = jax.value_and_grad(loss_fn)(params, rng, x)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    ema = jax.tree_util.tree_map(lambda e, p: ema_rate * e + (1 - ema_rate) * p, ema, params)
+    return (params, opt_state, ema, step + 1), loss
+
+  step_fn = jax.jit(train_step, donate_argnums=(0,))
+  key = jax.random.PRNGKey(0)
+  params = variables["params"]
+  result: Dict[str, float] = {"params_M": n_params / 1e6}
+
+  for batch in (8, 32):
+    x = jnp.asarray(np.random.default_rng(1).uniform(size=(batch, size, size, ch)), jnp.float32)
+    state = (params, tx.init(params), jax.tree_util.tree_map(jnp.copy, params), jnp.int32(0))
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, x, key).compile()
+    if batch == 8:
+      result["compile_s"] = time.perf_counter() - t0
+    state, loss = compiled(state, x, key)  # warm-up
+    loss.block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, loss = compiled(state, x, key)
+    loss.block_until_ready()
+    result[f"step_s_b{batch}"] = (time.perf_counter() - t0) / steps
+    if not np.isfinite(float(loss)):
+      raise FloatingPointError(f"{name}: non-finite loss at batch {batch}")
+    params = state[0]
+
+  score_fn = jax.jit(lambda p, x, t: models.get_score_fn(sde, model, {"params": p},
+                                                         continuous=True)(x, t))
+  x = jnp.asarray(np.random.default_rng(2).uniform(size=(64, size, size, ch)), jnp.float32)
+  t = jnp.full((64,), 0.5)
+  score_fn(params, x, t).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = score_fn(params, x, t)
+  out.block_until_ready()
+  result["eval_s_b64"] = (time.perf_counter() - t0) / steps
+  result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+  return result
+
+
+def main(argv: List[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child-process mode
+  args = parser.parse_args(argv)
+
+  if args.one:
+    print(json.dumps(bench_one(args.one, args.steps, args.dtype)))
+    return
+
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores, "
+        f"dtype {args.dtype}, {args.steps} timed steps")
+  header = (f"{'network':<14}{'params':>9}{'compile s':>11}{'s/step b8':>11}{'s/step b32':>12}"
+            f"{'img/s b32':>11}{'s/eval b64':>12}{'peak GB':>9}")
+  print(header)
+  for name in args.configs:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name, "--steps",
+                           str(args.steps), "--dtype", args.dtype],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+      print(f"{name:<14} failed:\n{proc.stderr[-2000:]}")
+      continue
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{name:<14}{r['params_M']:>8.2f}M{r['compile_s']:>11.1f}{r['step_s_b8']:>11.2f}"
+          f"{r['step_s_b32']:>12.2f}{32 / r['step_s_b32']:>11.2f}{r['eval_s_b64']:>12.2f}"
+          f"{r['peak_rss_gb']:>9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

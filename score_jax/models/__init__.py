@@ -1,0 +1,30 @@
+"""Score networks and the map from a network to a score function.
+
+- `NCSNpp`: NCSN++ / DDPM++ U-Net family (config names 'ncsnpp', 'ddpmpp').
+- `DDPM`: the U-Net of Ho et al. ('ddpm').
+- `NCSNv2`: RefineNet of NCSNv2 ('ncsnv2').
+- `MLPScore`: MLP for low-dimensional data ('mlp').
+- `get_model(config)`: config -> module; `get_score_fn(sde, model, variables,
+  continuous=...)`: network -> score_fn(x, t, y=None).
+
+All networks are called as `net.apply(variables, x, labels, y=None,
+train=False, rngs={'dropout': key})`.
+"""
+
+from score_jax.models.ddpm import DDPM
+from score_jax.models.mlp import MLPScore
+from score_jax.models.ncsnpp import NCSNpp
+from score_jax.models.ncsnv2 import NCSNv2
+from score_jax.models.utils import MODELS, count_params, get_model, get_score_fn, init_model
+
+__all__ = [
+    "DDPM",
+    "MLPScore",
+    "NCSNpp",
+    "NCSNv2",
+    "MODELS",
+    "count_params",
+    "get_model",
+    "get_score_fn",
+    "init_model",
+]

@@ -1,0 +1,185 @@
+"""From config to network, and from network to score function.
+
+`get_model` is the only function in `models/` that reads a config.
+`get_score_fn` is the only place that knows how a network's output and
+labels relate to an SDE (label conversion, output scaling, discrete vs.
+continuous time); losses and samplers only ever see the `score_fn` it
+returns.
+
+Label and output conventions (as in the 2021 reference):
+
+| SDE            | training   | labels fed to the net        | score                        |
+|----------------|------------|------------------------------|------------------------------|
+| VP, sub-VP     | continuous | 999 t                        | -net / std(t)                |
+| sub-VP         | discrete   | 999 t (sub-VP has no chain)  | -net / std(t)                |
+| VP             | discrete   | t (N - 1)                    | -net / sqrt(1 - alphabar_i)  |
+| VE             | continuous | sigma(t)                     | net / sigma(t) [*]           |
+| VE             | discrete   | round((T - t)(N - 1)) (int)  | net / sigma_i [*]            |
+| other SDEs     | continuous | 999 t                        | -net / std(t)                |
+
+[*] only when the network's `scale_by_sigma` is set (NCSN++ VE, NCSNv2),
+else net. The reference divided by sigma inside the network, which needed
+the noise schedule there; dividing here keeps networks schedule-free. VE
+discrete labels index the noise levels from the largest (0) to the smallest
+(N - 1), the order of the reference's `get_sigmas`; i = N - 1 - label
+indexes the increasing `VESDE.discrete_sigmas`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from score_jax.models.ddpm import DDPM
+from score_jax.models.mlp import MLPScore
+from score_jax.models.ncsnpp import NCSNpp
+from score_jax.models.ncsnv2 import NCSNv2
+from score_jax.sde import SDE, VESDE, VPSDE, batch_mul, subVPSDE
+
+Array = jax.Array
+ScoreFn = Callable[..., Array]  # (x [B, ...], t [B], y=None) -> score [B, ...]
+
+__all__ = ["MODELS", "get_model", "get_score_fn", "init_model", "count_params"]
+
+# Model name in config.model.name -> module class. DDPM++ is NCSN++ with
+# other settings (the reference called both 'ncsnpp').
+MODELS: Mapping[str, type] = {
+    "ncsnpp": NCSNpp,
+    "ddpmpp": NCSNpp,
+    "ddpm": DDPM,
+    "ncsnv2": NCSNv2,
+    "ncsnv2_64": NCSNv2,
+    "ncsnv2_128": NCSNv2,
+    "ncsnv2_256": NCSNv2,
+    "mlp": MLPScore,
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _as_static(value: Any) -> Any:
+  """Lists (e.g. fir_kernel = [1, 3, 3, 1]) -> tuples: module fields must be hashable."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_as_static(v) for v in value)
+  return value
+
+
+def get_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """Builds the score network named by `config.model.name`.
+
+  Every constructor argument of the chosen module that appears as a key of
+  `config.model` is taken from there (other keys, e.g. the SDE's sigma_max,
+  are ignored); missing ones keep the module's defaults, which are the
+  CIFAR-10 paper settings of that family. `centered` comes from
+  `config.data.centered`; `config.model.dtype` names the compute dtype.
+
+  Raises:
+    ValueError: unknown model name or dtype.
+  """
+  name = config.model.name.lower()
+  if name not in MODELS:
+    raise ValueError(f"Unknown model {config.model.name!r}; choose from {sorted(MODELS)}.")
+  cls = MODELS[name]
+  # 'name' and 'parent' are Flax's own Module fields, not architecture.
+  fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"name", "parent", "dtype"}
+  kwargs: Dict[str, Any] = {k: _as_static(config.model[k]) for k in sorted(fields)
+                            if k in config.model}
+  if "centered" in fields and "data" in config and "centered" in config.data:
+    kwargs["centered"] = bool(config.data.centered)
+  dtype_name = config.model.get("dtype", "float32")
+  if dtype_name not in _DTYPES:
+    raise ValueError(f"Unknown model dtype {dtype_name!r}; choose from {sorted(_DTYPES)}.")
+  return cls(dtype=_DTYPES[dtype_name], **kwargs)
+
+
+def _dummy_inputs(shape: Sequence[int]):
+  # Labels of 1: positive, so the log of the Fourier embedding is finite.
+  return jnp.zeros(tuple(shape), jnp.float32), jnp.ones((shape[0],), jnp.float32)
+
+
+def init_model(rng: Array, model: nn.Module, shape: Sequence[int]) -> Dict[str, Any]:
+  """Initial variables of `model` for inputs of `shape` ([B, H, W, C] or [B, D])."""
+  x, labels = _dummy_inputs(shape)
+  params_rng, dropout_rng = jax.random.split(rng)
+  return model.init({"params": params_rng, "dropout": dropout_rng}, x, labels, train=False)
+
+
+def count_params(model: nn.Module, shape: Sequence[int]) -> int:
+  """Number of parameters, from shapes only (`jax.eval_shape`: no memory, no FLOPs)."""
+  shapes = jax.eval_shape(lambda r: init_model(r, model, shape), jax.random.PRNGKey(0))
+  return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(shapes["params"]))
+
+
+def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, continuous: bool,
+                 train: bool = False, rng: Optional[Array] = None) -> ScoreFn:
+  """Turns a network into a score function s(x, t) ~ grad_x log p_t(x) for `sde`.
+
+  Args:
+    sde: the forward SDE the network was (or is being) trained for.
+    model: the network module (NCSNpp, DDPM, NCSNv2, MLPScore).
+    variables: its variables, e.g. {'params': ...}. Gradients with respect to
+      them flow through the returned closure.
+    continuous: continuous-time training (else the discrete DDPM / SMLD labels).
+    train: dropout on (needs `rng`).
+    rng: dropout key; the same key gives the same dropout masks.
+  Returns:
+    score_fn(x [B, ...], t [B], y=None) -> score [B, ...] (float32), where y
+    are optional class labels [B] for class-conditional networks.
+  Raises:
+    ValueError: a combination the parameterization does not support.
+  """
+  scale_by_sigma = bool(getattr(model, "scale_by_sigma", False))
+  rngs = {"dropout": rng} if rng is not None else None
+
+  def net(x: Array, labels: Array, y: Optional[Array]) -> Array:
+    return model.apply(variables, x, labels, y, train=train, rngs=rngs)
+
+  def std_of(x: Array, t: Array) -> Array:
+    return sde.marginal_prob(jnp.zeros_like(x), t)[1]
+
+  if isinstance(sde, VESDE):
+    if continuous:
+      def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+        sigma = std_of(x, t)  # [B]
+        out = net(x, sigma, y)
+        return batch_mul(1.0 / sigma, out) if scale_by_sigma else out
+    else:
+      def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+        labels = jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32)  # [B], 0 = sigma_max
+        out = net(x, labels, y)
+        if not scale_by_sigma:
+          return out
+        sigma = sde.discrete_sigmas[sde.N - 1 - labels]
+        return batch_mul(1.0 / sigma, out)
+    return score_fn
+
+  if scale_by_sigma:
+    raise ValueError(f"scale_by_sigma applies to VE SDEs only; with {type(sde).__name__} the "
+                     "score is already -net / std. Set model.scale_by_sigma = False.")
+
+  if isinstance(sde, VPSDE) and not isinstance(sde, subVPSDE) and not continuous:
+    def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+      labels = t * (sde.N - 1)  # fractional step, as the reference
+      out = net(x, labels, y)
+      std = sde.sqrt_1m_alphas_cumprod[sde.time_index(t)]
+      return batch_mul(-1.0 / std, out)
+    return score_fn
+
+  if not continuous and not isinstance(sde, subVPSDE):
+    raise ValueError(f"No discrete-time parameterization for {type(sde).__name__}; "
+                     "use continuous=True.")
+
+  # VP / sub-VP continuous (and sub-VP 'discrete', which has no chain of its
+  # own: the reference also used continuous labels there), and any other SDE
+  # with a Gaussian kernel: the network predicts the noise z of x_t = mean + std z.
+  def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+    out = net(x, t * 999.0, y)
+    return batch_mul(-1.0 / std_of(x, t), out)
+
+  return score_fn
