@@ -39,6 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.noise_removal = True
   sampling.probability_flow = False
   sampling.num_steps = 0  # fast solvers: score evaluations; 0 = sampler default
+  sampling.schedule = ""  # fast solvers: 'uniform_t' | 'logSNR' | 'edm'; '' = sampler default
+  sampling.eta = 0.0  # ddim: 0 deterministic, 1 ancestral-like
+  sampling.order = 2  # dpm_solver: 2 or 3
+  sampling.s_churn = 0.0  # heun: EDM stochasticity (0 = deterministic)
   sampling.rtol = 1e-5
   sampling.atol = 1e-5
   sampling.eps = 1e-3

@@ -110,9 +110,22 @@ def get_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, model: nn.M
 SamplerFn = Callable[[Array, Callable, Tuple[int, ...]], Tuple[Array, Array]]
 
 
+# sampling.method -> (function in score_jax.fast_samplers, config.sampling keys it takes).
+FAST_SAMPLERS: Mapping[str, Tuple[str, Tuple[str, ...]]] = {
+    "ddim": ("ddim_sample", ("eta",)),
+    "heun": ("heun_sample", ("s_churn",)),
+    "dpm_solver": ("dpm_solver_pp_sample", ("order",)),
+}
+
+
 def get_sampler(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> SamplerFn:
-  """sampler(rng, score_fn, shape) -> (x, nfe) for config.sampling.method."""
-  from score_jax import sampling  # samplers are a leaf of the library; imported on use
+  """sampler(rng, score_fn, shape) -> (x, nfe) for config.sampling.method.
+
+  'pc' and 'ode' are the paper's samplers; 'ddim', 'heun' (EDM) and
+  'dpm_solver' (DPM-Solver++ multistep) take sampling.num_steps score
+  evaluations (0: the sampler's default) on sampling.schedule ('' = default).
+  """
+  from score_jax import fast_samplers, sampling  # leaves of the library; imported on use
 
   s = config.sampling
   method = str(s.method).lower()
@@ -125,17 +138,19 @@ def get_sampler(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> SamplerF
     return lambda rng, score_fn, shape: sampling.ode_sample(
         rng, sde, score_fn, shape, rtol=float(s.rtol), atol=float(s.atol),
         denoise=bool(s.noise_removal), eps=float(s.eps))
-  fast = getattr(sampling, "FAST_SAMPLERS", {})
-  if method in fast:
-    kwargs = {"eps": float(s.eps)}
+  if method in FAST_SAMPLERS:
+    fn_name, options = FAST_SAMPLERS[method]
+    kwargs = {"eps": float(s.eps), "denoise": bool(s.noise_removal)}
     if int(s.num_steps) > 0:
       kwargs["num_steps"] = int(s.num_steps)
-    for key in ("eta", "order", "schedule", "churn", "denoise"):
-      if key in s:
-        kwargs[key] = s[key]
-    return lambda rng, score_fn, shape: fast[method](rng, sde, score_fn, shape, **kwargs)
+    if str(s.get("schedule", "")):
+      kwargs["schedule"] = str(s.schedule)
+    for key in options:
+      kwargs[key] = s[key]
+    fn = getattr(fast_samplers, fn_name)
+    return lambda rng, score_fn, shape: fn(rng, sde, score_fn, shape, **kwargs)
   raise ValueError(f"Unknown sampling.method {s.method!r}; choose from "
-                   f"{sorted(['pc', 'ode'] + list(fast))}.")
+                   f"{sorted(['pc', 'ode'] + list(FAST_SAMPLERS))}.")
 
 
 def data_shape(config: ml_collections.ConfigDict, batch: int) -> Tuple[int, ...]:
