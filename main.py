@@ -10,6 +10,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples, metrics.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
+flags.DEFINE_string("coordinator_address", "",
+                    "host:port of process 0, for multi-process runs without a cluster manager.")
+flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host or localhost).")
+flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -17,7 +21,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from score_jax import run  # imported late so --help stays fast
-  run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
+          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ batches an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -173,7 +174,7 @@ def make_sample_fn(setup: Setup, num_samples: int):
   continuous = bool(setup.config.training.continuous)
   use_labels = int(setup.config.model.get("num_classes", 0) or 0) > 0
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=setup.replicated)
   def sample(params, rng, y):
     base = get_score_fn(setup.sde, setup.model, {"params": params}, continuous=continuous)
     return sampler(rng, lambda x, t: base(x, t, y if use_labels else None), shape)

@@ -254,3 +254,27 @@ def test_toy_quickstart_learns_the_mode_weights(tmp_path):
   # Samples sit on the modes: 98.9% of the data lie within 3 std of their mean
   # (2-D: 1 - exp(-4.5)); a short run leaves a few percent between modes.
   assert np.mean(d.min(1) < 3 * mix.stds[0]) > 0.9
+
+
+def test_two_processes_match_one_process(tmp_path):
+  """jax.distributed on localhost (CPU collectives through gloo): two processes
+  with one device each give the losses of one process with two devices and the
+  same global batch (each process reads its half of every batch)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  common = ["--config.training.n_iters=4", "--config.training.snapshot_freq=4",
+            "--config.training.snapshot_sampling=False", "--config.training.batch_size=32"]
+  single = str(tmp_path / "single")
+  _run(single, *common, devices=2)
+  multi = str(tmp_path / "multi")
+  procs = [subprocess.Popen(_cmd(multi, *common, f"--coordinator_address=localhost:{port}",
+                                 "--num_processes=2", f"--process_id={i}"),
+                            env=_env(1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)
+  assert len(_losses(multi)) == 4
