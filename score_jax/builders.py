@@ -119,7 +119,10 @@ FAST_SAMPLERS: Mapping[str, Tuple[str, Tuple[str, ...]]] = {
 
 
 def get_sampler(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> SamplerFn:
-  """sampler(rng, score_fn, shape) -> (x, nfe) for config.sampling.method.
+  """sampler(rng, score_fn, shape, **extra) -> (x, nfe) for config.sampling.method.
+
+  `extra` goes to the sampler function as is: z (a start state), and
+  constraint (controllable.py; pc and the fast samplers, not ode).
 
   'pc' and 'ode' are the paper's samplers; 'ddim', 'heun' (EDM) and
   'dpm_solver' (DPM-Solver++ multistep) take sampling.num_steps score
@@ -130,14 +133,14 @@ def get_sampler(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> SamplerF
   s = config.sampling
   method = str(s.method).lower()
   if method == "pc":
-    return lambda rng, score_fn, shape: sampling.pc_sample(
+    return lambda rng, score_fn, shape, **extra: sampling.pc_sample(
         rng, sde, score_fn, shape, predictor=s.predictor, corrector=s.corrector, snr=float(s.snr),
         n_steps=int(s.n_steps_each), probability_flow=bool(s.probability_flow),
-        denoise=bool(s.noise_removal), eps=float(s.eps))
+        denoise=bool(s.noise_removal), eps=float(s.eps), **extra)
   if method == "ode":
-    return lambda rng, score_fn, shape: sampling.ode_sample(
+    return lambda rng, score_fn, shape, **extra: sampling.ode_sample(
         rng, sde, score_fn, shape, rtol=float(s.rtol), atol=float(s.atol),
-        denoise=bool(s.noise_removal), eps=float(s.eps))
+        denoise=bool(s.noise_removal), eps=float(s.eps), **extra)
   if method in FAST_SAMPLERS:
     fn_name, options = FAST_SAMPLERS[method]
     kwargs = {"eps": float(s.eps), "denoise": bool(s.noise_removal)}
@@ -148,7 +151,7 @@ def get_sampler(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> SamplerF
     for key in options:
       kwargs[key] = s[key]
     fn = getattr(fast_samplers, fn_name)
-    return lambda rng, score_fn, shape: fn(rng, sde, score_fn, shape, **kwargs)
+    return lambda rng, score_fn, shape, **extra: fn(rng, sde, score_fn, shape, **kwargs, **extra)
   raise ValueError(f"Unknown sampling.method {s.method!r}; choose from "
                    f"{sorted(['pc', 'ode'] + list(FAST_SAMPLERS))}.")
 

@@ -206,15 +206,19 @@ def network_score_factory(setup: train.Setup) -> ScoreFactory:
 
 def _guided(factory: ScoreFactory, params: Any, y: Optional[Array], weight: float,
             num_classes: int) -> ScoreFn:
-  """Classifier-free guidance: (1 + w) s(x, t, y) - w s(x, t, null), null = num_classes.
+  """The score to sample with: conditional on y for class-conditional models, with
+  classifier-free guidance (1 + w) s(x, t, y) - w s(x, t, None) when w != 0.
 
   w = 0 (or an unconditional model) is the plain score: no second evaluation.
+  y = None is the null label (the network's label num_classes).
   """
-  cond = factory(params, y if num_classes > 0 else None)
-  if num_classes == 0 or weight == 0.0:
-    return cond
-  uncond = factory(params, jnp.full_like(y, num_classes))
-  return lambda x, t: (1.0 + weight) * cond(x, t) - weight * uncond(x, t)
+  if num_classes == 0:
+    return factory(params, None)
+  if weight == 0.0:
+    return factory(params, y)
+  from score_jax import controllable  # pylint: disable=g-import-not-at-top
+  return controllable.classifier_free_guidance(lambda x, t, yy: factory(params, yy)(x, t), y,
+                                               weight)
 
 
 # ----------------------------------------------------------------------------
@@ -349,9 +353,9 @@ def _likelihood_settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
 def _make_likelihood_fn(ctx: _Context):
   """(params, rng, data [B, ...], y [B]) -> (value [B], nfe).
 
-  Images: data are uint8; they are uniformly dequantized here, (v + U) / 256
-  with U ~ U[0, 1), scaled like the training data, and the value is bits/dim
-  of the 8-bit data. 2-D data: the value is -log p(x) / D in nats.
+  Images: data are uint8; likelihood.bits_per_dim dequantizes them uniformly,
+  (v + U) / 256, scales them like the training data and returns bits/dim of
+  the 8-bit data. 2-D data: the value is -log p(x) / D in nats.
   """
   from score_jax import likelihood  # pylint: disable=g-import-not-at-top
 
@@ -363,31 +367,17 @@ def _make_likelihood_fn(ctx: _Context):
   sde = ctx.setup.sde
 
   def run(params, rng, data, y):
-    k_deq, k_ode = jax.random.split(rng)
     score_fn = ctx.factory(params, y if use_labels else None)
-    if images:
-      u = jax.random.uniform(k_deq, data.shape, jnp.float32)
-      x = datasets.data_scaler(centered)((data.astype(jnp.float32) + u) / 256.0)
-      bpd, nfe = _bits_per_dim(likelihood, k_ode, sde, score_fn, x, centered, s)
-      return bpd, nfe
-    logp, _, nfe = likelihood.log_likelihood(k_ode, sde, score_fn, x=data,
-                                             hutchinson=s["hutchinson"], rtol=s["rtol"],
-                                             atol=s["atol"], eps=s["eps"])
-    return -logp / math.prod(data.shape[1:]), jnp.asarray(nfe, jnp.int32)
+    if images:  # uint8 in, dequantized with rng inside: the same key gives the same noise
+      value, _, nfe = likelihood.bits_per_dim(rng, sde, score_fn, data, centered, **s)
+    else:
+      logp, _, nfe = likelihood.log_likelihood(rng, sde, score_fn, data, **s)
+      value = -logp / math.prod(data.shape[1:])
+    return value, jnp.asarray(nfe, jnp.int32)
 
   return jax.jit(run, in_shardings=(ctx.rep, ctx.rep, ctx.bat, ctx.bat),
                  out_shardings=(ctx.bat, ctx.rep))
 
-
-def _bits_per_dim(likelihood, rng, sde, score_fn, x, centered, s):
-  """bits/dim [B] of dequantized 8-bit data x in model space, and the NFE."""
-  logp, _, nfe = likelihood.log_likelihood(rng, sde, score_fn, x, hutchinson=s["hutchinson"],
-                                           rtol=s["rtol"], atol=s["atol"], eps=s["eps"])
-  d = math.prod(x.shape[1:])
-  # Density of the 8-bit data (v + U) is p_x * |dx / d(v + U)|^D with
-  # dx / d(v + U) = 1/256 ([0, 1] data) or 2/256 (centered): offset 8 or 7 bits.
-  offset = 8.0 - (1.0 if centered else 0.0)
-  return -logp / (d * math.log(2.0)) + offset, jnp.asarray(nfe, jnp.int32)
 
 
 def _make_inception_fn(ctx: _Context, resize: str, precision: str):
@@ -613,7 +603,10 @@ def _sampling_stage(ctx: _Context, params: Any, rng: Array, out_dir: str,
   if ctx.is_main:
     _write_picture(config, out_dir, len(sizes))
   result: Dict[str, Any] = {"num_samples": sum(sizes), "sampling_rounds": len(sizes)}
-  all_nfe = [int(np.load(_shard_path(out_dir, "samples", r))["nfe"]) for r in range(len(sizes))]
+  all_nfe = []
+  for r in range(len(sizes)):
+    with np.load(_shard_path(out_dir, "samples", r)) as f:
+      all_nfe.append(int(f["nfe"]))
   result["sampling_nfe"] = float(np.mean(all_nfe))
   if new_samples:  # this run's rounds only; a resumed run may have done none
     result["samples_per_s"] = new_samples / seconds
@@ -1020,9 +1013,9 @@ def _controlled(ctx: _Context, task: str, batch: int, weight: float):
     score_fn = _guided(ctx.factory, params, y, weight, num_classes)
     if task == "inpaint":
       constraint = controllable.inpainting(ctx.setup.sde, images, mask)
-    else:
-      constraint = controllable.colorization(ctx.setup.sde, images)
-    x, nfe = controllable.sample_with_constraint(sampler, rng, score_fn, shape, constraint)
+    else:  # the gray level (channel mean) is kept, the chroma is generated
+      constraint = controllable.colorization(ctx.setup.sde, jnp.mean(images, -1, keepdims=True))
+    x, nfe = sampler(rng, score_fn, shape, constraint=constraint)
     return x, jnp.asarray(nfe, jnp.int32)
 
   b = ctx.bat
@@ -1081,6 +1074,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, str]:
     raise ValueError("sample.task='colorize' needs an RGB model (data.num_channels = 3).")
   if task in ("inpaint", "colorize") and not s.get("images_path", ""):
     raise ValueError(f"sample.task={task!r} needs sample.images_path (.npz, image file or folder).")
+  if task in ("inpaint", "colorize") and str(config.sampling.method).lower() == "ode":
+    raise ValueError(f"sample.task={task!r} needs a sampler with per-step projections: "
+                     "sampling.method pc, ddim, heun or dpm_solver, not ode.")
 
   setup = train.make_setup(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -1147,6 +1143,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, str]:
       arrays["inputs"] = imgs
       if task == "inpaint":
         arrays["mask"] = mask
+        shown_inputs = (imgs * mask).astype(np.uint8)  # the unknown part blacked out
+      else:
+        shown_inputs = np.repeat(np.round(imgs.mean(-1, keepdims=True)).astype(np.uint8), 3, -1)
     x = _to_host(x)[:num]
     labels = labels[:num]
 
@@ -1161,8 +1160,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, str]:
     if images_data:
       arrays["images"] = _to_uint8(x, centered)
       shown = arrays["images"]
-      if "inputs" in arrays and task != "interpolate":  # inputs above their results
-        shown = np.concatenate([arrays["inputs"][:_GRID_SIZE // 2], shown[:_GRID_SIZE // 2]])
+      if task in ("inpaint", "colorize"):  # inputs above their results
+        shown = np.concatenate([shown_inputs[:_GRID_SIZE // 2], shown[:_GRID_SIZE // 2]])
       plotting.save_image_grid(base + ".png", shown.astype(np.float32) / 255.0,
                                ncols=len(x) if task == "interpolate" else None)
     else:

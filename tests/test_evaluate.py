@@ -132,7 +132,11 @@ def test_eval_killed_midway_resumes_without_redoing_rounds(toy_run, tmp_path):
   before = {f: os.stat(os.path.join(out_dir, f)).st_mtime_ns for f in shards}
   first_samples = np.load(first)["samples"]
 
-  results = evaluate.eval(_config(**slow), workdir)  # the restart, in this process
+  # The restart, in this process, with the loss and likelihood stages on as well (they do not
+  # change what the shards hold, so finished rounds stay valid).
+  slow.update({"eval.enable_loss": True, "eval.enable_bpd": True, "eval.bpd_passes": 1,
+               "eval.likelihood_rtol": 1e-3, "eval.likelihood_atol": 1e-3})
+  results = evaluate.eval(_config(**slow), workdir)
   after = sorted(f for f in os.listdir(out_dir) if f.startswith("samples_") and f.endswith(".npz"))
   assert after == [f"samples_{r}.npz" for r in range(8)]
   for f, mtime in before.items():  # finished rounds were not redone
@@ -146,6 +150,11 @@ def test_eval_killed_midway_resumes_without_redoing_rounds(toy_run, tmp_path):
   result = json.load(open(os.path.join(workdir, "eval", "ckpt_2.json")))
   assert result == results[0]
   assert result["num_samples"] == 1000 and result["step"] == 20 and result["sampling_nfe"] == 2000
+  for key in ("eval_loss", "nll_nats_per_dim", "nll_nats_per_dim_stderr", "samples_per_s"):
+    assert np.isfinite(result[key]), key
+  assert result["likelihood_examples"] == 8192 and result["eval_loss_examples"] == 8192
+  events = os.listdir(os.path.join(workdir, "eval", "tensorboard"))
+  assert any(e.startswith("events.out.tfevents") for e in events)
   assert os.path.exists(os.path.join(out_dir, "samples.png"))
   assert not any(".tmp" in f for f in os.listdir(out_dir))
   # A third run finds the checkpoint complete and does nothing.
@@ -187,3 +196,225 @@ def test_slerp_endpoints_and_norm():
   np.testing.assert_allclose(path[-1], b, atol=1e-6)
   norms = np.linalg.norm(path.reshape(7, -1), axis=1)
   assert norms.min() > 0.8 * min(np.linalg.norm(a), np.linalg.norm(b))  # no collapse to 0
+
+
+def _digits_config(**changes):
+  from configs import digits
+  config = digits.get_config()
+  base = {
+      "training.batch_size": 8, "training.n_iters": 10, "training.snapshot_freq": 10,
+      "model.nf": 8, "model.ch_mult": (1,), "model.num_res_blocks": 1, "model.attn_resolutions": (),
+      "model.dropout": 0.0, "model.num_scales": 4,
+      "eval.begin_ckpt": 1, "eval.end_ckpt": 1, "eval.batch_size": 8, "eval.num_samples": 12,
+      "eval.enable_loss": True, "eval.enable_bpd": False, "eval.enable_sampling": True,
+      "eval.inception_batch_size": 8, "eval.stats_num_images": 8, "eval.kid_dataset_features": 8,
+      "eval.inception_precision": "default", "eval.wait_timeout_s": 0.0,
+  }
+  with config.unlocked():
+    for k, v in {**base, **changes}.items():
+      section, key = k.split(".")
+      config[section][key] = v
+  return config
+
+
+def _save_initial_checkpoint(config, workdir, step):
+  """A checkpoint of freshly initialized parameters (no training: the network's values do not matter)."""
+  from score_jax import checkpoints
+  setup = train.make_setup(config)
+  ck = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ck.save(step, train.init_state(setup, jax.random.PRNGKey(0)))
+  ck.close()
+
+
+@pytest.mark.slow  # ~2.5 min on 2 CPU cores: Inception at 299 px, and FID's 2048-d matrix roots
+def test_digits_eval_fid_with_random_inception(tmp_path):
+  from score_jax import inception
+  workdir = str(tmp_path / "run")
+  weights = str(tmp_path / "inception_random.npz")
+  config = _digits_config(**{"eval.inception_path": weights})
+  _save_initial_checkpoint(config, workdir, 10)
+  with pytest.raises(FileNotFoundError, match="score_jax.inception convert"):
+    evaluate.eval(config, workdir)  # configured but missing: fails before any work
+  inception.save_inception_params(weights, inception.random_inception_params(0))
+  (result,) = evaluate.eval(config, workdir)
+  for key in ("eval_loss", "fid", "inception_score", "kid"):
+    assert np.isfinite(result[key]), key
+  assert result["num_samples"] == 12 and result["fid_dataset_images"] == 8
+  out_dir = os.path.join(workdir, "eval", "ckpt_1")
+  shards = [np.load(os.path.join(out_dir, f"samples_{r}.npz"))["samples"] for r in range(2)]
+  assert [s.shape for s in shards] == [(8, 8, 8, 1), (4, 8, 8, 1)] and shards[0].dtype == np.uint8
+  feats = [np.load(os.path.join(out_dir, f"features_{r}.npz")) for r in range(2)]
+  assert feats[1]["pool"].shape == (4, 2048) and feats[1]["logits"].shape == (4, 1008)
+  stats = os.path.join(workdir, "eval", "stats_digits_8_tf1.npz")
+  assert os.path.exists(stats)
+  with open(os.path.join(out_dir, "samples.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  events = os.listdir(os.path.join(workdir, "eval", "tensorboard"))
+  assert any(e.startswith("events.out.tfevents") for e in events)
+  # Sample mode on the same checkpoint: inpainting keeps the known half of given digits.
+  from score_jax import datasets
+  given = next(iter(datasets.get_dataset(config, "test", evaluation=True, raw=True,
+                                         batch_size=4)))["image"]
+  np.savez(str(tmp_path / "given.npz"), images=given)
+  sample_config = _digits_config(**{"sample.task": "inpaint", "sample.num": 4,
+                                    "sample.images_path": str(tmp_path / "given.npz"),
+                                    "sample.mask": "left_half"})
+  out = np.load(evaluate.sample(sample_config, workdir)["npz"])
+  assert out["images"].shape == (4, 8, 8, 1)
+  np.testing.assert_array_equal(out["images"][:, :, :4], given[:, :, :4])
+
+
+def _mixture(mix):
+  """analytic.GaussianMixture of the toy data module's isotropic mixture."""
+  return analytic.GaussianMixture.create(mix.weights, mix.means, stds=mix.stds[:, None] * np.ones((1, 2)))
+
+
+def _analytic_factory(sde):
+  return lambda params, y: analytic.score_fn(params, sde)
+
+
+def test_toy_nll_through_eval_matches_closed_form(tmp_path):
+  """-log p(x) / D of the exact toy-mixture score, through the eval path, vs the mixture's density."""
+  config = _config(**{"eval.enable_sampling": False, "eval.enable_bpd": True, "eval.bpd_passes": 2,
+                      "eval.batch_size": 1024, "eval.hutchinson": "exact"})
+  setup = train.make_setup(config)
+  mix = _mixture(toy_data.GAUSSIAN_MIXTURE)
+  result = evaluate.evaluate_params(config, str(tmp_path), mix, index=1, step=10, setup=setup,
+                                    score_factory=_analytic_factory(setup.sde))
+  from score_jax import datasets
+  x = np.concatenate([b["image"] for b in datasets.get_dataset(config, "test", evaluation=True,
+                                                                batch_size=8192)])
+  eps = float(config.eval.likelihood_eps)
+  exact = -np.asarray(analytic.log_prob(mix, setup.sde, jnp.asarray(x), jnp.full((len(x),), eps))) / 2
+  assert result["likelihood_examples"] == len(x) == 8192
+  # Exact trace: both passes solve the same ODE, up to solver tolerance (rtol 1e-5).
+  np.testing.assert_allclose(result["nll_nats_per_dim_passes"], exact.mean(), atol=2e-3)
+  np.testing.assert_allclose(result["nll_nats_per_dim"], exact.mean(), atol=2e-3)
+  np.testing.assert_allclose(result["nll_nats_per_dim_stderr"], exact.std() / np.sqrt(len(x)),
+                             rtol=0.05)
+  saved = json.load(open(os.path.join(str(tmp_path), "eval", "ckpt_1.json")))
+  assert saved["nll_nats_per_dim"] == result["nll_nats_per_dim"]
+
+
+def _digits_gaussian(config):
+  """A diagonal Gaussian model of the centered digits (mean and std per pixel, fitted)."""
+  from score_jax import datasets
+  train_images = np.concatenate([b["image"] for b in datasets.get_dataset(
+      config, "train", evaluation=True, raw=True, batch_size=1442)]).astype(np.float64)
+  y = datasets.data_scaler(True)((train_images + 0.5) / 256.0).reshape(len(train_images), -1)
+  mean, std = y.mean(0), y.std(0) + 0.05
+  return analytic.GaussianMixture.create(np.ones(1), mean[None], stds=std[None]), mean, std
+
+
+def test_digits_bits_per_dim_through_eval_matches_closed_form(tmp_path):
+  """bits/dim of a Gaussian model on dequantized digits: the eval path vs the closed form.
+
+  For a diagonal Gaussian N(m, s^2) at t = eps and y = 2 (v + U) / 256 - 1,
+  E_U[-log N(y)] = 0.5 log(2 pi s^2) + ((ybar - m)^2 + Var y) / (2 s^2) with
+  ybar = 2 (v + 1/2) / 256 - 1 and Var y = (2/256)^2 / 12; bits/dim = that
+  summed over pixels / (D ln 2) + 7 (the [-1, 1] scaling's Jacobian and the
+  256 levels). The Jacobian of a diagonal Gaussian's score is diagonal, so the
+  Rademacher estimator is exact and only dequantization noise remains.
+  """
+  config = _digits_config(**{"eval.enable_loss": False, "eval.enable_sampling": False,
+                             "eval.enable_bpd": True, "eval.bpd_passes": 2, "eval.batch_size": 128})
+  setup = train.make_setup(config)
+  gauss, m, s = _digits_gaussian(config)
+  result = evaluate.evaluate_params(config, str(tmp_path), gauss, index=1, step=10, setup=setup,
+                                    score_factory=_analytic_factory(setup.sde))
+  from score_jax import datasets
+  v = np.concatenate([b["image"][b["mask"]] for b in datasets.get_dataset(
+      config, "test", evaluation=True, raw=True, batch_size=128)]).astype(np.float64)
+  v = v.reshape(len(v), -1)
+  t = jnp.full((1,), float(config.eval.likelihood_eps))
+  alpha = float(setup.sde.mean_coef(t)[0])
+  std_t = float(setup.sde.marginal_std(t)[0])
+  var = alpha**2 * s**2 + std_t**2  # the model's marginal at t = eps
+  ybar = 2.0 * (v + 0.5) / 256.0 - 1.0
+  nll = 0.5 * np.log(2 * np.pi * var) + ((ybar - alpha * m)**2 + (2.0 / 256.0)**2 / 12.0) / (2 * var)
+  bpd = nll.sum(1) / (v.shape[1] * np.log(2.0)) + 7.0
+  assert result["likelihood_examples"] == len(v) == 355
+  np.testing.assert_allclose(result["bpd"], bpd.mean(), atol=2e-3)
+  np.testing.assert_allclose(result["bpd_stderr"], bpd.std() / np.sqrt(len(v)), rtol=0.05)
+  assert abs(result["bpd_passes"][0] - result["bpd_passes"][1]) < 1e-3  # noise: dequantization only
+
+
+def test_interrupted_likelihood_resumes_per_batch_with_identical_result(tmp_path, monkeypatch):
+  """Killed after 10 of 16 batches (2 passes x 8), the rerun does only the other 6, and the
+  result equals an uninterrupted run's exactly (each batch's noise is keyed by pass and batch)."""
+  config = _config(**{"eval.enable_sampling": False, "eval.enable_bpd": True, "eval.bpd_passes": 2,
+                      "eval.batch_size": 1024, "eval.hutchinson": "rademacher",
+                      "eval.likelihood_rtol": 1e-3, "eval.likelihood_atol": 1e-3})
+  setup = train.make_setup(config)
+  mix = _mixture(toy_data.GAUSSIAN_MIXTURE)
+  factory = _analytic_factory(setup.sde)
+  run = lambda workdir: evaluate.evaluate_params(config, workdir, mix, index=1, step=10, setup=setup,
+                                                 score_factory=factory)
+  reference = run(str(tmp_path / "straight"))
+
+  calls = []
+  make = evaluate._make_likelihood_fn
+
+  def counting(ctx, fail_after=None):
+    fn = make(ctx)
+
+    def wrapped(*args):
+      if fail_after is not None and len(calls) == fail_after:
+        raise KeyboardInterrupt("simulated kill")
+      calls.append(1)
+      return fn(*args)
+    return wrapped
+
+  workdir = str(tmp_path / "killed")
+  monkeypatch.setattr(evaluate, "_make_likelihood_fn", lambda ctx: counting(ctx, fail_after=10))
+  with pytest.raises(KeyboardInterrupt):
+    run(workdir)
+  progress = json.load(open(os.path.join(workdir, "eval", "ckpt_1", "progress.json")))
+  passes = progress["likelihood"]["passes"]
+  assert [p["done"] for p in passes] == [True, False] and passes[1]["next_batch"] == 2
+  calls.clear()
+  monkeypatch.setattr(evaluate, "_make_likelihood_fn", counting)
+  resumed = run(workdir)
+  assert len(calls) == 6
+  for key in ("nll_nats_per_dim", "nll_nats_per_dim_stderr", "nll_nats_per_dim_passes"):
+    assert resumed[key] == reference[key], key
+
+
+def _image_setup(config):
+  """A Setup without the dataset checks of make_setup (for RGB shapes with no RGB data here)."""
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  return train.Setup(config, builders.get_sde(config), None, None, mesh)
+
+
+@pytest.mark.parametrize("task", ["inpaint", "colorize"])
+def test_controlled_sampling_keeps_what_is_given(task):
+  """The sample mode's inpainting/colorization wiring, with an exact Gaussian score (RGB 4x4)."""
+  config = _digits_config(**{"data.num_channels": 3, "data.image_size": 4, "model.num_scales": 20})
+  setup = _image_setup(config)
+  d = 4 * 4 * 3
+  gauss = analytic.GaussianMixture.create(np.ones(1), np.zeros((1, d)), stds=np.full((1, d), 0.5))
+  ctx = evaluate._Context(config, setup, _analytic_factory(setup.sde), True)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (8, 4, 4, 3)).astype(np.float32)
+  mask = evaluate.inpainting_mask("right_half", 4, 3)
+  g = lambda a: evaluate._global(ctx.bat, a)
+  x, nfe = evaluate._controlled(ctx, task, 8, 0.0)(
+      gauss, jax.random.PRNGKey(0), g(np.zeros(8, np.int32)), g(images),
+      g(np.broadcast_to(mask, images.shape).copy()))
+  x = np.asarray(x)
+  assert x.shape == (8, 4, 4, 3) and np.all(np.isfinite(x)) and int(nfe) == 20
+  if task == "inpaint":
+    np.testing.assert_allclose(x[:, :, :2], images[:, :, :2], atol=1e-6)  # known: left half
+    assert np.abs(x[:, :, 2:] - images[:, :, 2:]).mean() > 0.1  # generated, not copied
+  else:
+    np.testing.assert_allclose(x.mean(-1), images.mean(-1), atol=1e-5)  # gray level kept
+    assert np.abs(x - images).mean() > 0.1
+
+
+def test_inpainting_masks():
+  m = evaluate.inpainting_mask("top_half", 8, 1)
+  assert m.shape == (8, 8, 1) and m[:4].sum() == 0 and m[4:].min() == 1
+  c = evaluate.inpainting_mask("center", 8, 3)
+  assert c[2:6, 2:6].sum() == 0 and c.sum() == 3 * (64 - 16)
+  with pytest.raises(ValueError, match="neither one of"):
+    evaluate.inpainting_mask("diagonal", 8, 1)

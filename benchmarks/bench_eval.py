@@ -1,0 +1,124 @@
+"""Eval-mode throughput: samples/s of the configured sampler, Inception images/s, likelihood examples/s.
+
+  python benchmarks/bench_eval.py --config=configs/digits.py [--config.eval.batch_size=64]
+      [--rounds=3] [--inception_batch=16] [--likelihood] [--workdir=RUN]
+
+Times the same jitted, mesh-sharded functions the eval mode runs (compiled
+ahead of time, so compilation is reported apart), with the newest checkpoint
+of --workdir if given, else freshly initialized parameters (the NFE of an
+adaptive ODE solver depends on the parameters; the PC sampler's does not).
+Prints each rate and what the paper's protocol would take at it: 50k samples,
+their Inception features plus the training set's (once), and eval.bpd_passes
+passes of bits/dim over the test split.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from score_jax import builders, datasets, evaluate, train  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/digits.py", "Configuration file.")
+flags.DEFINE_string("workdir", "", "Run whose newest checkpoint to load (default: random init).")
+flags.DEFINE_integer("rounds", 3, "Timed sampling rounds of eval.batch_size samples.")
+flags.DEFINE_integer("inception_batch", 0, "Inception batch (0: eval.inception_batch_size).")
+flags.DEFINE_integer("inception_iters", 2, "Timed Inception batches.")
+flags.DEFINE_bool("likelihood", False, "Also time one bits/dim batch (probability-flow ODE).")
+flags.DEFINE_integer("protocol_samples", 50_000, "Samples of the protocol to extrapolate to.")
+
+
+def _timed(fn, *args, iters: int):
+  """(compile seconds, seconds per call, last output) of an AOT-compiled fn."""
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(compiled(*args))  # warm-up
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    out = compiled(*args)
+  jax.block_until_ready(out)
+  return compile_s, (time.perf_counter() - t0) / iters, out
+
+
+def _hms(seconds: float) -> str:
+  h, rem = divmod(int(seconds), 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  setup = train.make_setup(config)
+  ctx = evaluate._Context(config, setup, evaluate.network_score_factory(setup), True)  # pylint: disable=protected-access
+  if FLAGS.workdir:
+    ckdir = os.path.join(FLAGS.workdir, "checkpoints")
+    step = evaluate._finished_steps(ckdir)[-1]  # pylint: disable=protected-access
+    params = evaluate.restore_ema_params(setup, ckdir, step)
+  else:
+    params = train.init_state(setup, jax.random.PRNGKey(0)).ema_params
+  batch = evaluate._check_batch("eval.batch_size", int(config.eval.batch_size))  # pylint: disable=protected-access
+  n_dev = jax.device_count()
+  print(f"devices: {n_dev} x {jax.devices()[0].device_kind}; config: {config.data.dataset}, "
+        f"{config.model.name}, sampler {config.sampling.method}"
+        + (f" ({config.sampling.predictor}/{config.sampling.corrector}, N={config.model.num_scales})"
+           if config.sampling.method == "pc" else ""))
+  rows = []
+
+  y = evaluate._global(ctx.bat, np.zeros((batch,), np.int32))  # pylint: disable=protected-access
+  sampler = evaluate._make_sampler(ctx, batch, float(config.sampling.guidance_weight))  # pylint: disable=protected-access
+  compile_s, round_s, (_, nfe) = _timed(sampler, params, jax.random.PRNGKey(1), y,
+                                        iters=FLAGS.rounds)
+  samples_per_s = batch / round_s
+  sampling_total = FLAGS.protocol_samples / samples_per_s
+  rows.append(("sampling", f"batch {batch}, NFE {int(nfe)}", compile_s, samples_per_s,
+               f"{FLAGS.protocol_samples} samples: {_hms(sampling_total)}"))
+
+  total = sampling_total
+  if evaluate._is_images(config):  # pylint: disable=protected-access
+    from score_jax import inception
+    resize, precision, inc_batch = evaluate._inception_settings(config)  # pylint: disable=protected-access
+    inc_batch = evaluate._padded(FLAGS.inception_batch or inc_batch)  # pylint: disable=protected-access
+    inc_params = jax.device_put(inception.random_inception_params(0), ctx.rep)
+    shape = builders.data_shape(config, inc_batch)
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    fn = evaluate._make_inception_fn(ctx, resize, precision)  # pylint: disable=protected-access
+    compile_s, step_s, _ = _timed(fn, inc_params, evaluate._global(ctx.bat, images),  # pylint: disable=protected-access
+                                  iters=FLAGS.inception_iters)
+    images_per_s = inc_batch / step_s
+    n_train = datasets.num_examples(config, "train")
+    inc_total = (FLAGS.protocol_samples + n_train) / images_per_s
+    total += inc_total
+    rows.append(("inception", f"batch {inc_batch}, {precision}", compile_s, images_per_s,
+                 f"{FLAGS.protocol_samples} samples + {n_train} train images: {_hms(inc_total)}"))
+
+  if FLAGS.likelihood:
+    fn = evaluate._make_likelihood_fn(ctx)  # pylint: disable=protected-access
+    batch_data = next(iter(datasets.get_dataset(config, str(config.eval.bpd_dataset), evaluation=True,
+                                                raw=evaluate._is_images(config), batch_size=batch)))  # pylint: disable=protected-access
+    data = batch_data["image"] if evaluate._is_images(config) else batch_data["image"].astype(np.float32)  # pylint: disable=protected-access
+    compile_s, step_s, (_, nfe) = _timed(fn, params, jax.random.PRNGKey(2), evaluate._global(ctx.bat, data),  # pylint: disable=protected-access
+                                         y, iters=1)
+    per_s = batch / step_s
+    n_test = datasets.num_examples(config, str(config.eval.bpd_dataset))
+    passes = int(config.eval.bpd_passes)
+    ll_total = passes * n_test / per_s
+    total += ll_total
+    rows.append(("likelihood", f"batch {batch}, NFE {int(nfe)}", compile_s, per_s,
+                 f"{passes} passes x {n_test}: {_hms(ll_total)}"))
+
+  print(f"{'stage':<11} {'setting':<24} {'compile s':>9} {'per s':>10}  protocol time")
+  for name, setting, compile_s, rate, protocol in rows:
+    print(f"{name:<11} {setting:<24} {compile_s:9.1f} {rate:10.2f}  {protocol}")
+  print(f"protocol total on this machine: {_hms(total)} ({n_dev} device(s))")
+
+
+if __name__ == "__main__":
+  app.run(main)

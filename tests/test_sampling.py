@@ -1,0 +1,372 @@
+"""Samplers against closed-form Gaussian-mixture marginals (score_jax.analytic).
+
+Statistical tolerances. With n samples and n_k = w_k n of them in component
+k, the per-component estimators have standard errors sqrt(w (1 - w) / n)
+(weight), sigma / sqrt(n_k) (mean) and sigma / sqrt(2 n_k) (standard
+deviation of Gaussian data). Every check allows Z = 4.5 standard errors
+(two-sided p = 7e-6 per statistic, below 1e-2 for the ~1000 statistics of
+this file) plus a stated bias allowance for the sampler's discretization,
+measured with 40,000 samples (standard errors ~4x smaller than here).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from score_jax import analytic, fast_samplers, sampling
+from score_jax import sde as sde_lib
+
+Z = 4.5
+N_SAMPLES = 4000
+N_PC = 300  # PC steps
+KEY = jax.random.PRNGKey(0)
+
+SDES = {
+    "vp": lambda N: sde_lib.VPSDE(0.1, 20.0, N),
+    "subvp": lambda N: sde_lib.subVPSDE(0.1, 20.0, N),
+    "ve": lambda N: sde_lib.VESDE(0.01, 50.0, N),
+}
+# Sampling eps of the reference: 1e-3 for VP / sub-VP, 1e-5 for VE.
+EPS = {"vp": 1e-3, "subvp": 1e-3, "ve": 1e-5}
+
+
+class Bias:
+  """Allowed sampler bias: weight (absolute), mean (absolute), std (relative)."""
+
+  def __init__(self, weight, mean, std):
+    self.weight, self.mean, self.std = weight, mean, std
+
+
+# Predictor-based PC samplers at N = 300 showed at most 0.3% weight, 0.02 mean
+# and 3.4% std bias (40k samples, all SDEs); the allowance rounds these up.
+PC_BIAS = Bias(0.01, 0.025, 0.04)
+# The adaptive ODE solve at rtol = 1e-5 is exact to well below sampling error.
+ODE_BIAS = Bias(0.005, 0.01, 0.015)
+
+
+def assert_reproduces(mix, sde, x, bias):
+  """Per-component weights, means and stds of samples x [n, 2] match p_0."""
+  target = mix.at(sde, 0.0)  # the VE family at t = 0 carries sigma_min^2 extra
+  st = analytic.mode_statistics(mix, x)
+  n = x.shape[0]
+  w = np.asarray(target.weights)
+  n_k = np.maximum(np.asarray(st.counts), 1.0)[:, None]
+  std = np.sqrt(np.einsum("kdd->kd", np.asarray(target.covs)))
+  assert np.all(np.isfinite(np.asarray(x))), "non-finite samples"
+  err_w = np.abs(np.asarray(st.weights) - w)
+  err_m = np.abs(np.asarray(st.means) - np.asarray(target.means))
+  err_s = np.abs(np.asarray(st.stds) / std - 1.0)
+  tol_w = Z * np.sqrt(w * (1 - w) / n) + bias.weight
+  tol_m = Z * std / np.sqrt(n_k) + bias.mean
+  tol_s = Z / np.sqrt(2 * n_k) + bias.std
+  assert np.all(err_w <= tol_w), f"weights off by {err_w} > {tol_w}"
+  assert np.all(err_m <= tol_m), f"means off by {err_m} > {tol_m}"
+  assert np.all(err_s <= tol_s), f"relative stds off by {err_s} > {tol_s}"
+
+
+@functools.lru_cache(maxsize=None)
+def setup(name, n_steps=N_PC):
+  sde = SDES[name](n_steps)
+  mix = analytic.example_mixture_2d()
+  return sde, mix, analytic.score_fn(mix, sde)
+
+
+# --- predictor-corrector ---
+
+COMBOS = [(p, c) for p in sampling.PREDICTORS for c in sampling.CORRECTORS
+          if not p == c == "none"]
+
+# Corrector-only sampling needs several Langevin steps per noise level: one
+# step contracts the excess variance by at most snr^2 (2.6% at snr 0.16)
+# while the VE grid shrinks the variance by 3.4% per level at N = 300, so a
+# single step lags (measured: stds 20-50% too large). Five steps per level
+# (the paper's "C" samplers run 1000-2000 levels), and for ALD the NCSN step
+# 2 (0.5 std)^2, bring them to a few percent.
+CORRECTOR_ONLY = {"langevin": dict(n_steps=5, snr=0.16), "ald": dict(n_steps=5, snr=0.5)}
+# ALD's step 2 (snr std(t))^2 vanishes as std(t)^2 near t = 0 while the VP /
+# sub-VP modes still move with alpha(t); sub-VP's std (1 - e^-B ~ B instead
+# of sqrt(B)) makes the steps far smaller, so its chain lags the moving means
+# by 0.04-0.09 (measured with 20k samples, any snr / n_steps tried). This is
+# the algorithm, not an implementation error; the allowance covers it.
+CORRECTOR_ONLY_BIAS = {
+    ("langevin", "vp"): Bias(0.02, 0.025, 0.05),
+    ("langevin", "subvp"): Bias(0.02, 0.025, 0.05),
+    ("langevin", "ve"): Bias(0.02, 0.025, 0.05),
+    ("ald", "vp"): Bias(0.02, 0.04, 0.07),
+    ("ald", "subvp"): Bias(0.02, 0.12, 0.05),
+    ("ald", "ve"): Bias(0.02, 0.025, 0.05),
+}
+
+
+@pytest.mark.parametrize("predictor,corrector", COMBOS)
+@pytest.mark.parametrize("name", sorted(SDES))
+def test_pc_sampler_reproduces_mixture(name, predictor, corrector):
+  sde, mix, score_fn = setup(name)
+  kwargs, bias = {}, PC_BIAS
+  if predictor == "none":
+    kwargs, bias = CORRECTOR_ONLY[corrector], CORRECTOR_ONLY_BIAS[corrector, name]
+  x, nfe = sampling.pc_sample(jax.random.PRNGKey(1), sde, score_fn, (N_SAMPLES, 2), predictor,
+                              corrector, eps=EPS[name], **kwargs)
+  n_steps = kwargs.get("n_steps", 1)
+  assert nfe == N_PC * ((predictor != "none") + n_steps * (corrector != "none"))
+  assert_reproduces(mix, sde, x, bias)
+
+
+def test_single_step_corrector_only_sampling_lags_and_the_check_catches_it():
+  # The check above can fail: ALD with one step per level on VE (the
+  # settings rejected in CORRECTOR_ONLY) leaves the mixture far off.
+  sde, mix, score_fn = setup("ve")
+  x, _ = sampling.pc_sample(jax.random.PRNGKey(1), sde, score_fn, (N_SAMPLES, 2), "none", "ald",
+                            eps=EPS["ve"])
+  with pytest.raises(AssertionError, match="off by"):
+    assert_reproduces(mix, sde, x, CORRECTOR_ONLY_BIAS["ald", "ve"])
+
+
+def test_pc_sampler_compiles_once_for_all_choices():
+  mix = analytic.example_mixture_2d()
+  sde = sde_lib.VPSDE(0.1, 20.0, 10)
+  before = sampling._pc_sample._cache_size()
+  sampling.pc_sample(jax.random.PRNGKey(0), sde, analytic.score_fn(mix, sde), (16, 2))
+  assert sampling._pc_sample._cache_size() == before + 1
+  # New parameters, keys, predictor, corrector, snr, n_steps and eps: traced.
+  sde2 = sde_lib.VPSDE(0.2, 15.0, 10)
+  mix2 = mix._replace(weights=jnp.array([0.3, 0.3, 0.4]))
+  x, _ = sampling.pc_sample(jax.random.PRNGKey(1), sde2, analytic.score_fn(mix2, sde2), (16, 2),
+                            "ancestral_sampling", "ald", snr=0.3, n_steps=3, eps=1e-2)
+  assert sampling._pc_sample._cache_size() == before + 1
+  assert x.shape == (16, 2)
+
+
+def test_pc_sampler_is_deterministic_given_the_key():
+  sde, _, score_fn = setup("vp", 20)
+  a, _ = sampling.pc_sample(jax.random.PRNGKey(3), sde, score_fn, (8, 2))
+  b, _ = sampling.pc_sample(jax.random.PRNGKey(3), sde, score_fn, (8, 2))
+  c, _ = sampling.pc_sample(jax.random.PRNGKey(4), sde, score_fn, (8, 2))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+
+
+# --- probability-flow ODE ---
+
+
+@pytest.mark.parametrize("name", sorted(SDES))
+def test_ode_sampler_reproduces_mixture(name):
+  sde, mix, score_fn = setup(name)
+  x, nfe = sampling.ode_sample(jax.random.PRNGKey(2), sde, score_fn, (N_SAMPLES, 2), eps=EPS[name])
+  assert 20 < int(nfe) < 1000
+  assert_reproduces(mix, sde, x, ODE_BIAS)
+
+
+_calls = []
+
+
+def _count_call():
+  _calls.append(1)
+
+
+def _counting_score(inner, x, t):
+  jax.debug.callback(_count_call)
+  return inner(x, t)
+
+
+def test_ode_nfe_is_the_true_count_and_encoding_inverts_sampling():
+  sde, mix, score_fn = setup("vp")
+  x, _ = mix.sample(jax.random.PRNGKey(5), 256)
+  _calls.clear()
+  z, nfe = sampling.ode_encode(sde, jax.tree_util.Partial(_counting_score, score_fn), x)
+  jax.block_until_ready(z)
+  jax.effects_barrier()
+  assert int(nfe) == len(_calls) > 0
+  # Latents of the data are prior-like: N(0, 1) per coordinate.
+  assert abs(float(jnp.std(z)) - 1.0) < 0.15
+  back, _ = sampling.ode_sample(KEY, sde, score_fn, x.shape, denoise=False, z=z)
+  np.testing.assert_allclose(back, x, atol=2e-3)
+
+
+# --- fast samplers ---
+
+
+def _gaussian_errors(sde, sampler, nfes):
+  """Errors vs the exact ODE solution on a Gaussian, float64, for each NFE."""
+  g = analytic.GaussianMixture.create([1.0], [[1.0, -0.5]], covs=[[[0.25, 0.1], [0.1, 0.16]]])
+  score_fn = analytic.score_fn(g, sde)
+  z = sde.prior_sampling(jax.random.PRNGKey(0), (64, 2))
+  exact = analytic.gaussian_flow_map(g, sde, z, jnp.ones(64), jnp.full((64,), 1e-3))
+  errors = []
+  for nfe in nfes:
+    x, used = sampler(sde, score_fn, z, nfe)
+    assert used == nfe
+    errors.append(float(jnp.sqrt(jnp.mean((x - exact)**2))))
+  return np.asarray(errors)
+
+
+def _ddim(sde, score_fn, z, nfe):
+  return fast_samplers.ddim_sample(KEY, sde, score_fn, z.shape, nfe, schedule="logSNR", z=z)
+
+
+def _heun(sde, score_fn, z, nfe):
+  return fast_samplers.heun_sample(KEY, sde, score_fn, z.shape, nfe // 2, z=z)
+
+
+def _dpm2(sde, score_fn, z, nfe):
+  return fast_samplers.dpm_solver_pp_sample(KEY, sde, score_fn, z.shape, nfe, order=2, z=z)
+
+
+def _dpm3(sde, score_fn, z, nfe):  # its first step costs one extra evaluation
+  return fast_samplers.dpm_solver_pp_sample(KEY, sde, score_fn, z.shape, nfe - 1, order=3, z=z)
+
+
+# (sampler, order, slack): the fitted slope of log error vs log NFE over NFE
+# 32-128 must lie within slack of -order. Multistep 3M is superconvergent on
+# a Gaussian (measured slope ~4: its h^3 error constant vanishes there), so
+# it only has to reach order 3; order 2 of the widely copied 3M formula fails.
+ORDERS = {"ddim": (_ddim, 1, 0.15), "heun": (_heun, 2, 0.25), "dpm2": (_dpm2, 2, 0.25),
+          "dpm3": (_dpm3, 3, None)}
+
+
+# The solvers only see alpha, std and lambda, so VP covers the code paths;
+# the other SDEs run the order-sensitive cases by default and all with -m slow.
+ORDER_CASES = [
+    pytest.param(name, solver, marks=() if name == "vp" or
+                 (name == "ve" and solver in ("dpm3", "heun")) else pytest.mark.slow)
+    for name in sorted(SDES) for solver in sorted(ORDERS)
+]
+
+
+@pytest.mark.parametrize("name,solver", ORDER_CASES)
+def test_fast_sampler_convergence_order(name, solver):
+  sampler, order, slack = ORDERS[solver]
+  nfes = [32, 64, 128]
+  with jax.enable_x64(True):  # keeps the 3M errors (~1e-7) above round-off
+    errors = _gaussian_errors(SDES[name](1000), sampler, nfes)
+  slope = np.polyfit(np.log(nfes), np.log(errors), 1)[0]
+  if slack is None:
+    assert slope <= -order + 0.25, (slope, errors)
+  else:
+    assert abs(slope + order) <= slack, (slope, errors)
+
+
+def test_fast_samplers_compile_once_across_step_counts():
+  sde, _, score_fn = setup("vp", 10)
+  before = fast_samplers._dpm_pp._cache_size()
+  for steps in (3, 7, 12):
+    fast_samplers.dpm_solver_pp_sample(jax.random.PRNGKey(0), sde, score_fn, (16, 2), steps)
+  assert fast_samplers._dpm_pp._cache_size() == before + 1
+
+
+def _fast(sampler, nfe, **kw):
+  return {
+      "ddim": lambda r, s, f, sh: fast_samplers.ddim_sample(r, s, f, sh, nfe, **kw),
+      "heun": lambda r, s, f, sh: fast_samplers.heun_sample(r, s, f, sh, nfe // 2, **kw),
+      "dpm": lambda r, s, f, sh: fast_samplers.dpm_solver_pp_sample(r, s, f, sh, nfe, **kw),
+  }[sampler]
+
+
+# Stochastic and deterministic fast samplers on the mixture. Largest biases
+# measured with 100k samples on VP, sub-VP and VE: DPM-Solver++(2M) at 50 NFE
+# 3.1% std, 0.007 mean; DDIM with eta = 1 (ancestral) at 200 logSNR steps
+# 2.9% std; stochastic Heun (s_churn = 20) at 100 NFE 4.5% std, 0.008 mean.
+FAST_CASES = {
+    "dpm2_50": (_fast("dpm", 50), Bias(0.01, 0.015, 0.04)),
+    "ddim_eta1_200": (_fast("ddim", 200, eta=1.0, schedule="logSNR"), Bias(0.01, 0.015, 0.04)),
+    "heun_churn_100": (_fast("heun", 100, s_churn=20.0), Bias(0.01, 0.015, 0.05)),
+}
+
+
+FAST_DEFAULT = {("subvp", "dpm2_50"), ("ve", "heun_churn_100"), ("subvp", "ddim_eta1_200")}
+
+
+@pytest.mark.parametrize("name,case", [
+    pytest.param(name, case, marks=() if (name, case) in FAST_DEFAULT else pytest.mark.slow)
+    for name in ("subvp", "ve") for case in sorted(FAST_CASES)
+])
+def test_fast_samplers_reproduce_mixture(name, case):
+  run, bias = FAST_CASES[case]
+  sde, mix, score_fn = setup(name)
+  x, _ = run(jax.random.PRNGKey(6), sde, score_fn, (N_SAMPLES, 2))
+  assert_reproduces(mix, sde, x, bias)
+
+
+def test_dpm_solver_at_20_nfe_and_euler_maruyama_at_1000_steps():
+  """The issue's bar: DPM-Solver++ at 20 NFE as accurate as 1000-step EM.
+
+  Met at this suite's resolution (4000 samples resolve ~10% in std and ~0.05
+  in mean): both pass the same check. Not met at 100k samples on this sharp
+  mixture: EM-1000 has 0.8% std and 0.002 mean error, DPM-Solver++ at 20
+  NFE 7.4% / 0.010 (2M) and 7.2% / 0.037 (3M); 3M needs ~50 NFE for 1.4%
+  (benchmarks/bench_samplers.py prints the table).
+  """
+  sde, mix, score_fn = setup("vp", 1000)
+  shape = (N_SAMPLES, 2)
+  bias = Bias(0.01, 0.04, 0.08)
+  dpm, nfe = fast_samplers.dpm_solver_pp_sample(jax.random.PRNGKey(7), sde, score_fn, shape, 20)
+  assert nfe == 20
+  assert_reproduces(mix, sde, dpm, bias)
+  em, nfe = sampling.pc_sample(jax.random.PRNGKey(7), sde, score_fn, shape, "euler_maruyama",
+                               "none")
+  assert nfe == 1000
+  assert_reproduces(mix, sde, em, bias)
+
+
+# --- argument checks ---
+
+
+def test_bad_arguments_raise_clear_errors():
+  sde, _, score_fn = setup("vp", 10)
+  key = jax.random.PRNGKey(0)
+  with pytest.raises(ValueError, match="valid: ancestral_sampling, euler_maruyama, none, "
+                     "reverse_diffusion"):
+    sampling.pc_sample(key, sde, score_fn, (4, 2), predictor="heun")
+  with pytest.raises(ValueError, match="Unknown corrector 'hmc'; valid: ald, langevin, none"):
+    sampling.pc_sample(key, sde, score_fn, (4, 2), corrector="hmc")
+  with pytest.raises(ValueError, match="both be 'none'"):
+    sampling.pc_sample(key, sde, score_fn, (4, 2), predictor="none", corrector="none")
+  with pytest.raises(ValueError, match="probability-flow"):
+    sampling.pc_sample(key, sde, score_fn, (4, 2), "ancestral_sampling", probability_flow=True)
+  for eps in (0.0, -1e-3, 1.0, 2.0, math.nan):
+    with pytest.raises(ValueError, match=r"eps must lie in \(0, T\)"):
+      sampling.pc_sample(key, sde, score_fn, (4, 2), eps=eps)
+    with pytest.raises(ValueError, match=r"eps must lie in \(0, T\)"):
+      sampling.ode_sample(key, sde, score_fn, (4, 2), eps=eps)
+    with pytest.raises(ValueError, match=r"eps must lie in \(0, T\)"):
+      fast_samplers.ddim_sample(key, sde, score_fn, (4, 2), eps=eps)
+  with pytest.raises(ValueError, match="z has shape"):
+    sampling.pc_sample(key, sde, score_fn, (4, 2), z=jnp.zeros((3, 2)))
+  with pytest.raises(ValueError, match="z has shape"):
+    fast_samplers.heun_sample(key, sde, score_fn, (4, 2), z=jnp.zeros((4, 3)))
+  with pytest.raises(ValueError, match="shape must be"):
+    sampling.ode_sample(key, sde, score_fn, (4,))
+  with pytest.raises(ValueError, match="n_steps"):
+    sampling.pc_sample(key, sde, score_fn, (4, 2), n_steps=0)
+  with pytest.raises(ValueError, match="num_steps"):
+    fast_samplers.dpm_solver_pp_sample(key, sde, score_fn, (4, 2), num_steps=0)
+  with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
+    fast_samplers.dpm_solver_pp_sample(key, sde, score_fn, (4, 2), order=4)
+  with pytest.raises(ValueError, match="Unknown schedule 'cosine'; valid: edm, logSNR, uniform_t"):
+    fast_samplers.ddim_sample(key, sde, score_fn, (4, 2), schedule="cosine")
+  with pytest.raises(ValueError, match="eta"):
+    fast_samplers.ddim_sample(key, sde, score_fn, (4, 2), eta=-1.0)
+  with pytest.raises(TypeError, match="score_jax.sde.SDE"):
+    sampling.pc_sample(key, "vp", score_fn, (4, 2))
+  with pytest.raises(TypeError, match="constraint"):
+    sampling.pc_sample(key, sde, score_fn, (4, 2), constraint=object())
+  # A score of the wrong shape is caught when tracing.
+  with pytest.raises(ValueError, match="score_fn returned shape"):
+    sampling.pc_sample(key, sde, lambda x, t: x[:, :1], (4, 2))
+  with pytest.raises(ValueError, match="score_fn returned shape"):
+    fast_samplers.dpm_solver_pp_sample(key, sde, lambda x, t: x.sum(), (4, 2))
+
+
+def test_time_grids_run_from_T_to_eps():
+  sde = sde_lib.VESDE(0.01, 50.0, 10)
+  for schedule in fast_samplers.SCHEDULES:
+    ts = np.asarray(fast_samplers.time_grid(sde, 8, schedule, eps=1e-5))
+    assert ts.shape == (9,) and ts[0] == 1.0 and ts[-1] == np.float32(1e-5)
+    assert np.all(np.diff(ts) < 0)
+  # logSNR: equal steps in lambda.
+  lam = sde.log_snr(fast_samplers.time_grid(sde, 8, "logSNR", eps=1e-5))
+  np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-4)
