@@ -85,7 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   sample.num = 64
   sample.task = "generate"  # generate | inpaint | colorize | interpolate
   sample.images_path = ""  # .npz / .png / .jpg / folder: images to inpaint, colorize, interpolate
-  sample.mask = "right_half"  # inpaint: {left,right,top,bottom}_half | center | .npz / .png path
+  # inpaint: the region to generate, {left,right,top,bottom}_half | center, or a mask
+  # file (.png / .npz, nonzero = known pixel).
+  sample.mask = "right_half"
   sample.class_label = -1  # class-conditional models: -1 cycles through the classes
   sample.interpolation_steps = 8
   sample.output_dir = ""  # empty: WORKDIR/sample

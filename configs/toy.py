@@ -61,4 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval.batch_size = 1024
   config.eval.num_samples = 8192
+  config.eval.begin_ckpt = 1  # --mode=eval: checkpoints 1..2 = steps 2000..4000
+  config.eval.end_ckpt = 2
+  config.eval.enable_sampling = True  # samples.png: a scatter beside the data
+  config.eval.enable_bpd = True  # negative log-likelihood, nats per dimension
+  config.eval.bpd_passes = 1
   return config

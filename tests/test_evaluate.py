@@ -251,7 +251,7 @@ def test_digits_eval_fid_with_random_inception(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   events = os.listdir(os.path.join(workdir, "eval", "tensorboard"))
   assert any(e.startswith("events.out.tfevents") for e in events)
-  # Sample mode on the same checkpoint: inpainting keeps the known half of given digits.
+  # Sample mode on the same checkpoint: inpainting keeps the known (right) half of given digits.
   from score_jax import datasets
   given = next(iter(datasets.get_dataset(config, "test", evaluation=True, raw=True,
                                          batch_size=4)))["image"]
@@ -261,7 +261,7 @@ def test_digits_eval_fid_with_random_inception(tmp_path):
                                     "sample.mask": "left_half"})
   out = np.load(evaluate.sample(sample_config, workdir)["npz"])
   assert out["images"].shape == (4, 8, 8, 1)
-  np.testing.assert_array_equal(out["images"][:, :, :4], given[:, :, :4])
+  np.testing.assert_array_equal(out["images"][:, :, 4:], given[:, :, 4:])  # left half generated
 
 
 def _mixture(mix):
