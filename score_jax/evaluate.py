@@ -569,12 +569,13 @@ def _sampling_stage(ctx: _Context, params: Any, rng: Array, out_dir: str,
   progress.save()
   num_classes = _num_classes(config)
   weight = float(config.sampling.get("guidance_weight", 0.0))
+  # Decided before anything is written, and alike on every process: sampling is collective.
+  todo = [r for r, n in enumerate(sizes) if _shard_count(_shard_path(out_dir, "samples", r)) != n]
+  _sync(f"sampling_todo_{out_dir}")
   sample_fn = None
   new_samples, seconds, compile_s = 0, 0.0, 0.0
-  for r, n in enumerate(sizes):
-    path = _shard_path(out_dir, "samples", r)
-    if _shard_count(path) == n:
-      continue
+  for r in todo:
+    n, path = sizes[r], _shard_path(out_dir, "samples", r)
     y = _global(ctx.bat, _local_rows(((r * batch + np.arange(batch)) % max(num_classes, 1))
                                      .astype(np.int32)))
     key = jax.random.fold_in(rng, r)
@@ -693,24 +694,27 @@ def _fid_stage(ctx: _Context, workdir: str, out_dir: str, rounds: int) -> Dict[s
   raw_fn = ctx.cached("inception", lambda: _make_inception_fn(ctx, resize, precision))
   feature_fn = lambda images: raw_fn(params, images)
 
+  def features_done(r: int) -> bool:  # present and made from the shard as it is now
+    path = _shard_path(out_dir, "features", r)
+    if not os.path.exists(path):
+      return False
+    with np.load(path) as f:
+      return f["pool"].shape[0] == _shard_count(_shard_path(out_dir, "samples", r))
+
+  todo = {r for r in range(rounds) if not features_done(r)}
+  _sync(f"features_todo_{out_dir}")  # decided alike on every process: Inception is collective
   pools, logits = [], []
   for r in range(rounds):
     path = _shard_path(out_dir, "features", r)
-    samples = None
-    if os.path.exists(path):
-      with np.load(path) as f:
-        pool, logit = f["pool"], f["logits"]
+    if r in todo:
       with np.load(_shard_path(out_dir, "samples", r)) as f:
-        stale = f["samples"].shape[0] != pool.shape[0]
-    else:
-      stale = True
-    if stale:
-      with np.load(_shard_path(out_dir, "samples", r)) as f:
-        samples = f["samples"]
-      feats = _batched(feature_fn, samples, batch, ctx.bat)
+        feats = _batched(feature_fn, f["samples"], batch, ctx.bat)
       pool, logit = feats["pool"], feats["logits"]
       if ctx.is_main:
         plotting.save_arrays(path, pool=pool, logits=logit)
+    else:
+      with np.load(path) as f:
+        pool, logit = f["pool"], f["logits"]
     pools.append(pool)
     logits.append(logit)
   pool, logit = np.concatenate(pools), np.concatenate(logits)
@@ -1074,6 +1078,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, str]:
     raise ValueError("sample.task='colorize' needs an RGB model (data.num_channels = 3).")
   if task in ("inpaint", "colorize") and not s.get("images_path", ""):
     raise ValueError(f"sample.task={task!r} needs sample.images_path (.npz, image file or folder).")
+  _sample_labels(config, 1)  # a bad class label fails before the checkpoint loads
   if task in ("inpaint", "colorize") and str(config.sampling.method).lower() == "ode":
     raise ValueError(f"sample.task={task!r} needs a sampler with per-step projections: "
                      "sampling.method pc, ddim, heun or dpm_solver, not ode.")

@@ -188,6 +188,19 @@ def test_sample_mode_generate_and_interpolate_toy(toy_run, tmp_path):
   np.testing.assert_allclose(out["latents"][[0, -1]], z, rtol=1e-5, atol=1e-6)
 
 
+def test_sample_mode_class_label_and_guidance(tmp_path):
+  """A class-conditional toy network: labels are stored, and the guidance weight is applied."""
+  workdir = str(tmp_path / "run")
+  cond = {"model.num_classes": 8, "sample.num": 8, "sample.class_label": 3}
+  _save_initial_checkpoint(_config(**cond), workdir, 20)
+  plain = np.load(evaluate.sample(_config(**cond), workdir)["npz"])
+  assert plain["labels"].tolist() == [3] * 8 and np.all(np.isfinite(plain["samples"]))
+  guided = np.load(evaluate.sample(_config(**cond, **{"sampling.guidance_weight": 3.0}), workdir)["npz"])
+  assert np.abs(guided["samples"] - plain["samples"]).max() > 1e-3
+  with pytest.raises(ValueError, match="not a class of this model"):
+    evaluate.sample(_config(**{**cond, "sample.class_label": 8}), workdir)
+
+
 def test_slerp_endpoints_and_norm():
   rng = np.random.default_rng(0)
   a, b = rng.standard_normal((2, 3, 4, 4))
@@ -418,3 +431,37 @@ def test_inpainting_masks():
   assert c[2:6, 2:6].sum() == 0 and c.sum() == 3 * (64 - 16)
   with pytest.raises(ValueError, match="neither one of"):
     evaluate.inpainting_mask("diagonal", 8, 1)
+
+
+@pytest.mark.slow  # ~2 min: two processes exchange every batch through gloo on localhost
+def test_two_process_eval_matches_one_process(toy_run, tmp_path):
+  """jax.distributed on localhost: two processes with one device each write the results
+  (loss, likelihood, every sample) of one process with two devices."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  overrides = {**TOY, "eval.begin_ckpt": 2, "eval.num_samples": 150, "eval.enable_loss": True,
+               "eval.enable_bpd": True, "eval.bpd_passes": 1, "eval.batch_size": 128,
+               "eval.likelihood_rtol": 1e-3, "eval.likelihood_atol": 1e-3}
+  cmd = lambda workdir, *extra: [sys.executable, os.path.join(ROOT, "main.py"),
+                                 "--config=" + os.path.join(ROOT, "configs/toy.py"),
+                                 f"--workdir={workdir}", "--mode=eval", *_flags(overrides), *extra]
+  single, multi = _fresh_copy(toy_run, tmp_path / "single"), _fresh_copy(toy_run, tmp_path / "multi")
+  proc = subprocess.run(cmd(single), env=_env(2), cwd=ROOT, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  procs = [subprocess.Popen(cmd(multi, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                f"--process_id={i}"), env=_env(1), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  a, b = (json.load(open(os.path.join(w, "eval", "ckpt_2.json"))) for w in (single, multi))
+  for key in ("eval_loss", "nll_nats_per_dim", "nll_nats_per_dim_stderr", "num_samples"):
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-6, err_msg=key)
+  for r in range(2):
+    x, y = (np.load(os.path.join(w, "eval", "ckpt_2", f"samples_{r}.npz"))["samples"]
+            for w in (single, multi))
+    np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6)
