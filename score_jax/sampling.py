@@ -167,6 +167,17 @@ def _correct(kind: Array, sde: SDE, score_fn: ScoreFn, x, t, rng, snr, n_steps):
                       lambda x: (x, x), x)
 
 
+def _check_ddpm_chain(sde: SDE, predictor: str, corrector: str) -> None:
+  """The DDPM chain's betas linspace(beta_min, beta_max, N) / N must be < 1."""
+  uses_chain = ((type(sde) is VPSDE and predictor in ("reverse_diffusion", "ancestral_sampling"))
+                or (isinstance(sde, VPSDE) and corrector != "none"))  # alpha = 1 - beta_i
+  if uses_chain and sde.beta_max / sde.N >= 1.0:
+    raise ValueError(
+        f"{type(sde).__name__} with N = {sde.N} has discrete betas up to beta_max / N = "
+        f"{sde.beta_max / sde.N:.3g} >= 1, which the {predictor} / {corrector} steps cannot "
+        f"use; take N > beta_max (= {sde.beta_max}) or euler_maruyama without a corrector.")
+
+
 @functools.partial(jax.jit, static_argnames=("shape", "probability_flow", "denoise"))
 def _pc_sample(rng, sde, score_fn, shape, predictor, corrector, snr, n_steps, probability_flow,
                denoise, eps, z, constraint):
@@ -250,6 +261,7 @@ def pc_sample(rng: Array,
   eps = check_eps(sde, eps)
   shape = check_shape(shape, z)
   check_constraint(constraint)
+  _check_ddpm_chain(sde, predictor, corrector)
   pred, corr = _index(PREDICTORS, predictor), _index(CORRECTORS, corrector)
   x = _pc_sample(rng, sde, as_pytree_fn(score_fn), shape, jnp.int32(pred), jnp.int32(corr), snr,
                  n_steps, bool(probability_flow), bool(denoise), eps, z, constraint)
@@ -260,7 +272,7 @@ def pc_sample(rng: Array,
 # --- probability-flow ODE ---
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "denoise"))
+@functools.partial(jax.jit, static_argnames=("shape",))
 def _ode_sample(rng, sde, score_fn, shape, rtol, atol, denoise, eps, z):
   score_fn = checked(score_fn)
   x = sde.prior_sampling(rng, shape) if z is None else z
@@ -270,11 +282,10 @@ def _ode_sample(rng, sde, score_fn, shape, rtol, atol, denoise, eps, z):
 
   x, nfe = probability_flow.solve(vector_field, x, jnp.asarray(sde.T, x.dtype),
                                   jnp.asarray(eps, x.dtype), rtol, atol)
-  if denoise:
-    t = full_t(eps, shape[0])
-    x = denoise_x0(sde, score_fn(x, t), x, t)
-    nfe = nfe + 1
-  return x, nfe
+  t = full_t(eps, shape[0])
+  # `denoise` is traced (one program for both); the untaken branch costs nothing.
+  x = jax.lax.cond(denoise, lambda x: denoise_x0(sde, score_fn(x, t), x, t), lambda x: x, x)
+  return x, nfe + denoise.astype(nfe.dtype)
 
 
 def ode_sample(rng: Array,
@@ -305,7 +316,8 @@ def ode_sample(rng: Array,
   eps = check_eps(sde, eps)
   shape = check_shape(shape, z)
   rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
-  return _ode_sample(rng, sde, as_pytree_fn(score_fn), shape, rtol, atol, bool(denoise), eps, z)
+  return _ode_sample(rng, sde, as_pytree_fn(score_fn), shape, rtol, atol, jnp.bool_(denoise), eps,
+                     z)
 
 
 @jax.jit

@@ -49,11 +49,12 @@ def test_log_prob_and_score_match_scipy_and_autodiff(name):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(6, 3)).astype(np.float32) * 2
   t = np.array([0.0, 1e-3, 0.1, 0.4, 0.8, 1.0], np.float32)
-  logp = analytic.log_prob(mix, sde, jnp.asarray(x), jnp.asarray(t))
+  logp = jax.jit(analytic.log_prob)(mix, sde, jnp.asarray(x), jnp.asarray(t))
   np.testing.assert_allclose(logp, scipy_log_prob(sde, x, t), rtol=1e-5, atol=1e-4)
-  grad = jax.grad(lambda v: jnp.sum(analytic.log_prob(mix, sde, v, jnp.asarray(t))))(jnp.asarray(x))
-  np.testing.assert_allclose(analytic.score(mix, sde, jnp.asarray(x), jnp.asarray(t)), grad,
-                             rtol=1e-4, atol=1e-4)
+  grad = jax.jit(jax.grad(lambda v: jnp.sum(analytic.log_prob(mix, sde, v, jnp.asarray(t)))))(
+      jnp.asarray(x))
+  np.testing.assert_allclose(jax.jit(analytic.score)(mix, sde, jnp.asarray(x), jnp.asarray(t)),
+                             grad, rtol=1e-4, atol=1e-4)
 
 
 def test_event_shape_is_flattened_and_checked():
@@ -68,20 +69,26 @@ def test_event_shape_is_flattened_and_checked():
     analytic.score(mix, sde, jnp.ones((4, 2)), t)
 
 
+@jax.jit
+def _posterior_checks(mix, sde, x, t, y):
+  logs = jnp.stack([analytic.class_log_prob(mix, sde, x, t, jnp.full(y.shape, k, jnp.int32))
+                    for k in range(3)], axis=1)
+  # Bayes: grad log p(x | y) = grad log p(x) + grad log p(y | x).
+  grad_post = jax.grad(lambda v: jnp.sum(analytic.class_log_prob(mix, sde, v, t, y)))(x)
+  cond = analytic.conditional_score_fn(mix, sde)
+  return (jax.nn.logsumexp(logs, axis=1), cond(x, t, y), analytic.score(mix, sde, x, t) + grad_post,
+          cond(x, t, None), analytic.score(mix, sde, x, t))
+
+
 def test_class_posterior_and_conditional_scores():
   sde, mix = SDES["ve"], mixture()
   x = jax.random.normal(jax.random.PRNGKey(1), (5, 3)) * 3
   t = jnp.full((5,), 0.5)
-  logs = jnp.stack([analytic.class_log_prob(mix, sde, x, t, jnp.full((5,), k, jnp.int32))
-                    for k in range(3)], axis=1)
-  np.testing.assert_allclose(jax.nn.logsumexp(logs, axis=1), 0.0, atol=1e-5)
-  cond = analytic.conditional_score_fn(mix, sde)
   y = jnp.array([0, 1, 2, 1, 0], jnp.int32)
-  # Bayes: grad log p(x | y) = grad log p(x) + grad log p(y | x).
-  grad_post = jax.grad(lambda v: jnp.sum(analytic.class_log_prob(mix, sde, v, t, y)))(x)
-  np.testing.assert_allclose(cond(x, t, y), analytic.score(mix, sde, x, t) + grad_post, rtol=1e-4,
-                             atol=1e-4)
-  np.testing.assert_array_equal(cond(x, t, None), analytic.score(mix, sde, x, t))
+  norm, cond, bayes, uncond, score = _posterior_checks(mix, sde, x, t, y)
+  np.testing.assert_allclose(norm, 0.0, atol=1e-5)
+  np.testing.assert_allclose(cond, bayes, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(uncond, score)
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])

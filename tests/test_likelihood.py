@@ -46,7 +46,7 @@ def test_exact_trace_matches_closed_form(name):
 
 def test_hutchinson_estimators_are_unbiased():
   sde, mix = SDES["vp"], analytic.example_mixture_2d()
-  points, repeats = 8, 256
+  points, repeats = 8, 128
   x0, _ = mix.sample(jax.random.PRNGKey(6), points)
   x = jnp.repeat(x0, repeats, axis=0)  # [points * repeats, 2], one probe each
   score_fn = analytic.score_fn(mix, sde)

@@ -126,28 +126,19 @@ def test_single_step_corrector_only_sampling_lags_and_the_check_catches_it():
     assert_reproduces(mix, sde, x, CORRECTOR_ONLY_BIAS["ald", "ve"])
 
 
-def test_pc_sampler_compiles_once_for_all_choices():
-  mix = analytic.example_mixture_2d()
-  sde = sde_lib.VPSDE(0.1, 20.0, 10)
-  before = sampling._pc_sample._cache_size()
-  sampling.pc_sample(jax.random.PRNGKey(0), sde, analytic.score_fn(mix, sde), (16, 2))
-  assert sampling._pc_sample._cache_size() == before + 1
-  # New parameters, keys, predictor, corrector, snr, n_steps and eps: traced.
-  sde2 = sde_lib.VPSDE(0.2, 15.0, 10)
+def test_pc_sampler_does_not_recompile_for_new_choices_or_parameters():
+  sde, mix, score_fn = setup("vp")
+  shape = (N_SAMPLES, 2)
+  sampling.pc_sample(jax.random.PRNGKey(0), sde, score_fn, shape)
+  compiled = sampling._pc_sample._cache_size()
+  # New SDE and mixture parameters, key, predictor, corrector, snr, n_steps
+  # and eps are all traced: the same program runs.
+  sde2 = sde_lib.VPSDE(0.2, 15.0, N_PC)
   mix2 = mix._replace(weights=jnp.array([0.3, 0.3, 0.4]))
-  x, _ = sampling.pc_sample(jax.random.PRNGKey(1), sde2, analytic.score_fn(mix2, sde2), (16, 2),
-                            "ancestral_sampling", "ald", snr=0.3, n_steps=3, eps=1e-2)
-  assert sampling._pc_sample._cache_size() == before + 1
-  assert x.shape == (16, 2)
-
-
-def test_pc_sampler_is_deterministic_given_the_key():
-  sde, _, score_fn = setup("vp", 20)
-  a, _ = sampling.pc_sample(jax.random.PRNGKey(3), sde, score_fn, (8, 2))
-  b, _ = sampling.pc_sample(jax.random.PRNGKey(3), sde, score_fn, (8, 2))
-  c, _ = sampling.pc_sample(jax.random.PRNGKey(4), sde, score_fn, (8, 2))
-  np.testing.assert_array_equal(a, b)
-  assert not np.allclose(a, c)
+  x, _ = sampling.pc_sample(jax.random.PRNGKey(1), sde2, analytic.score_fn(mix2, sde2), shape,
+                            "ancestral_sampling", "ald", snr=0.3, n_steps=2, eps=1e-2)
+  assert sampling._pc_sample._cache_size() == compiled
+  assert np.all(np.isfinite(np.asarray(x)))
 
 
 # --- probability-flow ODE ---
@@ -175,16 +166,24 @@ def _counting_score(inner, x, t):
 
 def test_ode_nfe_is_the_true_count_and_encoding_inverts_sampling():
   sde, mix, score_fn = setup("vp")
-  x, _ = mix.sample(jax.random.PRNGKey(5), 256)
+  x, _ = mix.sample(jax.random.PRNGKey(5), N_SAMPLES)
   _calls.clear()
   z, nfe = sampling.ode_encode(sde, jax.tree_util.Partial(_counting_score, score_fn), x)
   jax.block_until_ready(z)
   jax.effects_barrier()
   assert int(nfe) == len(_calls) > 0
   # Latents of the data are prior-like: N(0, 1) per coordinate.
-  assert abs(float(jnp.std(z)) - 1.0) < 0.15
-  back, _ = sampling.ode_sample(KEY, sde, score_fn, x.shape, denoise=False, z=z)
-  np.testing.assert_allclose(back, x, atol=2e-3)
+  assert abs(float(jnp.std(z)) - 1.0) < 0.05
+  back, nfe_back = sampling.ode_sample(KEY, sde, score_fn, x.shape, denoise=False, z=z)
+  # Both solves run at rtol = atol = 1e-5; the flow expands near the
+  # boundaries between modes, so a few points come back less accurately.
+  err = np.abs(np.asarray(back - x))
+  assert np.median(err) < 1e-4 and np.quantile(err, 0.999) < 2e-3 and err.max() < 1e-2, err.max()
+  # Denoising is one more evaluation, in the same compiled program.
+  compiled = sampling._ode_sample._cache_size()
+  _, nfe_denoised = sampling.ode_sample(KEY, sde, score_fn, x.shape, denoise=True, z=z)
+  assert int(nfe_denoised) == int(nfe_back) + 1
+  assert sampling._ode_sample._cache_size() == compiled
 
 
 # --- fast samplers ---
@@ -250,12 +249,14 @@ def test_fast_sampler_convergence_order(name, solver):
     assert abs(slope + order) <= slack, (slope, errors)
 
 
-def test_fast_samplers_compile_once_across_step_counts():
-  sde, _, score_fn = setup("vp", 10)
-  before = fast_samplers._dpm_pp._cache_size()
-  for steps in (3, 7, 12):
-    fast_samplers.dpm_solver_pp_sample(jax.random.PRNGKey(0), sde, score_fn, (16, 2), steps)
-  assert fast_samplers._dpm_pp._cache_size() == before + 1
+def test_fast_samplers_do_not_recompile_across_step_counts():
+  sde, _, score_fn = setup("subvp")
+  shape = (N_SAMPLES, 2)
+  fast_samplers.dpm_solver_pp_sample(KEY, sde, score_fn, shape, 3)
+  compiled = fast_samplers._dpm_pp._cache_size()
+  for steps in (7, 12):
+    fast_samplers.dpm_solver_pp_sample(KEY, sde, score_fn, shape, steps)
+  assert fast_samplers._dpm_pp._cache_size() == compiled
 
 
 def _fast(sampler, nfe, **kw):
@@ -340,6 +341,10 @@ def test_bad_arguments_raise_clear_errors():
     fast_samplers.heun_sample(key, sde, score_fn, (4, 2), z=jnp.zeros((4, 3)))
   with pytest.raises(ValueError, match="shape must be"):
     sampling.ode_sample(key, sde, score_fn, (4,))
+  with pytest.raises(ValueError, match="N > beta_max"):
+    sampling.pc_sample(key, sde, score_fn, (4, 2), "reverse_diffusion", "none")
+  with pytest.raises(ValueError, match="N > beta_max"):
+    sampling.pc_sample(key, sde_lib.subVPSDE(0.1, 20.0, 10), score_fn, (4, 2))
   with pytest.raises(ValueError, match="n_steps"):
     sampling.pc_sample(key, sde, score_fn, (4, 2), n_steps=0)
   with pytest.raises(ValueError, match="num_steps"):
@@ -356,7 +361,7 @@ def test_bad_arguments_raise_clear_errors():
     sampling.pc_sample(key, sde, score_fn, (4, 2), constraint=object())
   # A score of the wrong shape is caught when tracing.
   with pytest.raises(ValueError, match="score_fn returned shape"):
-    sampling.pc_sample(key, sde, lambda x, t: x[:, :1], (4, 2))
+    sampling.pc_sample(key, setup("vp", 50)[0], lambda x, t: x[:, :1], (4, 2))
   with pytest.raises(ValueError, match="score_fn returned shape"):
     fast_samplers.dpm_solver_pp_sample(key, sde, lambda x, t: x.sum(), (4, 2))
 
