@@ -476,7 +476,6 @@ def _likelihood_stage(ctx: _Context, params: Any, rng: Array,
       logging.warning("Likelihood settings changed since the last run; starting its passes anew.")
     state = {"settings": settings, "passes": []}
     progress.data["likelihood"] = state
-  fn = None
   for p in range(num_passes):
     if p == len(state["passes"]):
       state["passes"].append({"next_batch": 0, "sum": 0.0, "sumsq": 0.0, "count": 0,
@@ -484,7 +483,7 @@ def _likelihood_stage(ctx: _Context, params: Any, rng: Array,
     rec = state["passes"][p]
     if rec["done"]:
       continue
-    fn = fn or ctx.cached("likelihood", lambda: _make_likelihood_fn(ctx))
+    fn = ctx.cached("likelihood", lambda: _make_likelihood_fn(ctx))
     pass_key = jax.random.fold_in(rng, p)
     it = datasets.get_dataset(config, split, evaluation=True, raw=images, batch_size=batch,
                               start_step=rec["next_batch"])

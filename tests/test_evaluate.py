@@ -275,6 +275,14 @@ def test_digits_eval_fid_with_random_inception(tmp_path):
   out = np.load(evaluate.sample(sample_config, workdir)["npz"])
   assert out["images"].shape == (4, 8, 8, 1)
   np.testing.assert_array_equal(out["images"][:, :, 4:], given[:, :, 4:])  # left half generated
+  # Interpolation between two given digits through the probability-flow ODE: encoding then
+  # decoding the endpoints gives the digits back.
+  interp_config = _digits_config(**{"sample.task": "interpolate", "sample.interpolation_steps": 5,
+                                    "sample.images_path": str(tmp_path / "given.npz"),
+                                    "sampling.rtol": 1e-4, "sampling.atol": 1e-4})
+  out = np.load(evaluate.sample(interp_config, workdir)["npz"])
+  assert out["images"].shape == (5, 8, 8, 1) and out["latents"].shape == (5, 8, 8, 1)
+  np.testing.assert_allclose(out["images"][[0, -1]].astype(int), given[:2].astype(int), atol=1)
 
 
 def _mixture(mix):
