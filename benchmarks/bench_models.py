@@ -4,6 +4,8 @@ For each selected network it measures
   - compile: seconds to compile one training step (forward, continuous DSM
     loss, backward, gradient clipping, Adam, EMA) at batch 8,
   - s/step at batch 8 and 32 (mean over timed steps after a warm-up step),
+    and CPU-seconds per step at batch 8 (all threads; unlike wall time it
+    barely changes when other processes share the cores),
   - s/eval: one network evaluation (score_fn, no dropout) at batch 64,
   - peak RSS of the process that ran it (each network runs in its own
     process, so the peaks do not mix).
@@ -115,11 +117,13 @@ def bench_one(name: str, steps: int, dtype: str) -> Dict[str, float]:
       result["compile_s"] = time.perf_counter() - t0
     state, loss = compiled(state, x, key)  # warm-up
     loss.block_until_ready()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
       state, loss = compiled(state, x, key)
     loss.block_until_ready()
     result[f"step_s_b{batch}"] = (time.perf_counter() - t0) / steps
+    # CPU seconds (all threads): robust to other processes sharing the cores.
+    result[f"step_cpu_s_b{batch}"] = (time.process_time() - c0) / steps
     if not np.isfinite(float(loss)):
       raise FloatingPointError(f"{name}: non-finite loss at batch {batch}")
     params = state[0]
@@ -143,6 +147,9 @@ def main(argv: List[str]) -> None:
   parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
   parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--xla-flags", default="",
+                      help="extra XLA_FLAGS for the measuring processes, e.g. "
+                      "'--xla_backend_optimization_level=1' (faster compile)")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child-process mode
   args = parser.parse_args(argv)
 
@@ -150,21 +157,25 @@ def main(argv: List[str]) -> None:
     print(json.dumps(bench_one(args.one, args.steps, args.dtype)))
     return
 
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores, "
-        f"dtype {args.dtype}, {args.steps} timed steps")
-  header = (f"{'network':<14}{'params':>9}{'compile s':>11}{'s/step b8':>11}{'s/step b32':>12}"
-            f"{'img/s b32':>11}{'s/eval b64':>12}{'peak GB':>9}")
+  load = os.getloadavg()[0]
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores "
+        f"(load average {load:.1f}), dtype {args.dtype}, {args.steps} timed steps, "
+        f"XLA_FLAGS={args.xla_flags!r}")
+  header = (f"{'network':<14}{'params':>9}{'compile s':>11}{'s/step b8':>11}{'cpu-s b8':>10}"
+            f"{'s/step b32':>12}{'img/s b32':>11}{'s/eval b64':>12}{'peak GB':>9}")
   print(header)
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   for name in args.configs:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name, "--steps",
                            str(args.steps), "--dtype", args.dtype],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
       print(f"{name:<14} failed:\n{proc.stderr[-2000:]}")
       continue
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{name:<14}{r['params_M']:>8.2f}M{r['compile_s']:>11.1f}{r['step_s_b8']:>11.2f}"
-          f"{r['step_s_b32']:>12.2f}{32 / r['step_s_b32']:>11.2f}{r['eval_s_b64']:>12.2f}"
+          f"{r['step_cpu_s_b8']:>10.2f}{r['step_s_b32']:>12.2f}{32 / r['step_s_b32']:>11.2f}{r['eval_s_b64']:>12.2f}"
           f"{r['peak_rss_gb']:>9.2f}", flush=True)
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "get_timestep_embedding",
     "GaussianFourierProjection",
     "ClassEmbedding",
+    "check_class_labels",
     "AttnBlock",
     "Upsample",
     "Downsample",
