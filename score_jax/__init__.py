@@ -1,8 +1,25 @@
-"""score_jax: score-based generative modeling through SDEs, in JAX and Flax."""
+"""score_jax: score-based generative modeling through SDEs, in JAX and Flax.
 
-from score_jax import losses, sde
+The math layer is importable from the top level: SDEs, losses, samplers,
+likelihoods, controllable generation and closed-form test distributions.
+Networks live in `score_jax.models`; the running layer (configs, training,
+evaluation) in `score_jax.train`, `score_jax.evaluate` and `score_jax.builders`.
+"""
+
+from score_jax import analytic, controllable, fast_samplers, likelihood, losses, sampling, sde
+from score_jax.controllable import (classifier_free_guidance, classifier_guidance, colorization,
+                                    inpainting)
+from score_jax.fast_samplers import ddim_sample, dpm_solver_pp_sample, heun_sample
+from score_jax.likelihood import bits_per_dim, log_likelihood
+from score_jax.sampling import ode_encode, ode_sample, pc_sample
 from score_jax.sde import SDE, TutorialSDE, VESDE, VPSDE, subVPSDE
 
 __version__ = "0.1.0"
 
-__all__ = ["losses", "sde", "SDE", "VPSDE", "subVPSDE", "VESDE", "TutorialSDE"]
+__all__ = [
+    "analytic", "controllable", "fast_samplers", "likelihood", "losses", "sampling", "sde",
+    "SDE", "VPSDE", "subVPSDE", "VESDE", "TutorialSDE",
+    "pc_sample", "ode_sample", "ode_encode", "ddim_sample", "heun_sample", "dpm_solver_pp_sample",
+    "log_likelihood", "bits_per_dim",
+    "inpainting", "colorization", "classifier_guidance", "classifier_free_guidance",
+]

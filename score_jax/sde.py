@@ -140,6 +140,10 @@ class SDE(abc.ABC):
     """lambda(t) = log(alpha(t) / std(t)), decreasing in t."""
     return jnp.log(self.mean_coef(t)) - jnp.log(self.marginal_std(t))
 
+  @abc.abstractmethod
+  def t_from_log_snr(self, lam: Array) -> Array:
+    """Inverse of `log_snr`: the time t at which lambda(t) = lam."""
+
   def prior_sampling(self, rng: Array, shape) -> Array:
     return self.prior_std() * jax.random.normal(rng, shape)
 
