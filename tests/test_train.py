@@ -91,7 +91,7 @@ def test_train_end_to_end_on_four_devices(tmp_path):
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   """N steps straight == killed (twice, mid-checkpoint likely) and resumed runs."""
-  n = 120
+  n = 80
   common = [f"--config.training.n_iters={n}", "--config.training.snapshot_freq=100000",
             "--config.training.snapshot_sampling=False", "--config.model.hidden_sizes=(128,128)",
             "--config.training.batch_size=128"]
@@ -102,7 +102,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   # Save at every step (asynchronously), so a kill very likely hits a write in progress.
   args = _cmd(killed, *common, "--config.training.snapshot_freq_for_preemption=1")
   kills = 0
-  for target in (30, 70):
+  for target in (20, 50):
     proc = subprocess.Popen(args, env=_env(2), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckdir = os.path.join(killed, "checkpoints")
