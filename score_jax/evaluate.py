@@ -11,7 +11,10 @@ beside training:
      eval.batch_size, written as array shards, plus a PNG grid (a scatter
      plot beside the data for 2-D data);
   4. FID, Inception Score and KID of those samples against the dataset's
-     statistics, when eval.inception_path names an Inception weight file.
+     statistics, when eval.inception_path names an Inception weight file;
+  5. for data.dataset 'digits', the digits FD, its floor and the classifier
+     scores of those samples (score_jax/digits_metric.py: a small classifier
+     trained in seconds, cached in WORKDIR/eval/digits_classifier.npz).
 Results go to WORKDIR/eval/ckpt_<k>.json and TensorBoard (WORKDIR/eval/tensorboard).
 
 Checkpoint indices: index k of eval.begin_ckpt..eval.end_ckpt is the
@@ -84,6 +87,7 @@ __all__ = [
     "checkpoint_steps",
     "wait_for_checkpoint",
     "restore_ema_params",
+    "existing_step",
     "network_score_factory",
     "CheckpointWaitError",
 ]
@@ -170,6 +174,22 @@ def wait_for_checkpoint(ckpt_dir: str, step: int, *, timeout_s: float, poll_s: f
                    timeout_s, step, ckpt_dir, steps)
       announced = True
     time.sleep(max(0.0, min(float(poll_s), remaining)))
+
+
+def existing_step(ckpt_dir: str, step: int = -1) -> int:
+  """`step` if ckpt_dir holds that checkpoint, the newest one's step if step < 0.
+
+  Raises:
+    FileNotFoundError: no checkpoint at all, or none of that step.
+  """
+  steps = _finished_steps(ckpt_dir)
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train first (--mode=train).")
+  if step < 0:
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"No checkpoint of step {step} in {ckpt_dir}; present: {steps}.")
+  return step
 
 
 def _abstract_state(setup: train.Setup) -> train.TrainState:
@@ -731,6 +751,27 @@ def _fid_stage(ctx: _Context, workdir: str, out_dir: str, rounds: int) -> Dict[s
   return result
 
 
+def _digits_stage(ctx: _Context, workdir: str, out_dir: str, rounds: int) -> Dict[str, Any]:
+  """digits FD, its floor and the classifier scores of the shards' samples (digits_metric.py).
+
+  Host-side and cheap: every process computes the same numbers; process 0
+  alone writes the classifier cache. Class-conditional shards add the
+  accuracy with respect to the requested labels.
+  """
+  from score_jax import digits_metric  # pylint: disable=g-import-not-at-top
+
+  metric = digits_metric.load_or_train(os.path.join(workdir, "eval", "digits_classifier.npz"),
+                                       write=ctx.is_main)
+  samples, labels = [], []
+  for r in range(rounds):
+    with np.load(_shard_path(out_dir, "samples", r)) as f:
+      samples.append(f["samples"])
+      if "labels" in f.files:
+        labels.append(f["labels"])
+  scores = metric.scores(np.concatenate(samples), np.concatenate(labels) if labels else None)
+  return {**scores, "digits_fd_floor": metric.floor}
+
+
 # ----------------------------------------------------------------------------
 # One checkpoint, and the eval mode
 
@@ -739,7 +780,8 @@ def _enabled(config: ml_collections.ConfigDict) -> Dict[str, bool]:
   e = config.eval
   sampling = bool(e.enable_sampling)
   return {"loss": bool(e.enable_loss), "likelihood": bool(e.enable_bpd), "sampling": sampling,
-          "fid": sampling and _is_images(config) and bool(e.get("inception_path", ""))}
+          "fid": sampling and _is_images(config) and bool(e.get("inception_path", "")),
+          "digits": sampling and str(config.data.dataset).lower() == "digits"}
 
 
 def _result_keys(config: ml_collections.ConfigDict) -> List[str]:
@@ -754,6 +796,8 @@ def _result_keys(config: ml_collections.ConfigDict) -> List[str]:
     keys.append("num_samples")
   if on["fid"]:
     keys.append("fid")
+  if on["digits"]:
+    keys.append("digits_fd")
   return keys
 
 
@@ -825,6 +869,12 @@ def _evaluate(ctx: _Context, workdir: str, params: Any, index: int, step: int) -
                    "published weights once with `python -m score_jax.inception convert "
                    "pt_inception-2015-12-05-6726825d.pth inception_fid.npz` and pass "
                    "--config.eval.inception_path=inception_fid.npz.")
+    if on["digits"]:
+      result.update(_digits_stage(ctx, workdir, out_dir, result["sampling_rounds"]))
+      logging.info("ckpt %d (step %d): digits FD %.4f (floor %.4f), confident %.3f, "
+                   "classifier score %.3f", index, step, result["digits_fd"],
+                   result["digits_fd_floor"], result["digits_confident"],
+                   result["digits_classifier_score"])
   result["seconds"] = time.perf_counter() - start
   if ctx.is_main:
     _write_json(os.path.join(workdir, "eval", f"ckpt_{index}.json"), result)
@@ -833,7 +883,9 @@ def _evaluate(ctx: _Context, workdir: str, params: Any, index: int, step: int) -
 
 def _scalars(result: Dict[str, Any]) -> Dict[str, float]:
   names = ("eval_loss", "bpd", "bpd_stderr", "nll_nats_per_dim", "nll_nats_per_dim_stderr", "fid",
-           "inception_score", "kid", "sampling_nfe", "samples_per_s")
+           "inception_score", "kid", "sampling_nfe", "samples_per_s", "digits_fd",
+           "digits_fd_floor", "digits_fd_355", "digits_confident", "digits_classifier_score",
+           "digits_class_balance", "digits_label_accuracy")
   return {f"eval/{k}": float(result[k]) for k in names if k in result}
 
 
@@ -1084,14 +1136,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, str]:
 
   setup = train.make_setup(config)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = int(s.get("ckpt_step", -1))
-  steps = _finished_steps(ckpt_dir)
-  if not steps:
-    raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train first (--mode=train).")
-  if step < 0:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f"No checkpoint of step {step} in {ckpt_dir}; present: {steps}.")
+  step = existing_step(ckpt_dir, int(s.get("ckpt_step", -1)))
   params = restore_ema_params(setup, ckpt_dir, step)
   ctx = _Context(config, setup, network_score_factory(setup), jax.process_index() == 0)
   weight = float(config.sampling.get("guidance_weight", 0.0))

@@ -1,0 +1,162 @@
+"""digits FD of a trained digits run's samples, per sampler and number of score evaluations.
+
+  python benchmarks/digits_fd.py --workdir=runs/digits [--samples=1000] [--step=-1]
+      [--samplers=pc_em,pc_langevin,ode,ddim,heun,dpm_solver,dpm_solver3]
+      [--nfe=10,20,50] [--pc_nfe=50,100,500,1000] [--ode_tol=1e-3,1e-5]
+
+Loads the run's config (WORKDIR/config.json) and the EMA parameters of its
+newest checkpoint (or --step), draws --samples samples with each sampler at
+each budget, and prints a Markdown table of the digits numbers
+(score_jax/digits_metric.py), headed by the held-out real digits (the floor).
+digits FD is against the 1442 training images; FD@355 is the mean over
+disjoint sets of 355 samples, the held-out set's size, so it compares with
+the floor at equal N (FD is biased upwards at small N). The classifier is
+cached in WORKDIR/eval/digits_classifier.npz, as in --mode=eval.
+
+Samplers: pc_em (Euler-Maruyama predictor, no corrector: the paper's VP
+setting and configs/digits.py's; N = NFE steps), pc_langevin (reverse
+diffusion + one Langevin corrector step: N = NFE / 2), ode (adaptive
+probability-flow ODE, one row per tolerance; NFE as measured), ddim, heun
+(EDM, deterministic), dpm_solver (DPM-Solver++ 2M), dpm_solver3 (3M): NFE
+score evaluations. Every sampler ends with its denoising step when the config
+says so (sampling.noise_removal), counted in NFE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Dict, List, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import _workdir  # noqa: E402
+from score_jax import builders, datasets, digits_metric, evaluate  # noqa: E402
+
+Overrides = Dict[str, object]
+
+
+def _variants(args) -> List[Tuple[str, Overrides]]:
+  """(row label, config overrides) of every sampler x budget asked for."""
+  rows: List[Tuple[str, Overrides]] = []
+  for name in args.samplers:
+    if name == "pc_em":
+      for n in args.pc_nfe:
+        rows.append((f"PC Euler-Maruyama, N={n}", {"sampling.method": "pc",
+                     "sampling.predictor": "euler_maruyama", "sampling.corrector": "none",
+                     "model.num_scales": n}))
+    elif name == "pc_langevin":
+      for n in args.pc_nfe:
+        rows.append((f"PC reverse diffusion + Langevin, N={n // 2}", {
+            "sampling.method": "pc", "sampling.predictor": "reverse_diffusion",
+            "sampling.corrector": "langevin", "model.num_scales": max(n // 2, 1)}))
+    elif name == "ode":
+      for tol in args.ode_tol:
+        rows.append((f"probability-flow ODE, tol={tol:g}", {"sampling.method": "ode",
+                     "sampling.rtol": tol, "sampling.atol": tol}))
+    elif name in ("ddim", "heun", "dpm_solver", "dpm_solver3"):
+      label = {"ddim": "DDIM", "heun": "EDM Heun", "dpm_solver": "DPM-Solver++ 2M",
+               "dpm_solver3": "DPM-Solver++ 3M"}[name]
+      for n in args.nfe:
+        over: Overrides = {"sampling.method": "dpm_solver" if name == "dpm_solver3" else name,
+                           "sampling.num_steps": n}
+        if name.startswith("dpm_solver"):
+          over["sampling.order"] = 3 if name == "dpm_solver3" else 2
+        rows.append((f"{label}, {n} steps", over))
+    else:
+      raise ValueError(f"unknown sampler {name!r}")
+  return rows
+
+
+def _with(config: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+def _sample(setup, params, config, num: int, batch: int, seed: int) -> Tuple[np.ndarray, int, float]:
+  """(uint8 samples [num, 8, 8, 1], NFE per sample, seconds without compilation)."""
+  sde, factory = _workdir.score_factory(setup, config)
+  sampler = builders.get_sampler(config, sde)
+  shape = builders.data_shape(config, batch)
+  num_classes = int(config.model.get("num_classes", 0) or 0)
+  weight = float(config.sampling.get("guidance_weight", 0.0))
+
+  def run(params, rng, y):
+    score_fn = evaluate._guided(factory, params, y, weight, num_classes)  # pylint: disable=protected-access
+    x, nfe = sampler(rng, score_fn, shape)
+    return x, jnp.asarray(nfe, jnp.int32)
+
+  fn = jax.jit(run, in_shardings=(setup.replicated, setup.replicated, setup.batch_sharding),
+               out_shardings=(setup.batch_sharding, setup.replicated))
+  key = jax.random.PRNGKey(seed)
+  labels = lambda r: jax.device_put(
+      ((r * batch + np.arange(batch)) % max(num_classes, 1)).astype(np.int32), setup.batch_sharding)
+  fn = fn.lower(params, key, labels(0)).compile()
+  out, seconds, nfe = [], 0.0, 0
+  for r in range(-(-num // batch)):
+    start = time.perf_counter()
+    x, nfe = fn(params, jax.random.fold_in(key, r), labels(r))
+    x = np.asarray(jax.device_get(x))
+    seconds += time.perf_counter() - start
+    out.append(x)
+  x = datasets.inverse_scaler(bool(config.data.centered))(np.concatenate(out)[:num])
+  if not np.all(np.isfinite(x)):
+    raise FloatingPointError("sampling produced non-finite values")
+  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8), int(nfe), seconds
+
+
+def _row(label: str, nfe: str, s: Dict[str, float], seconds: str) -> str:
+  fd355 = s.get("digits_fd_355", s.get("digits_fd_floor"))
+  fd = s.get("digits_fd", s.get("digits_fd_floor"))
+  return (f"| {label} | {nfe} | {fd:.3f} | {fd355:.3f} | {s['digits_confident']:.3f} | "
+          f"{s['digits_classifier_score']:.2f} | {s['digits_class_balance']:.3f} | {seconds} |")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  split = lambda cast: (lambda text: [cast(v) for v in text.split(",") if v])
+  parser.add_argument("--workdir", required=True, help="a digits training run")
+  parser.add_argument("--config", default="", help="config file (default WORKDIR/config.json)")
+  parser.add_argument("--step", type=int, default=-1, help="checkpoint step (-1: newest)")
+  parser.add_argument("--samples", type=int, default=1000)
+  parser.add_argument("--batch", type=int, default=0, help="0: config.eval.batch_size")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--samplers", type=split(str),
+                      default="pc_em,pc_langevin,ode,ddim,heun,dpm_solver,dpm_solver3")
+  parser.add_argument("--nfe", type=split(int), default="10,20,50")
+  parser.add_argument("--pc_nfe", type=split(int), default="50,100,500,1000")
+  parser.add_argument("--ode_tol", type=split(float), default="1e-3,1e-5")
+  args = parser.parse_args()
+
+  config = _workdir.load_config(args.workdir, args.config)
+  if str(config.data.dataset).lower() != "digits":
+    raise SystemExit(f"{args.workdir} is a {config.data.dataset!r} run; digits FD needs digits.")
+  setup, params, step = _workdir.load_run(args.workdir, config, args.step)
+  devices = jax.device_count()
+  batch = args.batch or int(config.eval.batch_size)
+  batch = -(-min(batch, args.samples) // devices) * devices
+  metric = digits_metric.load_or_train(os.path.join(args.workdir, "eval", "digits_classifier.npz"))
+  print(f"run {args.workdir}, step {step}; {args.samples} samples per row, batch {batch}, "
+        f"{devices} x {jax.devices()[0].device_kind}")
+  print("| sampler | NFE | digits FD | FD@355 | confident | classifier score | class balance | "
+        "sampling s |")
+  print("|---|---|---|---|---|---|---|---|")
+  print(_row("held-out real digits (floor)", "-", metric.reference, "-"), flush=True)
+  for label, overrides in _variants(args):
+    x, nfe, seconds = _sample(setup, params, _with(config, overrides), args.samples, batch,
+                              args.seed)
+    print(_row(label, str(nfe), metric.scores(x), f"{seconds:.1f}"), flush=True)
+
+
+if __name__ == "__main__":
+  main()
