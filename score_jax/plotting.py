@@ -67,9 +67,16 @@ def save_scatter(path: str, samples: np.ndarray, data: Optional[np.ndarray] = No
     ax.set_aspect("equal")
   if title:
     fig.suptitle(title)
+  save_figure(path, fig)
+
+
+def save_figure(path: str, fig, dpi: int = 100) -> None:
+  """Writes a matplotlib figure as PNG (tight layout, atomically) and closes it."""
+  import matplotlib.pyplot as plt
+
   fig.tight_layout()
   tmp = _atomic_path(path)
-  fig.savefig(tmp, dpi=100, format="png")
+  fig.savefig(tmp, dpi=dpi, format="png")
   plt.close(fig)
   os.replace(tmp, path)
 

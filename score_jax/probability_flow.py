@@ -8,7 +8,7 @@ without host round trips.
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import diffrax
 import jax
@@ -37,7 +37,7 @@ def drift(sde: SDE, score_fn: Callable[[Array, Array], Array], x: Array, t: Arra
 
 
 def solve(vector_field: Callable[[Array, PyTree], PyTree], y0: PyTree, t0, t1, rtol: float,
-          atol: float, max_steps: int = 4096) -> Tuple[PyTree, Array]:
+          atol: float, max_steps: int = 4096, ts: Optional[Array] = None) -> Tuple[PyTree, Array]:
   """Integrates dy/dt = vector_field(t, y) from t0 to t1 (either direction).
 
   Args:
@@ -46,8 +46,12 @@ def solve(vector_field: Callable[[Array, PyTree], PyTree], y0: PyTree, t0, t1, r
     t0, t1: start and end times (t1 < t0 runs backwards).
     rtol, atol: tolerances of the PID step-size controller (error in RMS norm).
     max_steps: step limit; hitting it raises an error at run time.
+    ts: optional times [K] in [t0, t1], ordered from t0 towards t1, at which
+      to return the state (the solver's dense output: the steps, hence y(t1),
+      are those of a solve without ts).
   Returns:
-    (y(t1), nfe): nfe is the number of vector-field evaluations, int32 scalar.
+    (y(t1), nfe), or with ts (y at each of ts, stacked [K, ...] per leaf,
+    nfe): nfe is the number of vector-field evaluations, int32 scalar.
   """
   term = diffrax.ODETerm(lambda t, y, args: vector_field(t, y))
   sol = diffrax.diffeqsolve(
@@ -58,9 +62,9 @@ def solve(vector_field: Callable[[Array, PyTree], PyTree], y0: PyTree, t0, t1, r
       dt0=_DT0_FRACTION * (t1 - t0),
       y0=y0,
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-      saveat=diffrax.SaveAt(t1=True),
+      saveat=diffrax.SaveAt(t1=True) if ts is None else diffrax.SaveAt(ts=ts),
       max_steps=max_steps,
   )
-  y1 = jax.tree_util.tree_map(lambda y: y[0], sol.ys)
+  y1 = sol.ys if ts is not None else jax.tree_util.tree_map(lambda y: y[0], sol.ys)
   nfe = 1 + _NEW_EVALS_PER_STEP * jnp.asarray(sol.stats["num_steps"], jnp.int32)
   return y1, nfe
