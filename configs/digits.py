@@ -19,8 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   training = config.training
   training.batch_size = 128
-  training.n_iters = 6000
-  training.snapshot_freq = 2000
+  training.n_iters = 3000
+  training.snapshot_freq = 1000
   training.snapshot_freq_for_preemption = 500
   training.log_freq = 100
   training.eval_freq = 500
@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   model = config.model
   model.ema_rate = 0.999
-  model.nf = 32
+  model.nf = 16
   model.ch_mult = (1, 2, 2)
   model.num_res_blocks = 1
   model.attn_resolutions = (4,)
@@ -50,6 +50,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 256
   config.eval.num_samples = 1000
   config.eval.enable_sampling = True  # samples.png and the digits FD (score_jax/digits_metric.py)
-  config.eval.begin_ckpt = 1  # --mode=eval: checkpoints 1..3 = steps 2000..6000
+  config.eval.begin_ckpt = 1  # --mode=eval: checkpoints 1..3 = steps 1000..3000
   config.eval.end_ckpt = 3
   return config

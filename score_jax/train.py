@@ -272,8 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   try:
     with _StopFlag() as stop:
-      while int(state.step) < n_iters:
-        step = int(state.step) + 1  # the step this iteration completes
+      step = start  # counted on the host: reading state.step would wait for every step
+      while step < n_iters:
+        step += 1  # the step this iteration completes
         x, y = global_batch(setup, next(train_iter))
         state, metrics = train_step(state, x, y, train_key)
         pending = metrics
