@@ -338,7 +338,8 @@ def test_command_line_writes_a_workdir_the_eval_and_sample_modes_load(tmp_path, 
   assert convert.main(argv) == 0
   out = capsys.readouterr().out
   assert f"--workdir={dst} --mode=sample" in out
-  assert "--config.eval.begin_ckpt=2 --config.eval.end_ckpt=2" in out  # 4000 / snapshot_freq 2000
+  k = 4000 // int(config.training.snapshot_freq)  # eval's checkpoint index of step 4000
+  assert f"--config.eval.begin_ckpt={k} --config.eval.end_ckpt={k}" in out
   assert sorted(os.listdir(dst)) == ["checkpoints", "config.json"]
   assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(path), "run"])  # no temp left
   # What --mode=eval / --mode=sample restore (make_setup without its dataset checks).
