@@ -863,8 +863,7 @@ def write_workdir(dst: str, config: ml_collections.ConfigDict, params: Mapping[s
       ck.save(step, state)
     finally:
       ck.close()
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    train.save_config(config, tmp)
     if not os.path.exists(dst):
       os.rename(tmp, dst)  # atomic: dst appears complete or not at all
     else:  # an existing workdir without checkpoints: move ours in

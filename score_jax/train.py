@@ -209,7 +209,8 @@ class _StopFlag:
     return False
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes WORKDIR/config.json (the resolved config), atomically."""
   path = os.path.join(workdir, "config.json")
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -233,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
-    _save_config(config, workdir)
+    save_config(config, workdir)
   t_cfg = config.training
   n_iters = int(t_cfg.n_iters)
 
@@ -261,9 +262,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   bar = tqdm(total=n_iters, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
   last_time, last_step = time.perf_counter(), start
   pending: Optional[Dict[str, Array]] = None
+  all_finite: Optional[Array] = None
+  step = start
 
-  def check_finite(metrics, step):
-    if not bool(metrics["finite"]):
+  def check_finite(all_finite, metrics, step):
+    if not bool(all_finite):
       raise NonFiniteLossError(
           f"Loss or gradient became non-finite by step {step} (loss={float(metrics['loss'])}, "
           f"grad_norm={float(metrics['grad_norm'])}). The last good checkpoint in "
@@ -272,17 +275,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   try:
     with _StopFlag() as stop:
-      step = start  # counted on the host: reading state.step would wait for every step
+      # Steps are counted on the host: reading state.step would wait for every step.
       while step < n_iters:
         step += 1  # the step this iteration completes
         x, y = global_batch(setup, next(train_iter))
         state, metrics = train_step(state, x, y, train_key)
         pending = metrics
+        # Sticky on the device (no sync): any non-finite step since the start
+        # stops the run at the next check, before a checkpoint is written.
+        all_finite = metrics["finite"] if all_finite is None else all_finite & metrics["finite"]
         snapshot = step % int(t_cfg.snapshot_freq) == 0 or step == n_iters
         preempt = step % int(t_cfg.snapshot_freq_for_preemption) == 0
         if step % int(t_cfg.log_freq) == 0 or snapshot or preempt or stop.requested:
           metrics = jax.device_get(metrics)
-          check_finite(metrics, step)
+          check_finite(all_finite, metrics, step)
           now = time.perf_counter()
           steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
           last_time, last_step = now, step
@@ -311,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
           break
     if pending is not None:
-      check_finite(jax.device_get(pending), int(state.step))
+      check_finite(all_finite, jax.device_get(pending), step)
   finally:
     bar.close()
     ckpt.close()
