@@ -21,13 +21,44 @@ PyTree = object
 
 __all__ = ["drift", "solve"]
 
-# Tsit5 has 7 stages, the last of which is the first of the next step (FSAL),
-# also after a rejected step: one evaluation at the start, then 6 per attempted
-# step. tests/test_sampling.py checks this count against a runtime counter.
+# Tsit5 has 7 stages, the last of which is the first of the next step (FSAL).
+# A step that starts from a stored last stage costs 6 evaluations. Until the
+# first step is accepted there is nothing stored (diffrax keeps the solver state
+# of the last accepted step), so every attempt before that, rejected or not,
+# costs 7. _CountingPID counts those attempts; tests/test_sampling.py checks the
+# total against a runtime counter, with and without a rejected first step.
 _NEW_EVALS_PER_STEP = 6
 # Initial step as a fraction of the interval; the PID controller adapts from
 # there. Giving it explicitly keeps the evaluation count exact (no heuristic).
 _DT0_FRACTION = 1e-2
+
+
+class _CountingPID(diffrax.AbstractAdaptiveStepSizeController):
+  """diffrax.PIDController that also counts the attempts before the first accepted step."""
+
+  inner: diffrax.PIDController
+  rtol: float
+  atol: float
+  norm: Callable
+
+  def __init__(self, inner: diffrax.PIDController):
+    self.inner = inner
+    self.rtol, self.atol, self.norm = inner.rtol, inner.atol, inner.norm
+
+  def wrap(self, direction):
+    return _CountingPID(self.inner.wrap(direction))
+
+  def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+    tnext, state = self.inner.init(terms, t0, t1, y0, dt0, args, func, error_order)
+    # (inner state, any step accepted yet, attempts up to the first acceptance)
+    return tnext, (state, jnp.asarray(False), jnp.asarray(0, jnp.int32))
+
+  def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
+    state, accepted, first_attempts = controller_state
+    keep, tprev, tnext, jump, state, result = self.inner.adapt_step_size(
+        t0, t1, y0, y1_candidate, args, y_error, error_order, state)
+    first_attempts = first_attempts + jnp.where(accepted, 0, 1).astype(jnp.int32)
+    return keep, tprev, tnext, jump, (state, accepted | keep, first_attempts), result
 
 
 def drift(sde: SDE, score_fn: Callable[[Array, Array], Array], x: Array, t: Array) -> Array:
@@ -61,10 +92,11 @@ def solve(vector_field: Callable[[Array, PyTree], PyTree], y0: PyTree, t0, t1, r
       t1=t1,
       dt0=_DT0_FRACTION * (t1 - t0),
       y0=y0,
-      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-      saveat=diffrax.SaveAt(t1=True) if ts is None else diffrax.SaveAt(ts=ts),
+      stepsize_controller=_CountingPID(diffrax.PIDController(rtol=rtol, atol=atol)),
+      saveat=diffrax.SaveAt(t1=ts is None, ts=ts, controller_state=True),
       max_steps=max_steps,
   )
   y1 = sol.ys if ts is not None else jax.tree_util.tree_map(lambda y: y[0], sol.ys)
-  nfe = 1 + _NEW_EVALS_PER_STEP * jnp.asarray(sol.stats["num_steps"], jnp.int32)
+  first_attempts = sol.controller_state[2]
+  nfe = first_attempts + _NEW_EVALS_PER_STEP * jnp.asarray(sol.stats["num_steps"], jnp.int32)
   return y1, nfe

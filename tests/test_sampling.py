@@ -186,6 +186,24 @@ def test_ode_nfe_is_the_true_count_and_encoding_inverts_sampling():
   assert sampling._ode_sample._cache_size() == compiled
 
 
+def test_ode_nfe_counts_a_rejected_first_step():
+  # A score with a fast wiggle in t, as an imperfect network's can have, makes
+  # the solver reject its first step (dt0 = 1% of the interval) at least once.
+  # Without a stored last stage the retry costs all 7 Tsit5 stages, so the count
+  # is then not 1 + 6 k; it must still equal the evaluations made.
+  sde, mix, score_fn = setup("vp")
+  wiggly = jax.tree_util.Partial(
+      lambda f, x, t: f(x, t) + 30.0 * jnp.sin(300.0 * t)[:, None] * x, score_fn)
+  _calls.clear()
+  x, nfe = sampling.ode_sample(KEY, sde, jax.tree_util.Partial(_counting_score, wiggly),
+                               (64, 2), denoise=False)
+  jax.block_until_ready(x)
+  jax.effects_barrier()
+  assert int(nfe) == len(_calls)
+  assert (int(nfe) - 1) % 6 != 0  # the first step was rejected: the case under test
+  assert bool(jnp.all(jnp.isfinite(x)))
+
+
 # --- fast samplers ---
 
 
