@@ -1134,7 +1134,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, str]:
     raise ValueError(f"sample.task={task!r} needs a sampler with per-step projections: "
                      "sampling.method pc, ddim, heun or dpm_solver, not ode.")
 
-  setup = train.make_setup(config)
+  setup = train.make_setup(config, need_data=False)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   step = existing_step(ckpt_dir, int(s.get("ckpt_step", -1)))
   params = restore_ema_params(setup, ckpt_dir, step)

@@ -64,19 +64,21 @@ class Setup:
     return NamedSharding(self.mesh, P("data"))
 
 
-def check_run_config(config: ml_collections.ConfigDict) -> None:
+def check_run_config(config: ml_collections.ConfigDict, need_data: bool = True) -> None:
   """Fails before anything compiles, with a message naming the key to fix.
 
   Checks the config values, the devices, the dataset (present on disk, right
-  shape) and that the network maps the data shape to itself (traced with
-  `jax.eval_shape`: no compilation, no memory).
+  shape; skipped when not need_data, e.g. sampling from a checkpoint) and that
+  the network maps the data shape to itself (traced with `jax.eval_shape`: no
+  compilation, no memory).
   """
   builders.check_config(config, jax.device_count(), jax.process_count())
   model = get_model(config)
   sde = builders.get_sde(config)
   builders.get_sampler(config, sde)
   builders.get_loss_fn(config, sde, model, train=True)
-  datasets.num_examples(config, "train")  # unknown or missing dataset: clear error here
+  if need_data:
+    datasets.num_examples(config, "train")  # unknown or missing dataset: clear error here
   toy_data = str(config.data.dataset).lower() == "toy"
   if toy_data != (str(config.model.name).lower() == "mlp"):
     raise ValueError(f"model.name {config.model.name!r} does not fit data.dataset "
@@ -101,9 +103,13 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
                      f"{out.shape[1:]}; check data.image_size and data.num_channels.")
 
 
-def make_setup(config: ml_collections.ConfigDict) -> Setup:
-  """Validates the config against the devices and builds SDE, model, optimizer and mesh."""
-  check_run_config(config)
+def make_setup(config: ml_collections.ConfigDict, need_data: bool = True) -> Setup:
+  """Validates the config against the devices and builds SDE, model, optimizer and mesh.
+
+  need_data=False skips the dataset check (see check_run_config): sampling
+  from a checkpoint, e.g. one converted from the reference, needs no data.
+  """
+  check_run_config(config, need_data)
   # Auto axes: XLA propagates the batch sharding through the step (explicit
   # sharding-in-types would need annotations inside every loss and sampler).
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

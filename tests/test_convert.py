@@ -543,9 +543,20 @@ def test_converted_ddpmpp_computes_the_pytorch_reference_forward():
   np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_sample_setup_needs_no_dataset_on_disk(tmp_path):
+  """A converted CIFAR-10 checkpoint samples without CIFAR-10 prepared; training still checks."""
+  config = _config("digits", **{"data.dataset": "cifar10", "data.data_dir": str(tmp_path / "none")})
+  with pytest.raises(Exception, match="cifar10"):
+    train.make_setup(config)
+  setup = train.make_setup(config, need_data=False)
+  assert setup.model is not None and setup.sde.N == config.model.num_scales
+
+
 @pytest.mark.slow  # sampling compiles the sampler and the network (~30 s on 2 CPU cores)
 def test_sample_mode_samples_from_a_converted_checkpoint(tmp_path):
-  config = _config("digits", **{"model.num_scales": 8, "sample.num": 4})
+  # The dataset named is not on disk: sample mode must not need it.
+  config = _config("digits", **{"model.num_scales": 8, "sample.num": 4, "data.dataset": "cifar10",
+                                "data.data_dir": str(tmp_path / "no_data")})
   path, _, _, _ = _reference_file(tmp_path, config, "flax", step=2000)
   dst = str(tmp_path / "run")
   convert.convert(path, dst, config, "flax")
