@@ -1,7 +1,7 @@
 """digits FD of a trained digits run's samples, per sampler and number of score evaluations.
 
   python benchmarks/digits_fd.py --workdir=runs/digits [--samples=1000] [--step=-1]
-      [--samplers=pc_em,pc_langevin,ode,ddim,heun,dpm_solver,dpm_solver3]
+      [--samplers=pc_em,pc_langevin,ode,ddim,ddim_eta1,heun,heun_churn,dpm_solver,dpm_solver3]
       [--nfe=10,20,50] [--pc_nfe=50,100,500,1000] [--ode_tol=1e-3,1e-5]
 
 Loads the run's config (WORKDIR/config.json) and the EMA parameters of its
@@ -16,9 +16,10 @@ cached in WORKDIR/eval/digits_classifier.npz, as in --mode=eval.
 Samplers: pc_em (Euler-Maruyama predictor, no corrector: the paper's VP
 setting and configs/digits.py's; N = NFE steps), pc_langevin (reverse
 diffusion + one Langevin corrector step: N = NFE / 2), ode (adaptive
-probability-flow ODE, one row per tolerance; NFE as measured), ddim, heun
-(EDM, deterministic), dpm_solver (DPM-Solver++ 2M), dpm_solver3 (3M): NFE
-score evaluations. Every sampler ends with its denoising step when the config
+probability-flow ODE, one row per tolerance; NFE as measured), ddim
+(eta 0), ddim_eta1 (eta 1: ancestral), heun (EDM, deterministic), heun_churn
+(EDM, stochastic, s_churn 20), dpm_solver (DPM-Solver++ 2M), dpm_solver3
+(3M): NFE score evaluations. Every sampler ends with its denoising step when the config
 says so (sampling.noise_removal), counted in NFE.
 """
 
@@ -43,6 +44,17 @@ from score_jax import builders, datasets, digits_metric, evaluate  # noqa: E402
 Overrides = Dict[str, object]
 
 
+# name -> (row label, sampling.method, further overrides)
+_FAST = {
+    "ddim": ("DDIM", "ddim", {"sampling.eta": 0.0}),
+    "ddim_eta1": ("DDIM eta=1 (ancestral)", "ddim", {"sampling.eta": 1.0}),
+    "heun": ("EDM Heun", "heun", {"sampling.s_churn": 0.0}),
+    "heun_churn": ("EDM Heun, s_churn=20", "heun", {"sampling.s_churn": 20.0}),
+    "dpm_solver": ("DPM-Solver++ 2M", "dpm_solver", {"sampling.order": 2}),
+    "dpm_solver3": ("DPM-Solver++ 3M", "dpm_solver", {"sampling.order": 3}),
+}
+
+
 def _variants(args) -> List[Tuple[str, Overrides]]:
   """(row label, config overrides) of every sampler x budget asked for."""
   rows: List[Tuple[str, Overrides]] = []
@@ -61,14 +73,10 @@ def _variants(args) -> List[Tuple[str, Overrides]]:
       for tol in args.ode_tol:
         rows.append((f"probability-flow ODE, tol={tol:g}", {"sampling.method": "ode",
                      "sampling.rtol": tol, "sampling.atol": tol}))
-    elif name in ("ddim", "heun", "dpm_solver", "dpm_solver3"):
-      label = {"ddim": "DDIM", "heun": "EDM Heun", "dpm_solver": "DPM-Solver++ 2M",
-               "dpm_solver3": "DPM-Solver++ 3M"}[name]
+    elif name in _FAST:
+      label, method, extra = _FAST[name]
       for n in args.nfe:
-        over: Overrides = {"sampling.method": "dpm_solver" if name == "dpm_solver3" else name,
-                           "sampling.num_steps": n}
-        if name.startswith("dpm_solver"):
-          over["sampling.order"] = 3 if name == "dpm_solver3" else 2
+        over: Overrides = {"sampling.method": method, "sampling.num_steps": n, **extra}
         rows.append((f"{label}, {n} steps", over))
     else:
       raise ValueError(f"unknown sampler {name!r}")
@@ -132,7 +140,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=0, help="0: config.eval.batch_size")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--samplers", type=split(str),
-                      default="pc_em,pc_langevin,ode,ddim,heun,dpm_solver,dpm_solver3")
+                      default="pc_em,pc_langevin,ode,ddim,ddim_eta1,heun,heun_churn,"
+                      "dpm_solver,dpm_solver3")
   parser.add_argument("--nfe", type=split(int), default="10,20,50")
   parser.add_argument("--pc_nfe", type=split(int), default="50,100,500,1000")
   parser.add_argument("--ode_tol", type=split(float), default="1e-3,1e-5")

@@ -115,6 +115,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.ema_rate = 0.9999
   model.num_classes = 0  # 0: unconditional
   model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+  # Gradient checkpointing of the U-Net blocks (ncsnpp, ddpmpp, ddpm): less
+  # activation memory on GPU/TPU for ~1 extra forward pass. XLA's CPU backend
+  # undoes it (no memory change measured on CPU; benchmarks/bench_models.py).
+  model.remat = False
 
   # Optimization.
   config.optim = optim = ml_collections.ConfigDict()

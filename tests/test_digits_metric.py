@@ -182,3 +182,29 @@ def test_digits_eval_reports_fd_in_json_and_tensorboard_scalars(tmp_path, metric
   scalars = evaluate._scalars(result)  # pylint: disable=protected-access
   for key in ("digits_fd", "digits_fd_floor", "digits_confident", "digits_classifier_score"):
     assert f"eval/{key}" in scalars
+
+
+def test_benchmark_rows_override_existing_config_keys():
+  """benchmarks/digits_fd.py: every row changes keys the digits config has (a typo would
+  silently add a key and measure the default sampler) and builds its sampler."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  from benchmarks import digits_fd  # pylint: disable=g-import-not-at-top
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from score_jax import builders  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  args = argparse.Namespace(samplers=["pc_em", "pc_langevin", "ode", *digits_fd._FAST],
+                            nfe=[10], pc_nfe=[50], ode_tol=[1e-3])
+  rows = digits_fd._variants(args)
+  assert len(rows) == 3 + len(digits_fd._FAST)
+  labels = set()
+  for label, overrides in rows:
+    labels.add(label)
+    for key, value in overrides.items():
+      section, name = key.split(".")
+      assert name in config[section], key
+    changed = digits_fd._with(config, overrides)
+    for key, value in overrides.items():
+      section, name = key.split(".")
+      assert changed[section][name] == value
+    builders.get_sampler(changed, builders.get_sde(changed))
+  assert len(labels) == len(rows)  # rows are told apart

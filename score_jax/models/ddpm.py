@@ -43,4 +43,5 @@ class DDPM(NCSNpp):
   num_classes: int = 0
   scale_by_sigma: bool = False
   num_groups: Optional[int] = 32
+  remat: bool = False
   dtype: Any = jnp.float32

@@ -182,21 +182,26 @@ class AttnBlock(nn.Module):
   init_scale: float = 0.0
   num_groups: Optional[int] = None
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    b, h, w, c = x.shape
-    hn = group_norm(x, self.num_groups, self.dtype).reshape(b, h * w, c)
-    q = dense(hn, c, init_scale=0.1, dtype=self.dtype)
-    k = dense(hn, c, init_scale=0.1, dtype=self.dtype)
-    v = dense(hn, c, init_scale=0.1, dtype=self.dtype)
-    logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
-    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bij,bjc->bic", attn, v)
-    out = dense(out, c, init_scale=self.init_scale, dtype=self.dtype).reshape(b, h, w, c)
-    if self.skip_rescale:
-      return (x + out) / np.sqrt(2.0)
-    return x + out
+    return _maybe_remat(self, _attn_block, x)
+
+
+def _attn_block(m: AttnBlock, x: Array) -> Array:
+  b, h, w, c = x.shape
+  hn = group_norm(x, m.num_groups, m.dtype).reshape(b, h * w, c)
+  q = dense(hn, c, init_scale=0.1, dtype=m.dtype)
+  k = dense(hn, c, init_scale=0.1, dtype=m.dtype)
+  v = dense(hn, c, init_scale=0.1, dtype=m.dtype)
+  logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
+  attn = jax.nn.softmax(logits, axis=-1).astype(m.dtype)
+  out = jnp.einsum("bij,bjc->bic", attn, v)
+  out = dense(out, c, init_scale=m.init_scale, dtype=m.dtype).reshape(b, h, w, c)
+  if m.skip_rescale:
+    return (x + out) / np.sqrt(2.0)
+  return x + out
 
 
 class Upsample(nn.Module):
@@ -276,6 +281,20 @@ def _add_temb(h: Array, temb: Optional[Array], act: Activation, dtype: Dtype) ->
   return h + bias[:, None, None, :]
 
 
+def _maybe_remat(module: nn.Module, fn: Callable[..., Array], *args) -> Array:
+  """fn(module, *args), under gradient checkpointing when module.remat.
+
+  With remat the block's activations are not kept for the backward pass but
+  recomputed from its input: less memory per training step, about one more
+  forward pass of compute. Parameter names and values are the same either
+  way. A trailing bool argument (train) is static.
+  """
+  if not module.remat:
+    return fn(module, *args)
+  static = (len(args),) if args and isinstance(args[-1], bool) else ()
+  return nn.remat(fn, static_argnums=static)(module, *args)
+
+
 def _residual(x: Array, h: Array, skip_rescale: bool) -> Array:
   return (x + h) / np.sqrt(2.0) if skip_rescale else x + h
 
@@ -310,20 +329,25 @@ class ResnetBlockDDPM(nn.Module):
   init_scale: float = 0.0
   num_groups: Optional[int] = None
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array, temb: Optional[Array] = None, train: bool = False) -> Array:
-    c = x.shape[-1]
-    out_ch = self.out_ch or c
-    h = self.act(group_norm(x, self.num_groups, self.dtype))
-    h = _resnet_branch(h, out_ch, temb, train, act=self.act, dropout=self.dropout,
-                       init_scale=self.init_scale, num_groups=self.num_groups, dtype=self.dtype)
-    if c != out_ch:
-      if self.conv_shortcut:
-        x = conv3x3(x, out_ch, dtype=self.dtype)
-      else:
-        x = dense(x, out_ch, init_scale=0.1, dtype=self.dtype)  # the reference's NIN
-    return _residual(x, h, self.skip_rescale)
+    return _maybe_remat(self, _ddpm_block, x, temb, train)
+
+
+def _ddpm_block(m: ResnetBlockDDPM, x: Array, temb: Optional[Array], train: bool) -> Array:
+  c = x.shape[-1]
+  out_ch = m.out_ch or c
+  h = m.act(group_norm(x, m.num_groups, m.dtype))
+  h = _resnet_branch(h, out_ch, temb, train, act=m.act, dropout=m.dropout,
+                     init_scale=m.init_scale, num_groups=m.num_groups, dtype=m.dtype)
+  if c != out_ch:
+    if m.conv_shortcut:
+      x = conv3x3(x, out_ch, dtype=m.dtype)
+    else:
+      x = dense(x, out_ch, init_scale=0.1, dtype=m.dtype)  # the reference's NIN
+  return _residual(x, h, m.skip_rescale)
 
 
 class ResnetBlockBigGAN(nn.Module):
@@ -344,6 +368,7 @@ class ResnetBlockBigGAN(nn.Module):
   init_scale: float = 0.0
   num_groups: Optional[int] = None
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   def _resample(self, x: Array) -> Array:
     if self.up:
@@ -358,13 +383,17 @@ class ResnetBlockBigGAN(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, temb: Optional[Array] = None, train: bool = False) -> Array:
-    c = x.shape[-1]
-    out_ch = self.out_ch or c
-    h = self.act(group_norm(x, self.num_groups, self.dtype))
-    h = self._resample(h)
-    x = self._resample(x)
-    h = _resnet_branch(h, out_ch, temb, train, act=self.act, dropout=self.dropout,
-                       init_scale=self.init_scale, num_groups=self.num_groups, dtype=self.dtype)
-    if c != out_ch or self.up or self.down:
-      x = conv1x1(x, out_ch, dtype=self.dtype)
-    return _residual(x, h, self.skip_rescale)
+    return _maybe_remat(self, _biggan_block, x, temb, train)
+
+
+def _biggan_block(m: ResnetBlockBigGAN, x: Array, temb: Optional[Array], train: bool) -> Array:
+  c = x.shape[-1]
+  out_ch = m.out_ch or c
+  h = m.act(group_norm(x, m.num_groups, m.dtype))
+  h = m._resample(h)
+  x = m._resample(x)
+  h = _resnet_branch(h, out_ch, temb, train, act=m.act, dropout=m.dropout,
+                     init_scale=m.init_scale, num_groups=m.num_groups, dtype=m.dtype)
+  if c != out_ch or m.up or m.down:
+    x = conv1x1(x, out_ch, dtype=m.dtype)
+  return _residual(x, h, m.skip_rescale)

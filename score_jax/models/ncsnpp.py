@@ -59,6 +59,9 @@ class NCSNpp(nn.Module):
     num_classes: number of classes for class conditioning; 0 = unconditional.
     scale_by_sigma: the score is net / sigma (VE); applied by get_score_fn.
     num_groups: GroupNorm groups; None means min(C // 4, 32) per layer.
+    remat: gradient checkpointing of every residual and attention block
+      (activations recomputed in the backward pass: less memory, ~1 more
+      forward of compute; same parameters and outputs).
     dtype: compute dtype (parameters are float32, the output float32).
   """
   nf: int = 128
@@ -84,6 +87,7 @@ class NCSNpp(nn.Module):
   num_classes: int = 0
   scale_by_sigma: bool = True
   num_groups: Optional[int] = None
+  remat: bool = False
   dtype: Any = jnp.float32
 
   def _check(self) -> None:
@@ -144,7 +148,8 @@ class NCSNpp(nn.Module):
 
     groups = self.num_groups
     attn = functools.partial(layers.AttnBlock, init_scale=self.init_scale,
-                             skip_rescale=self.skip_rescale, num_groups=groups, dtype=dtype)
+                             skip_rescale=self.skip_rescale, num_groups=groups, dtype=dtype,
+                             remat=self.remat)
     upsample = functools.partial(layers.Upsample, with_conv=self.resamp_with_conv, fir=self.fir,
                                  fir_kernel=self.fir_kernel, dtype=dtype)
     downsample = functools.partial(layers.Downsample, with_conv=self.resamp_with_conv,
@@ -159,12 +164,12 @@ class NCSNpp(nn.Module):
     if self.resblock_type == "ddpm":
       resblock = functools.partial(layers.ResnetBlockDDPM, act=act, dropout=self.dropout,
                                    init_scale=self.init_scale, skip_rescale=self.skip_rescale,
-                                   num_groups=groups, dtype=dtype)
+                                   num_groups=groups, dtype=dtype, remat=self.remat)
     else:
       resblock = functools.partial(layers.ResnetBlockBigGAN, act=act, dropout=self.dropout,
                                    fir=self.fir, fir_kernel=self.fir_kernel,
                                    init_scale=self.init_scale, skip_rescale=self.skip_rescale,
-                                   num_groups=groups, dtype=dtype)
+                                   num_groups=groups, dtype=dtype, remat=self.remat)
     norm_act = lambda h: act(layers.group_norm(h, groups, dtype))
 
     x = x.astype(dtype)

@@ -79,8 +79,10 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
   CIFAR-10 paper settings of that family. `centered` comes from
   `config.data.centered`; `config.model.dtype` names the compute dtype.
 
+  `config.model.remat` turns on gradient checkpointing (U-Net families).
+
   Raises:
-    ValueError: unknown model name or dtype.
+    ValueError: unknown model name or dtype; remat for a network without it.
   """
   name = config.model.name.lower()
   if name not in MODELS:
@@ -90,6 +92,9 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
   fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"name", "parent", "dtype"}
   kwargs: Dict[str, Any] = {k: _as_static(config.model[k]) for k in sorted(fields)
                             if k in config.model}
+  if bool(config.model.get("remat", False)) and "remat" not in fields:
+    raise ValueError(f"model.remat (gradient checkpointing) is supported by ncsnpp, ddpmpp and "
+                     f"ddpm, not by {config.model.name!r}; set model.remat = False.")
   if "centered" in fields and "data" in config and "centered" in config.data:
     kwargs["centered"] = bool(config.data.centered)
   dtype_name = config.model.get("dtype", "float32")
