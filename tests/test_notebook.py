@@ -36,9 +36,10 @@ def test_notebook_is_stored_without_outputs():
 
 
 def _check_ode_nfe(nfe):
-  """The ODE sampler's NFE is the solver's count: one evaluation to start, six per
-  attempted Tsit5 step, one for the final denoising step."""
-  assert 0 < nfe < 4096 and (nfe - 2) % 6 == 0, nfe
+  """The ODE sampler's NFE is the solver's count: 7 evaluations per attempt until the
+  first Tsit5 step is accepted, 6 per later attempt, 1 for the final denoising step
+  (tests/test_sampling.py checks the exact count against a runtime counter)."""
+  assert 8 <= nfe < 7 * 4096, nfe
 
 
 @pytest.mark.slow  # ~4 minutes on 2 CPU cores: two short trainings, every sampler compiled
