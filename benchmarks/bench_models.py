@@ -7,8 +7,12 @@ For each selected network it measures
     and CPU-seconds per step at batch 8 (all threads; unlike wall time it
     barely changes when other processes share the cores),
   - s/eval: one network evaluation (score_fn, no dropout) at batch 64,
+  - step GB at batch 8 and 32: the memory XLA plans for one compiled
+    training step (arguments, outputs and temporaries; the donated state is
+    counted once), i.e. what the step needs on the device,
   - peak RSS of the process that ran it (each network runs in its own
-    process, so the peaks do not mix).
+    process, so the peaks do not mix); it includes the compiler's own memory
+    and the batch-64 evaluation, so it is above either step's figure.
 
 Usage:
   python benchmarks/bench_models.py                          # all networks
@@ -75,9 +79,10 @@ def _host_params(model, shape, seed=0):
       lambda s: jnp.asarray(rng.normal(size=s.shape) * scale(s), jnp.float32), shapes)
 
 
-def bench_one(name: str, steps: int, dtype: str) -> Dict[str, float]:
+def bench_one(name: str, steps: int, dtype: str, remat: bool = False) -> Dict[str, float]:
   config = CONFIGS[name]()
   config.model.dtype = dtype
+  config.model.remat = remat
   model = models.get_model(config)
   sde = _sde(config)
   size, ch = config.data.image_size, config.data.num_channels
@@ -115,6 +120,10 @@ def bench_one(name: str, steps: int, dtype: str) -> Dict[str, float]:
     compiled = step_fn.lower(state, x, key).compile()
     if batch == 8:
       result["compile_s"] = time.perf_counter() - t0
+    mem = compiled.memory_analysis()  # XLA's buffer plan: what the step needs on the device
+    if mem is not None:
+      result[f"step_mem_gb_b{batch}"] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
+                                         mem.output_size_in_bytes - mem.alias_size_in_bytes) / 1e9
     state, loss = compiled(state, x, key)  # warm-up
     loss.block_until_ready()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -147,6 +156,8 @@ def main(argv: List[str]) -> None:
   parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
   parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--remat", action="store_true",
+                      help="gradient checkpointing of the U-Net blocks (model.remat)")
   parser.add_argument("--xla-flags", default="",
                       help="extra XLA_FLAGS for the measuring processes, e.g. "
                       "'--xla_backend_optimization_level=1' (faster compile)")
@@ -154,21 +165,22 @@ def main(argv: List[str]) -> None:
   args = parser.parse_args(argv)
 
   if args.one:
-    print(json.dumps(bench_one(args.one, args.steps, args.dtype)))
+    print(json.dumps(bench_one(args.one, args.steps, args.dtype, args.remat)))
     return
 
   load = os.getloadavg()[0]
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores "
         f"(load average {load:.1f}), dtype {args.dtype}, {args.steps} timed steps, "
-        f"XLA_FLAGS={args.xla_flags!r}")
+        f"remat {args.remat}, XLA_FLAGS={args.xla_flags!r}")
   header = (f"{'network':<14}{'params':>9}{'compile s':>11}{'s/step b8':>11}{'cpu-s b8':>10}"
-            f"{'s/step b32':>12}{'img/s b32':>11}{'s/eval b64':>12}{'peak GB':>9}")
+            f"{'s/step b32':>12}{'img/s b32':>11}{'s/eval b64':>12}{'step GB b8':>12}"
+            f"{'step GB b32':>13}{'peak GB':>9}")
   print(header)
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   for name in args.configs:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name, "--steps",
-                           str(args.steps), "--dtype", args.dtype],
+                           str(args.steps), "--dtype", args.dtype] + ["--remat"] * args.remat,
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
       print(f"{name:<14} failed:\n{proc.stderr[-2000:]}")
@@ -176,6 +188,7 @@ def main(argv: List[str]) -> None:
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{name:<14}{r['params_M']:>8.2f}M{r['compile_s']:>11.1f}{r['step_s_b8']:>11.2f}"
           f"{r['step_cpu_s_b8']:>10.2f}{r['step_s_b32']:>12.2f}{32 / r['step_s_b32']:>11.2f}{r['eval_s_b64']:>12.2f}"
+          f"{r.get('step_mem_gb_b8', math.nan):>12.2f}{r.get('step_mem_gb_b32', math.nan):>13.2f}"
           f"{r['peak_rss_gb']:>9.2f}", flush=True)
 
 
