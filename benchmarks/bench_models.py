@@ -1,8 +1,9 @@
 """Speed of the score networks on this machine: training step and network evaluation.
 
 For each selected network it measures
-  - compile: seconds to compile one training step (forward, continuous DSM
-    loss, backward, gradient clipping, Adam, EMA) at batch 8,
+  - compile: seconds to compile one training step at batch 8: the library's
+    step (train.make_train_step, as main.py runs it: forward, the config's
+    continuous DSM loss, backward, gradient clipping, Adam, EMA),
   - s/step at batch 8 and 32 (mean over timed steps after a warm-up step),
     and CPU-seconds per step at batch 8 (all threads; unlike wall time it
     barely changes when other processes share the cores),
@@ -41,11 +42,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 from configs import ve_cifar, vp_cifar  # noqa: E402
-from score_jax import losses, models  # noqa: E402
-from score_jax.sde import VESDE, VPSDE  # noqa: E402
+from score_jax import builders, models, train  # noqa: E402
 
 
 def _small_ddpmpp():
@@ -63,13 +62,6 @@ CONFIGS = {
 }
 
 
-def _sde(config):
-  m = config.model
-  if config.training.sde == "vesde":
-    return VESDE(m.sigma_min, m.sigma_max, m.num_scales)
-  return VPSDE(m.beta_min, m.beta_max, m.num_scales)
-
-
 def _host_params(model, shape, seed=0):
   """Parameters drawn on the host (init's own compilation is not what we time)."""
   shapes = jax.eval_shape(lambda r: models.init_model(r, model, shape), jax.random.PRNGKey(0))
@@ -79,63 +71,50 @@ def _host_params(model, shape, seed=0):
       lambda s: jnp.asarray(rng.normal(size=s.shape) * scale(s), jnp.float32), shapes)
 
 
-def bench_one(name: str, steps: int, dtype: str, remat: bool = False) -> Dict[str, float]:
+def bench_one(name: str, steps: int, dtype: str, remat: bool = False,
+              microbatches: int = 1) -> Dict[str, float]:
   config = CONFIGS[name]()
   config.model.dtype = dtype
   config.model.remat = remat
+  config.training.microbatches = microbatches
   model = models.get_model(config)
-  sde = _sde(config)
+  sde = builders.get_sde(config)
   size, ch = config.data.image_size, config.data.num_channels
   variables = _host_params(model, (1, size, size, ch))
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
-  tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip),
-                   optax.adam(config.optim.lr, b1=config.optim.beta1, eps=config.optim.eps))
-  ema_rate = config.model.ema_rate
-
-  def loss_fn(params, rng, x):
-    rng_drop, rng_loss = jax.random.split(rng)
-    score_fn = models.get_score_fn(sde, model, {"params": params}, continuous=True, train=True,
-                                   rng=rng_drop)
-    loss, _ = losses.dsm_loss(rng_loss, sde, score_fn, x, reduce_mean=config.training.reduce_mean)
-    return loss
-
-  def train_step(state, x, key):
-    params, opt_state, ema, step = state
-    rng = jax.random.fold_in(key, step)
-    loss, grads = jax.value_and_grad(loss_fn)(params, rng, x)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    ema = jax.tree_util.tree_map(lambda e, p: ema_rate * e + (1 - ema_rate) * p, ema, params)
-    return (params, opt_state, ema, step + 1), loss
-
-  step_fn = jax.jit(train_step, donate_argnums=(0,))
-  key = jax.random.PRNGKey(0)
-  params = variables["params"]
   result: Dict[str, float] = {"params_M": n_params / 1e6}
+  params = variables["params"]
+  key = jax.random.PRNGKey(0)
 
   for batch in (8, 32):
+    # The library's training step (train.make_train_step), as main.py runs it.
+    config.training.batch_size = batch
+    setup = train.make_setup(config, need_data=False)
+    step_fn = train.make_train_step(setup)
     x = jnp.asarray(np.random.default_rng(1).uniform(size=(batch, size, size, ch)), jnp.float32)
-    state = (params, tx.init(params), jax.tree_util.tree_map(jnp.copy, params), jnp.int32(0))
+    y = jnp.zeros((batch,), jnp.int32)
+    state = train.TrainState(step=jnp.int32(0), params=params, opt_state=setup.tx.init(params),
+                             ema_params=jax.tree_util.tree_map(jnp.copy, params))
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, x, key).compile()
+    compiled = step_fn.lower(state, x, y, key).compile()
     if batch == 8:
       result["compile_s"] = time.perf_counter() - t0
     mem = compiled.memory_analysis()  # XLA's buffer plan: what the step needs on the device
     if mem is not None:
       result[f"step_mem_gb_b{batch}"] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
                                          mem.output_size_in_bytes - mem.alias_size_in_bytes) / 1e9
-    state, loss = compiled(state, x, key)  # warm-up
-    loss.block_until_ready()
+    state, metrics = compiled(state, x, y, key)  # warm-up
+    metrics["loss"].block_until_ready()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
-      state, loss = compiled(state, x, key)
-    loss.block_until_ready()
+      state, metrics = compiled(state, x, y, key)
+    metrics["loss"].block_until_ready()
     result[f"step_s_b{batch}"] = (time.perf_counter() - t0) / steps
     # CPU seconds (all threads): robust to other processes sharing the cores.
     result[f"step_cpu_s_b{batch}"] = (time.process_time() - c0) / steps
-    if not np.isfinite(float(loss)):
+    if not (bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))):
       raise FloatingPointError(f"{name}: non-finite loss at batch {batch}")
-    params = state[0]
+    params = state.params
 
   score_fn = jax.jit(lambda p, x, t: models.get_score_fn(sde, model, {"params": p},
                                                          continuous=True)(x, t))
@@ -158,6 +137,9 @@ def main(argv: List[str]) -> None:
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--remat", action="store_true",
                       help="gradient checkpointing of the U-Net blocks (model.remat)")
+  parser.add_argument("--microbatches", type=int, default=1,
+                      help="gradient accumulation over this many micro-batches "
+                      "(training.microbatches; must divide 8)")
   parser.add_argument("--xla-flags", default="",
                       help="extra XLA_FLAGS for the measuring processes, e.g. "
                       "'--xla_backend_optimization_level=1' (faster compile)")
@@ -165,13 +147,13 @@ def main(argv: List[str]) -> None:
   args = parser.parse_args(argv)
 
   if args.one:
-    print(json.dumps(bench_one(args.one, args.steps, args.dtype, args.remat)))
+    print(json.dumps(bench_one(args.one, args.steps, args.dtype, args.remat, args.microbatches)))
     return
 
   load = os.getloadavg()[0]
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores "
         f"(load average {load:.1f}), dtype {args.dtype}, {args.steps} timed steps, "
-        f"remat {args.remat}, XLA_FLAGS={args.xla_flags!r}")
+        f"remat {args.remat}, microbatches {args.microbatches}, XLA_FLAGS={args.xla_flags!r}")
   header = (f"{'network':<14}{'params':>9}{'compile s':>11}{'s/step b8':>11}{'cpu-s b8':>10}"
             f"{'s/step b32':>12}{'img/s b32':>11}{'s/eval b64':>12}{'step GB b8':>12}"
             f"{'step GB b32':>13}{'peak GB':>9}")
@@ -180,7 +162,8 @@ def main(argv: List[str]) -> None:
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   for name in args.configs:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name, "--steps",
-                           str(args.steps), "--dtype", args.dtype] + ["--remat"] * args.remat,
+                           str(args.steps), "--dtype", args.dtype,
+                           "--microbatches", str(args.microbatches)] + ["--remat"] * args.remat,
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
       print(f"{name:<14} failed:\n{proc.stderr[-2000:]}")

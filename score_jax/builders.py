@@ -175,6 +175,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, process_co
                      f"{math.ceil(b / num_devices) * num_devices}).")
   if b % process_count:
     raise ValueError(f"training.batch_size = {b} does not divide across {process_count} processes.")
+  m = int(config.training.get("microbatches", 1))
+  if m < 1 or b % (m * num_devices):
+    raise ValueError(f"training.microbatches = {m} must be >= 1 and split training.batch_size = {b} "
+                     f"into equal micro-batches that divide across the {num_devices} devices "
+                     f"(batch_size a multiple of microbatches x devices = {max(m, 1) * num_devices}).")
   for key in ("n_iters", "snapshot_freq", "snapshot_freq_for_preemption", "log_freq", "eval_freq"):
     if int(config.training[key]) < 1:
       raise ValueError(f"training.{key} must be >= 1, got {config.training[key]}.")

@@ -133,6 +133,10 @@ def make_train_step(setup: Setup):
   """The jitted step (state, x, y, root_key) -> (state, metrics); `state` is donated.
 
   Keys come from fold_in(root_key, step): nothing random lives in the state.
+  With training.microbatches = m > 1 the batch runs as m equal micro-batches
+  in a `lax.scan` whose losses and gradients are averaged: the gradient of
+  the same batch-mean loss (each micro-batch draws its own times, noise and
+  dropout), with one micro-batch's activations alive at a time.
   A step whose loss or gradient norm is not finite leaves the state unchanged
   and reports finite=False, so the last good state is what gets saved.
   """
@@ -142,11 +146,34 @@ def make_train_step(setup: Setup):
   ema_rate = float(config.model.ema_rate)
   use_labels = int(config.model.get("num_classes", 0) or 0) > 0
 
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  microbatches = int(config.training.get("microbatches", 1))
+
+  def loss_and_grads(params, rng: Array, x: Array, y: Optional[Array]):
+    """Mean loss over the batch and its gradient, accumulated over micro-batches."""
+    if microbatches == 1:
+      (loss, _), grads = grad_fn(params, rng, x, y)
+      return loss, grads
+    # Micro-batch j holds examples j, j + m, j + 2m, ...: each device's
+    # contiguous shard of the batch contributes equally to every micro-batch.
+    split = lambda a: jnp.swapaxes(a.reshape((-1, microbatches) + a.shape[1:]), 0, 1)
+    keys = jax.random.split(rng, microbatches)
+
+    def body(carry, inputs):
+      key, xm, ym = inputs
+      (loss, _), grads = grad_fn(params, key, xm, ym)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    # A rolled loop, so that one micro-batch's activations are alive at a time
+    # (unrolled, XLA schedules them side by side and the memory saving is gone).
+    (loss, grads), _ = jax.lax.scan(body, zeros, (keys, split(x), None if y is None else split(y)))
+    return jax.tree.map(lambda a: a / microbatches, (loss, grads))
+
   def step_fn(state: TrainState, x: Array, y: Array, root_key: Array):
     rng = jax.random.fold_in(root_key, state.step)
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(p, rng, x, y if use_labels else None), has_aux=True)
-    (loss, _), grads = grad_fn(state.params)
-    grad_norm = optax.global_norm(grads)
+    loss, grads = loss_and_grads(state.params, rng, x, y if use_labels else None)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)

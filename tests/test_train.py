@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import toy
@@ -222,6 +223,61 @@ def test_train_step_is_data_parallel_and_matches_single_device():
   new_state, metrics = step(state, xs, ys, jax.device_put(key, setup.replicated))
   np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
   assert int(new_state.step) == 1
+
+
+def _toy_setup(batch, microbatches, hidden=(32,)):
+  config = toy.get_config()
+  with config.unlocked():
+    config.model.hidden_sizes = hidden
+    config.training.batch_size = batch
+    config.training.microbatches = microbatches
+  return config, train.make_setup(config)
+
+
+def test_microbatches_accumulate_the_gradient_of_the_batch_mean_loss():
+  """m micro-batches on 4 devices: loss and gradient are the means over micro-batch j =
+  examples j, j + m, ... with key j of split(fold_in(key, step), m), computed here
+  independently on one device by slicing."""
+  m, b = 2, 16
+  config, setup = _toy_setup(b, m)
+  state = train.init_state(setup, jax.random.PRNGKey(0))
+  x = np.random.default_rng(0).normal(size=(b, 2)).astype(np.float32)
+  xs, ys = train.global_batch(setup, {"image": x, "label": np.zeros((b,), np.int32)})
+  key = jax.random.PRNGKey(5)
+  params = jax.device_get(state.params)
+  grad_fn = jax.value_and_grad(builders.get_loss_fn(config, setup.sde, setup.model, train=True),
+                               has_aux=True)
+  keys = jax.random.split(jax.random.fold_in(key, 0), m)
+  parts = [grad_fn(params, keys[j], jnp.asarray(x[j::m]), None) for j in range(m)]
+  loss = np.mean([float(p[0][0]) for p in parts])
+  grads = jax.tree.map(lambda *g: sum(g) / m, *[p[1] for p in parts])
+  _, metrics = train.make_train_step(setup)(state, xs, ys, jax.device_put(key, setup.replicated))
+  np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-5)
+  # Not the same numbers as one batch of 16 (other keys), so the check above can fail.
+  whole_setup = _toy_setup(b, 1)[1]
+  _, whole = train.make_train_step(whole_setup)(train.init_state(whole_setup, jax.random.PRNGKey(0)),
+                                                xs, ys, jax.device_put(key, setup.replicated))
+  assert abs(float(whole["loss"]) - loss) > 1e-4
+
+
+def test_microbatches_lower_the_step_memory_and_are_checked():
+  """One micro-batch's activations at a time: XLA plans less temporary memory."""
+  def temp_bytes(m):
+    _, setup = _toy_setup(4096, m, hidden=(256, 256))
+    state = jax.eval_shape(lambda: train.init_state(setup, jax.random.PRNGKey(0)))
+    args = (state, jax.ShapeDtypeStruct((4096, 2), jnp.float32),
+            jax.ShapeDtypeStruct((4096,), jnp.int32), jax.random.PRNGKey(0))
+    return train.make_train_step(setup).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  one, four = temp_bytes(1), temp_bytes(4)
+  assert four < 0.5 * one, (four, one)
+  for m, b in ((0, 16), (3, 16), (4, 8)):  # 4 devices: batch 8 cannot hold 4 x 4
+    config = toy.get_config()
+    with config.unlocked():
+      config.training.batch_size, config.training.microbatches = b, m
+    with pytest.raises(ValueError, match="training.microbatches"):
+      train.check_run_config(config)
 
 
 @pytest.mark.slow  # ~2 minutes on 2 idle cores
