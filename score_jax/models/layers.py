@@ -281,18 +281,18 @@ def _add_temb(h: Array, temb: Optional[Array], act: Activation, dtype: Dtype) ->
   return h + bias[:, None, None, :]
 
 
-def _maybe_remat(module: nn.Module, fn: Callable[..., Array], *args) -> Array:
+def _maybe_remat(module: nn.Module, fn: Callable[..., Array], *args,
+                 static_argnums: Tuple[int, ...] = ()) -> Array:
   """fn(module, *args), under gradient checkpointing when module.remat.
 
   With remat the block's activations are not kept for the backward pass but
   recomputed from its input: less memory per training step, about one more
   forward pass of compute. Parameter names and values are the same either
-  way. A trailing bool argument (train) is static.
+  way. static_argnums index fn's arguments (module = 0), e.g. the train flag.
   """
   if not module.remat:
     return fn(module, *args)
-  static = (len(args),) if args and isinstance(args[-1], bool) else ()
-  return nn.remat(fn, static_argnums=static)(module, *args)
+  return nn.remat(fn, static_argnums=static_argnums)(module, *args)
 
 
 def _residual(x: Array, h: Array, skip_rescale: bool) -> Array:
@@ -333,7 +333,7 @@ class ResnetBlockDDPM(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, temb: Optional[Array] = None, train: bool = False) -> Array:
-    return _maybe_remat(self, _ddpm_block, x, temb, train)
+    return _maybe_remat(self, _ddpm_block, x, temb, train, static_argnums=(3,))
 
 
 def _ddpm_block(m: ResnetBlockDDPM, x: Array, temb: Optional[Array], train: bool) -> Array:
@@ -383,7 +383,7 @@ class ResnetBlockBigGAN(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, temb: Optional[Array] = None, train: bool = False) -> Array:
-    return _maybe_remat(self, _biggan_block, x, temb, train)
+    return _maybe_remat(self, _biggan_block, x, temb, train, static_argnums=(3,))
 
 
 def _biggan_block(m: ResnetBlockBigGAN, x: Array, temb: Optional[Array], train: bool) -> Array:
