@@ -44,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import ve_cifar, vp_cifar  # noqa: E402
-from score_jax import builders, models, train  # noqa: E402
+from score_jax import _xla_flags, builders, models, train  # noqa: E402
 
 
 def _small_ddpmpp():
@@ -142,7 +142,9 @@ def main(argv: List[str]) -> None:
                       "(training.microbatches; must divide 8)")
   parser.add_argument("--xla-flags", default="",
                       help="extra XLA_FLAGS for the measuring processes, e.g. "
-                      "'--xla_backend_optimization_level=1' (faster compile)")
+                      "'--xla_backend_optimization_level=1' (faster compile); one that sets\n"
+                      f"{_xla_flags.FLAG} replaces score_jax's default "
+                      f"({_xla_flags.VALUE!r}; see score_jax/_xla_flags.py)")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child-process mode
   args = parser.parse_args(argv)
 
@@ -150,16 +152,20 @@ def main(argv: List[str]) -> None:
     print(json.dumps(bench_one(args.one, args.steps, args.dtype, args.remat, args.microbatches)))
     return
 
+  env = dict(os.environ)
+  flags = env.get("XLA_FLAGS", "").split()
+  if _xla_flags.FLAG in args.xla_flags:  # the caller's choice replaces score_jax's default
+    flags = [f for f in flags if f != f"--{_xla_flags.FLAG}={_xla_flags.VALUE}"]
+  env["XLA_FLAGS"] = " ".join(flags + args.xla_flags.split())
+  env[_xla_flags.OPT_OUT] = "0"  # the children run with exactly env["XLA_FLAGS"]
   load = os.getloadavg()[0]
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores "
         f"(load average {load:.1f}), dtype {args.dtype}, {args.steps} timed steps, "
-        f"remat {args.remat}, microbatches {args.microbatches}, XLA_FLAGS={args.xla_flags!r}")
+        f"remat {args.remat}, microbatches {args.microbatches}, XLA_FLAGS={env['XLA_FLAGS']!r}")
   header = (f"{'network':<14}{'params':>9}{'compile s':>11}{'s/step b8':>11}{'cpu-s b8':>10}"
             f"{'s/step b32':>12}{'img/s b32':>11}{'s/eval b64':>12}{'step GB b8':>12}"
             f"{'step GB b32':>13}{'peak GB':>9}")
   print(header)
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   for name in args.configs:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name, "--steps",
                            str(args.steps), "--dtype", args.dtype,

@@ -6,6 +6,11 @@ Networks live in `score_jax.models`; the running layer (configs, training,
 evaluation) in `score_jax.train`, `score_jax.evaluate` and `score_jax.builders`.
 """
 
+from score_jax import _xla_flags
+
+_xla_flags.apply_at_import()  # before any JAX backend starts: XLA reads its flags only once
+
+# pylint: disable=wrong-import-position
 from score_jax import analytic, controllable, fast_samplers, likelihood, losses, sampling, sde
 from score_jax.controllable import (classifier_free_guidance, classifier_guidance, colorization,
                                     inpainting)

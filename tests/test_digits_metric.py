@@ -97,10 +97,12 @@ def _fd_sqrtm(f1, f2):
 def test_fd_matches_scipy_sqrtm(metric):
   train_feats, _ = metric.features(load_digits("train")[0])
   test_feats, _ = metric.features(load_digits("test")[0])
-  np.testing.assert_allclose(metric.floor, _fd_sqrtm(test_feats, train_feats), rtol=1e-6)
+  # scipy's sqrtm of the near-singular S1 S2 (64 ReLU features, 355 images) is good to a few
+  # 1e-7 absolute here (1.9e-7 seen), i.e. ~2e-6 of the 0.12 floor; a formula error is O(1).
+  np.testing.assert_allclose(metric.floor, _fd_sqrtm(test_feats, train_feats), rtol=1e-5)
   blurred = _corruptions()["blurred (sigma 1 px)"]
   np.testing.assert_allclose(metric.fd(blurred),
-                             _fd_sqrtm(metric.features(blurred)[0], train_feats), rtol=1e-6)
+                             _fd_sqrtm(metric.features(blurred)[0], train_feats), rtol=1e-5)
   # The cached statistics are those of the train features, and digits_fd is the library call.
   np.testing.assert_allclose(metric.mu, train_feats.mean(0), atol=1e-9)
   np.testing.assert_allclose(metric.sigma, np.cov(train_feats, rowvar=False), atol=1e-8)
