@@ -8,6 +8,10 @@ For each selected network it measures
     and CPU-seconds per step at batch 8 (all threads; unlike wall time it
     barely changes when other processes share the cores),
   - s/eval: one network evaluation (score_fn, no dropout) at batch 64,
+  - GFLOP per training step at batch 8 (XLA's cost analysis of the compiled
+    step) and the rate it ran at, against the machine's float32 matmul rate
+    (printed in the header: a 2048 x 2048 matmul), the ceiling for any
+    implementation of the same arithmetic on this machine,
   - step GB at batch 8 and 32: the memory XLA plans for one compiled
     training step (arguments, outputs and temporaries; the donated state is
     counted once), i.e. what the step needs on the device,
@@ -99,6 +103,8 @@ def bench_one(name: str, steps: int, dtype: str, remat: bool = False,
     compiled = step_fn.lower(state, x, y, key).compile()
     if batch == 8:
       result["compile_s"] = time.perf_counter() - t0
+    if batch == 8:
+      result["gflop_b8"] = float(compiled.cost_analysis().get("flops", math.nan)) / 1e9
     mem = compiled.memory_analysis()  # XLA's buffer plan: what the step needs on the device
     if mem is not None:
       result[f"step_mem_gb_b{batch}"] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
@@ -128,6 +134,19 @@ def bench_one(name: str, steps: int, dtype: str, remat: bool = False,
   result["eval_s_b64"] = (time.perf_counter() - t0) / steps
   result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
   return result
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+  """float32 GFLOP/s of an n x n matmul on the default device (best of reps)."""
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  mm(a).block_until_ready()
+  best = math.inf
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    mm(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best / 1e9
 
 
 def main(argv: List[str]) -> None:
@@ -162,8 +181,9 @@ def main(argv: List[str]) -> None:
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores "
         f"(load average {load:.1f}), dtype {args.dtype}, {args.steps} timed steps, "
         f"remat {args.remat}, microbatches {args.microbatches}, XLA_FLAGS={env['XLA_FLAGS']!r}")
+  print(f"float32 matmul (2048 x 2048) on this machine: {matmul_gflops():.0f} GFLOP/s")
   header = (f"{'network':<14}{'params':>9}{'compile s':>11}{'s/step b8':>11}{'cpu-s b8':>10}"
-            f"{'s/step b32':>12}{'img/s b32':>11}{'s/eval b64':>12}{'step GB b8':>12}"
+            f"{'GFLOP b8':>10}{'GFLOP/s b8':>12}{'s/step b32':>12}{'img/s b32':>11}{'s/eval b64':>12}{'step GB b8':>12}"
             f"{'step GB b32':>13}{'peak GB':>9}")
   print(header)
   for name in args.configs:
@@ -176,7 +196,8 @@ def main(argv: List[str]) -> None:
       continue
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{name:<14}{r['params_M']:>8.2f}M{r['compile_s']:>11.1f}{r['step_s_b8']:>11.2f}"
-          f"{r['step_cpu_s_b8']:>10.2f}{r['step_s_b32']:>12.2f}{32 / r['step_s_b32']:>11.2f}{r['eval_s_b64']:>12.2f}"
+          f"{r['step_cpu_s_b8']:>10.2f}{r['gflop_b8']:>10.0f}{r['gflop_b8'] / r['step_s_b8']:>12.0f}"
+          f"{r['step_s_b32']:>12.2f}{32 / r['step_s_b32']:>11.2f}{r['eval_s_b64']:>12.2f}"
           f"{r.get('step_mem_gb_b8', math.nan):>12.2f}{r.get('step_mem_gb_b32', math.nan):>13.2f}"
           f"{r['peak_rss_gb']:>9.2f}", flush=True)
 
