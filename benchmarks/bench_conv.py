@@ -23,6 +23,7 @@ import time
 from typing import List
 
 SHAPES = ((32, 128), (16, 256), (8, 256))  # (resolution, channels) of the CIFAR-10 U-Nets
+_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 SETTINGS = {"jaxlib": None, "score_jax": "reduce", "none": ""}
 
 
@@ -69,10 +70,11 @@ def main(argv: List[str]) -> None:
 
   results = {}
   for setting, value in SETTINGS.items():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)
     env["SCORE_JAX_XLA_DEFAULTS"] = "0"  # the child never imports score_jax; be explicit anyway
-    if value is not None:
-      env["XLA_FLAGS"] = f"--xla_cpu_experimental_ynn_fusion_type={value}"
+    # The caller's other XLA flags stay; this one is the setting under test.
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if _FLAG not in f]
+    env["XLA_FLAGS"] = " ".join(flags + ([] if value is None else [f"--{_FLAG}={value}"]))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--reps",
                            str(args.reps), "--batches"] + [str(b) for b in args.batches],
                           capture_output=True, text=True, env=env)

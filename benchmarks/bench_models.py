@@ -103,7 +103,6 @@ def bench_one(name: str, steps: int, dtype: str, remat: bool = False,
     compiled = step_fn.lower(state, x, y, key).compile()
     if batch == 8:
       result["compile_s"] = time.perf_counter() - t0
-    if batch == 8:
       result["gflop_b8"] = float(compiled.cost_analysis().get("flops", math.nan)) / 1e9
     mem = compiled.memory_analysis()  # XLA's buffer plan: what the step needs on the device
     if mem is not None:

@@ -4,9 +4,10 @@ jaxlib 0.10's CPU compiler hands convolutions to YNNPACK by default. For the
 U-Nets' training step that is the slow path: the weight gradient of a 3x3
 convolution with 128 channels at 32x32 resolution and batch 32 takes 0.4-2 s
 through YNNPACK (depending on load) and 70-100 ms through XLA's own
-convolution (benchmarks/bench_conv.py). YNNPACK's reductions, on the other hand, are much faster than
-XLA's (GroupNorm statistics and the bias gradients of every layer). So
-score_jax asks for YNNPACK fusions of reductions only:
+convolution (benchmarks/bench_conv.py). YNNPACK's reductions, on the other
+hand, are much faster than XLA's (GroupNorm statistics and the bias
+gradients of every layer). So score_jax asks for YNNPACK fusions of
+reductions only:
 
     --xla_cpu_experimental_ynn_fusion_type=reduce
 
