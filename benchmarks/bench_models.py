@@ -161,8 +161,9 @@ def main(argv: List[str]) -> None:
   parser.add_argument("--xla-flags", default="",
                       help="extra XLA_FLAGS for the measuring processes, e.g. "
                       "'--xla_backend_optimization_level=1' (faster compile); one that sets\n"
-                      f"{_xla_flags.FLAG} replaces score_jax's default "
-                      f"({_xla_flags.VALUE!r}; see score_jax/_xla_flags.py)")
+                      "a flag of score_jax's CPU defaults replaces that default (" +
+                      ", ".join(f"{n}={v}" for n, v in _xla_flags.DEFAULTS) +
+                      "; see score_jax/_xla_flags.py)")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child-process mode
   args = parser.parse_args(argv)
 
@@ -172,8 +173,9 @@ def main(argv: List[str]) -> None:
 
   env = dict(os.environ)
   flags = env.get("XLA_FLAGS", "").split()
-  if _xla_flags.FLAG in args.xla_flags:  # the caller's choice replaces score_jax's default
-    flags = [f for f in flags if f != f"--{_xla_flags.FLAG}={_xla_flags.VALUE}"]
+  for name, value in _xla_flags.DEFAULTS:  # the caller's choice replaces score_jax's default
+    if name in args.xla_flags:
+      flags = [f for f in flags if f != f"--{name}={value}"]
   env["XLA_FLAGS"] = " ".join(flags + args.xla_flags.split())
   env[_xla_flags.OPT_OUT] = "0"  # the children run with exactly env["XLA_FLAGS"]
   load = os.getloadavg()[0]

@@ -1,29 +1,34 @@
 """XLA:CPU compiler defaults, set when score_jax is imported (before JAX starts a backend).
 
-jaxlib 0.10's CPU compiler hands convolutions to YNNPACK by default. For the
-U-Nets' training step that is the slow path: the weight gradient of a 3x3
-convolution with 128 channels at 32x32 resolution and batch 32 takes 0.4-2 s
-through YNNPACK (depending on load) and 70-100 ms through XLA's own
-convolution (benchmarks/bench_conv.py). YNNPACK's reductions, on the other
-hand, are much faster than XLA's (GroupNorm statistics and the bias
-gradients of every layer). So score_jax asks for YNNPACK fusions of
-reductions only:
+Two settings, each measured on the U-Nets' CIFAR-10 training step with
+benchmarks/bench_models.py on the 2-core CPU (README, "Benchmarks"):
 
-    --xla_cpu_experimental_ynn_fusion_type=reduce
+  --xla_cpu_experimental_ynn_fusion_type=reduce
+      jaxlib 0.10's CPU compiler hands convolutions to YNNPACK by default,
+      and YNNPACK's weight gradient of a 3x3 convolution (128 channels,
+      32x32, batch 32) takes 0.4-2 s against 70-100 ms through XLA's own
+      convolution (benchmarks/bench_conv.py). YNNPACK's reductions (GroupNorm
+      statistics, bias gradients) are faster than XLA's, so only reductions
+      stay on YNNPACK. DDPM++ cont.: 10.0 -> 4.5 s/step at batch 8,
+      101 -> 19 s at batch 32.
 
-Measured with benchmarks/bench_models.py on the 2-core CPU (DDPM++ cont.,
-CIFAR-10 training step): 10.0 -> 4.5 s/step at batch 8, 101 -> 19 s at batch 32
-(README, "Benchmarks"). The flag only affects XLA's CPU compiler; GPU and TPU
-compilations ignore it.
+  --xla_cpu_enable_concurrency_optimized_scheduler=false
+      XLA:CPU orders a program breadth-first by default, to run independent
+      operations side by side; that keeps many activations alive at once.
+      The depth-first memory scheduler plans 20% less memory for the batch-32
+      step (DDPM++ cont. 5.80 -> 4.65 GB, NCSN++ cont. 5.82 -> 4.82 GB) at
+      the same step time on 2 cores, and is what lets gradient checkpointing
+      (model.remat) save memory on CPU at all.
 
-The default is applied only when
-  - the user's XLA_FLAGS do not already set the flag (theirs wins),
-  - SCORE_JAX_XLA_DEFAULTS is not "0" (the opt-out),
+Each default is applied only when
+  - the user's XLA_FLAGS do not already set that flag (theirs wins),
+  - SCORE_JAX_XLA_DEFAULTS is not "0" (the opt-out for all of them),
   - the installed jaxlib knows the flag (XLA aborts the process on an unknown
     flag in XLA_FLAGS, so a jaxlib without it gets nothing).
 XLA reads XLA_FLAGS once, when JAX starts its first backend; importing
 score_jax after JAX has already computed something leaves the flags as they
-were (`applied()` then reports False).
+were (`applied()` then reports no flags). The flags only affect XLA's CPU
+compiler; GPU and TPU compilations ignore them.
 """
 
 from __future__ import annotations
@@ -32,13 +37,17 @@ import glob
 import importlib.util
 import mmap
 import os
-from typing import MutableMapping, Optional
+from typing import MutableMapping, Optional, Tuple
 
-FLAG = "xla_cpu_experimental_ynn_fusion_type"
-VALUE = "reduce"
+# (flag, value) pairs; the first is the convolution setting, kept as FLAG / VALUE.
+DEFAULTS: Tuple[Tuple[str, str], ...] = (
+    ("xla_cpu_experimental_ynn_fusion_type", "reduce"),
+    ("xla_cpu_enable_concurrency_optimized_scheduler", "false"),
+)
+FLAG, VALUE = DEFAULTS[0]
 OPT_OUT = "SCORE_JAX_XLA_DEFAULTS"
 
-_applied: Optional[bool] = None
+_applied: Optional[Tuple[str, ...]] = None
 
 
 def _jaxlib_knows(flag: str) -> bool:
@@ -65,23 +74,24 @@ def _backend_started() -> bool:
     return False
 
 
-def apply(environ: MutableMapping[str, str] = os.environ) -> bool:
-  """Add score_jax's XLA:CPU default to environ["XLA_FLAGS"]; True if it was added."""
+def apply(environ: MutableMapping[str, str] = os.environ) -> Tuple[str, ...]:
+  """Add score_jax's XLA:CPU defaults to environ["XLA_FLAGS"]; returns the flags added."""
   if environ.get(OPT_OUT, "1") == "0":
-    return False
+    return ()
   flags = environ.get("XLA_FLAGS", "")
-  if FLAG in flags or not _jaxlib_knows(FLAG):
-    return False
-  environ["XLA_FLAGS"] = f"{flags} --{FLAG}={VALUE}".strip()
-  return True
+  added = tuple(f"--{name}={value}" for name, value in DEFAULTS
+                if name not in flags and _jaxlib_knows(name))
+  if added:
+    environ["XLA_FLAGS"] = " ".join([flags] + list(added)).strip()
+  return added
 
 
-def applied() -> bool:
-  """Whether this process's JAX runs with score_jax's XLA:CPU default."""
-  return bool(_applied)
+def applied() -> Tuple[str, ...]:
+  """The defaults this process's JAX runs with (empty: none, e.g. JAX started first)."""
+  return _applied or ()
 
 
 def apply_at_import() -> None:
   global _applied
   if _applied is None:
-    _applied = False if _backend_started() else apply()
+    _applied = () if _backend_started() else apply()

@@ -1,4 +1,4 @@
-"""score_jax's XLA:CPU default (score_jax/_xla_flags.py): when it is set, and what it changes."""
+"""score_jax's XLA:CPU defaults (score_jax/_xla_flags.py): when they are set, and what they change."""
 
 import json
 import os
@@ -10,23 +10,30 @@ import pytest
 from score_jax import _xla_flags
 
 FLAG = _xla_flags.FLAG
+SCHEDULER = "xla_cpu_enable_concurrency_optimized_scheduler"
 KNOWN = _xla_flags._jaxlib_knows(FLAG)  # pylint: disable=protected-access
+KNOWN_SCHEDULER = _xla_flags._jaxlib_knows(SCHEDULER)  # pylint: disable=protected-access
+ALL = tuple(f"--{name}={value}" for name, value in _xla_flags.DEFAULTS)
 
 
-@pytest.mark.skipif(not KNOWN, reason="this jaxlib has no " + FLAG)
-def test_apply_adds_the_flag_and_keeps_the_users_flags():
+@pytest.mark.skipif(not (KNOWN and KNOWN_SCHEDULER), reason="this jaxlib lacks a default's flag")
+def test_apply_adds_the_flags_and_keeps_the_users_flags():
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  assert _xla_flags.apply(env)
-  assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=4 --{FLAG}={_xla_flags.VALUE}"
+  assert _xla_flags.apply(env) == ALL
+  assert env["XLA_FLAGS"] == " ".join(("--xla_force_host_platform_device_count=4",) + ALL)
   empty = {}
-  assert _xla_flags.apply(empty) and empty["XLA_FLAGS"] == f"--{FLAG}={_xla_flags.VALUE}"
+  assert _xla_flags.apply(empty) == ALL and empty["XLA_FLAGS"] == " ".join(ALL)
 
 
+@pytest.mark.skipif(not KNOWN_SCHEDULER, reason="this jaxlib has no " + SCHEDULER)
 def test_apply_leaves_a_users_own_setting_and_the_opt_out_alone():
   mine = {"XLA_FLAGS": f"--{FLAG}="}
-  assert not _xla_flags.apply(mine) and mine == {"XLA_FLAGS": f"--{FLAG}="}
+  assert _xla_flags.apply(mine) == (f"--{SCHEDULER}=false",)  # only the flag the user left
+  assert mine == {"XLA_FLAGS": f"--{FLAG}= --{SCHEDULER}=false"}
+  both = {"XLA_FLAGS": f"--{FLAG}= --{SCHEDULER}=true"}
+  assert _xla_flags.apply(both) == () and both == {"XLA_FLAGS": f"--{FLAG}= --{SCHEDULER}=true"}
   opted_out = {_xla_flags.OPT_OUT: "0", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
-  assert not _xla_flags.apply(opted_out)
+  assert _xla_flags.apply(opted_out) == ()
   assert opted_out["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
 
 
@@ -54,9 +61,17 @@ with_conv = {re.match(r"%?([\w.\-]+)", b).group(1) for b in blocks if " convolut
 ynn_conv = any("__ynn_fusion" in line and any("calls=%" + n + "," in line or
                                               "calls=%" + n + " " in line for n in with_conv)
                for line in text.splitlines())
-print(json.dumps({"applied": score_jax._xla_flags.applied(),
+
+def chains(x, ws):
+  # 8 independent chains, each with a 1 MiB intermediate (sort keeps them out of one fusion):
+  # breadth-first order keeps all 8 alive at once, depth-first finishes a chain first.
+  return sum(jnp.max(jnp.sort(jnp.sort(x @ w, axis=0) @ w, axis=0)) for w in ws)
+
+mat = jax.ShapeDtypeStruct((512, 512), jnp.float32)
+temp = jax.jit(chains).lower(mat, [mat] * 8).compile().memory_analysis().temp_size_in_bytes
+print(json.dumps({"applied": list(score_jax._xla_flags.applied()),
                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "ynn_conv": ynn_conv,
-                  "n_conv": text.count(" convolution(")}))
+                  "n_conv": text.count(" convolution("), "chains_temp_mib": temp / 2**20}))
 """
 
 
@@ -72,13 +87,26 @@ def _probe(order, **env):
 def test_import_keeps_convolutions_out_of_ynnpack():
   """The point of the default: XLA's own convolutions, not YNNPACK's (see _xla_flags)."""
   ours = _probe("score_jax_first")
-  assert ours["applied"] and f"--{FLAG}={_xla_flags.VALUE}" in ours["xla_flags"]
+  assert f"--{FLAG}={_xla_flags.VALUE}" in ours["applied"]
+  assert f"--{FLAG}={_xla_flags.VALUE}" in ours["xla_flags"]
   assert ours["n_conv"] >= 3  # forward, input gradient, weight gradient
   assert not ours["ynn_conv"]
   plain = _probe("score_jax_first", **{_xla_flags.OPT_OUT: "0"})
   assert not plain["applied"] and FLAG not in plain["xla_flags"]
   if not plain["ynn_conv"]:
     pytest.skip("this jaxlib no longer hands convolutions to YNNPACK by default")
+
+
+@pytest.mark.skipif(not KNOWN_SCHEDULER, reason="this jaxlib has no " + SCHEDULER)
+def test_import_plans_memory_depth_first():
+  """The scheduler default: independent branches run one after another, not all at once."""
+  ours = _probe("score_jax_first")
+  assert f"--{SCHEDULER}=false" in ours["applied"]
+  assert ours["chains_temp_mib"] <= 3  # one chain's two 1 MiB intermediates (+ scalars)
+  plain = _probe("score_jax_first", **{_xla_flags.OPT_OUT: "0"})
+  if plain["chains_temp_mib"] < 8:
+    pytest.skip("this jaxlib's default scheduler no longer keeps independent branches alive")
+  assert ours["chains_temp_mib"] < plain["chains_temp_mib"] / 2
 
 
 @pytest.mark.skipif(not KNOWN, reason="this jaxlib has no " + FLAG)
