@@ -14,6 +14,10 @@ flags.DEFINE_string("coordinator_address", "",
                     "host:port of process 0, for multi-process runs without a cluster manager.")
 flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host or localhost).")
 flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).")
+flags.DEFINE_string("compilation_cache", "auto",
+                    "Folder that keeps compiled programs across runs, so a restart or another mode "
+                    "of the same config skips compiling; 'auto': $JAX_COMPILATION_CACHE_DIR or "
+                    "~/.cache/score_jax/jax_cache/<machine>; 'none': off.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -22,7 +26,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from score_jax import run  # imported late so --help stays fast
   run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
-          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+          compilation_cache=FLAGS.compilation_cache)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,96 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import platform
+from typing import Dict, Optional
 
 import ml_collections
 
 MODES = ("train", "eval", "sample")
+CACHE_MAX_BYTES = 4 << 30  # least recently used programs are evicted beyond this
+
+
+def _host_key() -> str:
+  """A short hash of this machine's CPU model and features.
+
+  Cached XLA:CPU programs are native code for the CPU that compiled them, so
+  machines sharing a home directory get separate cache folders.
+  """
+  info = platform.machine() + platform.processor()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      info += "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+  except OSError:
+    info += platform.node()
+  return hashlib.sha256(info.encode()).hexdigest()[:12]
+
+
+def default_compilation_cache_dir() -> str:
+  """$XDG_CACHE_HOME (or ~/.cache)/score_jax/jax_cache/<host key>."""
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "score_jax", "jax_cache", _host_key())
+
+
+class CompilationCacheStats:
+  """Counts JAX's persistent-cache events from the moment it is created."""
+
+  def __init__(self):
+    import jax
+
+    self.counts: Dict[str, float] = {}
+    jax.monitoring.register_event_listener(self._event)
+    jax.monitoring.register_event_duration_secs_listener(self._duration)
+
+  def _event(self, name: str, **_) -> None:
+    if name.startswith("/jax/compilation_cache/"):
+      self.counts[name] = self.counts.get(name, 0) + 1
+
+  def _duration(self, name: str, secs: float, **_) -> None:
+    if name.startswith("/jax/compilation_cache/"):
+      self.counts[name] = self.counts.get(name, 0.0) + secs
+
+  @property
+  def loaded(self) -> int:
+    return int(self.counts.get("/jax/compilation_cache/cache_hits", 0))
+
+  @property
+  def written(self) -> int:
+    return int(self.counts.get("/jax/compilation_cache/cache_misses", 0))
+
+  @property
+  def seconds_saved(self) -> float:
+    return float(self.counts.get("/jax/compilation_cache/compile_time_saved_sec", 0.0))
+
+
+def enable_compilation_cache(path: Optional[str]) -> Optional[CompilationCacheStats]:
+  """Keeps compiled programs in `path` across runs; None if caching is off.
+
+  `path` 'auto' means $JAX_COMPILATION_CACHE_DIR when set, else
+  `default_compilation_cache_dir()`; '' or 'none' turns the cache off. Must be
+  called before JAX compiles anything. Programs that took under a second to
+  compile are not stored. A folder that cannot be created only costs the cache
+  (a warning), never the run. JAX keys entries by program, compiler flags and
+  versions, so a changed config or library compiles afresh.
+  """
+  import jax
+
+  if path is None or path.strip().lower() in ("", "none"):
+    return None
+  if path == "auto":
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_compilation_cache_dir()
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    logging.warning("Compilation cache off: cannot create %s (%s).", path, e)
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  logging.info("Compilation cache: %s", path)
+  return CompilationCacheStats()
 
 
 def init_distributed(coordinator_address: str = "", num_processes: int = 1,
@@ -34,16 +119,28 @@ def init_distributed(coordinator_address: str = "", num_processes: int = 1,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str, *,
-        coordinator_address: str = "", num_processes: int = 1, process_id: int = 0) -> None:
-  """Runs `mode` ('train', 'eval' or 'sample') for `config` in `workdir`."""
+        coordinator_address: str = "", num_processes: int = 1, process_id: int = 0,
+        compilation_cache: Optional[str] = None) -> None:
+  """Runs `mode` ('train', 'eval' or 'sample') for `config` in `workdir`.
+
+  compilation_cache: folder for compiled programs kept across runs (see
+  `enable_compilation_cache`; main.py passes 'auto'); None leaves JAX's own
+  setting.
+  """
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
-  init_distributed(coordinator_address, num_processes, process_id)
-  if mode == "train":
-    from score_jax import train
-    train.train_and_evaluate(config, workdir)
-  elif mode in ("eval", "sample"):
-    from score_jax import evaluate
-    getattr(evaluate, mode)(config, workdir)
-  else:
+  if mode not in MODES:
     raise ValueError(f"Unknown mode {mode!r}; choose from {MODES}.")
+  stats = enable_compilation_cache(compilation_cache)
+  init_distributed(coordinator_address, num_processes, process_id)
+  try:
+    if mode == "train":
+      from score_jax import train
+      train.train_and_evaluate(config, workdir)
+    else:
+      from score_jax import evaluate
+      getattr(evaluate, mode)(config, workdir)
+  finally:
+    if stats is not None:
+      logging.info("Compilation cache: %d programs loaded (%.1f s of compiling saved), %d stored.",
+                   stats.loaded, stats.seconds_saved, stats.written)

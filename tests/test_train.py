@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +146,42 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert proc.returncode == 0, err[-3000:]
   steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 100000
+
+
+def _cache_report(stderr):
+  """(loaded, stored) from main.py's closing 'Compilation cache: ...' log line."""
+  line = [l for l in stderr.splitlines() if "programs loaded" in l][-1]
+  m = re.search(r"(\d+) programs loaded \(([\d.]+) s of compiling saved\), (\d+) stored", line)
+  return int(m.group(1)), int(m.group(3))
+
+
+def test_compilation_cache_serves_a_second_run(tmp_path, monkeypatch):
+  """A second run of the same config loads every compiled program and computes the same."""
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the toy compiles fast
+  args = ("--config.training.n_iters=4", "--config.training.snapshot_sampling=False",
+          f"--compilation_cache={cache}")
+  loaded, stored = _cache_report(_run(str(tmp_path / "a"), *args, devices=1).stderr)
+  assert loaded == 0 and stored >= 2  # at least the initializer and the training step
+  assert len(os.listdir(cache)) >= stored
+  loaded2, stored2 = _cache_report(_run(str(tmp_path / "b"), *args, devices=1).stderr)
+  assert loaded2 >= stored and stored2 == 0
+  a, b = _final_params(str(tmp_path / "a")), _final_params(str(tmp_path / "b"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_compilation_cache_settings(tmp_path, monkeypatch, caplog):
+  from score_jax import run
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  default = run.default_compilation_cache_dir()
+  assert default.startswith(str(tmp_path / "xdg" / "score_jax" / "jax_cache"))
+  assert run.enable_compilation_cache("none") is None and run.enable_compilation_cache("") is None
+  blocked = tmp_path / "file"
+  blocked.write_text("not a folder")
+  with caplog.at_level("WARNING"):
+    assert run.enable_compilation_cache(str(blocked / "cache")) is None  # the run goes on
+  assert "cannot create" in caplog.text and blocked.read_text() == "not a folder"
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
