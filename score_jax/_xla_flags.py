@@ -17,8 +17,7 @@ benchmarks/bench_models.py on the 2-core CPU (README, "Benchmarks"):
       operations side by side; that keeps many activations alive at once.
       The depth-first memory scheduler plans 20% less memory for the batch-32
       step (DDPM++ cont. 5.80 -> 4.65 GB, NCSN++ cont. 5.82 -> 4.82 GB) at
-      the same step time on 2 cores, and is what lets gradient checkpointing
-      (model.remat) save memory on CPU at all.
+      the same step time on 2 cores.
 
 Each default is applied only when
   - the user's XLA_FLAGS do not already set that flag (theirs wins),
