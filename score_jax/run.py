@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -89,7 +90,10 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[CompilationCacheSt
     logging.warning("Compilation cache off: cannot create %s (%s).", path, e)
     return None
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  # JAX's size limit needs filelock (a dependency); a limit the user set wins.
+  if (jax.config.jax_compilation_cache_max_size == -1 and
+      importlib.util.find_spec("filelock") is not None):
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
   logging.info("Compilation cache: %s", path)
   return CompilationCacheStats()
 
