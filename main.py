@@ -15,8 +15,8 @@ flags.DEFINE_string("coordinator_address", "",
 flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host or localhost).")
 flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).")
 flags.DEFINE_string("compilation_cache", "auto",
-                    "Folder that keeps compiled programs across runs, so a restart or another mode "
-                    "of the same config skips compiling; 'auto': $JAX_COMPILATION_CACHE_DIR or "
+                    "Folder that keeps compiled programs across runs, so a restart or rerun of the "
+                    "same config and mode skips compiling; 'auto': $JAX_COMPILATION_CACHE_DIR or "
                     "~/.cache/score_jax/jax_cache/<machine>; 'none': off.")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -18,11 +18,16 @@ For each selected network it measures
   - peak RSS of the process that ran it (each network runs in its own
     process, so the peaks do not mix); it includes the compiler's own memory
     and the batch-64 evaluation, so it is above either step's figure.
+With --compile-cache it measures only the batch-8 step's trace-and-compile
+time, twice in fresh processes sharing a new compilation-cache folder (as
+main.py's --compilation_cache): cold (compiling and storing) and from the
+cache (loading), with the number of programs stored and loaded.
 
 Usage:
   python benchmarks/bench_models.py                          # all networks
   python benchmarks/bench_models.py --configs ddpmpp_small ddpmpp --steps 3
   python benchmarks/bench_models.py --configs ddpmpp --dtype bfloat16
+  python benchmarks/bench_models.py --configs ncsnpp --compile-cache   # compile, cold vs cached
 
 Networks: ncsnpp (configs/ve_cifar.py, NCSN++ cont., VE), ddpmpp
 (configs/vp_cifar.py, DDPM++ cont., VP), ddpmpp_small (DDPM++ with nf 32,
@@ -38,6 +43,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, List
 
@@ -48,7 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import ve_cifar, vp_cifar  # noqa: E402
-from score_jax import _xla_flags, builders, models, train  # noqa: E402
+from score_jax import _xla_flags, builders, models, run, train  # noqa: E402
 
 
 def _small_ddpmpp():
@@ -75,6 +81,31 @@ def _host_params(model, shape, seed=0):
       lambda s: jnp.asarray(rng.normal(size=s.shape) * scale(s), jnp.float32), shapes)
 
 
+def _train_step(config, params, batch: int):
+  """The library's training step (train.make_train_step, as main.py runs it) and its inputs."""
+  config.training.batch_size = batch
+  setup = train.make_setup(config, need_data=False)
+  size, ch = config.data.image_size, config.data.num_channels
+  x = jnp.asarray(np.random.default_rng(1).uniform(size=(batch, size, size, ch)), jnp.float32)
+  y = jnp.zeros((batch,), jnp.int32)
+  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=setup.tx.init(params),
+                           ema_params=jax.tree_util.tree_map(jnp.copy, params))
+  return train.make_train_step(setup), (state, x, y)
+
+
+def compile_through_cache(name: str, cache_dir: str) -> Dict[str, float]:
+  """Seconds to trace and compile the batch-8 step with main.py's compilation cache in cache_dir."""
+  stats = run.enable_compilation_cache(cache_dir)  # before anything compiles, as in main.py
+  config = CONFIGS[name]()
+  model = models.get_model(config)
+  size, ch = config.data.image_size, config.data.num_channels
+  params = _host_params(model, (1, size, size, ch))["params"]
+  step_fn, (state, x, y) = _train_step(config, params, 8)
+  t0 = time.perf_counter()
+  step_fn.lower(state, x, y, jax.random.PRNGKey(0)).compile()
+  return {"compile_s": time.perf_counter() - t0, "loaded": stats.loaded, "stored": stats.written}
+
+
 def bench_one(name: str, steps: int, dtype: str, remat: bool = False,
               microbatches: int = 1) -> Dict[str, float]:
   config = CONFIGS[name]()
@@ -91,14 +122,8 @@ def bench_one(name: str, steps: int, dtype: str, remat: bool = False,
   key = jax.random.PRNGKey(0)
 
   for batch in (8, 32):
-    # The library's training step (train.make_train_step), as main.py runs it.
-    config.training.batch_size = batch
-    setup = train.make_setup(config, need_data=False)
-    step_fn = train.make_train_step(setup)
-    x = jnp.asarray(np.random.default_rng(1).uniform(size=(batch, size, size, ch)), jnp.float32)
-    y = jnp.zeros((batch,), jnp.int32)
-    state = train.TrainState(step=jnp.int32(0), params=params, opt_state=setup.tx.init(params),
-                             ema_params=jax.tree_util.tree_map(jnp.copy, params))
+    step_fn, args = _train_step(config, params, batch)
+    state, x, y = args
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, x, y, key).compile()
     if batch == 8:
@@ -148,6 +173,27 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
   return 2 * n**3 / best / 1e9
 
 
+def _child(args: List[str], env: Dict[str, str]):
+  """json result of this script run with args in a fresh process (None, printed, on failure)."""
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True,
+                        text=True, env=env)
+  if proc.returncode != 0:
+    print(f"{args[1]:<14} failed:\n{proc.stderr[-2000:]}")
+    return None
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _compile_cache_table(names: List[str], env: Dict[str, str]) -> None:
+  print(f"{'network':<14}{'compile s (cold)':>18}{'stored':>8}{'compile s (cache)':>19}{'loaded':>8}")
+  for name in names:
+    with tempfile.TemporaryDirectory(prefix="bench_models_cache_") as cache:
+      cold = _child(["--one", name, "--cache-dir", cache], env)
+      warm = cold and _child(["--one", name, "--cache-dir", cache], env)
+    if warm:
+      print(f"{name:<14}{cold['compile_s']:>18.1f}{cold['stored']:>8d}{warm['compile_s']:>19.1f}"
+            f"{warm['loaded']:>8d}", flush=True)
+
+
 def main(argv: List[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -164,9 +210,16 @@ def main(argv: List[str]) -> None:
                       "a flag of score_jax's CPU defaults replaces that default (" +
                       ", ".join(f"{n}={v}" for n, v in _xla_flags.DEFAULTS) +
                       "; see score_jax/_xla_flags.py)")
+  parser.add_argument("--compile-cache", action="store_true",
+                      help="only time the batch-8 step's compilation, cold and then again from\n"
+                      "main.py's compilation cache (a fresh temporary folder)")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child-process mode
+  parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)  # with --one
   args = parser.parse_args(argv)
 
+  if args.one and args.cache_dir:
+    print(json.dumps(compile_through_cache(args.one, args.cache_dir)))
+    return
   if args.one:
     print(json.dumps(bench_one(args.one, args.steps, args.dtype, args.remat, args.microbatches)))
     return
@@ -182,20 +235,19 @@ def main(argv: List[str]) -> None:
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores "
         f"(load average {load:.1f}), dtype {args.dtype}, {args.steps} timed steps, "
         f"remat {args.remat}, microbatches {args.microbatches}, XLA_FLAGS={env['XLA_FLAGS']!r}")
+  if args.compile_cache:
+    _compile_cache_table(args.configs, env)
+    return
   print(f"float32 matmul (2048 x 2048) on this machine: {matmul_gflops():.0f} GFLOP/s")
   header = (f"{'network':<14}{'params':>9}{'compile s':>11}{'s/step b8':>11}{'cpu-s b8':>10}"
             f"{'GFLOP b8':>10}{'GFLOP/s b8':>12}{'s/step b32':>12}{'img/s b32':>11}{'s/eval b64':>12}{'step GB b8':>12}"
             f"{'step GB b32':>13}{'peak GB':>9}")
   print(header)
   for name in args.configs:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name, "--steps",
-                           str(args.steps), "--dtype", args.dtype,
-                           "--microbatches", str(args.microbatches)] + ["--remat"] * args.remat,
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-      print(f"{name:<14} failed:\n{proc.stderr[-2000:]}")
+    r = _child(["--one", name, "--steps", str(args.steps), "--dtype", args.dtype,
+                "--microbatches", str(args.microbatches)] + ["--remat"] * args.remat, env)
+    if r is None:
       continue
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{name:<14}{r['params_M']:>8.2f}M{r['compile_s']:>11.1f}{r['step_s_b8']:>11.2f}"
           f"{r['step_cpu_s_b8']:>10.2f}{r['gflop_b8']:>10.0f}{r['gflop_b8'] / r['step_s_b8']:>12.0f}"
           f"{r['step_s_b32']:>12.2f}{32 / r['step_s_b32']:>11.2f}{r['eval_s_b64']:>12.2f}"
