@@ -81,6 +81,13 @@ def _host_params(model, shape, seed=0):
       lambda s: jnp.asarray(rng.normal(size=s.shape) * scale(s), jnp.float32), shapes)
 
 
+def _model_and_params(config):
+  """The config's network and host-drawn parameters for it."""
+  model = models.get_model(config)
+  size, ch = config.data.image_size, config.data.num_channels
+  return model, _host_params(model, (1, size, size, ch))["params"]
+
+
 def _train_step(config, params, batch: int):
   """The library's training step (train.make_train_step, as main.py runs it) and its inputs."""
   config.training.batch_size = batch
@@ -97,9 +104,7 @@ def compile_through_cache(name: str, cache_dir: str) -> Dict[str, float]:
   """Seconds to trace and compile the batch-8 step with main.py's compilation cache in cache_dir."""
   stats = run.enable_compilation_cache(cache_dir)  # before anything compiles, as in main.py
   config = CONFIGS[name]()
-  model = models.get_model(config)
-  size, ch = config.data.image_size, config.data.num_channels
-  params = _host_params(model, (1, size, size, ch))["params"]
+  _, params = _model_and_params(config)
   step_fn, (state, x, y) = _train_step(config, params, 8)
   t0 = time.perf_counter()
   step_fn.lower(state, x, y, jax.random.PRNGKey(0)).compile()
@@ -112,18 +117,15 @@ def bench_one(name: str, steps: int, dtype: str, remat: bool = False,
   config.model.dtype = dtype
   config.model.remat = remat
   config.training.microbatches = microbatches
-  model = models.get_model(config)
+  model, params = _model_and_params(config)
   sde = builders.get_sde(config)
   size, ch = config.data.image_size, config.data.num_channels
-  variables = _host_params(model, (1, size, size, ch))
-  n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   result: Dict[str, float] = {"params_M": n_params / 1e6}
-  params = variables["params"]
   key = jax.random.PRNGKey(0)
 
   for batch in (8, 32):
-    step_fn, args = _train_step(config, params, batch)
-    state, x, y = args
+    step_fn, (state, x, y) = _train_step(config, params, batch)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, x, y, key).compile()
     if batch == 8:
