@@ -262,6 +262,48 @@ def test_train_step_is_data_parallel_and_matches_single_device():
   assert int(new_state.step) == 1
 
 
+def test_train_step_applies_adam_and_ema_and_skips_a_non_finite_step():
+  """A finite step equals optax's update and the EMA computed here from the step's own
+  gradient; a step with a NaN in the batch leaves every array of the state as it was."""
+  config = toy.get_config()
+  with config.unlocked():
+    config.model.hidden_sizes = (32,)
+    config.training.batch_size = 8
+    config.optim.warmup = 0  # so that the first step moves the parameters
+  setup = train.make_setup(config)
+  step = train.make_train_step(setup)
+  state = train.init_state(setup, jax.random.PRNGKey(0))
+  before = jax.device_get(state)  # the step donates its state
+  x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
+  y = np.zeros((8,), np.int32)
+  key = jax.random.PRNGKey(5)
+  loss_fn = builders.get_loss_fn(config, setup.sde, setup.model, train=True)
+  grads = jax.grad(lambda p: loss_fn(p, jax.random.fold_in(key, 0), jnp.asarray(x), None)[0])(
+      before.params)
+  updates, opt_state = setup.tx.update(grads, before.opt_state, before.params)
+  params = optax.apply_updates(before.params, updates)
+  rate = float(config.model.ema_rate)
+  ema = jax.tree.map(lambda e, p: rate * e + (1 - rate) * p, before.ema_params, params)
+
+  xs, ys = train.global_batch(setup, {"image": x, "label": y})
+  state, metrics = step(state, xs, ys, jax.device_put(key, setup.replicated))
+  assert bool(metrics["finite"]) and int(state.step) == 1
+  for want, got in ((params, state.params), (opt_state, state.opt_state), (ema, state.ema_params)):
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+  assert any(np.any(np.asarray(a) != np.asarray(b))
+             for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(state.params)))
+
+  good = jax.device_get(state)
+  x[3, 1] = np.nan
+  xs, ys = train.global_batch(setup, {"image": x, "label": y})
+  state, metrics = step(state, xs, ys, jax.device_put(key, setup.replicated))
+  assert not bool(metrics["finite"])
+  assert jax.tree.structure(state) == jax.tree.structure(good)
+  for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
 def _toy_setup(batch, microbatches, hidden=(32,)):
   config = toy.get_config()
   with config.unlocked():
