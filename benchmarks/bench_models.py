@@ -18,6 +18,13 @@ For each selected network it measures
   - peak RSS of the process that ran it (each network runs in its own
     process, so the peaks do not mix); it includes the compiler's own memory
     and the batch-64 evaluation, so it is above either step's figure.
+With --breakdown it splits the batch-8 step's time instead: the forward loss,
+the loss and its gradient, the whole step, and every convolution of the step
+(forward, input gradient, weight gradient) compiled and timed alone, summed,
+and the update (clipping, Adam, EMA: train.apply_update) timed alone:
+the time the step's arithmetic needs at the rate this machine runs it, and
+how much of the step is everything else (norms, attention, activations,
+layout changes, the optimizer).
 With --compile-cache it measures only the batch-8 step's trace-and-compile
 time, twice in fresh processes sharing a new compilation-cache folder (as
 main.py's --compilation_cache): cold (compiling and storing) and from the
@@ -28,6 +35,7 @@ Usage:
   python benchmarks/bench_models.py --configs ddpmpp_small ddpmpp --steps 3
   python benchmarks/bench_models.py --configs ddpmpp --dtype bfloat16
   python benchmarks/bench_models.py --configs ncsnpp --compile-cache   # compile, cold vs cached
+  python benchmarks/bench_models.py --configs ddpmpp --breakdown       # convolutions vs the rest
 
 Networks: ncsnpp (configs/ve_cifar.py, NCSN++ cont., VE), ddpmpp
 (configs/vp_cifar.py, DDPM++ cont., VP), ddpmpp_small (DDPM++ with nf 32,
@@ -162,16 +170,97 @@ def bench_one(name: str, steps: int, dtype: str, remat: bool = False,
   return result
 
 
+def _step_convolutions(jaxpr, found=None):
+  """{(operand shapes, params): [count, eqn]} for the conv_general_dilated equations in jaxpr.
+
+  Walks nested jaxprs (jit, custom_jvp, checkpoint); a convolution inside a
+  loop body is counted once, so this is for steps without scan/while loops
+  around the network (microbatches 1).
+  """
+  from jax.extend import core as jex_core  # noqa: PLC0415
+  found = {} if found is None else found
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      key = (tuple(tuple(v.aval.shape) for v in eqn.invars),
+             tuple(sorted((k, repr(v)) for k, v in eqn.params.items())))
+      found.setdefault(key, [0, eqn])[0] += 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jex_core.ClosedJaxpr):
+          _step_convolutions(sub.jaxpr, found)
+        elif isinstance(sub, jex_core.Jaxpr):
+          _step_convolutions(sub, found)
+  return found
+
+
+def _best_seconds(call, reps: int) -> float:
+  """Best wall seconds of call() over reps calls, after a warm-up call."""
+  jax.block_until_ready(call())
+  best = math.inf
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def _fed_forward(compiled, state, *rest):
+  """A call that runs compiled(state, *rest) and keeps the returned state for the next call
+  (the state is donated); returns the call and a getter of the current state."""
+  box = [state]
+
+  def call():
+    out = compiled(box[0], *rest)
+    box[0] = out[0] if isinstance(out, tuple) else out
+    return out
+  return call, lambda: box[0]
+
+
+def breakdown(name: str, reps: int) -> Dict[str, float]:
+  """Seconds of the batch-8 step's parts and of its convolutions timed alone (best of reps)."""
+  config = CONFIGS[name]()
+  _, params = _model_and_params(config)
+  step_fn, (state, x, y) = _train_step(config, params, 8)
+  setup = train.make_setup(config, need_data=False)
+  loss_fn = builders.get_loss_fn(config, setup.sde, setup.model, train=True)
+  key = jax.random.PRNGKey(0)
+  result: Dict[str, float] = {}
+  for part, fn in (("forward", lambda p, k, x: loss_fn(p, k, x, None)[0]),
+                   ("gradient", jax.grad(lambda p, k, x: loss_fn(p, k, x, None)[0]))):
+    compiled = jax.jit(fn).lower(params, key, x).compile()
+    result[f"{part}_s"] = _best_seconds(lambda: compiled(params, key, x), reps)
+  call, current = _fed_forward(step_fn.lower(state, x, y, key).compile(), state, x, y, key)
+  result["step_s"] = _best_seconds(call, reps)
+  state = current()
+  # The update alone (clipping, Adam, EMA), on a copy of the state.
+  update = jax.jit(lambda st, g: train.apply_update(setup, st, g), donate_argnums=(0,))
+  grads = jax.tree_util.tree_map(lambda p: p * 1e-3, state.params)
+  copy = jax.tree_util.tree_map(jnp.copy, state)
+  call, _ = _fed_forward(update.lower(copy, grads).compile(), copy, grads)
+  result["update_s"] = _best_seconds(call, reps)
+  del call, copy
+
+  rng = np.random.default_rng(0)
+  for part, fn in (("forward", lambda p, k, x: loss_fn(p, k, x, None)[0]), ("step", None)):
+    jaxpr = (jax.make_jaxpr(fn)(params, key, x) if fn is not None
+             else jax.make_jaxpr(step_fn)(state, x, y, key))
+    seconds = gflop = count = 0.0
+    for n, eqn in _step_convolutions(jaxpr.jaxpr).values():
+      conv = jax.jit(lambda a, b, eqn=eqn: eqn.primitive.bind(a, b, **eqn.params))
+      args = [jnp.asarray(rng.normal(size=v.aval.shape), jnp.float32) for v in eqn.invars]
+      one = conv.lower(*args).compile()
+      seconds += n * _best_seconds(lambda: one(*args), reps)
+      gflop += n * float(one.cost_analysis().get("flops", math.nan)) / 1e9
+      count += n
+    result.update({f"{part}_convs": count, f"{part}_conv_s": seconds, f"{part}_conv_gflop": gflop})
+  return result
+
+
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
   """float32 GFLOP/s of an n x n matmul on the default device (best of reps)."""
   a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
   mm = jax.jit(lambda a: a @ a)
-  mm(a).block_until_ready()
-  best = math.inf
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    mm(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
+  best = _best_seconds(lambda: mm(a), reps)
   return 2 * n**3 / best / 1e9
 
 
@@ -196,6 +285,21 @@ def _compile_cache_table(names: List[str], env: Dict[str, str]) -> None:
             f"{warm['loaded']:>8d}", flush=True)
 
 
+def _breakdown_table(names: List[str], reps: int, env: Dict[str, str]) -> None:
+  print("batch 8, seconds (best of --steps); 'convs alone': the part's convolutions each compiled\n"
+        "and timed alone, summed; 'update': clipping, Adam and EMA timed alone;\n"
+        "'rest': the step less its convolutions")
+  print(f"{'network':<14}{'forward':>9}{'convs alone':>13}{'gradient':>10}{'step':>8}{'update':>8}"
+        f"{'convs':>7}{'GFLOP':>7}{'convs alone':>13}{'GFLOP/s':>9}{'rest':>7}")
+  for name in names:
+    r = _child(["--one", name, "--steps", str(reps), "--breakdown"], env)
+    if r is not None:
+      print(f"{name:<14}{r['forward_s']:>9.2f}{r['forward_conv_s']:>13.2f}{r['gradient_s']:>10.2f}"
+            f"{r['step_s']:>8.2f}{r['update_s']:>8.2f}{r['step_convs']:>7.0f}{r['step_conv_gflop']:>7.0f}"
+            f"{r['step_conv_s']:>13.2f}{r['step_conv_gflop'] / r['step_conv_s']:>9.0f}"
+            f"{r['step_s'] - r['step_conv_s']:>7.2f}", flush=True)
+
+
 def main(argv: List[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -215,12 +319,18 @@ def main(argv: List[str]) -> None:
   parser.add_argument("--compile-cache", action="store_true",
                       help="only time the batch-8 step's compilation, cold and then again from\n"
                       "main.py's compilation cache (a fresh temporary folder)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="split the batch-8 step's time: forward, gradient, whole step, and the\n"
+                      "step's convolutions each timed alone (summed)")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child-process mode
   parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)  # with --one
   args = parser.parse_args(argv)
 
   if args.one and args.cache_dir:
     print(json.dumps(compile_through_cache(args.one, args.cache_dir)))
+    return
+  if args.one and args.breakdown:
+    print(json.dumps(breakdown(args.one, args.steps)))
     return
   if args.one:
     print(json.dumps(bench_one(args.one, args.steps, args.dtype, args.remat, args.microbatches)))
@@ -241,6 +351,9 @@ def main(argv: List[str]) -> None:
     _compile_cache_table(args.configs, env)
     return
   print(f"float32 matmul (2048 x 2048) on this machine: {matmul_gflops():.0f} GFLOP/s")
+  if args.breakdown:
+    _breakdown_table(args.configs, args.steps, env)
+    return
   header = (f"{'network':<14}{'params':>9}{'compile s':>11}{'s/step b8':>11}{'cpu-s b8':>10}"
             f"{'GFLOP b8':>10}{'GFLOP/s b8':>12}{'s/step b32':>12}{'img/s b32':>11}{'s/eval b64':>12}{'step GB b8':>12}"
             f"{'step GB b32':>13}{'peak GB':>9}")
