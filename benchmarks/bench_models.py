@@ -20,11 +20,12 @@ For each selected network it measures
     and the batch-64 evaluation, so it is above either step's figure.
 With --breakdown it splits the batch-8 step's time instead: the forward loss,
 the loss and its gradient, the whole step, and every convolution of the step
-(forward, input gradient, weight gradient) compiled and timed alone, summed,
+(forward, input gradient, weight gradient) and every matrix product
+(attention, dense layers) compiled and timed alone, summed,
 and the update (clipping, Adam, EMA: train.apply_update) timed alone:
 the time the step's arithmetic needs at the rate this machine runs it, and
-how much of the step is everything else (norms, attention, activations,
-layout changes, the optimizer).
+how much of the step is everything else (norms, softmax, activations,
+dropout, layout changes, the optimizer).
 With --compile-cache it measures only the batch-8 step's trace-and-compile
 time, twice in fresh processes sharing a new compilation-cache folder (as
 main.py's --compilation_cache): cold (compiling and storing) and from the
@@ -35,7 +36,7 @@ Usage:
   python benchmarks/bench_models.py --configs ddpmpp_small ddpmpp --steps 3
   python benchmarks/bench_models.py --configs ddpmpp --dtype bfloat16
   python benchmarks/bench_models.py --configs ncsnpp --compile-cache   # compile, cold vs cached
-  python benchmarks/bench_models.py --configs ddpmpp --breakdown       # convolutions vs the rest
+  python benchmarks/bench_models.py --configs ddpmpp --breakdown       # arithmetic vs the rest
 
 Networks: ncsnpp (configs/ve_cifar.py, NCSN++ cont., VE), ddpmpp
 (configs/vp_cifar.py, DDPM++ cont., VP), ddpmpp_small (DDPM++ with nf 32,
@@ -170,26 +171,30 @@ def bench_one(name: str, steps: int, dtype: str, remat: bool = False,
   return result
 
 
-def _step_convolutions(jaxpr, found=None):
-  """{(operand shapes, params): [count, eqn]} for the conv_general_dilated equations in jaxpr.
+_PRODUCTS = ("conv_general_dilated", "dot_general")
 
-  Walks nested jaxprs (jit, custom_jvp, checkpoint); a convolution inside a
-  loop body is counted once, so this is for steps without scan/while loops
-  around the network (microbatches 1).
+
+def _step_products(jaxpr, found=None):
+  """{(operand shapes, params): [count, eqn]} for the convolutions and matrix products in jaxpr.
+
+  Walks nested jaxprs (jit, custom_jvp, checkpoint); an operation inside a
+  loop body or a branch is counted once, so this is for steps without
+  scan/while/cond around the network (microbatches 1; the step's cond holds
+  only the update).
   """
   from jax.extend import core as jex_core  # noqa: PLC0415
   found = {} if found is None else found
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "conv_general_dilated":
+    if eqn.primitive.name in _PRODUCTS:
       key = (tuple(tuple(v.aval.shape) for v in eqn.invars),
              tuple(sorted((k, repr(v)) for k, v in eqn.params.items())))
       found.setdefault(key, [0, eqn])[0] += 1
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(sub, jex_core.ClosedJaxpr):
-          _step_convolutions(sub.jaxpr, found)
+          _step_products(sub.jaxpr, found)
         elif isinstance(sub, jex_core.Jaxpr):
-          _step_convolutions(sub, found)
+          _step_products(sub, found)
   return found
 
 
@@ -217,7 +222,8 @@ def _fed_forward(compiled, state, *rest):
 
 
 def breakdown(name: str, reps: int) -> Dict[str, float]:
-  """Seconds of the batch-8 step's parts and of its convolutions timed alone (best of reps)."""
+  """Seconds of the batch-8 step's parts, and of its convolutions and matrix products timed
+  alone (best of reps)."""
   config = CONFIGS[name]()
   _, params = _model_and_params(config)
   step_fn, (state, x, y) = _train_step(config, params, 8)
@@ -242,17 +248,18 @@ def breakdown(name: str, reps: int) -> Dict[str, float]:
 
   rng = np.random.default_rng(0)
   for part, fn in (("forward", lambda p, k, x: loss_fn(p, k, x, None)[0]), ("step", None)):
-    jaxpr = (jax.make_jaxpr(fn)(params, key, x) if fn is not None
+    jaxpr = (jax.make_jaxpr(fn)(state.params, key, x) if fn is not None
              else jax.make_jaxpr(step_fn)(state, x, y, key))
-    seconds = gflop = count = 0.0
-    for n, eqn in _step_convolutions(jaxpr.jaxpr).values():
-      conv = jax.jit(lambda a, b, eqn=eqn: eqn.primitive.bind(a, b, **eqn.params))
+    for kind in ("conv", "dot"):
+      result.update({f"{part}_{kind}_n": 0, f"{part}_{kind}_s": 0.0, f"{part}_{kind}_gflop": 0.0})
+    for n, eqn in _step_products(jaxpr.jaxpr).values():
+      kind = "conv" if eqn.primitive.name == "conv_general_dilated" else "dot"
+      op = jax.jit(lambda a, b, eqn=eqn: eqn.primitive.bind(a, b, **eqn.params))
       args = [jnp.asarray(rng.normal(size=v.aval.shape), jnp.float32) for v in eqn.invars]
-      one = conv.lower(*args).compile()
-      seconds += n * _best_seconds(lambda: one(*args), reps)
-      gflop += n * float(one.cost_analysis().get("flops", math.nan)) / 1e9
-      count += n
-    result.update({f"{part}_convs": count, f"{part}_conv_s": seconds, f"{part}_conv_gflop": gflop})
+      one = op.lower(*args).compile()
+      result[f"{part}_{kind}_n"] += n
+      result[f"{part}_{kind}_s"] += n * _best_seconds(lambda: one(*args), reps)
+      result[f"{part}_{kind}_gflop"] += n * float(one.cost_analysis().get("flops", math.nan)) / 1e9
   return result
 
 
@@ -286,18 +293,23 @@ def _compile_cache_table(names: List[str], env: Dict[str, str]) -> None:
 
 
 def _breakdown_table(names: List[str], reps: int, env: Dict[str, str]) -> None:
-  print("batch 8, seconds (best of --steps); 'convs alone': the part's convolutions each compiled\n"
-        "and timed alone, summed; 'update': clipping, Adam and EMA timed alone;\n"
-        "'rest': the step less its convolutions")
-  print(f"{'network':<14}{'forward':>9}{'convs alone':>13}{'gradient':>10}{'step':>8}{'update':>8}"
-        f"{'convs':>7}{'GFLOP':>7}{'convs alone':>13}{'GFLOP/s':>9}{'rest':>7}")
+  print("batch 8, seconds (best of --steps). 'alone': the part's convolutions and matrix products\n"
+        "(attention, dense layers) each compiled and timed alone, summed; 'update': clipping, Adam\n"
+        "and EMA timed alone; 'rest': the step less its convolutions and matrix products")
+  print(f"{'network':<14}{'forward':>9}{'alone':>7}{'gradient':>10}{'step':>7}{'update':>8}"
+        f"{'convs':>7}{'GFLOP':>7}{'alone':>7}{'matmuls':>9}{'GFLOP':>7}{'alone':>7}{'GFLOP/s':>9}"
+        f"{'rest':>7}")
   for name in names:
     r = _child(["--one", name, "--steps", str(reps), "--breakdown"], env)
-    if r is not None:
-      print(f"{name:<14}{r['forward_s']:>9.2f}{r['forward_conv_s']:>13.2f}{r['gradient_s']:>10.2f}"
-            f"{r['step_s']:>8.2f}{r['update_s']:>8.2f}{r['step_convs']:>7.0f}{r['step_conv_gflop']:>7.0f}"
-            f"{r['step_conv_s']:>13.2f}{r['step_conv_gflop'] / r['step_conv_s']:>9.0f}"
-            f"{r['step_s'] - r['step_conv_s']:>7.2f}", flush=True)
+    if r is None:
+      continue
+    seconds = r["step_conv_s"] + r["step_dot_s"]
+    gflop = r["step_conv_gflop"] + r["step_dot_gflop"]
+    print(f"{name:<14}{r['forward_s']:>9.2f}{r['forward_conv_s'] + r['forward_dot_s']:>7.2f}"
+          f"{r['gradient_s']:>10.2f}{r['step_s']:>7.2f}{r['update_s']:>8.2f}"
+          f"{r['step_conv_n']:>7d}{r['step_conv_gflop']:>7.0f}{r['step_conv_s']:>7.2f}"
+          f"{r['step_dot_n']:>9d}{r['step_dot_gflop']:>7.0f}{r['step_dot_s']:>7.2f}"
+          f"{gflop / seconds:>9.0f}{r['step_s'] - seconds:>7.2f}", flush=True)
 
 
 def main(argv: List[str]) -> None:
@@ -321,7 +333,7 @@ def main(argv: List[str]) -> None:
                       "main.py's compilation cache (a fresh temporary folder)")
   parser.add_argument("--breakdown", action="store_true",
                       help="split the batch-8 step's time: forward, gradient, whole step, and the\n"
-                      "step's convolutions each timed alone (summed)")
+                      "step's convolutions and matrix products each timed alone (summed)")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child-process mode
   parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)  # with --one
   args = parser.parse_args(argv)
