@@ -323,8 +323,9 @@ def main(argv: List[str]) -> None:
                       help="gradient accumulation over this many micro-batches "
                       "(training.microbatches; must divide 8)")
   parser.add_argument("--xla-flags", default="",
-                      help="extra XLA_FLAGS for the measuring processes, e.g. "
-                      "'--xla_backend_optimization_level=1' (faster compile); one that sets\n"
+                      help="extra XLA_FLAGS for the measuring processes, given with '=' as the\n"
+                      "value starts with '--', e.g. --xla-flags=--xla_backend_optimization_level=1\n"
+                      "(faster compile); one that sets\n"
                       "a flag of score_jax's CPU defaults replaces that default (" +
                       ", ".join(f"{n}={v}" for n, v in _xla_flags.DEFAULTS) +
                       "; see score_jax/_xla_flags.py)")
