@@ -43,16 +43,14 @@ class CompilationCacheStats:
     import jax
 
     self.counts: Dict[str, float] = {}
-    jax.monitoring.register_event_listener(self._event)
-    jax.monitoring.register_event_duration_secs_listener(self._duration)
+    jax.monitoring.register_event_listener(lambda name, **_: self._add(name, 1))
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **_: self._add(name, secs))
 
-  def _event(self, name: str, **_) -> None:
+  def _add(self, name: str, amount: float) -> None:
+    """Events count 1 each; durations add their seconds."""
     if name.startswith("/jax/compilation_cache/"):
-      self.counts[name] = self.counts.get(name, 0) + 1
-
-  def _duration(self, name: str, secs: float, **_) -> None:
-    if name.startswith("/jax/compilation_cache/"):
-      self.counts[name] = self.counts.get(name, 0.0) + secs
+      self.counts[name] = self.counts.get(name, 0) + amount
 
   @property
   def loaded(self) -> int:

@@ -9,8 +9,7 @@ import pytest
 
 from score_jax import _xla_flags
 
-FLAG = _xla_flags.FLAG
-SCHEDULER = "xla_cpu_enable_concurrency_optimized_scheduler"
+(FLAG, VALUE), (SCHEDULER, _) = _xla_flags.DEFAULTS
 KNOWN = _xla_flags._jaxlib_knows(FLAG)  # pylint: disable=protected-access
 KNOWN_SCHEDULER = _xla_flags._jaxlib_knows(SCHEDULER)  # pylint: disable=protected-access
 ALL = tuple(f"--{name}={value}" for name, value in _xla_flags.DEFAULTS)
@@ -87,8 +86,8 @@ def _probe(order, **env):
 def test_import_keeps_convolutions_out_of_ynnpack():
   """The point of the default: XLA's own convolutions, not YNNPACK's (see _xla_flags)."""
   ours = _probe("score_jax_first")
-  assert f"--{FLAG}={_xla_flags.VALUE}" in ours["applied"]
-  assert f"--{FLAG}={_xla_flags.VALUE}" in ours["xla_flags"]
+  assert f"--{FLAG}={VALUE}" in ours["applied"]
+  assert f"--{FLAG}={VALUE}" in ours["xla_flags"]
   assert ours["n_conv"] >= 3  # forward, input gradient, weight gradient
   assert not ours["ynn_conv"]
   plain = _probe("score_jax_first", **{_xla_flags.OPT_OUT: "0"})
