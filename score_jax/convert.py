@@ -14,10 +14,19 @@ in two formats:
   (`ResnetBlockBigGANpp_3/Conv_0/kernel`). Read with `flax.serialization`.
 * PyTorch (`checkpoint_<n>.pth`): a dict with `model` (the state dict of the
   DataParallel-wrapped network: `module.all_modules.<i>.<param>` for NCSN++,
-  DDPM++ and DDPM, `module.res1.0.conv1.weight` etc. for NCSNv2), `ema`
-  (`shadow_params`: the trainable tensors, in the order of
-  `model.parameters()`), `optimizer` and `step`. Read with the torch-free
-  reader `score_jax.torch_pickle`: torch is not needed.
+  DDPM++ and DDPM, `module.res1.0.conv1.weight` etc. for NCSNv2, and the
+  buffer `module.sigmas`), `ema` (`shadow_params`: the trainable tensors, in
+  the order of `model.parameters()`, which skips buffers), `optimizer` and
+  `step`. Read with the torch-free reader `score_jax.torch_pickle`: torch is
+  not needed.
+
+Every PyTorch network registers the buffer `sigmas` = the reference's
+`get_sigmas(config)`, exp(linspace(log sigma_max, log sigma_min, num_scales))
+of its training config's model section. It is no network parameter (nothing
+maps onto it) but it fixes three config keys: a buffer that differs from the
+config's noise levels means the wrong --config, and the conversion stops
+naming the file's and the config's values of model.sigma_max, sigma_min and
+num_scales.
 
 The map between a reference network and score_jax's is an explicit list of
 `Entry`s, one per tensor, built by walking the config's architecture in the
@@ -65,7 +74,9 @@ __all__ = [
     "reference_shapes",
     "check_spec",
     "check_tensors",
+    "check_sigmas",
     "check_compatible",
+    "PYTORCH_BUFFERS",
     "tensors_to_params",
     "params_to_tensors",
     "load_reference",
@@ -234,6 +245,9 @@ class _TopLevel:
   In the PyTorch twin each top-level module is the next entry of the
   `all_modules` list, parameters or not (a FIR resampler without a conv still
   takes an index), as each Flax module takes the next number of its class.
+  The exception: the input_skip / output_skip pyramids' resamplers (no conv)
+  are the twin's attributes `pyramid_downsample` / `pyramid_upsample`, outside
+  `all_modules` (`in_torch=False`), while Flax still counts them.
   """
 
   def __init__(self):
@@ -241,14 +255,14 @@ class _TopLevel:
     self._flax: collections.Counter = collections.Counter()
     self._index = 0
 
-  def next(self, ours_cls: str, flax_cls: Optional[str] = None) -> _Scope:
+  def next(self, ours_cls: str, flax_cls: Optional[str] = None, in_torch: bool = True) -> _Scope:
     flax_cls = ours_cls if flax_cls is None else flax_cls
     ours = f"{ours_cls}_{self._ours[ours_cls]}"
     flax = f"{flax_cls}_{self._flax[flax_cls]}"
     self._ours[ours_cls] += 1
     self._flax[flax_cls] += 1
-    torch = f"all_modules.{self._index}"
-    self._index += 1
+    torch = f"all_modules.{self._index}" if in_torch else "<outside all_modules>"
+    self._index += in_torch
     return _Scope((ours,), flax, torch)
 
 
@@ -284,10 +298,9 @@ def _ncsnpp_params(model: Any, image_size: int, channels: int) -> List[_Param]:
         "GroupNorm_1": lambda: out.group_norm(s.child("GroupNorm_1"), cout),
         "Conv_1": lambda: out.conv(s.child("Conv_1"), cout, cout),
     }
-    # DDPM's PyTorch block registers its layers in another order than DDPM++'s.
-    order = ("GroupNorm_0", "GroupNorm_1", "Conv_0", "Conv_1", "Dense_0") if ddpm else (
-        "GroupNorm_0", "Conv_0", "Dense_0", "GroupNorm_1", "Conv_1")
-    for name in order:
+    # The order both reference blocks (ResnetBlockDDPM, ResnetBlockBigGANpp,
+    # ResnetBlockDDPMpp) register their layers in, and so their state dicts'.
+    for name in ("GroupNorm_0", "Conv_0", "Dense_0", "GroupNorm_1", "Conv_1"):
       layers[name]()
     if biggan and (cin != cout or resample):
       out.conv(s.child("Conv_2"), cin, cout, 1)
@@ -300,10 +313,11 @@ def _ncsnpp_params(model: Any, image_size: int, channels: int) -> List[_Param]:
     for i in range(4):  # q, k, v, out
       out.nin(s.child(f"Dense_{i}", f"NIN_{i}"), c, c)
 
-  def resampler(cls: str, cin: int, cout: int, with_conv: bool) -> None:
-    s = top.next(cls)
+  def resampler(cls: str, cin: int, cout: int, with_conv: bool, in_torch: bool = True) -> None:
+    s = top.next(cls, in_torch=in_torch)
     if not with_conv:
       return
+    assert in_torch
     if model.fir:  # fused FIR conv; the Flax reference names its kernel 'weight'
       out.conv(s.child("Conv2d_0"), cin, cout, flax_weight="weight")
     else:
@@ -343,9 +357,9 @@ def _ncsnpp_params(model: Any, image_size: int, channels: int) -> List[_Param]:
         resblock(in_ch, resample=True)
       else:
         resampler("Downsample", in_ch, in_ch, model.resamp_with_conv)
-      if model.progressive_input == "input_skip":
-        resampler("Downsample", pyramid_ch, pyramid_ch, False)
-        out.conv(top.next("Combine").child("Conv_0", "Conv_0", "Conv"), pyramid_ch, in_ch, 1)
+      if model.progressive_input == "input_skip":  # the twin's pyramid_downsample
+        resampler("Downsample", pyramid_ch, pyramid_ch, False, in_torch=False)
+        out.conv(top.next("Combine").child("Conv_0"), pyramid_ch, in_ch, 1)
         if model.progressive_combine == "cat":
           in_ch *= 2
       elif model.progressive_input == "residual":
@@ -372,8 +386,8 @@ def _ncsnpp_params(model: Any, image_size: int, channels: int) -> List[_Param]:
         group_norm(in_ch)
         pyramid_ch = channels if model.progressive == "output_skip" else in_ch
         conv(in_ch, pyramid_ch)
-      elif model.progressive == "output_skip":
-        resampler("Upsample", pyramid_ch, pyramid_ch, False)
+      elif model.progressive == "output_skip":  # the twin's pyramid_upsample
+        resampler("Upsample", pyramid_ch, pyramid_ch, False, in_torch=False)
         group_norm(in_ch)
         conv(in_ch, channels)
       else:  # residual
@@ -508,13 +522,39 @@ def _ncsnv2_params(model: Any, image_size: int, channels: int) -> List[_Param]:
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  """Every tensor of a config's reference network in one format, in file order."""
+  """Every tensor of a config's reference network in one format, in file order.
+
+  Attributes:
+    fmt, family: 'pytorch' | 'flax'; 'ncsnpp' | 'ddpm' | 'ncsnv2'.
+    entries: the network's parameters.
+    noise_levels: the config's (model.sigma_max, model.sigma_min,
+      model.num_scales), from which the PyTorch networks' `sigmas` buffer
+      was made; None where the config lacks them.
+  """
   fmt: str
   family: str
   entries: Tuple[Entry, ...]
+  noise_levels: Optional[Tuple[float, float, int]] = None
 
   def by_name(self) -> Dict[str, Entry]:
     return {e.name: e for e in self.entries}
+
+  def sigmas(self) -> Optional[np.ndarray]:
+    """The reference's `get_sigmas(config)`: float64 [num_scales], largest first."""
+    if self.noise_levels is None:
+      return None
+    sigma_max, sigma_min, num_scales = self.noise_levels
+    return _get_sigmas(sigma_max, sigma_min, num_scales)
+
+
+def _get_sigmas(sigma_max: float, sigma_min: float, num_scales: int) -> np.ndarray:
+  """The reference's models/utils.py get_sigmas."""
+  return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_scales))
+
+
+# Buffers the PyTorch networks register beside their parameters. They are in
+# the state dict but not in model.parameters() (nor in the EMA's list).
+PYTORCH_BUFFERS = ("sigmas",)
 
 
 def _model_and_shape(config: ml_collections.ConfigDict):
@@ -567,6 +607,8 @@ def reference_spec(config: ml_collections.ConfigDict, fmt: str) -> Spec:
     family = "ncsnv2"
   else:
     raise UnsupportedConfigError(f"model.name={name!r} has no reference checkpoints.")
+  levels = tuple(getattr(config.model, k, None) for k in ("sigma_max", "sigma_min", "num_scales"))
+  noise_levels = None if None in levels else (float(levels[0]), float(levels[1]), int(levels[2]))
   entries = []
   for p in params:
     if fmt == "pytorch":
@@ -574,7 +616,7 @@ def reference_spec(config: ml_collections.ConfigDict, fmt: str) -> Spec:
     else:
       entries.append(Entry(p.ours, p.shape, p.flax, _ref_layout_shape(p.kind, "flax", p.shape),
                            p.kind, p.trainable))
-  return Spec(fmt, family, tuple(entries))
+  return Spec(fmt, family, tuple(entries), noise_levels)
 
 
 def reference_shapes(spec: Spec) -> Dict[str, Shape]:
@@ -633,6 +675,56 @@ def check_tensors(found: Mapping[str, Sequence[int]], spec: Spec, source: str = 
       f"({len(expected)} tensors expected); nothing was converted. " + "; ".join(parts) +
       ". Is --config the config the checkpoint was trained with (e.g. model.nf, ch_mult, "
       "num_res_blocks, data.image_size)?")
+
+
+def check_sigmas(found: Any, spec: Spec, source: str = "the checkpoint") -> None:
+  """Checks a PyTorch network's `sigmas` buffer against the config's noise levels.
+
+  Args:
+    found: the buffer (any array-like), as the reference's `get_sigmas(config)`
+      made it at training time.
+    spec: from `reference_spec(config, 'pytorch')`; nothing is checked where the
+      config has no noise levels.
+  Raises:
+    ReferenceLayoutError: the buffer is not the config's get_sigmas (relative
+      tolerance 1e-5: a float32 copy passes), naming the file's and the config's
+      model.sigma_max, sigma_min and num_scales.
+  """
+  expected = spec.sigmas()
+  if expected is None:
+    return
+  try:
+    found = np.asarray(found, np.float64)
+  except (TypeError, ValueError):
+    raise ReferenceLayoutError(f"{source}: its sigmas buffer is not numeric ({type(found).__name__}); "
+                               "nothing was converted.") from None
+  if found.shape == expected.shape and np.allclose(found, expected, rtol=1e-5, atol=0.0):
+    return
+  sigma_max, sigma_min, num_scales = spec.noise_levels
+  ours = {"sigma_max": sigma_max, "sigma_min": sigma_min, "num_scales": num_scales}
+  if found.ndim != 1 or found.size < 2 or not np.all(np.isfinite(found)) or np.any(found <= 0):
+    raise ReferenceLayoutError(
+        f"{source}: its sigmas buffer (shape {found.shape}) is not a list of noise levels "
+        f"get_sigmas could have made; this config's is {num_scales} levels from sigma_max="
+        f"{sigma_max:g} down to sigma_min={sigma_min:g}. Nothing was converted.")
+  theirs = {"sigma_max": float(found[0]), "sigma_min": float(found[-1]), "num_scales": int(found.size)}
+  geometric = np.allclose(found, _get_sigmas(*theirs.values()), rtol=1e-5, atol=0.0)
+  differ = [k for k in ours if not np.isclose(theirs[k], ours[k], rtol=1e-5, atol=0.0)]
+  show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+  if differ and geometric:
+    keys = "; ".join(f"model.{k}: {show(theirs[k])} in the checkpoint, {show(ours[k])} in the config"
+                     for k in differ)
+    fix = " ".join(f"--config.model.{k}={show(theirs[k])}" for k in differ)
+    raise ReferenceLayoutError(
+        f"{source}: the network's sigmas buffer (the reference's get_sigmas of the config it was "
+        f"trained with) does not match this config's noise levels ({keys}). Nothing was converted: "
+        f"pass the config the checkpoint was trained with, or override {fix}.")
+  raise ReferenceLayoutError(
+      f"{source}: the network's sigmas buffer ({found.size} levels from {found[0]:g} to "
+      f"{found[-1]:g}) is not get_sigmas(model.sigma_max={show(sigma_max)}, model.sigma_min="
+      f"{show(sigma_min)}, model.num_scales={num_scales}) of this config"
+      + ("" if geometric else ", nor of any other (the levels are not geometric)")
+      + "; nothing was converted.")
 
 
 def check_compatible(spec: Spec) -> None:
@@ -765,7 +857,13 @@ def _load_pytorch(path: str, spec: Spec, weights: str) -> Tuple[Dict[str, np.nda
                                   if isinstance(v, np.ndarray))
   if model and all(k.startswith("module.") for k in model):  # DataParallel
     model = collections.OrderedDict((k[len("module."):], v) for k, v in model.items())
+  expected = spec.by_name()
+  # The buffers (sigmas) are not parameters; what is left is model.parameters()
+  # in their order. A file without them (a slimmed state dict) is accepted.
+  buffers = {n: model.pop(n) for n in PYTORCH_BUFFERS if n in model and n not in expected}
   check_tensors({k: v.shape for k, v in model.items()}, spec, f"{path} (model)")
+  if "sigmas" in buffers:
+    check_sigmas(buffers["sigmas"], spec, path)
   step = _as_step(obj.get("step"))
   ema = obj.get("ema")
   shadow = ema.get("shadow_params") if isinstance(ema, Mapping) else None
@@ -774,9 +872,8 @@ def _load_pytorch(path: str, spec: Spec, weights: str) -> Tuple[Dict[str, np.nda
       logging.warning("%s has no EMA weights; converting the raw model weights.", path)
     return dict(model), step, "model"
   # The EMA keeps the trainable tensors in the order of model.parameters(),
-  # which is the state dict's order (these networks have no buffers).
-  by_name = spec.by_name()
-  order = [n for n in model if by_name[n].trainable]
+  # which is the state dict's order without its buffers (removed above).
+  order = [n for n in model if expected[n].trainable]
   if len(shadow) != len(order):
     raise ReferenceLayoutError(
         f"{path}: ema.shadow_params holds {len(shadow)} tensors, the model {len(order)} trainable "
