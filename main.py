@@ -1,7 +1,13 @@
 """Entry point: flags only, then one call into the library.
 
   python main.py --config=configs/toy.py --workdir=runs/toy --mode=train
+
+A mistake in what was asked for (a config key or value, a path, a missing
+dataset or checkpoint) prints one line naming the fix and exits with status 2;
+anything unexpected keeps its traceback.
 """
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -25,9 +31,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from score_jax import run  # imported late so --help stays fast
-  run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
-          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-          compilation_cache=FLAGS.compilation_cache)
+  from score_jax.errors import UserError
+  try:
+    run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+            compilation_cache=FLAGS.compilation_cache)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from score_jax import builders, datasets, evaluate, train  # noqa: E402
+from score_jax import checkpoints, datasets, distributed, programs, settings, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/digits.py", "Configuration file.")
@@ -55,16 +55,16 @@ def _hms(seconds: float) -> str:
 
 def main(argv):
   del argv
-  config = FLAGS.config
-  setup = train.make_setup(config)
-  ctx = evaluate._Context(config, setup, evaluate.network_score_factory(setup), True)  # pylint: disable=protected-access
+  config = settings.from_config(FLAGS.config)
+  setup = programs.make_setup(config)
+  progs = programs.Programs(setup)
   if FLAGS.workdir:
     ckdir = os.path.join(FLAGS.workdir, "checkpoints")
-    step = evaluate._finished_steps(ckdir)[-1]  # pylint: disable=protected-access
-    params = evaluate.restore_ema_params(setup, ckdir, step)
+    step = checkpoints.existing_step(ckdir)
+    params = train.restore_ema_params(setup, ckdir, step)
   else:
     params = train.init_state(setup, jax.random.PRNGKey(0)).ema_params
-  batch = evaluate._check_batch("eval.batch_size", int(config.eval.batch_size))  # pylint: disable=protected-access
+  batch = distributed.check_batch("eval.batch_size", config.eval.batch_size)
   n_dev = jax.device_count()
   print(f"devices: {n_dev} x {jax.devices()[0].device_kind}; config: {config.data.dataset}, "
         f"{config.model.name}, sampler {config.sampling.method}"
@@ -72,8 +72,8 @@ def main(argv):
            if config.sampling.method == "pc" else ""))
   rows = []
 
-  y = evaluate._global(ctx.bat, np.zeros((batch,), np.int32))  # pylint: disable=protected-access
-  sampler = evaluate._make_sampler(ctx, batch, float(config.sampling.guidance_weight))  # pylint: disable=protected-access
+  y = progs.put(np.zeros((batch,), np.int32))
+  sampler = progs.sampler(batch, config.sampling.guidance_weight)
   compile_s, round_s, (_, nfe) = _timed(sampler, params, jax.random.PRNGKey(1), y,
                                         iters=FLAGS.rounds)
   samples_per_s = batch / round_s
@@ -82,33 +82,32 @@ def main(argv):
                f"{FLAGS.protocol_samples} samples: {_hms(sampling_total)}"))
 
   total = sampling_total
-  if evaluate._is_images(config):  # pylint: disable=protected-access
+  images = config.data.is_images
+  if images:
     from score_jax import inception
-    resize, precision, inc_batch = evaluate._inception_settings(config)  # pylint: disable=protected-access
-    inc_batch = evaluate._padded(FLAGS.inception_batch or inc_batch)  # pylint: disable=protected-access
-    inc_params = jax.device_put(inception.random_inception_params(0), ctx.rep)
-    shape = builders.data_shape(config, inc_batch)
-    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    fn = evaluate._make_inception_fn(ctx, resize, precision)  # pylint: disable=protected-access
-    compile_s, step_s, _ = _timed(fn, inc_params, evaluate._global(ctx.bat, images),  # pylint: disable=protected-access
-                                  iters=FLAGS.inception_iters)
+    resize, precision = config.eval.inception_resize, config.eval.inception_precision
+    inc_batch = distributed.padded(FLAGS.inception_batch or config.eval.inception_batch_size)
+    inc_params = jax.device_put(inception.random_inception_params(0), progs.rep)
+    data = np.random.default_rng(0).integers(0, 256, config.data.shape(inc_batch), dtype=np.uint8)
+    fn = progs.inception(resize, precision)
+    compile_s, step_s, _ = _timed(fn, inc_params, progs.put(data), iters=FLAGS.inception_iters)
     images_per_s = inc_batch / step_s
-    n_train = datasets.num_examples(config, "train")
+    n_train = datasets.num_examples(config.data, "train")
     inc_total = (FLAGS.protocol_samples + n_train) / images_per_s
     total += inc_total
     rows.append(("inception", f"batch {inc_batch}, {precision}", compile_s, images_per_s,
                  f"{FLAGS.protocol_samples} samples + {n_train} train images: {_hms(inc_total)}"))
 
   if FLAGS.likelihood:
-    fn = evaluate._make_likelihood_fn(ctx)  # pylint: disable=protected-access
-    batch_data = next(iter(datasets.get_dataset(config, str(config.eval.bpd_dataset), evaluation=True,
-                                                raw=evaluate._is_images(config), batch_size=batch)))  # pylint: disable=protected-access
-    data = batch_data["image"] if evaluate._is_images(config) else batch_data["image"].astype(np.float32)  # pylint: disable=protected-access
-    compile_s, step_s, (_, nfe) = _timed(fn, params, jax.random.PRNGKey(2), evaluate._global(ctx.bat, data),  # pylint: disable=protected-access
-                                         y, iters=1)
+    fn = progs.likelihood()
+    batch_data = next(iter(programs.get_dataset(config, config.eval.bpd_dataset, evaluation=True,
+                                                raw=images, batch_size=batch)))
+    data = batch_data["image"] if images else batch_data["image"].astype(np.float32)
+    compile_s, step_s, (_, nfe) = _timed(fn, params, jax.random.PRNGKey(2), progs.put(data), y,
+                                         iters=1)
     per_s = batch / step_s
-    n_test = datasets.num_examples(config, str(config.eval.bpd_dataset))
-    passes = int(config.eval.bpd_passes)
+    n_test = datasets.num_examples(config.data, config.eval.bpd_dataset)
+    passes = config.eval.bpd_passes
     ll_total = passes * n_test / per_s
     total += ll_total
     rows.append(("likelihood", f"batch {batch}, NFE {int(nfe)}", compile_s, per_s,

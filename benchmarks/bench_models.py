@@ -63,7 +63,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import ve_cifar, vp_cifar  # noqa: E402
-from score_jax import _xla_flags, builders, models, run, train  # noqa: E402
+from score_jax import xla_flags as _xla_flags, models, programs, run, settings, train  # noqa: E402
 
 
 def _small_ddpmpp():
@@ -92,7 +92,7 @@ def _host_params(model, shape, seed=0):
 
 def _model_and_params(config):
   """The config's network and host-drawn parameters for it."""
-  model = models.get_model(config)
+  model = programs.get_model(settings.from_config(config))
   size, ch = config.data.image_size, config.data.num_channels
   return model, _host_params(model, (1, size, size, ch))["params"]
 
@@ -100,7 +100,7 @@ def _model_and_params(config):
 def _train_step(config, params, batch: int):
   """The library's training step (train.make_train_step, as main.py runs it) and its inputs."""
   config.training.batch_size = batch
-  setup = train.make_setup(config, need_data=False)
+  setup = programs.make_setup(settings.from_config(config), need_data=False)
   size, ch = config.data.image_size, config.data.num_channels
   x = jnp.asarray(np.random.default_rng(1).uniform(size=(batch, size, size, ch)), jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
@@ -127,7 +127,7 @@ def bench_one(name: str, steps: int, dtype: str, remat: bool = False,
   config.model.remat = remat
   config.training.microbatches = microbatches
   model, params = _model_and_params(config)
-  sde = builders.get_sde(config)
+  sde = programs.get_sde(settings.from_config(config))
   size, ch = config.data.image_size, config.data.num_channels
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   result: Dict[str, float] = {"params_M": n_params / 1e6}
@@ -227,8 +227,8 @@ def breakdown(name: str, reps: int) -> Dict[str, float]:
   config = CONFIGS[name]()
   _, params = _model_and_params(config)
   step_fn, (state, x, y) = _train_step(config, params, 8)
-  setup = train.make_setup(config, need_data=False)
-  loss_fn = builders.get_loss_fn(config, setup.sde, setup.model, train=True)
+  setup = programs.make_setup(settings.from_config(config), need_data=False)
+  loss_fn = programs.get_loss_fn(settings.from_config(config), setup.sde, setup.model, train=True)
   key = jax.random.PRNGKey(0)
   result: Dict[str, float] = {}
   for part, fn in (("forward", lambda p, k, x: loss_fn(p, k, x, None)[0]),
@@ -328,7 +328,7 @@ def main(argv: List[str]) -> None:
                       "(faster compile); one that sets\n"
                       "a flag of score_jax's CPU defaults replaces that default (" +
                       ", ".join(f"{n}={v}" for n, v in _xla_flags.DEFAULTS) +
-                      "; see score_jax/_xla_flags.py)")
+                      "; see score_jax/xla_flags.py)")
   parser.add_argument("--compile-cache", action="store_true",
                       help="only time the batch-8 step's compilation, cold and then again from\n"
                       "main.py's compilation cache (a fresh temporary folder)")

@@ -34,12 +34,11 @@ from typing import Dict, List, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import _workdir  # noqa: E402
-from score_jax import builders, datasets, digits_metric, evaluate  # noqa: E402
+from score_jax import datasets, digits_metric, settings  # noqa: E402
 
 Overrides = Dict[str, object]
 
@@ -93,22 +92,12 @@ def _with(config: ml_collections.ConfigDict, overrides: Overrides) -> ml_collect
 
 def _sample(setup, params, config, num: int, batch: int, seed: int) -> Tuple[np.ndarray, int, float]:
   """(uint8 samples [num, 8, 8, 1], NFE per sample, seconds without compilation)."""
-  sde, factory = _workdir.score_factory(setup, config)
-  sampler = builders.get_sampler(config, sde)
-  shape = builders.data_shape(config, batch)
-  num_classes = int(config.model.get("num_classes", 0) or 0)
-  weight = float(config.sampling.get("guidance_weight", 0.0))
-
-  def run(params, rng, y):
-    score_fn = evaluate._guided(factory, params, y, weight, num_classes)  # pylint: disable=protected-access
-    x, nfe = sampler(rng, score_fn, shape)
-    return x, jnp.asarray(nfe, jnp.int32)
-
-  fn = jax.jit(run, in_shardings=(setup.replicated, setup.replicated, setup.batch_sharding),
-               out_shardings=(setup.batch_sharding, setup.replicated))
+  progs = _workdir.with_settings(setup, settings.from_config(config))
+  num_classes = progs.settings.model.num_classes
+  fn = progs.sampler(batch, progs.settings.sampling.guidance_weight)
   key = jax.random.PRNGKey(seed)
-  labels = lambda r: jax.device_put(
-      ((r * batch + np.arange(batch)) % max(num_classes, 1)).astype(np.int32), setup.batch_sharding)
+  labels = lambda r: progs.put(((r * batch + np.arange(batch)) % max(num_classes, 1))
+                               .astype(np.int32))
   fn = fn.lower(params, key, labels(0)).compile()
   out, seconds, nfe = [], 0.0, 0
   for r in range(-(-num // batch)):
@@ -117,7 +106,7 @@ def _sample(setup, params, config, num: int, batch: int, seed: int) -> Tuple[np.
     x = np.asarray(jax.device_get(x))
     seconds += time.perf_counter() - start
     out.append(x)
-  x = datasets.inverse_scaler(bool(config.data.centered))(np.concatenate(out)[:num])
+  x = datasets.inverse_scaler(progs.settings.data.centered)(np.concatenate(out)[:num])
   if not np.all(np.isfinite(x)):
     raise FloatingPointError("sampling produced non-finite values")
   return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8), int(nfe), seconds
@@ -147,10 +136,10 @@ def main() -> None:
   parser.add_argument("--ode_tol", type=split(float), default="1e-3,1e-5")
   args = parser.parse_args()
 
-  config = _workdir.load_config(args.workdir, args.config)
+  config = ml_collections.ConfigDict(_workdir.load_settings(args.workdir, args.config).raw)
   if str(config.data.dataset).lower() != "digits":
     raise SystemExit(f"{args.workdir} is a {config.data.dataset!r} run; digits FD needs digits.")
-  setup, params, step = _workdir.load_run(args.workdir, config, args.step)
+  setup, params, step = _workdir.load_run(args.workdir, settings.from_config(config), args.step)
   devices = jax.device_count()
   batch = args.batch or int(config.eval.batch_size)
   batch = -(-min(batch, args.samples) // devices) * devices

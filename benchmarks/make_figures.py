@@ -44,7 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from score_jax import builders, datasets, fast_samplers, likelihood, plotting  # noqa: E402
+from score_jax import datasets, fast_samplers, likelihood, plotting, programs  # noqa: E402
 from score_jax import probability_flow  # noqa: E402
 from score_jax.sde import SDE  # noqa: E402
 
@@ -248,10 +248,11 @@ def _network(workdir: str, step: int):
   """(config, sde, score_for(n) -> score_fn, sampler(rng, n) -> x) of a trained run."""
   from benchmarks import _workdir  # pylint: disable=g-import-not-at-top
 
-  config = _workdir.load_config(workdir)
+  config = _workdir.load_settings(workdir)
   setup, params, step = _workdir.load_run(workdir, config, step)
-  sde, factory = _workdir.score_factory(setup)
-  num_classes = int(config.model.get("num_classes", 0) or 0)
+  progs = programs.Programs(setup)
+  sde, factory = setup.sde, progs.factory
+  num_classes = config.model.num_classes
 
   def score_for(cycle: bool = True) -> ScoreFn:
     """The score; for class-conditional runs with labels 0, 1, 2, ... (cycle) or all 0."""
@@ -264,10 +265,10 @@ def _network(workdir: str, step: int):
 
     return score_fn
 
-  sampler = builders.get_sampler(config, sde)
+  sampler = programs.get_sampler(config, sde)
 
   def sample(rng, n: int) -> np.ndarray:
-    shape = builders.data_shape(config, n)
+    shape = config.data.shape(n)
     x, _ = jax.jit(lambda r: sampler(r, score_for(), shape))(rng)
     return np.asarray(x)
 
@@ -275,7 +276,7 @@ def _network(workdir: str, step: int):
 
 
 def _test_data(config, n: int) -> np.ndarray:
-  return np.asarray(next(iter(datasets.get_dataset(
+  return np.asarray(next(iter(programs.get_dataset(
       config, "test", evaluation=True, batch_size=n, process_index=0, process_count=1)))["image"])
 
 
@@ -299,7 +300,7 @@ def toy_figures(workdir: str, out: str, *, grid: int = 48, samples: int = 2048,
   lo, hi = plot_range(data)
   axis, points = grid_points(lo, hi, grid)
   logp = log_density(sde, score_for(cycle=False), points,
-                     eps=float(config.eval.get("likelihood_eps", 1e-5)), rtol=likelihood_tol,
+                     eps=config.eval.likelihood_eps, rtol=likelihood_tol,
                      atol=likelihood_tol)
   path = os.path.join(out, "toy_density.png")
   draw_density(path, logp, axis, data, lo, hi)
@@ -319,14 +320,14 @@ def digits_figures(workdir: str, out: str, *, rows: int = 4, snapshots: int = 8,
                    grid_samples: int = 64, seed: int = 0, step: int = -1) -> List[str]:
   config, sde, score_for, sample, step = _network(workdir, step)
   eps = float(config.sampling.eps)
-  to_unit = datasets.inverse_scaler(bool(config.data.centered))
+  to_unit = datasets.inverse_scaler(config.data.centered)
   rng = jax.random.PRNGKey(seed)
   files = []
   path = os.path.join(out, "digits_samples.png")
   plotting.save_image_grid(path, to_unit(sample(jax.random.fold_in(rng, 0), grid_samples)))
   files.append(path)
   times = denoising_times(sde, snapshots, eps)
-  z = sde.prior_sampling(jax.random.fold_in(rng, 1), builders.data_shape(config, rows))
+  z = sde.prior_sampling(jax.random.fold_in(rng, 1), config.data.shape(rows))
   score_fn = score_for()
   states = pf_trajectories(sde, score_fn, z, times)
   final = tweedie_denoise(sde, score_fn, states[-1], eps)

@@ -18,7 +18,6 @@ def get_config() -> ml_collections.ConfigDict:
   model.name = "ddpm"
   model.scale_by_sigma = False
   model.ema_rate = 0.9999
-  model.normalization = "GroupNorm"
   model.nonlinearity = "swish"
   model.nf = 128
   model.ch_mult = (1, 2, 2, 2)

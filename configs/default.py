@@ -72,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Eval beside training: wait this long for a checkpoint not written yet.
   evaluate.wait_timeout_s = 86_400.0
   evaluate.poll_interval_s = 60.0
+  # Samples -> uint8 for FID / IS / KID and the shards: 'truncate' is the
+  # reference's np.clip(x * 255, 0, 255).astype(np.uint8), behind the paper's
+  # FIDs; 'round' rounds to the nearest level, as the data were quantized.
+  evaluate.quantization = "truncate"
   # FID / IS / KID: a converted FID Inception .npz (python -m score_jax.inception
   # convert ...); empty skips them. Dataset statistics are cached in stats_path
   # (empty: WORKDIR/eval/stats_<dataset>_<size>_<resize>.npz).
@@ -105,6 +109,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.random_flip = True
   data.centered = False
   data.uniform_dequantization = False
+  data.toy_name = "gaussian_mixture"  # dataset 'toy': gaussian_mixture | checkerboard | swiss_roll | moons
+  data.category = ""  # dataset 'lsun': bedroom | church_outdoor
+  data.tfrecords_path = ""  # ffhq / celebahq: the TFRecord file or folder (else data.data_dir)
 
   # Model. Family-specific keys are set by the model configs.
   config.model = model = ml_collections.ConfigDict()

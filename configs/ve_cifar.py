@@ -32,7 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
   model.sigma_max = 50.0
   model.scale_by_sigma = True
   model.ema_rate = 0.999
-  model.normalization = "GroupNorm"
   model.nonlinearity = "swish"
   model.nf = 128
   model.ch_mult = (1, 2, 2, 2)
@@ -51,5 +50,4 @@ def get_config() -> ml_collections.ConfigDict:
   model.init_scale = 0.0
   model.embedding_type = "fourier"
   model.fourier_scale = 16.0
-  model.conv_size = 3
   return config

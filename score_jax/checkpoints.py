@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, TypeVar
+import time
+from typing import Any, List, Optional, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
+from score_jax.errors import UserError
+
 T = TypeVar("T")
 
+__all__ = ["Checkpointer", "CheckpointMismatchError", "CheckpointWaitError", "finished_steps",
+           "wait_for_checkpoint", "existing_step", "restore", "MissingCheckpointError"]
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint does not fit the state the current config builds."""
+
+
+class CheckpointWaitError(UserError, RuntimeError):
+  """A checkpoint eval waits for will not appear (or did not within the timeout)."""
 
 
 class Checkpointer:
@@ -71,3 +81,78 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def finished_steps(ckpt_dir: str) -> List[int]:
+  """Steps of the complete checkpoints in ckpt_dir (orbax renames a checkpoint when done)."""
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(ocp.utils.checkpoint_steps(ckpt_dir))
+
+
+def wait_for_checkpoint(ckpt_dir: str, step: int, *, timeout_s: float, poll_s: float,
+                        final_step: int) -> None:
+  """Returns once checkpoint `step` exists in ckpt_dir, polling every poll_s seconds.
+
+  A fresh directory listing each poll sees checkpoints a concurrent training
+  run writes. Periodic checkpoints are never deleted, so a missing `step`
+  with a later one present (or the final step written) will never appear:
+  that raises at once instead of waiting out the timeout.
+
+  Raises:
+    CheckpointWaitError: the checkpoint cannot appear, or timeout_s passed.
+  """
+  deadline = time.monotonic() + float(timeout_s)
+  announced = False
+  while True:
+    steps = finished_steps(ckpt_dir)
+    if step in steps:
+      return
+    later = [s for s in steps if s > step]
+    if later or final_step in steps:
+      raise CheckpointWaitError(
+          f"No checkpoint of step {step} in {ckpt_dir}, but training has moved past it "
+          f"(checkpoints: {steps}); it will not appear. Was the run trained with another "
+          "training.snapshot_freq? Set eval.begin_ckpt / eval.end_ckpt to existing ones.")
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+      raise CheckpointWaitError(
+          f"Waited {timeout_s:.0f} s for checkpoint step {step} in {ckpt_dir} (present: "
+          f"{steps}). Raise --config.eval.wait_timeout_s to wait longer for training.")
+    if not announced:
+      logging.warning(
+          "Waiting up to %.1f h for checkpoint step %d in %s, which a training run beside this "
+          "eval writes (present now: %s). Stop with Ctrl-C; --config.eval.wait_timeout_s=0 "
+          "evaluates only what exists.", timeout_s / 3600, step, ckpt_dir, steps or "none")
+      announced = True
+    time.sleep(max(0.0, min(float(poll_s), remaining)))
+
+
+def existing_step(ckpt_dir: str, step: int = -1) -> int:
+  """`step` if ckpt_dir holds that checkpoint, the newest one's step if step < 0.
+
+  Raises:
+    MissingCheckpointError (a FileNotFoundError): no checkpoint at all, or none of that step.
+  """
+  steps = finished_steps(ckpt_dir)
+  if not steps:
+    raise MissingCheckpointError(f"No checkpoint in {ckpt_dir}: train first (--mode=train), or "
+                                 "convert a released one (python -m score_jax.convert).")
+  if step < 0:
+    return steps[-1]
+  if step not in steps:
+    raise MissingCheckpointError(f"No checkpoint of step {step} in {ckpt_dir}; present: {steps}.")
+  return step
+
+
+class MissingCheckpointError(UserError, FileNotFoundError):
+  """A workdir holds no checkpoint (of the step asked for)."""
+
+
+def restore(ckpt_dir: str, step: int, template: T) -> T:
+  """Checkpoint `step` of ckpt_dir restored into `template` (shapes and shardings), read once."""
+  ckpt = Checkpointer(ckpt_dir, async_save=False)
+  try:
+    return ckpt.restore(step, template)
+  finally:
+    ckpt.close()

@@ -64,6 +64,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from score_jax import files
+
 __all__ = [
     "FORMATS",
     "Entry",
@@ -557,10 +559,15 @@ def _get_sigmas(sigma_max: float, sigma_min: float, num_scales: int) -> np.ndarr
 PYTORCH_BUFFERS = ("sigmas",)
 
 
-def _model_and_shape(config: ml_collections.ConfigDict):
-  from score_jax import builders
-  from score_jax.models import get_model
-  return get_model(config), builders.data_shape(config, 1)
+def _as_settings(config: Any) -> Any:
+  """Settings of a ConfigDict (this module's functions are entry points); settings as they are."""
+  from score_jax import settings as settings_lib
+  return config if isinstance(config, settings_lib.Settings) else settings_lib.from_config(config)
+
+
+def _model_and_shape(s: Any):
+  from score_jax import programs
+  return programs.get_model(s), s.data.shape(1)
 
 
 def reference_spec(config: ml_collections.ConfigDict, fmt: str) -> Spec:
@@ -578,8 +585,9 @@ def reference_spec(config: ml_collections.ConfigDict, fmt: str) -> Spec:
 
   if fmt not in FORMATS:
     raise ValueError(f"Unknown reference format {fmt!r}; choose from {FORMATS}.")
+  config = _as_settings(config)
   model, shape = _model_and_shape(config)
-  name = str(config.model.name).lower()
+  name = config.model.name.lower()
   if int(getattr(model, "num_classes", 0) or 0) > 0:
     raise UnsupportedConfigError("The reference's networks are not class-conditional; set "
                                  "model.num_classes = 0 to convert its checkpoints.")
@@ -635,6 +643,7 @@ def check_spec(spec: Spec, config: ml_collections.ConfigDict) -> None:
   from flax import traverse_util
   from score_jax.models import init_model
 
+  config = _as_settings(config)
   model, shape = _model_and_shape(config)
   tree = jax.eval_shape(lambda r: init_model(r, model, shape), jax.random.PRNGKey(0))["params"]
   have = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
@@ -785,15 +794,8 @@ def params_to_tensors(params: Mapping[str, Any], spec: Spec) -> Dict[str, np.nda
 # Reading reference files
 
 
-def _flatten_flax(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, np.ndarray]:
-  out: Dict[str, np.ndarray] = {}
-  for k, v in tree.items():
-    name = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(_flatten_flax(v, name))
-    else:
-      out[name] = np.asarray(v)
-  return out
+def _flatten_flax(tree: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in files.flatten(tree).items()}
 
 
 def _as_step(value: Any) -> Optional[int]:
@@ -937,8 +939,9 @@ def write_workdir(dst: str, config: ml_collections.ConfigDict, params: Mapping[s
     FileExistsError: dst/checkpoints already holds something.
   """
   import jax.numpy as jnp
-  from score_jax import builders, checkpoints, train
+  from score_jax import checkpoints, programs, train
 
+  config = _as_settings(config)
   dst = os.path.abspath(dst)
   ckpt_dir = os.path.join(dst, "checkpoints")
   if _existing_steps(ckpt_dir):
@@ -952,7 +955,7 @@ def write_workdir(dst: str, config: ml_collections.ConfigDict, params: Mapping[s
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.converting-", dir=parent)
   try:
     params = jax.device_put(params)
-    tx = builders.get_optimizer(config)
+    tx = programs.get_optimizer(config)
     state = train.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                              opt_state=jax.jit(tx.init)(params), ema_params=params)
     ck = checkpoints.Checkpointer(os.path.join(tmp, "checkpoints"), async_save=False)
@@ -992,6 +995,7 @@ def convert(src: str, dst: str, config: ml_collections.ConfigDict, fmt: str, *,
   Raises:
     FileExistsError, FileNotFoundError, ReferenceLayoutError, UnsupportedConfigError.
   """
+  config = _as_settings(config)
   spec = reference_spec(config, fmt)
   check_compatible(spec)
   check_spec(spec, config)
@@ -1002,7 +1006,7 @@ def convert(src: str, dst: str, config: ml_collections.ConfigDict, fmt: str, *,
   params = tensors_to_params(tensors, spec)
   del tensors
   if step is None:
-    step = file_step if file_step else int(config.training.snapshot_freq)
+    step = file_step if file_step else config.training.snapshot_freq
   if step < 0:
     raise ValueError(f"step must be >= 0, got {step}.")
   path = write_workdir(dst, config, params, int(step))

@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_jax import files
+
 __all__ = [
     "FIDInceptionV3",
     "inception_features",
@@ -339,26 +341,7 @@ def param_shapes() -> Dict[str, Tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in _flatten(abstract["params"]).items()}
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}/{k}" if prefix else k
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, name))
-    else:
-      out[name] = v
-  return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> Params:
-  tree: Params = {}
-  for name, v in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+_flatten, _unflatten = files.flatten, files.unflatten
 
 
 def _check_flat(flat: Mapping[str, Tuple[int, ...]], source: str) -> None:
@@ -411,10 +394,7 @@ def save_inception_params(path: str | os.PathLike, params: Params) -> None:
     params = params["params"]
   flat = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
   _check_flat({k: v.shape for k, v in flat.items()}, "params to save")
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, **flat)
-  os.replace(tmp, path)
+  files.save_npz(path, **flat)
 
 
 def load_inception_params(path: str | os.PathLike) -> Params:

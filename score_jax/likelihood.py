@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,8 @@ import numpy as np
 from score_jax import probability_flow
 from score_jax._sampling_utils import (as_pytree_fn, check_choice, check_eps, check_sde,
                                        check_shape, check_tolerance, checked, full_t)
-from score_jax.sde import SDE
+from score_jax.scaling import DataScaler, data_scaler
+from score_jax.sde import SDE, sum_except_batch as _sum_except_batch
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
@@ -37,10 +38,6 @@ __all__ = ["HUTCHINSON", "log_likelihood", "DataScaler", "data_scaler", "dequant
            "bits_per_dim"]
 
 HUTCHINSON = ("rademacher", "gaussian", "exact")
-
-
-def _sum_except_batch(x: Array) -> Array:
-  return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
 
 
 def _divergence_fn(f: Callable[[Array], Array], x: Array,
@@ -129,26 +126,6 @@ def log_likelihood(rng: Array,
 # --- bits per dimension for 8-bit images ---
 
 _LEVELS = 256  # values of 8-bit data
-
-
-class DataScaler(NamedTuple):
-  """The affine map from data in [0, 1] to model space: x -> scale x + shift."""
-
-  scale: float
-  shift: float
-
-  def __call__(self, x01: Array) -> Array:
-    return self.scale * x01 + self.shift
-
-  @property
-  def log_abs_det_per_dim(self) -> float:
-    """log |d model / d x01| per dimension (the Jacobian is diagonal)."""
-    return math.log(abs(self.scale))
-
-
-def data_scaler(centered: bool) -> DataScaler:
-  """[0, 1] data (centered=False) or [-1, 1] data (centered=True)."""
-  return DataScaler(2.0, -1.0) if centered else DataScaler(1.0, 0.0)
 
 
 def dequantize(rng: Array, images: Array) -> Array:

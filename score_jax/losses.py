@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from score_jax._sampling_utils import check_eps
 from score_jax.sde import SDE, VESDE, VPSDE, batch_mul
 
 Array = jax.Array
@@ -60,11 +61,6 @@ def _weighted_residual(score: Array, z: Array, std: Array, weight: Array, reduce
 _batched_residual = jax.vmap(_weighted_residual, in_axes=(0, 0, 0, 0, None))
 
 
-def _check_eps(sde: SDE, eps: float) -> None:
-  if not 0.0 < eps < sde.T:
-    raise ValueError(f"eps must lie in (0, T) = (0, {sde.T}), got {eps!r}.")
-
-
 def dsm_loss(
     rng: Array,
     sde: SDE,
@@ -96,7 +92,7 @@ def dsm_loss(
   Returns:
     (scalar batch mean, LossAux with per-example losses [B] and t [B]).
   """
-  _check_eps(sde, eps)
+  check_eps(sde, eps)
   if importance_weighting and not likelihood_weighting:
     raise ValueError("importance_weighting applies to the likelihood-weighted loss; "
                      "set likelihood_weighting=True as well.")
@@ -147,9 +143,10 @@ def ddpm_loss(rng: Array, sde: VPSDE, score_fn: ScoreFn, x: Array, *,
   epsilon prediction is -sqrt(1 - alphabar_i) * score, so the residual is
   |sqrt(1 - alphabar_i) score + z|^2.
   """
-  if not isinstance(sde, VPSDE):
-    raise TypeError(f"ddpm_loss needs a VPSDE (the DDPM chain), got {type(sde).__name__}; "
-                    "use dsm_loss for continuous training of other SDEs.")
+  if sde.chain != "ddpm":
+    raise TypeError(f"ddpm_loss needs an SDE with the DDPM chain (VPSDE), got "
+                     f"{type(sde).__name__}, whose chain is {sde.chain!r}; use dsm_loss "
+                     "(continuous training) for it.")
   return _discrete_loss(rng, score_fn, x, sde.N, sde.sqrt_alphas_cumprod,
                         sde.sqrt_1m_alphas_cumprod, reduce_mean)
 
@@ -161,9 +158,10 @@ def smld_loss(rng: Array, sde: VESDE, score_fn: ScoreFn, x: Array, *,
   The score function receives t = i / (N - 1), the time of sigma_i on the
   SMLD grid.
   """
-  if not isinstance(sde, VESDE):
-    raise TypeError(f"smld_loss needs a VESDE (the SMLD noise levels), got {type(sde).__name__}; "
-                    "use dsm_loss for continuous training of other SDEs.")
+  if sde.chain != "smld":
+    raise TypeError(f"smld_loss needs an SDE with the SMLD chain of noise levels (VESDE), got "
+                     f"{type(sde).__name__}, whose chain is {sde.chain!r}; use dsm_loss "
+                     "(continuous training) for it.")
   sigmas = sde.discrete_sigmas
   return _discrete_loss(rng, score_fn, x, sde.N, jnp.ones_like(sigmas), sigmas, reduce_mean)
 

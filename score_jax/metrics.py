@@ -27,6 +27,8 @@ from typing import Callable, Iterable, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from score_jax import files
+
 __all__ = [
     "fid_from_stats",
     "fid",
@@ -260,13 +262,7 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, *,
     if features.ndim != 2 or features.shape[1] != mu.shape[0]:
       raise ValueError(f"features must be [K, {mu.shape[0]}], got {features.shape}")
     arrays["features"] = features
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  files.save_npz(path, **arrays)
 
 
 def _validate_stats(mu: np.ndarray, sigma: np.ndarray, source: str) -> None:

@@ -12,11 +12,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-
-def _atomic_path(path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  root, ext = os.path.splitext(path)
-  return f"{root}.tmp{os.getpid()}{ext}"
+from score_jax.files import atomic_write, save_npz
 
 
 def image_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 1) -> np.ndarray:
@@ -42,9 +38,8 @@ def save_image_grid(path: str, images: np.ndarray, ncols: Optional[int] = None,
   if scale > 1:
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
   img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  tmp = _atomic_path(path)
-  img.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with atomic_write(path) as f:
+    img.save(f, format="PNG")
 
 
 def save_scatter(path: str, samples: np.ndarray, data: Optional[np.ndarray] = None,
@@ -75,18 +70,14 @@ def save_figure(path: str, fig, dpi: int = 100) -> None:
   import matplotlib.pyplot as plt
 
   fig.tight_layout()
-  tmp = _atomic_path(path)
-  fig.savefig(tmp, dpi=dpi, format="png")
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    with atomic_write(path) as f:
+      fig.savefig(f, dpi=dpi, format="png")
+  finally:
+    plt.close(fig)
 
 
-def save_arrays(path: str, **arrays: np.ndarray) -> None:
-  """np.savez written atomically."""
-  tmp = _atomic_path(path)
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+save_arrays = save_npz  # np.savez written atomically
 
 
 class MetricWriter:

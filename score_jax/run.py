@@ -129,19 +129,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str, *,
   `enable_compilation_cache`; main.py passes 'auto'); None leaves JAX's own
   setting.
   """
+  from score_jax import settings as settings_lib  # pylint: disable=g-import-not-at-top
+
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
   if mode not in MODES:
     raise ValueError(f"Unknown mode {mode!r}; choose from {MODES}.")
+  settings = settings_lib.from_config(config)  # every key and value checked, nothing compiled
   stats = enable_compilation_cache(compilation_cache)
   init_distributed(coordinator_address, num_processes, process_id)
   try:
     if mode == "train":
-      from score_jax import train
-      train.train_and_evaluate(config, workdir)
+      from score_jax import train  # pylint: disable=g-import-not-at-top
+      train.train_and_evaluate(settings, workdir)
+    elif mode == "eval":
+      from score_jax import evaluate  # pylint: disable=g-import-not-at-top
+      evaluate.run(settings, workdir)
     else:
-      from score_jax import evaluate
-      getattr(evaluate, mode)(config, workdir)
+      from score_jax import sample  # pylint: disable=g-import-not-at-top
+      sample.run(settings, workdir)
   finally:
     if stats is not None:
       logging.info("Compilation cache: %d programs loaded (%.1f s of compiling saved), %d stored.",

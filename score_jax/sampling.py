@@ -88,13 +88,13 @@ def _ancestral_posterior(sde: SDE, x, t, score, z):
 
 
 # The DDPM and SMLD chains have their own ancestral formulas; exact types, so
-# subVPSDE (a VPSDE subclass without the DDPM chain) takes the generic one.
-_ANCESTRAL = {VPSDE: _ancestral_vp, VESDE: _ancestral_ve}
+# SDEs without a chain (sub-VP among them) take the exact Gaussian posterior.
+_ANCESTRAL = {"ddpm": _ancestral_vp, "smld": _ancestral_ve}
 
 
 def _ancestral_sampling(sde: SDE, x, t, score, z, probability_flow):
   del probability_flow  # rejected in pc_sample's checks
-  return _ANCESTRAL.get(type(sde), _ancestral_posterior)(sde, x, t, score, z)
+  return _ANCESTRAL.get(sde.chain, _ancestral_posterior)(sde, x, t, score, z)
 
 
 def _no_predictor(sde, x, t, score, z, probability_flow):
@@ -169,7 +169,7 @@ def _correct(kind: Array, sde: SDE, score_fn: ScoreFn, x, t, rng, snr, n_steps):
 
 def _check_ddpm_chain(sde: SDE, predictor: str, corrector: str) -> None:
   """The DDPM chain's betas linspace(beta_min, beta_max, N) / N must be < 1."""
-  uses_chain = ((type(sde) is VPSDE and predictor in ("reverse_diffusion", "ancestral_sampling"))
+  uses_chain = ((sde.chain == "ddpm" and predictor in ("reverse_diffusion", "ancestral_sampling"))
                 or (isinstance(sde, VPSDE) and corrector != "none"))  # alpha = 1 - beta_i
   if uses_chain and sde.beta_max / sde.N >= 1.0:
     raise ValueError(

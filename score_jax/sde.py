@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ __all__ = [
     "TutorialSDE",
     "ReverseSDE",
     "batch_mul",
+    "sum_except_batch",
 ]
 
 
@@ -41,7 +42,8 @@ def batch_mul(a: Array, x: Array) -> Array:
   return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) * x
 
 
-def _sum_except_batch(x: Array) -> Array:
+def sum_except_batch(x: Array) -> Array:
+  """x [B, ...] -> [B]: the sum over all but the batch axis."""
   return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
 
 
@@ -70,6 +72,12 @@ class SDE(abc.ABC):
   _leaves: Tuple[str, ...] = ()
 
   T: float = 1.0
+
+  # The discrete chain of the paper that `discretize` follows, a capability
+  # the discrete losses, ancestral sampling and the discrete score
+  # parameterization ask for: 'ddpm' (VP: DDPM betas), 'smld' (VE: NCSN noise
+  # levels), or None (the exact Gaussian transition on the grid).
+  chain: Optional[str] = None
 
   # -- pytree plumbing ------------------------------------------------------
   def __init_subclass__(cls, **kwargs):
@@ -151,7 +159,7 @@ class SDE(abc.ABC):
     """log N(z; 0, prior_std^2 I) per example, [B]."""
     var = self.prior_std() ** 2
     d = math.prod(z.shape[1:])
-    return -0.5 * d * jnp.log(2 * jnp.pi * var) - 0.5 * _sum_except_batch(z**2) / var
+    return -0.5 * d * jnp.log(2 * jnp.pi * var) - 0.5 * sum_except_batch(z**2) / var
 
   def discretize(self, x: Array, t: Array) -> Tuple[Array, Array]:
     """One step x_{i+1} = x_i + f + G z of a discrete chain on N steps.
@@ -246,6 +254,7 @@ class VPSDE(SDE):
   """
 
   _leaves = ("beta_min", "beta_max")
+  chain = "ddpm"
 
   def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
     beta_min, beta_max = float(beta_min), float(beta_max)
@@ -332,6 +341,8 @@ class subVPSDE(VPSDE):
   VP drift.
   """
 
+  chain = None  # no DDPM chain: its variance is not the VP one
+
   def sde(self, x, t):
     beta_t = self.beta(t)
     discount = -jnp.expm1(-2.0 * self.integrated_beta(t))
@@ -370,6 +381,7 @@ class VESDE(SDE):
   """
 
   _leaves = ("sigma_min", "sigma_max")
+  chain = "smld"
 
   def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
     sigma_min = _check_positive("sigma_min", sigma_min)

@@ -36,6 +36,8 @@ from typing import Any, Dict, Mapping
 import ml_dtypes
 import numpy as np
 
+from score_jax import files
+
 __all__ = ["load", "load_state_dict", "save_state_dict", "flatten"]
 
 # Storage class name -> numpy dtype (little-endian).
@@ -147,8 +149,26 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
   return data
 
 
+def _numpy_scalar(dtype: np.dtype, data: bytes = b"") -> Any:
+  """A pickled numpy scalar (e.g. the float64 learning rate of an optimizer state)."""
+  dtype = np.dtype(dtype)
+  if dtype.hasobject or not isinstance(data, bytes) or len(data) != dtype.itemsize:
+    raise pickle.UnpicklingError(f"refusing a numpy scalar of dtype {dtype}")
+  return np.frombuffer(data, dtype)[0]
+
+
+def _numpy_dtype(name: Any, align: bool = False, copy: bool = True) -> np.dtype:
+  dtype = np.dtype(name, align, copy)
+  if dtype.hasobject:
+    raise pickle.UnpicklingError(f"refusing a numpy dtype that holds objects ({dtype})")
+  return dtype
+
+
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("numpy", "dtype"): _numpy_dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -325,18 +345,11 @@ def load(path: str | os.PathLike) -> Any:
 def flatten(tree: Any, prefix: str = "", sep: str = ".") -> Dict[str, np.ndarray]:
   """Flattens nested dicts/lists into `{"a.b.0": array}`; drops non-numeric leaves."""
   out: Dict[str, np.ndarray] = {}
-  if isinstance(tree, Mapping):
-    items = ((str(k), v) for k, v in tree.items())
-  elif isinstance(tree, (list, tuple)):
-    items = ((str(i), v) for i, v in enumerate(tree))
-  else:
-    if isinstance(tree, np.ndarray):
-      out[prefix] = tree
-    elif isinstance(tree, (bool, int, float, np.number)):
-      out[prefix] = np.asarray(tree)
-    return out
-  for k, v in items:
-    out.update(flatten(v, f"{prefix}{sep}{k}" if prefix else k, sep))
+  for name, leaf in files.flatten(tree, sep, prefix, sequences=True).items():
+    if isinstance(leaf, np.ndarray):
+      out[name] = leaf
+    elif isinstance(leaf, (bool, int, float, np.number)):
+      out[name] = np.asarray(leaf)
   return out
 
 

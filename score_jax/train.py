@@ -23,13 +23,16 @@ from typing import Any, Dict, Optional, Tuple
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from score_jax import builders, checkpoints, datasets, plotting
-from score_jax.models import get_model, get_score_fn, init_model
+from score_jax import checkpoints, distributed, files, plotting, programs
+from score_jax.errors import UserError, WorkdirError
+from score_jax.models import init_model
+from score_jax.programs import Setup
+from score_jax.scaling import data_scaler
+from score_jax.settings import Settings
 
 Array = jax.Array
 
@@ -42,83 +45,13 @@ class TrainState:
   ema_params: Any
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a non-finite loss or gradient."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What a run builds once from its config."""
-  config: ml_collections.ConfigDict
-  sde: Any
-  model: Any
-  tx: optax.GradientTransformation
-  mesh: jax.sharding.Mesh
-
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
-
-  @property
-  def batch_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P("data"))
-
-
-def check_run_config(config: ml_collections.ConfigDict, need_data: bool = True) -> None:
-  """Fails before anything compiles, with a message naming the key to fix.
-
-  Checks the config values, the devices, the dataset (present on disk, right
-  shape; skipped when not need_data, e.g. sampling from a checkpoint) and that
-  the network maps the data shape to itself (traced with `jax.eval_shape`: no
-  compilation, no memory).
-  """
-  builders.check_config(config, jax.device_count(), jax.process_count())
-  model = get_model(config)
-  sde = builders.get_sde(config)
-  builders.get_sampler(config, sde)
-  builders.get_loss_fn(config, sde, model, train=True)
-  if need_data:
-    datasets.num_examples(config, "train")  # unknown or missing dataset: clear error here
-  toy_data = str(config.data.dataset).lower() == "toy"
-  if toy_data != (str(config.model.name).lower() == "mlp"):
-    raise ValueError(f"model.name {config.model.name!r} does not fit data.dataset "
-                     f"{config.data.dataset!r}: 2-D toy data needs model.name='mlp', image data a "
-                     "convolutional network (ncsnpp, ddpmpp, ddpm, ncsnv2).")
-  ch_mult = config.model.get("ch_mult", None)
-  if not toy_data and ch_mult is not None:
-    factor = 2 ** (len(ch_mult) - 1)
-    if int(config.data.image_size) % factor:
-      raise ValueError(f"data.image_size = {config.data.image_size} must be divisible by "
-                       f"{factor}, since the network halves the resolution {len(ch_mult) - 1} times "
-                       f"(model.ch_mult = {tuple(ch_mult)}).")
-  shape = builders.data_shape(config, 2)
-  try:
-    out = jax.eval_shape(lambda r: model.apply(init_model(r, model, shape), jnp.zeros(shape),
-                                               jnp.ones((2,))), jax.random.PRNGKey(0))
-  except Exception as e:  # noqa: BLE001 - re-raised with the config context
-    raise ValueError(f"The network {config.model.name!r} cannot take data of shape {shape[1:]} "
-                     f"(data.image_size / data.num_channels): {e}") from e
-  if out.shape != shape:
-    raise ValueError(f"The network {config.model.name!r} maps data of shape {shape[1:]} to "
-                     f"{out.shape[1:]}; check data.image_size and data.num_channels.")
-
-
-def make_setup(config: ml_collections.ConfigDict, need_data: bool = True) -> Setup:
-  """Validates the config against the devices and builds SDE, model, optimizer and mesh.
-
-  need_data=False skips the dataset check (see check_run_config): sampling
-  from a checkpoint, e.g. one converted from the reference, needs no data.
-  """
-  check_run_config(config, need_data)
-  # Auto axes: XLA propagates the batch sharding through the step (explicit
-  # sharding-in-types would need annotations inside every loss and sampler).
-  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  return Setup(config, builders.get_sde(config), get_model(config), builders.get_optimizer(config), mesh)
 
 
 def init_state(setup: Setup, rng: Array) -> TrainState:
   """A fresh train state, replicated over the mesh."""
-  shape = builders.data_shape(setup.config, 1)
+  shape = setup.settings.data.shape(1)
 
   @jax.jit
   def init(rng):
@@ -129,11 +62,24 @@ def init_state(setup: Setup, rng: Array) -> TrainState:
   return jax.device_put(init(rng), setup.replicated)
 
 
+def abstract_state(setup: Setup) -> TrainState:
+  """The train state's shapes, replicated over the mesh, without allocating it."""
+  shapes = jax.eval_shape(lambda r: init_state(setup, r), jax.random.PRNGKey(0))
+  # Shardings on the target let a checkpoint written on N devices load on M.
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=setup.replicated),
+                      shapes)
+
+
+def restore_ema_params(setup: Setup, ckpt_dir: str, step: int) -> Any:
+  """The EMA parameters of checkpoint `step`, replicated over setup.mesh."""
+  return checkpoints.restore(ckpt_dir, step, abstract_state(setup)).ema_params
+
+
 def apply_update(setup: Setup, state: TrainState, grads) -> TrainState:
   """The state after one optimizer step with grads: the config's optimizer, then the EMA."""
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  rate = float(setup.config.model.ema_rate)
+  rate = setup.settings.model.ema_rate
   ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, params)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
@@ -149,13 +95,10 @@ def make_train_step(setup: Setup):
   A step whose loss or gradient norm is not finite leaves the state unchanged
   and reports finite=False, so the last good state is what gets saved.
   """
-  config = setup.config
-  loss_fn = builders.get_loss_fn(config, setup.sde, setup.model, train=True)
-  schedule = builders.get_lr_schedule(config)
-  use_labels = int(config.model.get("num_classes", 0) or 0) > 0
-
+  loss_fn = programs.get_loss_fn(setup.settings, setup.sde, setup.model, train=True)
+  schedule = programs.get_lr_schedule(setup.settings)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  microbatches = int(config.training.get("microbatches", 1))
+  microbatches = setup.settings.training.microbatches
 
   def loss_and_grads(params, rng: Array, x: Array, y: Optional[Array]):
     """Mean loss over the batch and its gradient, accumulated over micro-batches."""
@@ -175,12 +118,12 @@ def make_train_step(setup: Setup):
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     # A rolled loop, so that one micro-batch's activations are alive at a time
     # (unrolled, XLA schedules them side by side and the memory saving is gone).
-    (loss, grads), _ = jax.lax.scan(body, zeros, (keys, split(x), None if y is None else split(y)))
+    (loss, grads), _ = jax.lax.scan(body, zeros, (keys, split(x), split(y)))
     return jax.tree.map(lambda a: a / microbatches, (loss, grads))
 
   def step_fn(state: TrainState, x: Array, y: Array, root_key: Array):
     rng = jax.random.fold_in(root_key, state.step)
-    loss, grads = loss_and_grads(state.params, rng, x, y if use_labels else None)
+    loss, grads = loss_and_grads(state.params, rng, x, y)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A branch rather than a where over every array of the state: the update
@@ -198,29 +141,13 @@ def make_train_step(setup: Setup):
 
 def make_eval_step(setup: Setup):
   """(state, x, y, rng) -> loss of the EMA parameters without dropout."""
-  loss_fn = builders.get_loss_fn(setup.config, setup.sde, setup.model, train=False)
-  use_labels = int(setup.config.model.get("num_classes", 0) or 0) > 0
+  loss_fn = programs.get_loss_fn(setup.settings, setup.sde, setup.model, train=False)
   rep, bat = setup.replicated, setup.batch_sharding
 
   def eval_fn(state: TrainState, x: Array, y: Array, rng: Array):
-    return loss_fn(state.ema_params, rng, x, y if use_labels else None)[0]
+    return loss_fn(state.ema_params, rng, x, y)[0]
 
   return jax.jit(eval_fn, in_shardings=(rep, bat, bat, rep), out_shardings=rep)
-
-
-def make_sample_fn(setup: Setup, num_samples: int):
-  """(params, rng, y) -> (samples [num_samples, ...], nfe), one jitted call."""
-  sampler = builders.get_sampler(setup.config, setup.sde)
-  shape = builders.data_shape(setup.config, num_samples)
-  continuous = bool(setup.config.training.continuous)
-  use_labels = int(setup.config.model.get("num_classes", 0) or 0) > 0
-
-  @functools.partial(jax.jit, out_shardings=setup.replicated)
-  def sample(params, rng, y):
-    base = get_score_fn(setup.sde, setup.model, {"params": params}, continuous=continuous)
-    return sampler(rng, lambda x, t: base(x, t, y if use_labels else None), shape)
-
-  return sample
 
 
 def global_batch(setup: Setup, batch: Dict[str, np.ndarray]) -> Tuple[Array, Array]:
@@ -250,13 +177,10 @@ class _StopFlag:
     return False
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def save_config(settings: Settings, workdir: str) -> None:
   """Writes WORKDIR/config.json (the resolved config), atomically."""
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, path)  # atomic: never a half-written config
+  with files.atomic_write(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(settings.to_json())
 
 
 def _append_jsonl(path: str, record: Dict[str, Any]) -> None:
@@ -264,24 +188,31 @@ def _append_jsonl(path: str, record: Dict[str, Any]) -> None:
     f.write(json.dumps(record) + "\n")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains as the config says, resuming from WORKDIR/checkpoints if present.
+def prepare_workdir(workdir: str) -> None:
+  """Creates workdir, or fails with a clear message where a file stands in its place."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir {workdir} is a file, not a folder; pick another path.")
+  os.makedirs(workdir, exist_ok=True)
+
+
+def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
+  """Trains as the settings say, resuming from WORKDIR/checkpoints if present.
 
   Writes WORKDIR/config.json, checkpoints/, samples/ (PNG grids or scatter
   plots and .npz arrays at each snapshot), tensorboard/ event files and
   metrics.jsonl (one line per log step). Returns the final state.
   """
-  setup = make_setup(config)
+  prepare_workdir(workdir)
+  setup = programs.make_setup(settings)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   if is_main:
-    save_config(config, workdir)
-  t_cfg = config.training
-  n_iters = int(t_cfg.n_iters)
+    save_config(settings, workdir)
+  t_cfg = settings.training
+  n_iters = t_cfg.n_iters
 
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                  keep_period=int(t_cfg.snapshot_freq))
-  root_key = jax.random.PRNGKey(int(config.seed))
+                                  keep_period=t_cfg.snapshot_freq)
+  root_key = jax.random.PRNGKey(settings.seed)
   init_key, train_key, sample_key, eval_key = jax.random.split(root_key, 4)
   state = init_state(setup, init_key)
   state = ckpt.restore_latest(state)
@@ -289,15 +220,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if start > 0:
     logging.info("Resumed from step %d.", start)
 
-  train_iter = datasets.get_dataset(config, "train", start_step=start)
+  train_iter = programs.get_dataset(settings, "train", start_step=start)
   eval_iter = None
   train_step = make_train_step(setup)
   eval_step = make_eval_step(setup)
-  num_samples = int(config.sampling.get("batch_size", 64))
-  sample_fn = make_sample_fn(setup, num_samples)
+  num_samples = settings.sampling.batch_size
+  progs = programs.Programs(setup)
+  sample_fn = progs.sampler(num_samples)
   writer = plotting.MetricWriter(workdir) if is_main else None
   train_key = jax.device_put(train_key, setup.replicated)
-  images_per_step = int(t_cfg.batch_size)
+  images_per_step = t_cfg.batch_size
 
   from tqdm.auto import tqdm
   bar = tqdm(total=n_iters, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
@@ -325,9 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         # Sticky on the device (no sync): any non-finite step since the start
         # stops the run at the next check, before a checkpoint is written.
         all_finite = metrics["finite"] if all_finite is None else all_finite & metrics["finite"]
-        snapshot = step % int(t_cfg.snapshot_freq) == 0 or step == n_iters
-        preempt = step % int(t_cfg.snapshot_freq_for_preemption) == 0
-        if step % int(t_cfg.log_freq) == 0 or snapshot or preempt or stop.requested:
+        snapshot = step % t_cfg.snapshot_freq == 0 or step == n_iters
+        preempt = step % t_cfg.snapshot_freq_for_preemption == 0
+        if step % t_cfg.log_freq == 0 or snapshot or preempt or stop.requested:
           metrics = jax.device_get(metrics)
           check_finite(all_finite, metrics, step)
           now = time.perf_counter()
@@ -341,9 +273,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             _append_jsonl(os.path.join(workdir, "metrics.jsonl"), record)
             bar.set_postfix(loss=f"{record['loss']:.4g}", it_s=f"{steps_per_s:.2f}",
                             img_s=f"{record['images_per_s']:.1f}")
-        if step % int(t_cfg.eval_freq) == 0 and bool(config.eval.get("enable_loss", True)):
+        if step % t_cfg.eval_freq == 0 and settings.eval.enable_loss:
           if eval_iter is None:
-            eval_iter = datasets.get_dataset(config, "test", start_step=step // int(t_cfg.eval_freq))
+            eval_iter = programs.get_dataset(settings, "test", start_step=step // t_cfg.eval_freq)
           ex, ey = global_batch(setup, next(eval_iter))
           eval_loss = float(eval_step(state, ex, ey, jax.random.fold_in(eval_key, step)))
           if is_main:
@@ -351,8 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         bar.update(1)
         if snapshot or preempt or stop.requested:
           ckpt.save(step, state)
-        if snapshot and bool(t_cfg.snapshot_sampling):
-          _write_samples(setup, state, sample_fn, num_samples,
+        if snapshot and t_cfg.snapshot_sampling:
+          _write_samples(progs, state, sample_fn, num_samples,
                          jax.random.fold_in(sample_key, step), workdir, step, is_main)
         if stop.requested:
           logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
@@ -367,27 +299,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   return state
 
 
-def _write_samples(setup: Setup, state: TrainState, sample_fn, num_samples: int, rng: Array,
-                   workdir: str, step: int, is_main: bool) -> None:
+def _write_samples(progs: programs.Programs, state: TrainState, sample_fn, num_samples: int,
+                   rng: Array, workdir: str, step: int, is_main: bool) -> None:
   """Samples with the EMA parameters; writes samples/step_<k>.{png,npz} on process 0.
 
   Class-conditional models get the labels 0, 1, 2, ... in turn.
   """
-  config = setup.config
-  num_classes = int(config.model.get("num_classes", 0) or 0)
-  y = jnp.arange(num_samples, dtype=jnp.int32) % max(num_classes, 1)
-  x, nfe = sample_fn(state.ema_params, rng, y)
+  s = progs.settings
+  y = np.arange(num_samples, dtype=np.int32) % max(s.model.num_classes, 1)
+  x, nfe = sample_fn(state.ema_params, rng, progs.put(y))
+  x = distributed.to_host(x)
   if not is_main:
     return
-  x = np.asarray(jax.device_get(x))
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   base = os.path.join(out_dir, f"step_{step}")
   title = f"step {step}, {int(nfe)} score evaluations"
   if x.ndim == 2:
-    data = next(iter(datasets.get_dataset(config, "test", evaluation=True, batch_size=1024,
+    data = next(iter(programs.get_dataset(s, "test", evaluation=True, batch_size=1024,
                                           process_index=0, process_count=1)))["image"]
     plotting.save_scatter(base + ".png", x, np.asarray(data), title=title)
   else:
-    plotting.save_image_grid(base + ".png", datasets.inverse_scaler(bool(config.data.centered))(x))
+    plotting.save_image_grid(base + ".png", data_scaler(s.data.centered).inverse(x))
   plotting.save_arrays(base + ".npz", samples=x, nfe=np.asarray(nfe))

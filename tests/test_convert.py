@@ -26,8 +26,11 @@ import pytest
 from flax import serialization, traverse_util
 from jax import lax
 
-from score_jax import builders, convert, evaluate, torch_pickle, train
-from score_jax.models import get_model, get_score_fn, init_model
+import score_jax
+from score_jax import convert, programs, torch_pickle, train
+from score_jax import sample as sample_mode
+from score_jax.models import get_score_fn, init_model
+from score_jax.settings import from_config as S
 
 PAPER_CONFIGS = ("vp_cifar", "vp_cifar_deep", "subvp_cifar", "subvp_cifar_deep", "ve_cifar",
                  "ve_cifar_deep", "ve_cifar_discrete", "ddpm_cifar", "ncsn_cifar", "ve_celeba64",
@@ -54,7 +57,7 @@ def _our_shapes(name):
   """score_jax's parameter shapes for a paper config, from jax.eval_shape."""
   config = _config(name)
   shape = (1, config.data.image_size, config.data.image_size, config.data.num_channels)
-  return _param_shapes(get_model(config), shape)
+  return _param_shapes(programs.get_model(S(config)), shape)
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,15 +288,10 @@ GENUINE = {
 }
 # A checkpoint saved after training began holds the learning rate its warmup
 # set, lr * np.minimum(step / warmup, 1.0): a numpy float64, pickled as
-# numpy(._)core.multiarray.scalar, which score_jax.torch_pickle's allow-list
-# refuses (so does every released checkpoint). Strict: remove the mark once
-# torch_pickle reads numpy scalars.
-_NUMPY_LR = pytest.mark.xfail(
-    strict=True, raises=convert.ReferenceLayoutError,
-    reason="score_jax.torch_pickle refuses the numpy float64 lr in a trained checkpoint's optimizer state")
-GENUINE_CASES = [pytest.param(n, marks=_NUMPY_LR) if n == "ddpmpp_trained" else n
-                 for n in sorted(GENUINE)]
-LOADABLE = sorted(set(GENUINE) - {"ddpmpp_trained"})
+# numpy(._)core.multiarray.scalar, which score_jax.torch_pickle reads
+# (ddpmpp_trained covers it).
+GENUINE_CASES = sorted(GENUINE)
+LOADABLE = sorted(GENUINE)
 # Agreement: max |score_jax - reference| <= REL_TOL * max |reference|, for the
 # network's output and the score. Both compute in float32 (eps 1.2e-7) through
 # some 30 layers in different orders (XLA vs. ATen convolutions, GroupNorm and
@@ -341,7 +339,7 @@ def _outputs(name, params, ref):
   get_score_fn does: the network output is divided here to compare.
   """
   config = _genuine(name)[0]
-  model, sde = get_model(config), builders.get_sde(config)
+  model, sde = programs.get_model(S(config)), programs.get_sde(S(config))
   continuous = bool(config.training.continuous)
   labels = ref["labels"]
   labels = labels.astype(np.int32) if np.issubdtype(labels.dtype, np.integer) else labels
@@ -416,12 +414,16 @@ def test_command_line_converts_a_genuine_checkpoint_the_eval_and_sample_modes_lo
   assert os.listdir(tmp_path) == ["run"]  # no temp folder left
   # What --mode=eval / --mode=sample restore (make_setup without its dataset checks).
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  setup = train.Setup(config, builders.get_sde(config), get_model(config),
-                      builders.get_optimizer(config), mesh)
-  restored = jax.device_get(evaluate.restore_ema_params(setup, os.path.join(dst, "checkpoints"),
+  setup = programs.Setup(S(config), programs.get_sde(S(config)), programs.get_model(S(config)),
+                      programs.get_optimizer(S(config)), mesh)
+  restored = jax.device_get(train.restore_ema_params(setup, os.path.join(dst, "checkpoints"),
                                                         2 * freq))
   _, score = _outputs(name, restored, ref)
   assert _rel_err(score, ref["score_ema"]) < REL_TOL
+  # score_jax.load_run on the converted workdir: the reference's score in one call.
+  run = score_jax.load_run(dst)
+  assert run.step == 2 * freq and run.settings.model.name == config.model.name
+  assert _rel_err(np.asarray(run.score_fn(ref["x"], ref["t"])), ref["score_ema"]) < REL_TOL
   # A second conversion into the same workdir is refused; the checkpoint stays.
   with pytest.raises(FileExistsError, match=f"already holds {2 * freq}"):
     convert.convert(path, dst, config, "pytorch")
@@ -553,8 +555,8 @@ def test_sample_setup_needs_no_dataset_on_disk(tmp_path):
   """A converted CIFAR-10 checkpoint samples without CIFAR-10 prepared; training still checks."""
   config = _config("digits", **{"data.dataset": "cifar10", "data.data_dir": str(tmp_path / "none")})
   with pytest.raises(Exception, match="cifar10"):
-    train.make_setup(config)
-  setup = train.make_setup(config, need_data=False)
+    programs.make_setup(S(config))
+  setup = programs.make_setup(S(config), need_data=False)
   assert setup.model is not None and setup.sde.N == config.model.num_scales
 
 
@@ -566,6 +568,6 @@ def test_sample_mode_samples_from_a_converted_checkpoint(tmp_path):
   path, _, _, _ = _flax_reference_file(tmp_path, config, step=2000)
   dst = str(tmp_path / "run")
   convert.convert(path, dst, config, "flax")
-  files = evaluate.sample(config, dst)
+  files = sample_mode.run(S(config), dst)
   with np.load(files["npz"]) as f:
     assert f["samples"].shape == (4, 8, 8, 1) and np.all(np.isfinite(f["samples"]))

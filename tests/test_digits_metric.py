@@ -10,7 +10,10 @@ import pytest
 import scipy.linalg
 import scipy.ndimage
 
-from score_jax import analytic, digits_metric, evaluate, metrics, train
+from score_jax import analytic, digits_metric, metrics
+from score_jax import checkpoints, evaluate, programs, train
+from score_jax import sample as sample_mode
+from score_jax.settings import from_config as S
 from score_jax.data.digits import load_digits
 
 
@@ -159,14 +162,14 @@ def test_digits_eval_reports_fd_in_json_and_tensorboard_scalars(tmp_path, metric
       section, key = k.split(".")
       config[section][key] = v
   assert config.eval.enable_sampling  # the digits config samples in --mode=eval
-  setup = train.make_setup(config)
+  setup = programs.make_setup(S(config))
   x = load_digits("train")[0].reshape(-1, 64).astype(np.float64) / 255.0 * 2.0 - 1.0  # centered
   gauss = analytic.GaussianMixture.create(np.ones(1), x.mean(0)[None], stds=x.std(0)[None] + 0.05)
   workdir = str(tmp_path)
   # The classifier the eval finds in its cache: the fixture's (no second training).
   os.makedirs(os.path.join(workdir, "eval"))
   shutil.copy(cache, os.path.join(workdir, "eval", "digits_classifier.npz"))
-  result = evaluate.evaluate_params(config, workdir, gauss, index=1, step=10, setup=setup,
+  result = evaluate.evaluate_params(S(config), workdir, gauss, index=1, step=10, setup=setup,
                                     score_factory=lambda params, y: analytic.score_fn(params,
                                                                                       setup.sde))
   saved = json.load(open(os.path.join(workdir, "eval", "ckpt_1.json")))
@@ -181,7 +184,7 @@ def test_digits_eval_reports_fd_in_json_and_tensorboard_scalars(tmp_path, metric
   assert sum(saved["digits_class_counts"]) == 48
   # A per-pixel Gaussian draws blobs, not digits: far above the floor.
   assert saved["digits_fd"] > 10 * metric.floor
-  scalars = evaluate._scalars(result)  # pylint: disable=protected-access
+  scalars = evaluate.scalars(result)
   for key in ("digits_fd", "digits_fd_floor", "digits_confident", "digits_classifier_score"):
     assert f"eval/{key}" in scalars
 
@@ -192,7 +195,6 @@ def test_benchmark_rows_override_existing_config_keys():
   import argparse  # pylint: disable=g-import-not-at-top
   from benchmarks import digits_fd  # pylint: disable=g-import-not-at-top
   from configs import digits  # pylint: disable=g-import-not-at-top
-  from score_jax import builders  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
   args = argparse.Namespace(samplers=["pc_em", "pc_langevin", "ode", *digits_fd._FAST],
                             nfe=[10], pc_nfe=[50], ode_tol=[1e-3])
@@ -208,5 +210,5 @@ def test_benchmark_rows_override_existing_config_keys():
     for key, value in overrides.items():
       section, name = key.split(".")
       assert changed[section][name] == value
-    builders.get_sampler(changed, builders.get_sde(changed))
+    programs.get_sampler(S(changed), programs.get_sde(S(changed)))
   assert len(labels) == len(rows)  # rows are told apart

@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 from configs import toy
-from score_jax import analytic, builders, evaluate, train
+from score_jax import analytic, datasets
+from score_jax import checkpoints, evaluate, programs, train
+from score_jax import sample as sample_mode
+from score_jax.settings import from_config as S
 from score_jax.data import toy as toy_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +56,7 @@ def _flags(overrides):
 def toy_run(tmp_path_factory):
   """A workdir trained for 20 steps through the real training loop."""
   workdir = str(tmp_path_factory.mktemp("toy") / "run")
-  train.train_and_evaluate(_config(), workdir)
+  train.train_and_evaluate(S(_config()), workdir)
   return workdir
 
 
@@ -82,7 +85,7 @@ def test_wait_for_checkpoint_polls_times_out_and_gives_up_early(toy_run, tmp_pat
   ckdir = str(tmp_path / "checkpoints")
   os.makedirs(ckdir)
   with pytest.raises(evaluate.CheckpointWaitError, match="Waited"):
-    evaluate.wait_for_checkpoint(ckdir, 10, timeout_s=0.3, poll_s=0.1, final_step=20)
+    checkpoints.wait_for_checkpoint(ckdir, 10, timeout_s=0.3, poll_s=0.1, final_step=20)
 
   def write_later():  # a checkpoint appears, complete, while eval waits (rename is atomic)
     time.sleep(0.5)
@@ -92,13 +95,13 @@ def test_wait_for_checkpoint_polls_times_out_and_gives_up_early(toy_run, tmp_pat
   thread = threading.Thread(target=write_later)
   thread.start()
   start = time.monotonic()
-  evaluate.wait_for_checkpoint(ckdir, 10, timeout_s=60, poll_s=0.1, final_step=20)
+  checkpoints.wait_for_checkpoint(ckdir, 10, timeout_s=60, poll_s=0.1, final_step=20)
   thread.join()
   assert time.monotonic() - start < 30
   # Step 5 is not a snapshot and training moved past it: it will never appear.
   start = time.monotonic()
   with pytest.raises(evaluate.CheckpointWaitError, match="will not appear"):
-    evaluate.wait_for_checkpoint(ckdir, 5, timeout_s=60, poll_s=0.1, final_step=20)
+    checkpoints.wait_for_checkpoint(ckdir, 5, timeout_s=60, poll_s=0.1, final_step=20)
   assert time.monotonic() - start < 5
 
 
@@ -136,7 +139,7 @@ def test_eval_killed_midway_resumes_without_redoing_rounds(toy_run, tmp_path):
   # change what the shards hold, so finished rounds stay valid).
   slow.update({"eval.enable_loss": True, "eval.enable_bpd": True, "eval.bpd_passes": 1,
                "eval.likelihood_rtol": 1e-3, "eval.likelihood_atol": 1e-3})
-  results = evaluate.eval(_config(**slow), workdir)
+  results = evaluate.run(S(_config(**slow)), workdir)
   after = sorted(f for f in os.listdir(out_dir) if f.startswith("samples_") and f.endswith(".npz"))
   assert after == [f"samples_{r}.npz" for r in range(8)]
   for f, mtime in before.items():  # finished rounds were not redone
@@ -160,7 +163,7 @@ def test_eval_killed_midway_resumes_without_redoing_rounds(toy_run, tmp_path):
   # A third run finds the checkpoint complete and does nothing.
   json_path = os.path.join(workdir, "eval", "ckpt_2.json")
   mtime = os.stat(json_path).st_mtime_ns
-  assert evaluate.eval(_config(**slow), workdir) == results
+  assert evaluate.run(S(_config(**slow)), workdir) == results
   assert os.stat(json_path).st_mtime_ns == mtime
 
 
@@ -168,22 +171,22 @@ def test_eval_batch_must_divide_devices(toy_run, tmp_path):
   workdir = _fresh_copy(toy_run, tmp_path)
   with pytest.raises(ValueError, match="eval.batch_size = 6 must be a positive multiple of the "
                                        "device count 4"):
-    evaluate.eval(_config(**{"eval.batch_size": 6}), workdir)
+    evaluate.run(S(_config(**{"eval.batch_size": 6})), workdir)
 
 
 def test_sample_mode_generate_and_interpolate_toy(toy_run, tmp_path):
   workdir = _fresh_copy(toy_run, tmp_path)
   config = _config(**{"sample.num": 10})
-  paths = evaluate.sample(config, workdir)
+  paths = sample_mode.run(S(config), workdir)
   out = np.load(paths["npz"])
   assert out["samples"].shape == (10, 2) and np.all(np.isfinite(out["samples"]))
   assert paths["png"].endswith("generate_step20.png") and os.path.exists(paths["png"])
   config = _config(**{"sample.task": "interpolate", "sample.interpolation_steps": 5,
                       "sampling.rtol": 1e-3, "sampling.atol": 1e-3})
-  out = np.load(evaluate.sample(config, workdir)["npz"])
+  out = np.load(sample_mode.run(S(config), workdir)["npz"])
   assert out["samples"].shape == (5, 2) and out["latents"].shape == (5, 2)
   # slerp keeps the endpoints: the path starts and ends at the two prior draws.
-  z = np.asarray(builders.get_sde(config).prior_sampling(
+  z = np.asarray(programs.get_sde(S(config)).prior_sampling(
       jax.random.fold_in(jax.random.PRNGKey(config.seed), 20), (2, 2)))
   np.testing.assert_allclose(out["latents"][[0, -1]], z, rtol=1e-5, atol=1e-6)
 
@@ -193,18 +196,18 @@ def test_sample_mode_class_label_and_guidance(tmp_path):
   workdir = str(tmp_path / "run")
   cond = {"model.num_classes": 8, "sample.num": 8, "sample.class_label": 3}
   _save_initial_checkpoint(_config(**cond), workdir, 20)
-  plain = np.load(evaluate.sample(_config(**cond), workdir)["npz"])
+  plain = np.load(sample_mode.run(S(_config(**cond)), workdir)["npz"])
   assert plain["labels"].tolist() == [3] * 8 and np.all(np.isfinite(plain["samples"]))
-  guided = np.load(evaluate.sample(_config(**cond, **{"sampling.guidance_weight": 3.0}), workdir)["npz"])
+  guided = np.load(sample_mode.run(S(_config(**cond, **{"sampling.guidance_weight": 3.0})), workdir)["npz"])
   assert np.abs(guided["samples"] - plain["samples"]).max() > 1e-3
   with pytest.raises(ValueError, match="not a class of this model"):
-    evaluate.sample(_config(**{**cond, "sample.class_label": 8}), workdir)
+    sample_mode.run(S(_config(**{**cond, "sample.class_label": 8})), workdir)
 
 
 def test_slerp_endpoints_and_norm():
   rng = np.random.default_rng(0)
   a, b = rng.standard_normal((2, 3, 4, 4))
-  path = evaluate.slerp(a, b, np.linspace(0, 1, 7))
+  path = sample_mode.slerp(a, b, np.linspace(0, 1, 7))
   np.testing.assert_allclose(path[0], a, atol=1e-6)
   np.testing.assert_allclose(path[-1], b, atol=1e-6)
   norms = np.linalg.norm(path.reshape(7, -1), axis=1)
@@ -233,7 +236,7 @@ def _digits_config(**changes):
 def _save_initial_checkpoint(config, workdir, step):
   """A checkpoint of freshly initialized parameters (no training: the network's values do not matter)."""
   from score_jax import checkpoints
-  setup = train.make_setup(config)
+  setup = programs.make_setup(S(config))
   ck = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
   ck.save(step, train.init_state(setup, jax.random.PRNGKey(0)))
   ck.close()
@@ -247,9 +250,9 @@ def test_digits_eval_fid_with_random_inception(tmp_path):
   config = _digits_config(**{"eval.inception_path": weights})
   _save_initial_checkpoint(config, workdir, 10)
   with pytest.raises(FileNotFoundError, match="score_jax.inception convert"):
-    evaluate.eval(config, workdir)  # configured but missing: fails before any work
+    evaluate.run(S(config), workdir)  # configured but missing: fails before any work
   inception.save_inception_params(weights, inception.random_inception_params(0))
-  (result,) = evaluate.eval(config, workdir)
+  (result,) = evaluate.run(S(config), workdir)
   for key in ("eval_loss", "fid", "inception_score", "kid"):
     assert np.isfinite(result[key]), key
   assert result["num_samples"] == 12 and result["fid_dataset_images"] == 8
@@ -266,13 +269,13 @@ def test_digits_eval_fid_with_random_inception(tmp_path):
   assert any(e.startswith("events.out.tfevents") for e in events)
   # Sample mode on the same checkpoint: inpainting keeps the known (right) half of given digits.
   from score_jax import datasets
-  given = next(iter(datasets.get_dataset(config, "test", evaluation=True, raw=True,
+  given = next(iter(programs.get_dataset(S(config), "test", evaluation=True, raw=True,
                                          batch_size=4)))["image"]
   np.savez(str(tmp_path / "given.npz"), images=given)
   sample_config = _digits_config(**{"sample.task": "inpaint", "sample.num": 4,
                                     "sample.images_path": str(tmp_path / "given.npz"),
                                     "sample.mask": "left_half"})
-  out = np.load(evaluate.sample(sample_config, workdir)["npz"])
+  out = np.load(sample_mode.run(S(sample_config), workdir)["npz"])
   assert out["images"].shape == (4, 8, 8, 1)
   np.testing.assert_array_equal(out["images"][:, :, 4:], given[:, :, 4:])  # left half generated
   # Interpolation between two given digits through the probability-flow ODE: encoding then
@@ -280,7 +283,7 @@ def test_digits_eval_fid_with_random_inception(tmp_path):
   interp_config = _digits_config(**{"sample.task": "interpolate", "sample.interpolation_steps": 5,
                                     "sample.images_path": str(tmp_path / "given.npz"),
                                     "sampling.rtol": 1e-4, "sampling.atol": 1e-4})
-  out = np.load(evaluate.sample(interp_config, workdir)["npz"])
+  out = np.load(sample_mode.run(S(interp_config), workdir)["npz"])
   assert out["images"].shape == (5, 8, 8, 1) and out["latents"].shape == (5, 8, 8, 1)
   np.testing.assert_allclose(out["images"][[0, -1]].astype(int), given[:2].astype(int), atol=1)
 
@@ -298,12 +301,12 @@ def test_toy_nll_through_eval_matches_closed_form(tmp_path):
   """-log p(x) / D of the exact toy-mixture score, through the eval path, vs the mixture's density."""
   config = _config(**{"eval.enable_sampling": False, "eval.enable_bpd": True, "eval.bpd_passes": 2,
                       "eval.batch_size": 1024, "eval.hutchinson": "exact"})
-  setup = train.make_setup(config)
+  setup = programs.make_setup(S(config))
   mix = _mixture(toy_data.GAUSSIAN_MIXTURE)
-  result = evaluate.evaluate_params(config, str(tmp_path), mix, index=1, step=10, setup=setup,
+  result = evaluate.evaluate_params(S(config), str(tmp_path), mix, index=1, step=10, setup=setup,
                                     score_factory=_analytic_factory(setup.sde))
   from score_jax import datasets
-  x = np.concatenate([b["image"] for b in datasets.get_dataset(config, "test", evaluation=True,
+  x = np.concatenate([b["image"] for b in programs.get_dataset(S(config), "test", evaluation=True,
                                                                 batch_size=8192)])
   eps = float(config.eval.likelihood_eps)
   exact = -np.asarray(analytic.log_prob(mix, setup.sde, jnp.asarray(x), jnp.full((len(x),), eps))) / 2
@@ -320,8 +323,8 @@ def test_toy_nll_through_eval_matches_closed_form(tmp_path):
 def _digits_gaussian(config):
   """A diagonal Gaussian model of the centered digits (mean and std per pixel, fitted)."""
   from score_jax import datasets
-  train_images = np.concatenate([b["image"] for b in datasets.get_dataset(
-      config, "train", evaluation=True, raw=True, batch_size=1442)]).astype(np.float64)
+  train_images = np.concatenate([b["image"] for b in programs.get_dataset(S(
+      config), "train", evaluation=True, raw=True, batch_size=1442)]).astype(np.float64)
   y = datasets.data_scaler(True)((train_images + 0.5) / 256.0).reshape(len(train_images), -1)
   mean, std = y.mean(0), y.std(0) + 0.05
   return analytic.GaussianMixture.create(np.ones(1), mean[None], stds=std[None]), mean, std
@@ -339,13 +342,13 @@ def test_digits_bits_per_dim_through_eval_matches_closed_form(tmp_path):
   """
   config = _digits_config(**{"eval.enable_loss": False, "eval.enable_sampling": False,
                              "eval.enable_bpd": True, "eval.bpd_passes": 2, "eval.batch_size": 128})
-  setup = train.make_setup(config)
+  setup = programs.make_setup(S(config))
   gauss, m, s = _digits_gaussian(config)
-  result = evaluate.evaluate_params(config, str(tmp_path), gauss, index=1, step=10, setup=setup,
+  result = evaluate.evaluate_params(S(config), str(tmp_path), gauss, index=1, step=10, setup=setup,
                                     score_factory=_analytic_factory(setup.sde))
   from score_jax import datasets
-  v = np.concatenate([b["image"][b["mask"]] for b in datasets.get_dataset(
-      config, "test", evaluation=True, raw=True, batch_size=128)]).astype(np.float64)
+  v = np.concatenate([b["image"][b["mask"]] for b in programs.get_dataset(S(
+      config), "test", evaluation=True, raw=True, batch_size=128)]).astype(np.float64)
   v = v.reshape(len(v), -1)
   t = jnp.full((1,), float(config.eval.likelihood_eps))
   alpha = float(setup.sde.mean_coef(t)[0])
@@ -366,18 +369,18 @@ def test_interrupted_likelihood_resumes_per_batch_with_identical_result(tmp_path
   config = _config(**{"eval.enable_sampling": False, "eval.enable_bpd": True, "eval.bpd_passes": 2,
                       "eval.batch_size": 1024, "eval.hutchinson": "rademacher",
                       "eval.likelihood_rtol": 1e-3, "eval.likelihood_atol": 1e-3})
-  setup = train.make_setup(config)
+  setup = programs.make_setup(S(config))
   mix = _mixture(toy_data.GAUSSIAN_MIXTURE)
   factory = _analytic_factory(setup.sde)
-  run = lambda workdir: evaluate.evaluate_params(config, workdir, mix, index=1, step=10, setup=setup,
+  run = lambda workdir: evaluate.evaluate_params(S(config), workdir, mix, index=1, step=10, setup=setup,
                                                  score_factory=factory)
   reference = run(str(tmp_path / "straight"))
 
   calls = []
-  make = evaluate._make_likelihood_fn
+  make = programs.Programs.likelihood
 
-  def counting(ctx, fail_after=None):
-    fn = make(ctx)
+  def counting(progs, fail_after=None):
+    fn = make(progs)
 
     def wrapped(*args):
       if fail_after is not None and len(calls) == fail_after:
@@ -387,14 +390,14 @@ def test_interrupted_likelihood_resumes_per_batch_with_identical_result(tmp_path
     return wrapped
 
   workdir = str(tmp_path / "killed")
-  monkeypatch.setattr(evaluate, "_make_likelihood_fn", lambda ctx: counting(ctx, fail_after=10))
+  monkeypatch.setattr(programs.Programs, "likelihood", lambda progs: counting(progs, fail_after=10))
   with pytest.raises(KeyboardInterrupt):
     run(workdir)
   progress = json.load(open(os.path.join(workdir, "eval", "ckpt_1", "progress.json")))
   passes = progress["likelihood"]["passes"]
   assert [p["done"] for p in passes] == [True, False] and passes[1]["next_batch"] == 2
   calls.clear()
-  monkeypatch.setattr(evaluate, "_make_likelihood_fn", counting)
+  monkeypatch.setattr(programs.Programs, "likelihood", counting)
   resumed = run(workdir)
   assert len(calls) == 6
   for key in ("nll_nats_per_dim", "nll_nats_per_dim_stderr", "nll_nats_per_dim_passes"):
@@ -404,7 +407,7 @@ def test_interrupted_likelihood_resumes_per_batch_with_identical_result(tmp_path
 def _image_setup(config):
   """A Setup without the dataset checks of make_setup (for RGB shapes with no RGB data here)."""
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  return train.Setup(config, builders.get_sde(config), None, None, mesh)
+  return programs.Setup(S(config), programs.get_sde(S(config)), None, None, mesh)
 
 
 @pytest.mark.parametrize("task", ["inpaint", "colorize"])
@@ -414,12 +417,12 @@ def test_controlled_sampling_keeps_what_is_given(task):
   setup = _image_setup(config)
   d = 4 * 4 * 3
   gauss = analytic.GaussianMixture.create(np.ones(1), np.zeros((1, d)), stds=np.full((1, d), 0.5))
-  ctx = evaluate._Context(config, setup, _analytic_factory(setup.sde), True)
+  progs = programs.Programs(setup, _analytic_factory(setup.sde))
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (8, 4, 4, 3)).astype(np.float32)
-  mask = evaluate.inpainting_mask("right_half", 4, 3)
-  g = lambda a: evaluate._global(ctx.bat, a)
-  x, nfe = evaluate._controlled(ctx, task, 8, 0.0)(
+  mask = sample_mode.inpainting_mask("right_half", 4, 3)
+  g = progs.put
+  x, nfe = progs.controlled_sampler(task, 8, 0.0)(
       gauss, jax.random.PRNGKey(0), g(np.zeros(8, np.int32)), g(images),
       g(np.broadcast_to(mask, images.shape).copy()))
   x = np.asarray(x)
@@ -433,12 +436,12 @@ def test_controlled_sampling_keeps_what_is_given(task):
 
 
 def test_inpainting_masks():
-  m = evaluate.inpainting_mask("top_half", 8, 1)
+  m = sample_mode.inpainting_mask("top_half", 8, 1)
   assert m.shape == (8, 8, 1) and m[:4].sum() == 0 and m[4:].min() == 1
-  c = evaluate.inpainting_mask("center", 8, 3)
+  c = sample_mode.inpainting_mask("center", 8, 3)
   assert c[2:6, 2:6].sum() == 0 and c.sum() == 3 * (64 - 16)
   with pytest.raises(ValueError, match="neither one of"):
-    evaluate.inpainting_mask("diagonal", 8, 1)
+    sample_mode.inpainting_mask("diagonal", 8, 1)
 
 
 @pytest.mark.slow  # ~2 min: two processes exchange every batch through gloo on localhost

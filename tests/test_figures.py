@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from benchmarks import make_figures as mf
-from score_jax import analytic, sampling
+from score_jax import analytic, sampling, train
+from score_jax.settings import from_config as S
 from score_jax import sde as sde_lib
 from score_jax.data import toy as toy_data
 
@@ -146,7 +147,7 @@ def _train_tiny(module, workdir, **changes):
     for k, v in {**base, **changes}.items():
       section, key = k.split(".")
       config[section][key] = v
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(S(config), workdir)
 
 
 @pytest.mark.slow  # ~2 minutes on 2 CPU cores: two tiny trainings, then every figure

@@ -159,6 +159,21 @@ def test_discrete_losses_check_the_sde(key):
     losses.smld_loss(key, SDES["vp"], lambda x, t: x, jnp.ones((2, 2)))
 
 
+@pytest.mark.parametrize("name", ["subvp", "vp"])
+def test_smld_loss_refuses_sdes_without_the_smld_chain(key, name):
+  with pytest.raises(TypeError, match="SMLD chain"):
+    losses.smld_loss(key, SDES[name], lambda x, t: x, jnp.ones((2, 2)))
+
+
+def test_ddpm_loss_refuses_sub_vp(key):
+  """sub-VP shares the VP drift (it subclasses VPSDE) but not the DDPM chain: the loss
+  must refuse it instead of silently training on the VP chain's noise levels."""
+  sde = sde_lib.subVPSDE()
+  assert isinstance(sde, sde_lib.VPSDE) and sde.chain is None
+  with pytest.raises(TypeError, match="subVPSDE"):
+    losses.ddpm_loss(key, sde, lambda x, t: x, jnp.ones((2, 2)))
+
+
 def test_bad_arguments(key):
   x = jnp.ones((2, 2))
   with pytest.raises(ValueError, match="eps"):

@@ -16,7 +16,9 @@ import optax
 import pytest
 
 from configs import toy
-from score_jax import builders, checkpoints, train
+from score_jax import checkpoints, evaluate, programs, train
+from score_jax import sample as sample_mode
+from score_jax.settings import from_config as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +56,7 @@ def _run(workdir, *overrides, devices=4):
 def _final_params(workdir):
   """The newest checkpoint, restored with the config the run saved."""
   config = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
-  setup = train.make_setup(config)
+  setup = programs.make_setup(S(config))
   template = train.init_state(setup, jax.random.PRNGKey(1))
   ck = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
   state = ck.restore(ck.latest_step(), template)
@@ -193,13 +195,13 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(t
     config.training.n_iters = 4
     config.training.snapshot_freq = 2
     config.training.snapshot_sampling = False
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(S(config), workdir)
   good = _final_params(workdir)
   with config.unlocked():
     config.training.n_iters = 8
     config.optim.lr = float("inf")  # the first update makes the parameters non-finite
   with pytest.raises(train.NonFiniteLossError, match="non-finite"):
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(S(config), workdir)
   ck = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
   steps = ck.all_steps()
   ck.close()
@@ -228,7 +230,7 @@ def test_bad_config_fails_before_compiling(tmp_path, change, match):
       section, key = k.split(".")
       config[section][key] = v
   with pytest.raises(ValueError, match=match):
-    train.check_run_config(config)
+    programs.make_setup(S(config))
 
 
 def test_image_size_must_match_the_network():
@@ -237,7 +239,7 @@ def test_image_size_must_match_the_network():
   with config.unlocked():
     config.data.image_size = 12
   with pytest.raises(ValueError, match="image_size"):
-    train.check_run_config(config)
+    programs.make_setup(S(config))
 
 
 def test_train_step_is_data_parallel_and_matches_single_device():
@@ -246,7 +248,7 @@ def test_train_step_is_data_parallel_and_matches_single_device():
   with config.unlocked():
     config.model.hidden_sizes = (32,)
     config.training.batch_size = 8
-  setup = train.make_setup(config)
+  setup = programs.make_setup(S(config))
   assert setup.mesh.devices.size == jax.device_count() == 4
   state = train.init_state(setup, jax.random.PRNGKey(0))
   x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
@@ -254,7 +256,7 @@ def test_train_step_is_data_parallel_and_matches_single_device():
   xs, ys = train.global_batch(setup, {"image": x, "label": y})
   assert len(xs.sharding.device_set) == 4
   key = jax.random.PRNGKey(5)
-  loss_fn = builders.get_loss_fn(config, setup.sde, setup.model, train=True)
+  loss_fn = programs.get_loss_fn(S(config), setup.sde, setup.model, train=True)
   expected = loss_fn(jax.device_get(state.params), jax.random.fold_in(key, 0), jnp.asarray(x), None)[0]
   step = train.make_train_step(setup)
   new_state, metrics = step(state, xs, ys, jax.device_put(key, setup.replicated))
@@ -270,14 +272,14 @@ def test_train_step_applies_adam_and_ema_and_skips_a_non_finite_step():
     config.model.hidden_sizes = (32,)
     config.training.batch_size = 8
     config.optim.warmup = 0  # so that the first step moves the parameters
-  setup = train.make_setup(config)
+  setup = programs.make_setup(S(config))
   step = train.make_train_step(setup)
   state = train.init_state(setup, jax.random.PRNGKey(0))
   before = jax.device_get(state)  # the step donates its state
   x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
   y = np.zeros((8,), np.int32)
   key = jax.random.PRNGKey(5)
-  loss_fn = builders.get_loss_fn(config, setup.sde, setup.model, train=True)
+  loss_fn = programs.get_loss_fn(S(config), setup.sde, setup.model, train=True)
   grads = jax.grad(lambda p: loss_fn(p, jax.random.fold_in(key, 0), jnp.asarray(x), None)[0])(
       before.params)
   updates, opt_state = setup.tx.update(grads, before.opt_state, before.params)
@@ -310,7 +312,7 @@ def _toy_setup(batch, microbatches, hidden=(32,)):
     config.model.hidden_sizes = hidden
     config.training.batch_size = batch
     config.training.microbatches = microbatches
-  return config, train.make_setup(config)
+  return config, programs.make_setup(S(config))
 
 
 def test_microbatches_accumulate_the_gradient_of_the_batch_mean_loss():
@@ -324,7 +326,7 @@ def test_microbatches_accumulate_the_gradient_of_the_batch_mean_loss():
   xs, ys = train.global_batch(setup, {"image": x, "label": np.zeros((b,), np.int32)})
   key = jax.random.PRNGKey(5)
   params = jax.device_get(state.params)
-  grad_fn = jax.value_and_grad(builders.get_loss_fn(config, setup.sde, setup.model, train=True),
+  grad_fn = jax.value_and_grad(programs.get_loss_fn(S(config), setup.sde, setup.model, train=True),
                                has_aux=True)
   keys = jax.random.split(jax.random.fold_in(key, 0), m)
   parts = [grad_fn(params, keys[j], jnp.asarray(x[j::m]), None) for j in range(m)]
@@ -355,7 +357,7 @@ def test_microbatches_lower_the_step_memory_and_are_checked():
     with config.unlocked():
       config.training.batch_size, config.training.microbatches = b, m
     with pytest.raises(ValueError, match="training.microbatches"):
-      train.check_run_config(config)
+      programs.make_setup(S(config))
 
 
 @pytest.mark.slow  # ~2 minutes on 2 idle cores
@@ -376,10 +378,11 @@ def test_toy_quickstart_learns_the_mode_weights(tmp_path):
     config.training.snapshot_sampling = False
     config.model.ema_rate = 0.99
     config.model.num_scales = 200
-  state = train.train_and_evaluate(config, str(tmp_path / "run"))
-  setup = train.make_setup(config)
-  sample = train.make_sample_fn(setup, 2048)
-  x, _ = sample(state.ema_params, jax.random.PRNGKey(7), jnp.zeros((2048,), jnp.int32))
+  state = train.train_and_evaluate(S(config), str(tmp_path / "run"))
+  setup = programs.make_setup(S(config))
+  progs = programs.Programs(setup)
+  x, _ = progs.sampler(2048)(state.ema_params, jax.random.PRNGKey(7),
+                             progs.put(np.zeros((2048,), np.int32)))
   x = np.asarray(x, np.float64)
   d = np.linalg.norm(x[:, None, :] - mix.means[None], axis=-1)  # [n, K]
   nearest = d.argmin(1)

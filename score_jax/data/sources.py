@@ -13,6 +13,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from score_jax.errors import UserError
+
 __all__ = ["DatasetNotFoundError", "Source", "ArraySource", "RecordSource"]
 
 

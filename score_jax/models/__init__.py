@@ -4,7 +4,7 @@
 - `DDPM`: the U-Net of Ho et al. ('ddpm').
 - `NCSNv2`: RefineNet of NCSNv2 ('ncsnv2').
 - `MLPScore`: MLP for low-dimensional data ('mlp').
-- `get_model(config)`: config -> module; `get_score_fn(sde, model, variables,
+- `build_model(name, **kwargs)`: explicit arguments -> module; `get_score_fn(sde, model, variables,
   continuous=...)`: network -> score_fn(x, t, y=None).
 
 All networks are called as `net.apply(variables, x, labels, y=None,
@@ -15,7 +15,7 @@ from score_jax.models.ddpm import DDPM
 from score_jax.models.mlp import MLPScore
 from score_jax.models.ncsnpp import NCSNpp
 from score_jax.models.ncsnv2 import NCSNv2
-from score_jax.models.utils import MODELS, count_params, get_model, get_score_fn, init_model
+from score_jax.models.utils import DTYPES, MODELS, build_model, count_params, get_score_fn, init_model
 
 __all__ = [
     "DDPM",
@@ -24,7 +24,8 @@ __all__ = [
     "NCSNv2",
     "MODELS",
     "count_params",
-    "get_model",
+    "DTYPES",
+    "build_model",
     "get_score_fn",
     "init_model",
 ]

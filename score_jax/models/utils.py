@@ -1,6 +1,6 @@
-"""From config to network, and from network to score function.
+"""Building a network, and turning a network into a score function.
 
-`get_model` is the only function in `models/` that reads a config.
+`build_model` takes explicit keyword arguments (no config reaches `models/`).
 `get_score_fn` is the only place that knows how a network's output and
 labels relate to an SDE (label conversion, output scaling, discrete vs.
 continuous time); losses and samplers only ever see the `score_fn` it
@@ -34,18 +34,17 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from score_jax.models.ddpm import DDPM
 from score_jax.models.mlp import MLPScore
 from score_jax.models.ncsnpp import NCSNpp
 from score_jax.models.ncsnv2 import NCSNv2
-from score_jax.sde import SDE, VESDE, VPSDE, batch_mul, subVPSDE
+from score_jax.sde import SDE, VESDE, VPSDE, batch_mul
 
 Array = jax.Array
 ScoreFn = Callable[..., Array]  # (x [B, ...], t [B], y=None) -> score [B, ...]
 
-__all__ = ["MODELS", "get_model", "get_score_fn", "init_model", "count_params"]
+__all__ = ["MODELS", "DTYPES", "build_model", "get_score_fn", "init_model", "count_params"]
 
 # Model name in config.model.name -> module class. DDPM++ is NCSN++ with
 # other settings (the reference called both 'ncsnpp').
@@ -60,47 +59,31 @@ MODELS: Mapping[str, type] = {
     "mlp": MLPScore,
 }
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def _as_static(value: Any) -> Any:
-  """Lists (e.g. fir_kernel = [1, 3, 3, 1]) -> tuples: module fields must be hashable."""
-  if isinstance(value, (list, tuple)):
-    return tuple(_as_static(v) for v in value)
-  return value
+def build_model(name: str, *, dtype: str = "float32", **kwargs: Any) -> nn.Module:
+  """The network `name` (a key of MODELS) from explicit constructor arguments.
 
-
-def get_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """Builds the score network named by `config.model.name`.
-
-  Every constructor argument of the chosen module that appears as a key of
-  `config.model` is taken from there (other keys, e.g. the SDE's sigma_max,
-  are ignored); missing ones keep the module's defaults, which are the
-  CIFAR-10 paper settings of that family. `centered` comes from
-  `config.data.centered`; `config.model.dtype` names the compute dtype.
-
-  `config.model.remat` turns on gradient checkpointing (U-Net families).
+  Arguments not given keep the module's defaults, the CIFAR-10 paper settings
+  of that family; `dtype` names the compute dtype. `score_jax.programs.get_model`
+  passes the model section of a run's settings.
 
   Raises:
-    ValueError: unknown model name or dtype; remat for a network without it.
+    ValueError: unknown model name or dtype, or an argument the network does not take.
   """
-  name = config.model.name.lower()
-  if name not in MODELS:
-    raise ValueError(f"Unknown model {config.model.name!r}; choose from {sorted(MODELS)}.")
-  cls = MODELS[name]
-  # 'name' and 'parent' are Flax's own Module fields, not architecture.
+  key = name.lower()
+  if key not in MODELS:
+    raise ValueError(f"Unknown model {name!r}; choose from {sorted(MODELS)}.")
+  if dtype not in DTYPES:
+    raise ValueError(f"Unknown model dtype {dtype!r}; choose from {sorted(DTYPES)}.")
+  cls = MODELS[key]
   fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"name", "parent", "dtype"}
-  kwargs: Dict[str, Any] = {k: _as_static(config.model[k]) for k in sorted(fields)
-                            if k in config.model}
-  if bool(config.model.get("remat", False)) and "remat" not in fields:
-    raise ValueError(f"model.remat (gradient checkpointing) is supported by ncsnpp, ddpmpp and "
-                     f"ddpm, not by {config.model.name!r}; set model.remat = False.")
-  if "centered" in fields and "data" in config and "centered" in config.data:
-    kwargs["centered"] = bool(config.data.centered)
-  dtype_name = config.model.get("dtype", "float32")
-  if dtype_name not in _DTYPES:
-    raise ValueError(f"Unknown model dtype {dtype_name!r}; choose from {sorted(_DTYPES)}.")
-  return cls(dtype=_DTYPES[dtype_name], **kwargs)
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"The {name!r} network takes no argument(s) {unknown}; it takes "
+                     f"{sorted(fields)}.")
+  return cls(dtype=DTYPES[dtype], **kwargs)
 
 
 def _dummy_inputs(shape: Sequence[int]):
@@ -148,7 +131,7 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
   def std_of(x: Array, t: Array) -> Array:
     return sde.marginal_prob(jnp.zeros_like(x), t)[1]
 
-  if isinstance(sde, VESDE):
+  if sde.chain == "smld" or isinstance(sde, VESDE):
     if continuous:
       def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
         sigma = std_of(x, t)  # [B]
@@ -168,7 +151,7 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
     raise ValueError(f"scale_by_sigma applies to VE SDEs only; with {type(sde).__name__} the "
                      "score is already -net / std. Set model.scale_by_sigma = False.")
 
-  if isinstance(sde, VPSDE) and not isinstance(sde, subVPSDE) and not continuous:
+  if sde.chain == "ddpm" and not continuous:
     def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
       labels = t * (sde.N - 1)  # fractional step, as the reference
       out = net(x, labels, y)
@@ -176,7 +159,7 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
       return batch_mul(-1.0 / std, out)
     return score_fn
 
-  if not continuous and not isinstance(sde, subVPSDE):
+  if not continuous and not isinstance(sde, VPSDE):
     raise ValueError(f"No discrete-time parameterization for {type(sde).__name__}; "
                      "use continuous=True.")
 

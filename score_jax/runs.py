@@ -1,0 +1,83 @@
+"""One public way to load a run: `load_run(workdir, step=None)`.
+
+    import score_jax
+    run = score_jax.load_run("runs/digits")              # newest checkpoint, EMA weights
+    x, nfe = score_jax.dpm_solver_pp_sample(key, run.sde, run.score_fn, (16, 8, 8, 1), 20)
+
+Works on any workdir that holds a config.json and orbax checkpoints: one
+written by `--mode=train`, or one made by `python -m score_jax.convert` from a
+released reference checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+
+from score_jax import checkpoints, programs
+from score_jax import sde as sde_lib
+from score_jax import settings as settings_lib
+from score_jax.errors import WorkdirError
+
+Array = jax.Array
+
+__all__ = ["Run", "load_run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A trained run: its settings, SDE, network, EMA parameters and score function."""
+  workdir: str
+  settings: settings_lib.Settings
+  setup: programs.Setup
+  params: Any  # the EMA parameters, replicated over the devices
+  step: int
+
+  @property
+  def config(self) -> settings_lib.Settings:
+    """The run's resolved config (WORKDIR/config.json) as validated settings."""
+    return self.settings
+
+  @property
+  def sde(self) -> sde_lib.SDE:
+    return self.setup.sde
+
+  @property
+  def model(self) -> nn.Module:
+    return self.setup.model
+
+  @property
+  def programs(self) -> programs.Programs:
+    """The run's jitted programs (samplers, likelihood, ...), built on first use."""
+    return programs.Programs(self.setup)
+
+  def score_fn(self, x: Array, t: Array, y: Optional[Array] = None) -> Array:
+    """s(x, t) ~ grad_x log p_t(x) of the EMA network; y: class labels [B] (conditional models)."""
+    return programs.network_score_factory(self.setup)(self.params, y)(x, t)
+
+
+def load_run(workdir: str, step: Optional[int] = None) -> Run:
+  """Loads WORKDIR's config and the EMA parameters of checkpoint `step` (default: the newest).
+
+  Raises:
+    WorkdirError: no such folder, or no config.json in it.
+    MissingCheckpointError: no checkpoint (of that step).
+    CheckpointMismatchError: the checkpoint does not fit the config's network.
+  """
+  from score_jax import train  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise WorkdirError(f"{workdir} has no config.json: not a score_jax run (train one with "
+                       "main.py --mode=train, or convert a checkpoint with python -m "
+                       "score_jax.convert).")
+  s = settings_lib.from_json(path)
+  setup = programs.make_setup(s, need_data=False)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  found = checkpoints.existing_step(ckpt_dir, -1 if step is None else step)
+  params = train.restore_ema_params(setup, ckpt_dir, found)
+  return Run(workdir=workdir, settings=s, setup=setup, params=params, step=found)

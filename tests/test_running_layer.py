@@ -1,0 +1,180 @@
+"""The running layer: settings read once, unknown keys refused, clear user errors, load_run."""
+
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default, toy, vp_cifar
+import score_jax
+from score_jax import analytic, checkpoints, evaluate, models, programs, settings, train
+from score_jax.errors import ConfigError, UserError, WorkdirError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_TOY = {"training.batch_size": 64, "training.n_iters": 10, "training.snapshot_freq": 10,
+            "training.snapshot_freq_for_preemption": 10, "training.log_freq": 5,
+            "training.eval_freq": 10**6, "training.snapshot_sampling": False,
+            "model.hidden_sizes": (32, 32), "model.num_scales": 20}
+
+
+def _toy(**changes):
+  config = toy.get_config()
+  with config.unlocked():
+    for k, v in {**TINY_TOY, **changes}.items():
+      section, key = k.split(".")
+      config[section][key] = v
+  return config
+
+
+@pytest.mark.parametrize("section,key", [("model", "nff"), ("training", "n_iter"),
+                                         ("sampling", "methd"), ("eval", "num_sample"),
+                                         ("data", "image_sizes"), ("optim", "learning_rate"),
+                                         ("sample", "count")])
+def test_an_unread_key_in_any_section_is_an_error_that_names_it(section, key):
+  config = vp_cifar.get_config()
+  with config.unlocked():
+    config[section][key] = 64
+  with pytest.raises(ConfigError, match=rf"{section}\.{key}\b") as err:
+    settings.from_config(config)
+  first_valid = {"model": "name", "training": "sde", "sampling": "method", "eval": "begin_ckpt",
+                 "data": "dataset", "optim": "optimizer", "sample": "ckpt_step"}[section]
+  assert f"Valid keys of config.{section}: {first_valid}" in str(err.value)
+
+
+def test_keys_of_other_families_stay_allowed_and_reach_only_their_network():
+  """An NCSNv2 key on a DDPM++ config is allowed (another family reads it); the DDPM++
+  network is built from its own constructor's keys only."""
+  config = vp_cifar.get_config()
+  with config.unlocked():
+    config.model.interpolation = "bilinear"  # an NCSNv2 argument
+  s = settings.from_config(config)
+  assert dict(s.model.arch)["interpolation"] == "bilinear"
+  model = programs.get_model(s)
+  assert isinstance(model, models.NCSNpp) and model.nf == config.model.nf
+
+
+def test_every_shipped_config_has_only_read_keys_and_wrong_types_are_refused():
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
+    name = os.path.basename(path)[:-3]
+    if name != "__init__":
+      settings.from_config(importlib.import_module(f"configs.{name}").get_config())
+  # ConfigDicts keep their types; a config.json or a plain dict does not.
+  raw = toy.get_config().to_dict()
+  raw["training"]["n_iters"] = 1.5
+  with pytest.raises(ConfigError, match="training.n_iters must be an integer"):
+    settings.from_config(raw)
+  raw = toy.get_config().to_dict()
+  raw["training"]["continuous"] = "yes"
+  with pytest.raises(ConfigError, match="training.continuous must be True or False"):
+    settings.from_config(raw)
+
+
+def test_every_default_lives_in_the_default_config():
+  """A config lacking keys is completed from configs/default.py, with its values."""
+  full = default.get_config().to_dict()
+  partial = {k: v for k, v in full.items() if k != "eval"}
+  partial["training"] = {"batch_size": 32}
+  s = settings.from_config(ml_collections.ConfigDict(partial))
+  assert s.training.batch_size == 32
+  assert s.training.n_iters == full["training"]["n_iters"]
+  assert s.eval.wait_timeout_s == full["eval"]["wait_timeout_s"]
+  assert s.eval.quantization == "truncate"
+
+
+def _main(*args, timeout=240):
+  return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_main_refuses_an_unread_key_in_seconds_with_one_line(tmp_path):
+  cfg = tmp_path / "typo.py"
+  cfg.write_text("from configs import toy\n\n\ndef get_config():\n  config = toy.get_config()\n"
+                 "  config.model.nff = 64\n  return config\n")
+  start = time.perf_counter()
+  proc = _main(f"--config={cfg}", f"--workdir={tmp_path / 'w'}", "--mode=train")
+  seconds = time.perf_counter() - start
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "model.nff" in proc.stderr and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().count("\n") == 0 or "error:" in proc.stderr.strip().splitlines()[-1]
+  assert not os.path.exists(tmp_path / "w"), "nothing is written before the config is valid"
+  assert seconds < 60, seconds  # no compilation: interpreter and imports only
+
+
+def test_eval_of_a_workdir_never_trained_fails_at_once(tmp_path):
+  """The default waits 24 h for training beside it; a workdir nothing trains fails now."""
+  s = settings.from_config(_toy(**{"eval.enable_sampling": False, "eval.begin_ckpt": 1,
+                                   "eval.end_ckpt": 1}))
+  assert s.eval.wait_timeout_s == 86_400.0
+  start = time.perf_counter()
+  with pytest.raises(WorkdirError, match="no training run"):
+    evaluate.run(s, str(tmp_path / "never_trained"))
+  assert time.perf_counter() - start < 5
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(WorkdirError, match="is a file"):
+    train.train_and_evaluate(s, str(tmp_path / "file"))
+  assert isinstance(WorkdirError("x"), UserError)
+
+
+def test_fid_quantization_truncates_like_the_reference_or_rounds():
+  x = np.array([[0.0, 0.5019, 0.9999, 1.2, -0.1]], np.float32)  # [0, 1] model space
+  np.testing.assert_array_equal(evaluate.to_uint8(x, False, "truncate"),
+                                np.clip(x * 255.0, 0, 255).astype(np.uint8))
+  np.testing.assert_array_equal(evaluate.to_uint8(x, False, "round"),
+                                np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8))
+  assert evaluate.to_uint8(x, False, "truncate")[0, 1] == 127
+  assert evaluate.to_uint8(x, False, "round")[0, 1] == 128
+
+
+@pytest.fixture(scope="module")
+def trained_toy(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("toy") / "run")
+  state = train.train_and_evaluate(settings.from_config(_toy()), workdir)
+  return workdir, state
+
+
+def test_load_run_on_a_trained_workdir(trained_toy):
+  workdir, state = trained_toy
+  run = score_jax.load_run(workdir)
+  assert run.step == 10 and run.config.model.name == "mlp"
+  assert isinstance(run.sde, score_jax.VPSDE) and run.sde.N == 20
+  for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(state.ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The score is the network's: -net(x, 999 t) / std(t) of the VP parameterization.
+  x, t = jnp.ones((4, 2)), jnp.full((4,), 0.5)
+  net = run.model.apply({"params": run.params}, x, 999.0 * t)
+  np.testing.assert_allclose(np.asarray(run.score_fn(x, t)),
+                             np.asarray(-net / run.sde.marginal_std(t)[:, None]), rtol=1e-5)
+  # Three lines from a checkpoint to samples.
+  samples, nfe = score_jax.dpm_solver_pp_sample(jax.random.PRNGKey(0), run.sde, run.score_fn,
+                                                (64, 2), 10)
+  assert samples.shape == (64, 2) and bool(jnp.all(jnp.isfinite(samples))) and int(nfe) == 10
+  with pytest.raises(checkpoints.MissingCheckpointError, match="present: \\[10\\]"):
+    score_jax.load_run(workdir, step=5)
+  with pytest.raises(WorkdirError, match="config.json"):
+    score_jax.load_run(os.path.join(workdir, "checkpoints"))
+
+
+def test_programs_guidance_is_decided_in_one_place():
+  """Unconditional models ignore labels and guidance; w = 0 is the conditional score."""
+  s = settings.from_config(_toy(**{"model.num_classes": 0}))
+  setup = programs.Setup(s, programs.get_sde(s), None, None, None)
+  mix = analytic.example_mixture_2d()
+  calls = []
+
+  def factory(params, y):
+    calls.append(y)
+    return analytic.score_fn(mix, setup.sde)
+
+  progs = programs.Programs(setup, factory)
+  progs.score_fn(None, jnp.zeros((2,), jnp.int32), 3.0)
+  assert calls == [None]
