@@ -45,6 +45,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from score_jax.data.digits import DIGITS_NUM_CLASSES, load_digits
+from score_jax.scaling import data_scaler
 from score_jax.data.images import center_crop, crop_resize, resize, resize_small
 from score_jax.data.pipeline import Batches, Transform
 from score_jax.data.prefetch import Prefetch, to_device
@@ -84,14 +85,9 @@ _TRAIN_STREAM, _EVAL_STREAM = 1, 2
 ArrayT = TypeVar("ArrayT")
 
 
-def data_scaler(centered: bool) -> Callable[[ArrayT], ArrayT]:
-  """[0, 1] -> [-1, 1] if centered, else the identity (numpy or jax arrays)."""
-  return (lambda x: x * 2.0 - 1.0) if centered else (lambda x: x)
-
-
 def inverse_scaler(centered: bool) -> Callable[[ArrayT], ArrayT]:
   """[-1, 1] -> [0, 1] if centered, else the identity; the inverse of data_scaler."""
-  return (lambda x: (x + 1.0) / 2.0) if centered else (lambda x: x)
+  return data_scaler(centered).inverse
 
 
 def _canonical(dataset: str, category: str) -> tuple[str, str]:
@@ -235,57 +231,52 @@ def make_batches(source: Source, *, batch_size: int, evaluation: bool = False, r
                  process_count=process_count, num_threads=num_threads)
 
 
-def _open_from_config(config: Any, split: str) -> Source:
-  data = config.data
-  name, _ = _canonical(data.dataset, data.get("category", ""))
-  data_dir = data.get("data_dir", "") or ""
+def _open(data: Any, split: str) -> Source:
+  name, _ = _canonical(data.dataset, data.category)
+  data_dir = data.data_dir
   if name in ("ffhq", "celebahq"):
-    data_dir = data.get("tfrecords_path", "") or data_dir  # the reference's key
-  return open_source(data.dataset, split, image_size=data.image_size, num_channels=data.num_channels,
-                     data_dir=data_dir, category=data.get("category", ""),
-                     toy_name=data.get("toy_name", "gaussian_mixture"))
+    data_dir = data.tfrecords_path or data_dir  # the reference's key
+  return open_source(data.dataset, split, image_size=data.image_size,
+                     num_channels=data.num_channels, data_dir=data_dir, category=data.category,
+                     toy_name=data.toy_name)
 
 
-def get_dataset(config: Any, split: str = "train", *, evaluation: bool = False, raw: bool = False,
-                batch_size: int | None = None, start_step: int = 0, seed: int | None = None,
-                process_index: int | None = None, process_count: int | None = None,
-                num_threads: int | None = None) -> Batches:
-  """Batches of a split as the config says (the one function here that reads a config).
+def get_dataset(data: Any, split: str = "train", *, batch_size: int, seed: int,
+                num_classes: int = 0, evaluation: bool = False, raw: bool = False,
+                start_step: int = 0, process_index: int | None = None,
+                process_count: int | None = None, num_threads: int | None = None) -> Batches:
+  """Batches of a split of the dataset that data settings (`score_jax.settings.Data`) name.
 
-  Reads config.data.{dataset, data_dir, image_size, num_channels, random_flip,
-  centered, uniform_dequantization, toy_name, category, tfrecords_path},
-  config.training.batch_size (evaluation=False) or config.eval.batch_size
-  (evaluation=True), config.seed and config.model.num_classes.
+  Reads data.{dataset, data_dir, image_size, num_channels, random_flip,
+  centered, uniform_dequantization, toy_name, category, tfrecords_path}.
   Random flips apply only to split 'train' with evaluation=False.
 
   Args:
-    config: an ml_collections ConfigDict like configs/default.py.
+    data: the run's data settings.
     split: 'train' or 'test'.
+    batch_size: the global batch size (training.batch_size or eval.batch_size).
+    seed: the run's seed (e.g. seed + pass for several bits/dim passes).
+    num_classes: the model's classes (model.num_classes), checked against the dataset's.
     evaluation, raw, start_step, process_index, process_count, num_threads: see make_batches.
-    batch_size: overrides the global batch size from the config.
-    seed: overrides config.seed (e.g. seed + pass for several bits/dim passes).
 
   Returns:
     A Batches iterator of dicts {'image', 'label', 'mask', 'index'} (module docstring).
   """
-  source = _open_from_config(config, split)
-  num_classes = int(config.model.get("num_classes", 0) or 0) if "model" in config else 0
+  source = _open(data, split)
   if num_classes > 0:
     if source.num_classes == 0:
-      raise ValueError(f"model.num_classes is {num_classes} but dataset {config.data.dataset!r} has no labels.")
+      raise ValueError(f"model.num_classes is {num_classes} but dataset {data.dataset!r} has no labels.")
     if num_classes < source.num_classes:
-      raise ValueError(f"model.num_classes is {num_classes} but dataset {config.data.dataset!r} has "
+      raise ValueError(f"model.num_classes is {num_classes} but dataset {data.dataset!r} has "
                        f"{source.num_classes} classes.")
-  if batch_size is None:
-    batch_size = config.eval.batch_size if evaluation else config.training.batch_size
   return make_batches(
       source, batch_size=batch_size, evaluation=evaluation,
-      random_flip=bool(config.data.random_flip) and split == "train" and not evaluation,
-      uniform_dequantization=bool(config.data.uniform_dequantization), centered=bool(config.data.centered),
-      raw=raw, seed=config.seed if seed is None else seed, start_step=start_step,
+      random_flip=data.random_flip and split == "train" and not evaluation,
+      uniform_dequantization=data.uniform_dequantization, centered=data.centered,
+      raw=raw, seed=seed, start_step=start_step,
       process_index=process_index, process_count=process_count, num_threads=num_threads)
 
 
-def num_examples(config: Any, split: str) -> int:
-  """Number of examples in a split (all processes together)."""
-  return len(_open_from_config(config, split))
+def num_examples(data: Any, split: str) -> int:
+  """Number of examples in a split (all processes together) of the dataset `data` names."""
+  return len(_open(data, split))

@@ -1,5 +1,6 @@
 """Data layer: toy and digits statistics, preprocessing, determinism, resume, sharding, tfds, errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from score_jax import datasets
+from score_jax import datasets, settings
 from score_jax.data import digits as digits_lib
 from score_jax.data import tfrecord
 from score_jax.data import tfrecord_folder
@@ -30,6 +31,22 @@ def make_config(dataset="digits", **data):
       "centered": False, "uniform_dequantization": False, "toy_name": "gaussian_mixture"})
   config.data.update(data)
   return config
+
+
+def _data(config):
+  """The data settings of a minimal config (the keys the data layer reads)."""
+  keys = {f.name for f in dataclasses.fields(settings.Data)}
+  values = {"category": "", "tfrecords_path": "", **config.data.to_dict()}
+  return settings.Data(**{k: v for k, v in values.items() if k in keys})
+
+
+def get_dataset(config, split="train", *, evaluation=False, batch_size=None, seed=None, **kwargs):
+  """datasets.get_dataset with the minimal config's batch sizes, seed and classes."""
+  if batch_size is None:
+    batch_size = config.eval.batch_size if evaluation else config.training.batch_size
+  return datasets.get_dataset(_data(config), split, evaluation=evaluation, batch_size=batch_size,
+                              seed=config.seed if seed is None else seed,
+                              num_classes=config.model.num_classes, **kwargs)
 
 
 def take(it, n):
@@ -118,7 +135,7 @@ def test_toy_data_is_fixed_and_splits_differ():
   c = datasets.open_source("toy", "test", image_size=0, num_channels=0, toy_name="moons")
   np.testing.assert_array_equal(a.data, b.data)
   assert len(c) == 8192 and not np.array_equal(a.data[:8192], c.data)
-  batch = next(datasets.get_dataset(make_config("toy", toy_name="moons"), "train",
+  batch = next(get_dataset(make_config("toy", toy_name="moons"), "train",
                                     process_index=0, process_count=1))
   assert batch["image"].shape == (64, 2) and batch["image"].dtype == np.float32
 
@@ -179,12 +196,12 @@ def test_flip_only_on_train_stream():
     assert np.all(same | mirrored)
     return mirrored & ~same
 
-  train = next(datasets.get_dataset(config, "train", process_index=0, process_count=1))
+  train = next(get_dataset(config, "train", process_index=0, process_count=1))
   frac = flipped(train, raw_train).mean()
   assert 0.25 < frac < 0.75
   for batch, source in [
-      (next(datasets.get_dataset(config, "test", process_index=0, process_count=1)), raw_test),
-      (next(datasets.get_dataset(config, "train", evaluation=True, process_index=0, process_count=1)), raw_train),
+      (next(get_dataset(config, "test", process_index=0, process_count=1)), raw_test),
+      (next(get_dataset(config, "train", evaluation=True, process_index=0, process_count=1)), raw_train),
   ]:
     assert not flipped(batch, source).any()
 
@@ -192,8 +209,8 @@ def test_flip_only_on_train_stream():
 @pytest.mark.parametrize("centered", [False, True])
 def test_uniform_dequantization_bins(centered):
   config = make_config(uniform_dequantization=True, centered=centered)
-  batch = next(datasets.get_dataset(config, "train", process_index=0, process_count=1))
-  raw = next(datasets.get_dataset(config, "train", raw=True, process_index=0, process_count=1))
+  batch = next(get_dataset(config, "train", process_index=0, process_count=1))
+  raw = next(get_dataset(config, "train", raw=True, process_index=0, process_count=1))
   assert raw["image"].dtype == np.uint8
   np.testing.assert_array_equal(raw["index"], batch["index"])
   y = datasets.inverse_scaler(centered)(batch["image"].astype(np.float64))
@@ -222,17 +239,17 @@ def test_dequantized_values_stay_in_their_bin_at_255():
 
 def test_determinism_and_seed_dependence():
   config = make_config(random_flip=True, uniform_dequantization=True)
-  a = take(datasets.get_dataset(config, "train", process_index=0, process_count=1), 3)
-  b = take(datasets.get_dataset(config, "train", process_index=0, process_count=1), 3)
+  a = take(get_dataset(config, "train", process_index=0, process_count=1), 3)
+  b = take(get_dataset(config, "train", process_index=0, process_count=1), 3)
   assert_batches_equal(a, b)
-  c = take(datasets.get_dataset(config, "train", seed=7, process_index=0, process_count=1), 3)
+  c = take(get_dataset(config, "train", seed=7, process_index=0, process_count=1), 3)
   assert not np.array_equal(a[0]["index"], c[0]["index"])
 
 
 def test_epochs_are_permutations_reshuffled_each_epoch():
   config = make_config()
   # 1442 train digits, batch 721: two batches per epoch.
-  it = datasets.get_dataset(config, "train", batch_size=721, process_index=0, process_count=1)
+  it = get_dataset(config, "train", batch_size=721, process_index=0, process_count=1)
   e0 = np.concatenate([b["index"] for b in take(it, 2)])
   e1 = np.concatenate([b["index"] for b in take(it, 2)])
   np.testing.assert_array_equal(np.sort(e0), np.arange(1442))
@@ -243,11 +260,11 @@ def test_epochs_are_permutations_reshuffled_each_epoch():
 
 def test_resume_from_start_step_across_epoch_boundary():
   config = make_config(random_flip=True, uniform_dequantization=True, centered=True)
-  fresh = take(datasets.get_dataset(config, "train", process_index=0, process_count=1), 26)
+  fresh = take(get_dataset(config, "train", process_index=0, process_count=1), 26)
   # Step 22 straddles the first epoch boundary (1442 / 64 = 22.5).
-  resumed = datasets.get_dataset(config, "train", start_step=20, process_index=0, process_count=1)
+  resumed = get_dataset(config, "train", start_step=20, process_index=0, process_count=1)
   assert_batches_equal(take(resumed, 6), fresh[20:])
-  threaded = datasets.get_dataset(config, "train", start_step=20, num_threads=2,
+  threaded = get_dataset(config, "train", start_step=20, num_threads=2,
                                   process_index=0, process_count=1)
   assert_batches_equal(take(threaded, 6), fresh[20:])
   threaded.close()
@@ -255,7 +272,7 @@ def test_resume_from_start_step_across_epoch_boundary():
 
 def test_process_shards_disjoint_cover_and_match_one_process():
   config = make_config(random_flip=True, uniform_dequantization=True)
-  shards = [list(datasets.get_dataset(config, "test", evaluation=True, process_index=p, process_count=2))
+  shards = [list(get_dataset(config, "test", evaluation=True, process_index=p, process_count=2))
             for p in range(2)]
   assert len(shards[0]) == len(shards[1]) == 4  # ceil(355 / 100)
   seen = [np.concatenate([b["index"][b["mask"]] for b in s]) for s in shards]
@@ -263,18 +280,18 @@ def test_process_shards_disjoint_cover_and_match_one_process():
   np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(355))
   assert all(b["image"].shape == (50, 8, 8, 1) for s in shards for b in s)
   # Training: the two local batches of a step are the single-process global batch.
-  one = next(datasets.get_dataset(config, "train", process_index=0, process_count=1))
-  two = [next(datasets.get_dataset(config, "train", process_index=p, process_count=2)) for p in range(2)]
+  one = next(get_dataset(config, "train", process_index=0, process_count=1))
+  two = [next(get_dataset(config, "train", process_index=p, process_count=2)) for p in range(2)]
   for k in one:
     np.testing.assert_array_equal(np.concatenate([two[0][k], two[1][k]]), one[k])
 
 
 def test_eval_pass_pads_with_mask():
   config = make_config()
-  batches = list(datasets.get_dataset(config, "test", evaluation=True, process_index=0, process_count=1))
+  batches = list(get_dataset(config, "test", evaluation=True, process_index=0, process_count=1))
   assert [b["mask"].sum() for b in batches] == [100, 100, 100, 55]
-  assert datasets.num_examples(config, "test") == 355
-  assert datasets.num_examples(config, "train") == 1442
+  assert datasets.num_examples(_data(config), "test") == 355
+  assert datasets.num_examples(_data(config), "train") == 1442
 
 
 # --- tfds -------------------------------------------------------------------
@@ -285,17 +302,17 @@ def test_cifar10_with_tfds_mock_data():
   config.training.batch_size = 8
   config.eval.batch_size = 4
   with tfds.testing.mock_data(num_examples=10):
-    batch = next(datasets.get_dataset(config, "train", process_index=0, process_count=1))
+    batch = next(get_dataset(config, "train", process_index=0, process_count=1))
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0 and batch["image"].min() < -0.5
     assert batch["label"].dtype == np.int32 and np.all((0 <= batch["label"]) & (batch["label"] < 10))
-    passes = list(datasets.get_dataset(config, "test", evaluation=True, raw=True,
+    passes = list(get_dataset(config, "test", evaluation=True, raw=True,
                                        process_index=0, process_count=1))
     assert len(passes) == 3 and sum(b["mask"].sum() for b in passes) == 10
     assert passes[0]["image"].dtype == np.uint8 and passes[0]["image"].shape == (4, 32, 32, 3)
     config.data.image_size = 16  # resized
-    assert next(datasets.get_dataset(config, "train", process_index=0, process_count=1))["image"].shape == (8, 16, 16, 3)
-    assert datasets.num_examples(config, "train") == 10
+    assert next(get_dataset(config, "train", process_index=0, process_count=1))["image"].shape == (8, 16, 16, 3)
+    assert datasets.num_examples(_data(config), "train") == 10
 
 
 def _prepare_fake_cifar10(data_dir, n_train=12, n_test=5):
@@ -345,7 +362,7 @@ def test_tfds_on_disk_array_record_and_tfrecord_without_tensorflow(tmp_path, no_
   expected = [builder.as_data_source("test")[i]["image"] for i in range(5)]
 
   def read_test():
-    batches = list(datasets.get_dataset(config, "test", evaluation=True, raw=True,
+    batches = list(get_dataset(config, "test", evaluation=True, raw=True,
                                         process_index=0, process_count=1))
     return np.concatenate([b["image"][b["mask"]] for b in batches])
 
@@ -353,14 +370,14 @@ def test_tfds_on_disk_array_record_and_tfrecord_without_tensorflow(tmp_path, no_
   _to_tfrecord_format(builder)
   assert tfds.builder("cifar10", data_dir=str(tmp_path)).info.file_format == tfds.core.FileFormat.TFRECORD
   np.testing.assert_array_equal(read_test(), np.stack(expected))  # same examples, same order
-  assert datasets.num_examples(config, "train") == 12
+  assert datasets.num_examples(_data(config), "train") == 12
 
 
 def test_missing_tfds_dataset_is_a_clear_error_without_network(tmp_path, no_network):
   for dataset, tfds_name in [("cifar10", "cifar10"), ("CELEBA", "celeb_a")]:
     config = make_config(dataset, data_dir=str(tmp_path), image_size=32, num_channels=3)
     with pytest.raises(datasets.DatasetNotFoundError) as e:
-      datasets.get_dataset(config, "train", process_index=0, process_count=1)
+      get_dataset(config, "train", process_index=0, process_count=1)
     msg = str(e.value)
     assert f"'{tfds_name}'" in msg and str(tmp_path) in msg
     assert f"tfds build {tfds_name} --data_dir={tmp_path}" in msg
@@ -378,11 +395,11 @@ def test_tfrecord_folder_picks_resolution_and_round_trips(tmp_path):
                             [tfrecord_folder.encode_image_record(im) for im in ims])
   config = make_config("FFHQ", data_dir=str(tmp_path), image_size=8, num_channels=3)
   config.eval.batch_size = 5
-  batch = next(datasets.get_dataset(config, "test", evaluation=True, raw=True, process_index=0, process_count=1))
+  batch = next(get_dataset(config, "test", evaluation=True, raw=True, process_index=0, process_count=1))
   np.testing.assert_array_equal(batch["image"], images[3])
   config.data.image_size = 16
   with pytest.raises(datasets.DatasetNotFoundError, match=r"\[4, 8\].*image_size 16"):
-    datasets.get_dataset(config, "train", process_index=0, process_count=1)
+    get_dataset(config, "train", process_index=0, process_count=1)
   with pytest.raises(datasets.DatasetNotFoundError, match="does not exist"):
     datasets.open_source("ffhq", "train", image_size=8, num_channels=3, data_dir=str(tmp_path / "nope"))
   # A damaged file is reported, not misread.
@@ -397,25 +414,25 @@ def test_tfrecord_folder_picks_resolution_and_round_trips(tmp_path):
 
 def test_bad_config_values_are_clear_errors():
   with pytest.raises(ValueError, match="Unknown dataset 'imagenet'.*cifar10"):
-    datasets.get_dataset(make_config("imagenet"), "train", process_index=0, process_count=1)
+    get_dataset(make_config("imagenet"), "train", process_index=0, process_count=1)
   with pytest.raises(ValueError, match="does not divide across 3 processes"):
-    datasets.get_dataset(make_config(), "train", process_index=0, process_count=3)
+    get_dataset(make_config(), "train", process_index=0, process_count=3)
   with pytest.raises(ValueError, match="1 channel.*num_channels is 3"):
-    datasets.get_dataset(make_config(num_channels=3), "train", process_index=0, process_count=1)
+    get_dataset(make_config(num_channels=3), "train", process_index=0, process_count=1)
   with pytest.raises(ValueError, match="multiple of 8"):
-    datasets.get_dataset(make_config(image_size=12), "train", process_index=0, process_count=1)
+    get_dataset(make_config(image_size=12), "train", process_index=0, process_count=1)
   with pytest.raises(ValueError, match="Unknown split 'valid'"):
-    datasets.get_dataset(make_config(), "valid", process_index=0, process_count=1)
+    get_dataset(make_config(), "valid", process_index=0, process_count=1)
   with pytest.raises(ValueError, match="Unknown toy dataset 'spiral'"):
-    datasets.get_dataset(make_config("toy", toy_name="spiral"), "train", process_index=0, process_count=1)
+    get_dataset(make_config("toy", toy_name="spiral"), "train", process_index=0, process_count=1)
   with pytest.raises(ValueError, match="LSUN needs a category"):
-    datasets.get_dataset(make_config("lsun"), "train", process_index=0, process_count=1)
+    get_dataset(make_config("lsun"), "train", process_index=0, process_count=1)
   config = make_config()
   config.model.num_classes = 5
   with pytest.raises(ValueError, match="num_classes is 5.*10 classes"):
-    datasets.get_dataset(config, "train", process_index=0, process_count=1)
+    get_dataset(config, "train", process_index=0, process_count=1)
   with pytest.raises(ValueError, match="raw=True"):
-    datasets.get_dataset(make_config("toy"), "train", raw=True, process_index=0, process_count=1)
+    get_dataset(make_config("toy"), "train", raw=True, process_index=0, process_count=1)
 
 
 # --- batch transform, prefetching -------------------------------------------
