@@ -11,6 +11,7 @@ error alone (20k samples) is about 0.01 in weight and mean and 1.3% in std
 nats against the closed form, and NFE, per solver tolerance.
 
   python benchmarks/bench_samplers.py [--sde vp|subvp|ve] [--samples 20000]
+      [--nfe 10 20 ...] [--samplers UniPC DPM ...]
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ SAMPLERS = {
     "DPM-Solver++ 2M (logSNR)": fast(fast_samplers.dpm_solver_pp_sample, lambda n: n, True),
     "DPM-Solver++ 3M (logSNR)": fast(fast_samplers.dpm_solver_pp_sample, lambda n: n - 1, True,
                                      order=3),
+    **{f"UniPC-{order} {variant} (logSNR)": fast(fast_samplers.unipc_sample, lambda n: n, True,
+                                                 order=order, variant=variant)
+       for order in (2, 3) for variant in ("bh1", "bh2")},
 }
 
 
@@ -78,7 +82,7 @@ def errors(sde, x):
           float(jnp.abs(st.stds / std - 1).max()))
 
 
-def sampler_table(name: str, n: int, nfes, seed: int) -> None:
+def sampler_table(name: str, n: int, nfes, seed: int, only=None) -> None:
   make_sde, eps = SDES[name]
   sde = make_sde(1000)
   shape = (n, 2)
@@ -90,6 +94,8 @@ def sampler_table(name: str, n: int, nfes, seed: int) -> None:
   print("| sampler | NFE | weight err | mean err | std err % | path RMS vs ODE |")
   print("|---|---|---|---|---|---|")
   for label, (run, deterministic) in SAMPLERS.items():
+    if only and not any(word.lower() in label.lower() for word in only):
+      continue
     for nfe in nfes:
       try:
         x, used = run(make_sde, eps, jax.random.PRNGKey(seed + 1), shape, nfe, z)
@@ -133,9 +139,11 @@ def main() -> None:
   parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100, 1000])
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--skip-likelihood", action="store_true")
+  parser.add_argument("--samplers", nargs="+", metavar="WORD",
+                      help="only the samplers whose label contains one of these words")
   args = parser.parse_args()
   start = time.time()
-  sampler_table(args.sde, args.samples, args.nfe, args.seed)
+  sampler_table(args.sde, args.samples, args.nfe, args.seed, args.samplers)
   if not args.skip_likelihood:
     likelihood_table(256, args.seed)
   print(f"\n({time.time() - start:.0f} s on {jax.devices()[0].platform})")

@@ -16,7 +16,7 @@ _xla_flags.apply_at_import()  # before any JAX backend starts: XLA reads its fla
 from score_jax import analytic, controllable, fast_samplers, likelihood, losses, sampling, sde
 from score_jax.controllable import (classifier_free_guidance, classifier_guidance, colorization,
                                     inpainting)
-from score_jax.fast_samplers import ddim_sample, dpm_solver_pp_sample, heun_sample
+from score_jax.fast_samplers import ddim_sample, dpm_solver_pp_sample, heun_sample, unipc_sample
 from score_jax.likelihood import bits_per_dim, log_likelihood
 from score_jax.sampling import ode_encode, ode_sample, pc_sample
 from score_jax.sde import SDE, TutorialSDE, VESDE, VPSDE, subVPSDE
@@ -35,6 +35,7 @@ __all__ = [
     "analytic", "controllable", "fast_samplers", "likelihood", "losses", "sampling", "sde",
     "SDE", "VPSDE", "subVPSDE", "VESDE", "TutorialSDE",
     "pc_sample", "ode_sample", "ode_encode", "ddim_sample", "heun_sample", "dpm_solver_pp_sample",
+    "unipc_sample",
     "log_likelihood", "bits_per_dim",
     "inpainting", "colorization", "classifier_guidance", "classifier_free_guidance",
     "load_run",

@@ -124,11 +124,13 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
   return loss_fn
 
 
-# sampling.method -> (function in score_jax.fast_samplers, Sampling fields it takes).
+# sampling.method -> (function in score_jax.fast_samplers, Sampling fields it takes);
+# a field <method>_<arg> is passed as <arg> (unipc_variant -> variant).
 FAST_SAMPLERS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "ddim": ("ddim_sample", ("eta",)),
     "heun": ("heun_sample", ("s_churn",)),
     "dpm_solver": ("dpm_solver_pp_sample", ("order",)),
+    "unipc": ("unipc_sample", ("order", "unipc_variant")),
 }
 
 
@@ -137,7 +139,7 @@ def get_sampler(s: Settings, sde: sde_lib.SDE) -> SamplerFn:
 
   `extra` goes to the sampler function as is: z (a start state), and
   constraint (controllable.py; pc and the fast samplers, not ode). 'ddim',
-  'heun' (EDM) and 'dpm_solver' (DPM-Solver++ multistep) take
+  'heun' (EDM), 'dpm_solver' (DPM-Solver++ multistep) and 'unipc' take
   sampling.num_steps score evaluations (0: the sampler's default) on
   sampling.schedule ('' = default).
   """
@@ -160,7 +162,7 @@ def get_sampler(s: Settings, sde: sde_lib.SDE) -> SamplerFn:
     kwargs["num_steps"] = c.num_steps
   if c.schedule:
     kwargs["schedule"] = c.schedule
-  kwargs.update({key: getattr(c, key) for key in options})
+  kwargs.update({key.removeprefix(method + "_"): getattr(c, key) for key in options})
   fn = getattr(fast_samplers, fn_name)
   return lambda rng, score_fn, shape, **extra: fn(rng, sde, score_fn, shape, **kwargs, **extra)
 

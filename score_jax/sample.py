@@ -170,7 +170,7 @@ def run(settings: Settings, workdir: str) -> Dict[str, str]:
   _sample_labels(settings, 1)  # a bad class label fails before the checkpoint loads
   if task in ("inpaint", "colorize") and settings.sampling.method.lower() == "ode":
     raise ConfigError(f"sample.task={task!r} needs a sampler with per-step projections: "
-                     "sampling.method pc, ddim, heun or dpm_solver, not ode.")
+                     "sampling.method pc, ddim, heun, dpm_solver or unipc, not ode.")
 
   setup = programs.make_setup(settings, need_data=False)
   ckpt_dir = os.path.join(workdir, "checkpoints")

@@ -33,7 +33,8 @@ __all__ = ["Settings", "Training", "Sampling", "Eval", "Sample", "Data", "Model"
            "from_config", "from_json", "default_config", "SDE_NAMES", "SAMPLING_METHODS"]
 
 SDE_NAMES = ("vpsde", "subvpsde", "vesde")
-SAMPLING_METHODS = ("pc", "ode", "ddim", "heun", "dpm_solver")
+SAMPLING_METHODS = ("pc", "ode", "ddim", "heun", "dpm_solver", "unipc")
+UNIPC_VARIANTS = ("bh1", "bh2")
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none")
 CORRECTORS = ("langevin", "ald", "none")
 SCHEDULES = ("", "uniform_t", "logSNR", "edm")
@@ -74,6 +75,7 @@ class Sampling:
   schedule: str
   eta: float
   order: int
+  unipc_variant: str
   s_churn: float
   rtol: float
   atol: float
@@ -419,6 +421,9 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
     raise ConfigError(f"sampling.eps must lie in (0, 1), got {smp.eps}.")
   if smp.method.lower() == "dpm_solver" and smp.order not in (2, 3):
     raise ConfigError(f"sampling.order must be 2 or 3 for dpm_solver, got {smp.order}.")
+  if smp.method.lower() == "unipc" and smp.order not in (1, 2, 3):
+    raise ConfigError(f"sampling.order must be 1, 2 or 3 for unipc, got {smp.order}.")
+  _choice("sampling.unipc_variant", smp.unipc_variant, UNIPC_VARIANTS)
   _choice("eval.hutchinson", e.hutchinson, ("rademacher", "gaussian", "exact"))
   _choice("eval.quantization", e.quantization, QUANTIZATIONS)
   _choice("eval.inception_resize", e.inception_resize, ("tf1", "pytorch"))
