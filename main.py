@@ -3,7 +3,7 @@
   python main.py --config=configs/toy.py --workdir=runs/toy --mode=train
 
 A mistake in what was asked for (a config key or value, a path, a missing
-dataset or checkpoint) prints one line naming the fix and exits with status 2;
+dataset or checkpoint) prints one line naming the fix and exits with status 1;
 anything unexpected keeps its traceback.
 """
 
@@ -30,15 +30,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from score_jax import run  # imported late so --help stays fast
-  from score_jax.errors import UserError
-  try:
+  from score_jax import cli, run  # imported late so --help stays fast
+
+  def go() -> int:
     run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
             compilation_cache=FLAGS.compilation_cache)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    return 0
+
+  sys.exit(cli.report_user_errors(go))
 
 
 if __name__ == "__main__":

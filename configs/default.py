@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.batch_size = 128
   # Gradient accumulation: the batch is processed as this many equal
   # micro-batches in one step (the same batch-mean gradient, less memory per
-  # step; for accelerators: XLA's CPU backend runs the loop several times slower).
+  # step; meant for accelerators, see the README for the CPU).
   training.microbatches = 1
   training.n_iters = 1_300_001
   training.snapshot_freq = 50_000
@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "pc"  # pc | ode | ddim | heun | dpm_solver | unipc
+  sampling.method = "pc"  # pc | ode | ddim | heun | dpm_solver
   sampling.predictor = "reverse_diffusion"
   sampling.corrector = "langevin"
   sampling.snr = 0.16
@@ -45,8 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.num_steps = 0  # fast solvers: score evaluations; 0 = sampler default
   sampling.schedule = ""  # fast solvers: 'uniform_t' | 'logSNR' | 'edm'; '' = sampler default
   sampling.eta = 0.0  # ddim: 0 deterministic, 1 ancestral-like
-  sampling.order = 2  # dpm_solver: 2 or 3; unipc: 1, 2 or 3 (+1 with its corrector)
-  sampling.unipc_variant = "bh2"  # unipc: B(h) = 1 - e^-h (bh2) or h (bh1)
+  sampling.order = 2  # dpm_solver: 2 or 3
   sampling.s_churn = 0.0  # heun: EDM stochasticity (0 = deterministic)
   sampling.rtol = 1e-5
   sampling.atol = 1e-5
@@ -128,8 +127,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_classes = 0  # 0: unconditional
   model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
   # Gradient checkpointing of the U-Net blocks (ncsnpp, ddpmpp, ddpm): less
-  # activation memory on GPU/TPU for ~1 extra forward pass. XLA's CPU backend
-  # undoes it (no memory change measured on CPU; benchmarks/bench_models.py).
+  # activation memory on GPU/TPU for ~1 extra forward pass (on CPU see the
+  # README: XLA's CPU backend undoes it).
   model.remat = False
 
   # Optimization.

@@ -45,6 +45,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from score_jax.data.digits import DIGITS_NUM_CLASSES, load_digits
+from score_jax.errors import ConfigError
 from score_jax.scaling import data_scaler
 from score_jax.data.images import center_crop, crop_resize, resize, resize_small
 from score_jax.data.pipeline import Batches, Transform
@@ -97,19 +98,19 @@ def _canonical(dataset: str, category: str) -> tuple[str, str]:
     name, category = "lsun", name.split("/", 1)[1]
   name = _ALIASES.get(name, name)
   if name not in DATASETS:
-    raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)} "
+    raise ConfigError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)} "
                      "(or 'lsun/<category>').")
   if name == "lsun" and not category:
-    raise ValueError("LSUN needs a category: dataset 'lsun/<category>' (e.g. 'lsun/church_outdoor') "
+    raise ConfigError("LSUN needs a category: dataset 'lsun/<category>' (e.g. 'lsun/church_outdoor') "
                      "or config.data.category.")
   return name, category
 
 
 def _check_image_config(name: str, image_size: int, num_channels: int, channels: int) -> None:
   if not isinstance(image_size, (int, np.integer)) or image_size < 1:
-    raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
+    raise ConfigError(f"image_size must be a positive integer, got {image_size!r}.")
   if num_channels != channels:
-    raise ValueError(f"Dataset '{name}' has {channels} channel(s), but num_channels is {num_channels}.")
+    raise ConfigError(f"Dataset '{name}' has {channels} channel(s), but num_channels is {num_channels}.")
 
 
 def _tfds_source(name: str, tfds_split: str, *, data_dir: str, image_size: int, num_channels: int,
@@ -156,7 +157,7 @@ def open_source(dataset: str, split: str, *, image_size: int, num_channels: int,
   if name == "digits":
     _check_image_config(name, image_size, num_channels, 1)
     if image_size % 8:
-      raise ValueError(f"digits are 8x8: image_size must be a multiple of 8, got {image_size}.")
+      raise ConfigError(f"digits are 8x8: image_size must be a multiple of 8, got {image_size}.")
     images, labels = load_digits(split)
     factor = image_size // 8
     images = np.repeat(np.repeat(images, factor, axis=1), factor, axis=2)  # nearest upsampling
@@ -170,7 +171,7 @@ def open_source(dataset: str, split: str, *, image_size: int, num_channels: int,
   tfds_split = {"train": "train", "test": "validation"}[split]
   if name == "celeb_a":
     if image_size > 140:
-      raise ValueError(f"celeb_a is center-cropped to 140 px; image_size {image_size} > 140.")
+      raise ConfigError(f"celeb_a is center-cropped to 140 px; image_size {image_size} > 140.")
     fit = lambda im: resize_small(center_crop(im, 140), image_size)
     return _tfds_source(name, tfds_split, data_dir=data_dir, image_size=image_size,
                         num_channels=num_channels, fit=fit)
@@ -265,9 +266,9 @@ def get_dataset(data: Any, split: str = "train", *, batch_size: int, seed: int,
   source = _open(data, split)
   if num_classes > 0:
     if source.num_classes == 0:
-      raise ValueError(f"model.num_classes is {num_classes} but dataset {data.dataset!r} has no labels.")
+      raise ConfigError(f"model.num_classes is {num_classes} but dataset {data.dataset!r} has no labels.")
     if num_classes < source.num_classes:
-      raise ValueError(f"model.num_classes is {num_classes} but dataset {data.dataset!r} has "
+      raise ConfigError(f"model.num_classes is {num_classes} but dataset {data.dataset!r} has "
                        f"{source.num_classes} classes.")
   return make_batches(
       source, batch_size=batch_size, evaluation=evaluation,

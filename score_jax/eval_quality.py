@@ -139,7 +139,7 @@ def fid_stage(progs: Programs, workdir: str, out_dir: str, rounds: int) -> Dict[
   if stats.features is not None and stats.features.shape[0] >= 2:
     result["kid"], result["kid_std"] = metrics.kid(pool, stats.features)
   else:
-    logging.info("%s holds no feature rows: KID skipped.", stats_path)
+    logging.info("%s holds no feature rows: KID skipped.", _stats_path(s, workdir))
   return result
 
 

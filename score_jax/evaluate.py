@@ -52,13 +52,11 @@ import json
 import logging
 import math
 import os
-import re
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from score_jax import checkpoints, datasets, distributed, eval_quality, files, plotting, programs, train
 from score_jax.checkpoints import CheckpointWaitError

@@ -36,7 +36,6 @@ inception_fid.npz` from pytorch-fid's published weights (no torch needed).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -506,25 +505,39 @@ def convert_pth(src: str | os.PathLike, dst: str | os.PathLike) -> Params:
   return params
 
 
+_USAGE = f"python -m score_jax.inception convert SRC DST  (SRC: pytorch-fid's {PUBLISHED_WEIGHTS})"
+
+
+def _define_flags(fv, argv) -> None:
+  del fv, argv  # positional arguments only: the command, SRC and DST
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m score_jax.inception",
-      description="FID Inception weight tools.")
-  sub = parser.add_subparsers(dest="cmd", required=True)
-  conv = sub.add_parser(
-      "convert", help=f"convert pytorch-fid's {PUBLISHED_WEIGHTS} to .npz")
-  conv.add_argument("src", help="published .pth (torch zip or legacy format)")
-  conv.add_argument("dst", help="output .npz")
-  args = parser.parse_args(argv)
-  if args.cmd == "convert":
+  """`python -m score_jax.inception convert SRC DST`: the published .pth -> the documented .npz.
+
+  argv: the arguments after the program name (default sys.argv[1:]).
+  """
+  from score_jax import cli  # pylint: disable=g-import-not-at-top
+
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parsed = cli.parse(["score_jax.inception", *argv], _define_flags, _USAGE, 3)
+  if parsed is None or parsed[1][0] != "convert":
+    if parsed is not None:
+      print(f"usage: {_USAGE}", file=sys.stderr)
+    return cli.USAGE_ERROR
+  _, (_, src, dst) = parsed
+
+  def run() -> int:
     try:
-      params = convert_pth(args.src, args.dst)
-    except (OSError, ValueError) as e:
+      params = convert_pth(src, dst)
+    except ValueError as e:  # not the FID Inception weights: the message lists what differs
       print(f"error: {e}", file=sys.stderr)
-      return 1
+      return cli.USER_ERROR
     n = sum(int(np.prod(s)) for s in param_shapes().values())
-    print(f"wrote {args.dst}: {len(_flatten(params))} arrays, {n:,} parameters")
-  return 0
+    print(f"wrote {dst}: {len(_flatten(params))} arrays, {n:,} parameters")
+    return 0
+
+  return cli.report_user_errors(run)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,19 @@
 """XLA:CPU compiler defaults, set when score_jax is imported (before JAX starts a backend).
 
-Two settings, each measured on the U-Nets' CIFAR-10 training step with
-benchmarks/bench_models.py on the 2-core CPU (README, "Benchmarks"):
+Two settings (their measurements: README, "CPU compiler settings" and
+"Benchmarks"; benchmarks/bench_models.py and benchmarks/bench_conv.py):
 
   --xla_cpu_experimental_ynn_fusion_type=reduce
       jaxlib 0.10's CPU compiler hands convolutions to YNNPACK by default,
-      and YNNPACK's weight gradient of a 3x3 convolution (128 channels,
-      32x32, batch 32) takes 0.4-2 s against 70-100 ms through XLA's own
-      convolution (benchmarks/bench_conv.py). YNNPACK's reductions (GroupNorm
-      statistics, bias gradients) are faster than XLA's, so only reductions
-      stay on YNNPACK. DDPM++ cont.: 10.0 -> 4.5 s/step at batch 8,
-      101 -> 19 s at batch 32.
+      and YNNPACK's weight gradient of a convolution is the slow path of a
+      U-Net training step. Its reductions (GroupNorm statistics, bias
+      gradients) are faster than XLA's, so only reductions stay on YNNPACK.
 
   --xla_cpu_enable_concurrency_optimized_scheduler=false
       XLA:CPU orders a program breadth-first by default, to run independent
       operations side by side; that keeps many activations alive at once.
-      The depth-first memory scheduler plans about 20% less memory for the
-      batch-32 step (DDPM++ cont. 5.72 -> 4.60 GB, NCSN++ cont. 5.74 -> 4.77
-      GB) at the same step time on 2 cores.
+      The depth-first memory scheduler plans less memory for the training
+      step at the same step time.
 
 Each default is applied only when
   - the user's XLA_FLAGS do not already set that flag (theirs wins),

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from score_jax import inception as inc
-from score_jax import torch_pickle
+from score_jax import files, torch_pickle
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -164,7 +164,7 @@ def test_converter_maps_every_published_tensor(tmp_path):
   torch_pickle.save_state_dict(src, state)
   assert inc.main(["convert", str(src), str(dst)]) == 0
   params = inc.load_inception_params(dst)
-  flat = inc._flatten(params)
+  flat = files.flatten(params)
   used = set()
   for name, *_ in published_convs():
     base = name.replace(".", "/")
@@ -278,7 +278,7 @@ def test_resize_tf1_method_matches_loop_formula():
 
 def test_shapes_at_full_resolution():
   params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
-                        inc._unflatten(inc.param_shapes()),
+                        files.unflatten(inc.param_shapes()),
                         is_leaf=lambda s: isinstance(s, tuple))
   out = jax.eval_shape(inc.inception_features, params,
                        jax.ShapeDtypeStruct((5, 64, 48, 3), jnp.uint8))

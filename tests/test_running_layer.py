@@ -103,7 +103,7 @@ def test_main_refuses_an_unread_key_in_seconds_with_one_line(tmp_path):
   start = time.perf_counter()
   proc = _main(f"--config={cfg}", f"--workdir={tmp_path / 'w'}", "--mode=train")
   seconds = time.perf_counter() - start
-  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.returncode == 1, proc.stderr[-2000:]
   assert "model.nff" in proc.stderr and "Traceback" not in proc.stderr
   assert proc.stderr.strip().count("\n") == 0 or "error:" in proc.stderr.strip().splitlines()[-1]
   assert not os.path.exists(tmp_path / "w"), "nothing is written before the config is valid"
@@ -178,3 +178,25 @@ def test_programs_guidance_is_decided_in_one_place():
   progs = programs.Programs(setup, factory)
   progs.score_fn(None, jnp.zeros((2,), jnp.int32), 3.0)
   assert calls == [None]
+
+
+def test_inception_command_line_usage_and_user_errors(tmp_path, capsys):
+  from score_jax import inception  # pylint: disable=g-import-not-at-top
+  assert inception.main(["convert", "only_one_path"]) == 2
+  assert "usage: python -m score_jax.inception convert SRC DST" in capsys.readouterr().err
+  assert inception.main(["convert", str(tmp_path / "missing.pth"),
+                         str(tmp_path / "out.npz")]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "Traceback" not in err
+  assert not os.path.exists(tmp_path / "out.npz")
+
+
+def test_main_reports_a_missing_dataset_and_a_file_workdir_in_one_line(tmp_path):
+  missing = _main("--config=configs/vp_cifar.py", f"--workdir={tmp_path / 'w'}",
+                  f"--config.data.data_dir={tmp_path / 'no_data'}", "--mode=train")
+  assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+  assert "cifar10" in missing.stderr.strip().splitlines()[-1]
+  (tmp_path / "a_file").write_text("x")
+  clash = _main("--config=configs/toy.py", f"--workdir={tmp_path / 'a_file'}", "--mode=train")
+  assert clash.returncode == 1 and "Traceback" not in clash.stderr
+  assert "is a file, not a folder" in clash.stderr

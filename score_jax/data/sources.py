@@ -18,7 +18,7 @@ from score_jax.errors import UserError
 __all__ = ["DatasetNotFoundError", "Source", "ArraySource", "RecordSource"]
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
   """A dataset is not on disk. The message says where we looked and how to prepare it."""
 
 

@@ -17,6 +17,8 @@ import re
 
 import numpy as np
 
+from score_jax.errors import ConfigError
+
 from score_jax.data.sources import DatasetNotFoundError, RecordSource
 from score_jax.data.tfrecord import TFRecordFile, make_example, parse_example
 
@@ -96,6 +98,6 @@ def open_tfrecord_images(path: str, *, image_size: int, num_channels: int, name:
     raise DatasetNotFoundError(f"Dataset '{name}': the TFRecords under {path} hold no records.")
   first = decode_image_record(records[0]).shape
   if first != (image_size, image_size, num_channels):
-    raise ValueError(f"Dataset '{name}': records in {path} are {first}, but the config asks for "
+    raise ConfigError(f"Dataset '{name}': records in {path} are {first}, but the config asks for "
                      f"image_size {image_size} and num_channels {num_channels}.")
   return RecordSource(records, lambda r: (decode_image_record(r), 0), shape=first, num_classes=0, name=name)

@@ -15,6 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from score_jax.errors import ConfigError
+
 __all__ = [
     "GaussianMixture",
     "GAUSSIAN_MIXTURE",
@@ -145,5 +147,5 @@ def sample_toy(name: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray,
     (x float32 [n, 2], labels int32 [n]).
   """
   if name not in _SAMPLERS:
-    raise ValueError(f"Unknown toy dataset {name!r}; choose one of {', '.join(TOY_NAMES)}.")
+    raise ConfigError(f"Unknown toy dataset {name!r}; choose one of {', '.join(TOY_NAMES)}.")
   return _SAMPLERS[name](n, rng)
