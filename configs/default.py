@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "pc"  # pc | ode | ddim | heun | dpm_solver
+  sampling.method = "pc"  # pc | ode | ddim | heun | dpm_solver | unipc
   sampling.predictor = "reverse_diffusion"
   sampling.corrector = "langevin"
   sampling.snr = 0.16
@@ -45,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.num_steps = 0  # fast solvers: score evaluations; 0 = sampler default
   sampling.schedule = ""  # fast solvers: 'uniform_t' | 'logSNR' | 'edm'; '' = sampler default
   sampling.eta = 0.0  # ddim: 0 deterministic, 1 ancestral-like
-  sampling.order = 2  # dpm_solver: 2 or 3
+  sampling.order = 2  # dpm_solver: 2 or 3; unipc: 1, 2 or 3 (+1 with its corrector)
+  sampling.unipc_variant = "bh2"  # unipc: B(h) = 1 - e^-h (bh2) or h (bh1)
   sampling.s_churn = 0.0  # heun: EDM stochasticity (0 = deterministic)
   sampling.rtol = 1e-5
   sampling.atol = 1e-5
