@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.atol = 1e-5
   sampling.eps = 1e-3
   sampling.guidance_weight = 0.0
+  # Guide only where sigma^ = std / alpha lies in [lo, hi] (Kynkaanniemi et al. 2024);
+  # (0, 0): at every noise level.
+  sampling.guidance_interval = (0.0, 0.0)
   sampling.batch_size = 64
 
   # Evaluation.

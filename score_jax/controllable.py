@@ -14,8 +14,17 @@ samplers `ddim_sample`, `heun_sample`, `dpm_solver_pp_sample`.
 - Score transforms: `classifier_guidance` adds scale * grad_x log p_t(y | x)
   of a noise-conditional classifier; `classifier_free_guidance` mixes a
   conditional score_fn(x, t, y) with its unconditional output (y = None):
-  (1 + w) s(x, t, y) - w s(x, t, None). They return `jax.tree_util.Partial`
-  pytrees, so labels and weights are traced (no recompilation).
+  (1 + w) s(x, t, y) - w s(x, t, None); `classifier_free_guidance_interval`
+  guides only for noise levels sigma^ = std / alpha in an interval
+  (Kynkaanniemi et al. 2024); `autoguidance` guides a model with a weaker
+  version of itself (Karras et al. 2024): (1 + w) s_main - w s_weak. They
+  return `jax.tree_util.Partial` pytrees, so labels, weights and intervals
+  are traced (no recompilation).
+
+Weights follow one convention: w = 0 is the unguided score. The papers write
+D = D_u + w' (D_c - D_u) with w' = 1 + w (w' = 1: no guidance); a mix of
+data predictions D with coefficients summing to 1 is the same mix of scores,
+since s = (alpha D - x) / std^2 is affine in D.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ __all__ = [
     "condition_on",
     "classifier_guidance",
     "classifier_free_guidance",
+    "classifier_free_guidance_interval",
+    "autoguidance",
 ]
 
 # Orthonormal columns; the first is the gray direction (1, 1, 1) / sqrt(3), so
@@ -173,3 +184,84 @@ def classifier_free_guidance(score_fn: Callable, y: Array, w: float | Array) -> 
   """
   return Partial(_classifier_free, as_pytree_fn(score_fn), jnp.asarray(y),
                  jnp.asarray(w, jnp.result_type(float)))
+
+
+def _guided(main_fn, other_fn, w, sde, lo, hi, x, t):
+  """(1 + w_t) main - w_t other, w_t = w where lo <= sigma^(t) <= hi, else 0.
+
+  `other` is evaluated only when some example of the batch is guided: outside
+  the interval (or at w = 0) the result is `main` itself, bit for bit.
+  """
+  main = call_score(main_fn, x, t)
+  w_t = jnp.full(t.shape, w, main.dtype)
+  if sde is not None:
+    sigma = jnp.exp(-sde.log_snr(t))  # sigma^ = std / alpha
+    w_t = jnp.where((sigma >= lo) & (sigma <= hi), w_t, 0.0)
+
+  def guided(main):
+    other = call_score(other_fn, x, t)
+    return batch_mul(1.0 + w_t, main) - batch_mul(w_t, other)
+
+  return jax.lax.cond(jnp.any(w_t != 0), guided, lambda m: m, main)
+
+
+def _interval(sde: Optional[SDE], interval) -> tuple:
+  """(sde, lo, hi) as the guided score takes them; interval None: guide everywhere."""
+  if interval is None:
+    return None, 0.0, 0.0
+  check_sde(sde)
+  try:
+    lo, hi = (float(v) for v in interval)
+  except (TypeError, ValueError):
+    raise ValueError(f"interval must be two numbers (lo, hi) of sigma^ = std / alpha, "
+                     f"got {interval!r}.") from None
+  if math.isnan(lo) or math.isnan(hi):
+    raise ValueError(f"interval must be two numbers (lo, hi), got {interval!r}.")
+  return sde, lo, hi
+
+
+def classifier_free_guidance_interval(score_fn: Callable, y: Array, w: float | Array, sde: SDE,
+                                      interval: tuple) -> Partial:
+  """Classifier-free guidance limited to an interval of noise levels (Kynkaanniemi et al. 2024).
+
+  Args:
+    score_fn: conditional score_fn(x, t, y) where y = None is the null label.
+    y: labels [B].
+    w: guidance weight (w = 0: plain conditional sampling).
+    sde: the SDE, for sigma^(t) = std(t) / alpha(t) = e^-lambda(t).
+    interval: (lo, hi): guide where lo <= sigma^(t) <= hi; elsewhere the
+      plain conditional score (weight 0; the paper's weight 1). An empty
+      interval (lo > hi, or one the samplers never visit) is unguided
+      sampling, bit for bit.
+  Returns:
+    score_fn(x, t): (1 + w) s(x, t, y) - w s(x, t, None) inside the
+    interval; the unconditional evaluation is skipped for batches outside.
+  """
+  sde, lo, hi = _interval(sde, interval)
+  fn = as_pytree_fn(score_fn)
+  return Partial(_guided, condition_on(fn, y), condition_on(fn, None),
+                 jnp.asarray(w, jnp.result_type(float)), sde,
+                 jnp.asarray(lo, jnp.result_type(float)), jnp.asarray(hi, jnp.result_type(float)))
+
+
+def autoguidance(score_main: Callable, score_weak: Callable, w: float | Array, *,
+                 sde: Optional[SDE] = None, interval: Optional[tuple] = None) -> Partial:
+  """Autoguidance (Karras et al. 2024): guide a model with a weaker version of itself.
+
+  D = D_weak + w' (D_main - D_weak) with w' = 1 + w; in score form
+  s = s_weak + (1 + w) (s_main - s_weak) = (1 + w) s_main - w s_weak. The
+  guide is the same model less trained or smaller, with the same SDE (and
+  labels, for conditional models); it works for unconditional models too.
+
+  Args:
+    score_main, score_weak: score_fn(x, t) of the main model and of the guide.
+    w: guidance weight; 0 is the main model alone (the guide is not evaluated).
+    sde, interval: optionally guide only for lo <= sigma^(t) <= hi (as in
+      `classifier_free_guidance_interval`).
+  Returns:
+    score_fn(x, t) = (1 + w) s_main(x, t) - w s_weak(x, t).
+  """
+  sde, lo, hi = _interval(sde, interval)
+  return Partial(_guided, as_pytree_fn(score_main), as_pytree_fn(score_weak),
+                 jnp.asarray(w, jnp.result_type(float)), sde,
+                 jnp.asarray(lo, jnp.result_type(float)), jnp.asarray(hi, jnp.result_type(float)))

@@ -264,14 +264,20 @@ class Programs:
 
     Unconditional models ignore y; w = 0 is the plain score (no second
     evaluation); y = None is the null label (the network's label num_classes).
+    sampling.guidance_interval (lo, hi) other than (0, 0) limits guidance to
+    noise levels sigma^ = std / alpha in [lo, hi].
     """
     if self.settings.model.num_classes == 0:
       return self.factory(params, None)
     if weight == 0.0:
       return self.factory(params, y)
     from score_jax import controllable  # pylint: disable=g-import-not-at-top
-    return controllable.classifier_free_guidance(
-        lambda x, t, yy: self.factory(params, yy)(x, t), y, weight)
+    conditional = lambda x, t, yy: self.factory(params, yy)(x, t)
+    interval = tuple(self.settings.sampling.guidance_interval)
+    if interval == (0.0, 0.0):
+      return controllable.classifier_free_guidance(conditional, y, weight)
+    return controllable.classifier_free_guidance_interval(conditional, y, weight, self.setup.sde,
+                                                          interval)
 
   def _batch_out(self, batch: int) -> NamedSharding:
     """Batch-sharded when the batch splits over the devices, else replicated."""

@@ -81,6 +81,7 @@ class Sampling:
   atol: float
   eps: float
   guidance_weight: float
+  guidance_interval: Tuple[float, float]
   batch_size: int
 
 
@@ -424,6 +425,12 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   if smp.method.lower() == "unipc" and smp.order not in (1, 2, 3):
     raise ConfigError(f"sampling.order must be 1, 2 or 3 for unipc, got {smp.order}.")
   _choice("sampling.unipc_variant", smp.unipc_variant, UNIPC_VARIANTS)
+  interval = smp.guidance_interval
+  if not (isinstance(interval, tuple) and len(interval) == 2 and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in interval)):
+    raise ConfigError("sampling.guidance_interval must be two numbers >= 0, (lo, hi) of sigma^ = "
+                      f"std / alpha where guidance applies, or (0, 0) for everywhere; got "
+                      f"{interval!r}.")
   _choice("eval.hutchinson", e.hutchinson, ("rademacher", "gaussian", "exact"))
   _choice("eval.quantization", e.quantization, QUANTIZATIONS)
   _choice("eval.inception_resize", e.inception_resize, ("tf1", "pytorch"))
