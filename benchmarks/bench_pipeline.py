@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from score_jax import datasets  # noqa: E402
-from score_jax.data.sources import ArraySource  # noqa: E402
+from score_jax.datasets import ArraySource  # noqa: E402
 
 TRANSFORMS = {
     "flip+centered": dict(random_flip=True, centered=True),

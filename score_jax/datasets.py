@@ -53,10 +53,12 @@ from score_jax.data.prefetch import Prefetch, to_device
 from score_jax.data.sources import ArraySource, DatasetNotFoundError, RecordSource, Source
 from score_jax.data.tfds_source import open_tfds
 from score_jax.data.tfrecord_folder import open_tfrecord_images
-from score_jax.data.toy import TOY_NAMES, TOY_NUM_CLASSES, sample_toy
+from score_jax.data.toy import GAUSSIAN_MIXTURE, TOY_NAMES, TOY_NUM_CLASSES, sample_toy
 from score_jax.data.transforms import image_transform
 
 __all__ = [
+    "ArraySource",
+    "GAUSSIAN_MIXTURE",
     "Batches",
     "DatasetNotFoundError",
     "Prefetch",
