@@ -103,6 +103,11 @@ def get_config() -> ml_collections.ConfigDict:
   sample.class_label = -1  # class-conditional models: -1 cycles through the classes
   sample.interpolation_steps = 8
   sample.output_dir = ""  # empty: WORKDIR/sample
+  # Autoguidance (Karras et al. 2024), sample and eval modes: guide with a weaker
+  # run of the same SDE (an earlier checkpoint, a smaller network), weight
+  # sampling.guidance_weight. Empty: off. guide_step -1: its newest checkpoint.
+  sample.guide_workdir = ""
+  sample.guide_step = -1
 
   # Data.
   config.data = data = ml_collections.ConfigDict()

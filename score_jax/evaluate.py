@@ -244,6 +244,8 @@ def _sampling_settings(s: Settings) -> Dict[str, Any]:
          "continuous": s.training.continuous}
   if s.data.is_images and s.eval.quantization != "round":  # shards written before it existed rounded
     out["quantization"] = s.eval.quantization
+  if s.sample.guide_workdir:  # autoguidance
+    out["guide"] = [s.sample.guide_workdir, s.sample.guide_step]
   return out
 
 
@@ -271,6 +273,7 @@ def _sampling_stage(progs: Programs, params: Any, rng: Array, out_dir: str,
   progress.save()
   num_classes = s.model.num_classes
   weight = s.sampling.guidance_weight
+  params = progs.guided(params)  # with the autoguidance guide's, if any
   # Decided before anything is written, and alike on every process: sampling is collective.
   todo = [r for r, n in enumerate(sizes) if eval_quality.shard_count(eval_quality.shard_path(out_dir, "samples", r)) != n]
   sync(f"sampling_todo_{out_dir}")
@@ -485,7 +488,8 @@ def run(settings: Settings, workdir: str) -> List[Dict[str, Any]]:
   steps = checkpoint_steps(settings)
   setup = programs.make_setup(settings)
   check_batch("eval.batch_size", settings.eval.batch_size)
-  progs = Programs(setup)
+  from score_jax import runs  # pylint: disable=g-import-not-at-top  # runs imports evaluate's peers
+  progs = Programs(setup, guide=runs.load_guide(settings, setup))
   if _enabled(settings)["fid"]:  # fail before hours of sampling, not after
     from score_jax import inception  # pylint: disable=g-import-not-at-top
     inception.load_inception_params(settings.eval.inception_path)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -45,7 +45,7 @@ SamplerFn = Callable[..., Tuple[Array, Array]]
 
 __all__ = ["Setup", "Programs", "make_setup", "get_sde", "get_model", "get_optimizer",
            "get_lr_schedule", "get_loss_fn", "get_sampler", "get_dataset", "network_score_factory",
-           "FAST_SAMPLERS"]
+           "FAST_SAMPLERS", "Guide", "GuidedParams"]
 
 
 def get_sde(s: Settings) -> sde_lib.SDE:
@@ -231,19 +231,41 @@ def network_score_factory(setup: Setup) -> ScoreFactory:
   return make
 
 
+class Guide(NamedTuple):
+  """An autoguidance guide: a weaker model's score factory, parameters and whether
+  it takes labels (`runs.load_guide` builds it from sample.guide_workdir)."""
+  factory: ScoreFactory
+  params: Any
+  conditional: bool
+
+
+class GuidedParams(NamedTuple):
+  """The parameters of the main model and of its guide: `Programs.score_fn` then
+  autoguides (a pytree, so both travel as arguments of the jitted programs)."""
+  main: Any
+  guide: Any
+
+
 class Programs:
   """The jitted programs of one run, each built on first use and kept.
 
   factory: make(params, y) -> score_fn(x, t); default: the settings' network
   (`network_score_factory`). Another factory (a closed-form score in tests)
   runs through the same programs; the loss always uses the network.
+  guide: an autoguidance guide; programs given `guided(params)` sample with it.
   """
 
-  def __init__(self, setup: Setup, factory: Optional[ScoreFactory] = None):
+  def __init__(self, setup: Setup, factory: Optional[ScoreFactory] = None,
+               guide: Optional[Guide] = None):
     self.setup = setup
     self.settings = setup.settings
     self.factory = factory or network_score_factory(setup)
+    self.guide = guide
     self._cache: Dict[Tuple, Any] = {}
+
+  def guided(self, params: Any) -> Any:
+    """params with the guide's (GuidedParams) when there is a guide, else params."""
+    return params if self.guide is None else GuidedParams(params, self.guide.params)
 
   @property
   def rep(self) -> NamedSharding:
@@ -265,8 +287,20 @@ class Programs:
     Unconditional models ignore y; w = 0 is the plain score (no second
     evaluation); y = None is the null label (the network's label num_classes).
     sampling.guidance_interval (lo, hi) other than (0, 0) limits guidance to
-    noise levels sigma^ = std / alpha in [lo, hi].
+    noise levels sigma^ = std / alpha in [lo, hi]. With GuidedParams, w is the
+    autoguidance weight instead: (1 + w) s_main - w s_guide (unconditional
+    models too; a conditional guide gets the same labels).
     """
+    if isinstance(params, GuidedParams):
+      from score_jax import controllable  # pylint: disable=g-import-not-at-top
+      main = self.score_fn(params.main, y)
+      if weight == 0.0 or self.guide is None:
+        return main
+      labels = y if self.guide.conditional and self.settings.model.num_classes > 0 else None
+      interval = tuple(self.settings.sampling.guidance_interval)
+      return controllable.autoguidance(
+          main, self.guide.factory(params.guide, labels), weight, sde=self.setup.sde,
+          interval=None if interval == (0.0, 0.0) else interval)
     if self.settings.model.num_classes == 0:
       return self.factory(params, None)
     if weight == 0.0:

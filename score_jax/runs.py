@@ -12,20 +12,22 @@ released reference checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from score_jax import checkpoints, programs
 from score_jax import sde as sde_lib
 from score_jax import settings as settings_lib
-from score_jax.errors import WorkdirError
+from score_jax.errors import ConfigError, WorkdirError
 
 Array = jax.Array
 
-__all__ = ["Run", "load_run"]
+__all__ = ["Run", "load_run", "load_guide"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,3 +83,38 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
   found = checkpoints.existing_step(ckpt_dir, -1 if step is None else step)
   params = train.restore_ema_params(setup, ckpt_dir, found)
   return Run(workdir=workdir, settings=s, setup=setup, params=params, step=found)
+
+
+def load_guide(settings: settings_lib.Settings,
+               setup: programs.Setup) -> Optional[programs.Guide]:
+  """The autoguidance guide of sample.guide_workdir / sample.guide_step, or None (off).
+
+  The guide is any run of the same SDE and data shape (an earlier checkpoint
+  of the same run, a smaller network); sampling.guidance_weight is its weight.
+
+  Raises:
+    ConfigError: the guide's SDE or data shape differs from the settings'.
+    WorkdirError, MissingCheckpointError: as for `load_run`.
+  """
+  s = settings.sample
+  if not s.guide_workdir:
+    return None
+  if settings.sampling.guidance_weight == 0.0:
+    logging.warning("sample.guide_workdir is set but sampling.guidance_weight = 0: no guide.")
+    return None
+  guide = load_run(s.guide_workdir, s.guide_step)
+  t = np.linspace(0.0, 1.0, 11) * (setup.sde.T - 1e-3) + 1e-3
+  same_sde = type(guide.sde) is type(setup.sde) and guide.sde.T == setup.sde.T and all(
+      np.allclose(np.asarray(f(guide.sde)(t)), np.asarray(f(setup.sde)(t)), rtol=1e-6)
+      for f in (lambda e: e.mean_coef, lambda e: e.marginal_std))
+  if not same_sde:
+    raise ConfigError(f"The guide {s.guide_workdir} has another SDE "
+                      f"({guide.settings.training.sde}) than this run "
+                      f"({settings.training.sde}); autoguidance needs the same one.")
+  if guide.settings.data.shape(1) != settings.data.shape(1):
+    raise ConfigError(f"The guide {s.guide_workdir} models data of shape "
+                      f"{guide.settings.data.shape(1)[1:]}, this run {settings.data.shape(1)[1:]}.")
+  logging.info("Autoguidance: guide %s at step %d, weight %g.", s.guide_workdir, guide.step,
+               settings.sampling.guidance_weight)
+  return programs.Guide(programs.network_score_factory(guide.setup), guide.params,
+                        guide.settings.model.num_classes > 0)

@@ -17,7 +17,7 @@ from typing import Dict
 import jax
 import numpy as np
 
-from score_jax import checkpoints, plotting, programs, train
+from score_jax import checkpoints, plotting, programs, runs, train
 from score_jax.distributed import global_array, is_main, local_rows, pad_rows, padded, to_host
 from score_jax.errors import ConfigError, UserError
 from score_jax.evaluate import to_uint8
@@ -175,8 +175,8 @@ def run(settings: Settings, workdir: str) -> Dict[str, str]:
   setup = programs.make_setup(settings, need_data=False)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   step = checkpoints.existing_step(ckpt_dir, s.ckpt_step)
-  params = train.restore_ema_params(setup, ckpt_dir, step)
-  progs = programs.Programs(setup)
+  progs = programs.Programs(setup, guide=runs.load_guide(settings, setup))
+  params = progs.guided(train.restore_ema_params(setup, ckpt_dir, step))
   weight = settings.sampling.guidance_weight
   centered = data_s.centered
   size, channels = data_s.image_size, data_s.num_channels

@@ -122,6 +122,8 @@ class Sample:
   class_label: int
   interpolation_steps: int
   output_dir: str
+  guide_workdir: str
+  guide_step: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,6 +445,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   _choice("sample.task", s.sample.task, TASKS)
   _at_least("sample.num", s.sample.num, 1)
   _at_least("sample.interpolation_steps", s.sample.interpolation_steps, 2)
+  _at_least("sample.guide_step", s.sample.guide_step, -1)
   if s.sample.class_label >= max(m.num_classes, 1) and m.num_classes > 0:
     raise ConfigError(f"sample.class_label {s.sample.class_label} is not a class of this model "
                       f"(0..{m.num_classes - 1}).")
