@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Training.
   config.training = training = ml_collections.ConfigDict()
-  training.sde = "vpsde"  # vpsde | subvpsde | vesde
+  training.sde = "vpsde"  # vpsde | subvpsde | vesde | rectified_flow
   training.continuous = True
   training.reduce_mean = False
   training.likelihood_weighting = False
@@ -32,6 +32,16 @@ def get_config() -> ml_collections.ConfigDict:
   training.eval_freq = 100
   training.eps = 1e-5  # t ~ U(eps, T)
   training.class_dropout = 0.0  # label dropout for classifier-free guidance
+  # Continuous DSM: the distribution of t and the weighting of |std s + z|^2
+  # (score_jax.losses). uniform | lognormal_sigma (EDM: ln(std / alpha) ~
+  # N(p_mean, p_std^2)) | logit_normal (flow matching: logit t ~ N(logit_mean,
+  # logit_std^2)); weighting default (std^2) | edm | velocity (flow matching).
+  training.time_distribution = "uniform"
+  training.p_mean = -1.2
+  training.p_std = 1.2
+  training.logit_mean = 0.0
+  training.logit_std = 1.0
+  training.weighting = "default"
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()
@@ -139,6 +149,11 @@ def get_config() -> ml_collections.ConfigDict:
   # activation memory on GPU/TPU for ~1 extra forward pass (on CPU see the
   # README: XLA's CPU backend undoes it).
   model.remat = False
+  # Network output -> score (score_jax.models.utils.get_score_fn): default (noise
+  # or score, the 2021 code) | edm (Karras et al. preconditioning, sigma_data) |
+  # velocity (flow matching).
+  model.parameterization = "default"
+  model.sigma_data = 0.5
 
   # Optimization.
   config.optim = optim = ml_collections.ConfigDict()

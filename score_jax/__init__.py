@@ -19,7 +19,7 @@ from score_jax.controllable import (classifier_free_guidance, classifier_guidanc
 from score_jax.fast_samplers import ddim_sample, dpm_solver_pp_sample, heun_sample, unipc_sample
 from score_jax.likelihood import bits_per_dim, log_likelihood
 from score_jax.sampling import ode_encode, ode_sample, pc_sample
-from score_jax.sde import SDE, TutorialSDE, VESDE, VPSDE, subVPSDE
+from score_jax.sde import SDE, RectifiedFlow, TutorialSDE, VESDE, VPSDE, subVPSDE
 
 __version__ = "0.1.0"
 
@@ -33,7 +33,7 @@ def load_run(workdir: str, step=None):
 
 __all__ = [
     "analytic", "controllable", "fast_samplers", "likelihood", "losses", "sampling", "sde",
-    "SDE", "VPSDE", "subVPSDE", "VESDE", "TutorialSDE",
+    "SDE", "VPSDE", "subVPSDE", "VESDE", "TutorialSDE", "RectifiedFlow",
     "pc_sample", "ode_sample", "ode_encode", "ddim_sample", "heun_sample", "dpm_solver_pp_sample",
     "unipc_sample",
     "log_likelihood", "bits_per_dim",

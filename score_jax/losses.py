@@ -6,7 +6,10 @@ Every loss takes a score function and an explicit PRNG key and returns
 residual and weighting are written for one example and `vmap`ped; the score
 function itself is called on the whole batch (networks are batched).
 
-- `dsm_loss`: continuous denoising score matching for any SDE.
+- `dsm_loss`: continuous denoising score matching for any SDE, with a time
+  distribution (`uniform`, EDM's `lognormal_sigma`, flow matching's
+  `logit_normal`) and a weighting (`default` std^2, likelihood, `edm`,
+  `velocity`) of its one residual |std s + z|^2.
 - `ddpm_loss`: the DDPM discrete loss (epsilon prediction, L_simple).
 - `smld_loss`: the NCSN discrete loss (random noise level, sigma^2 weight).
 - `implicit_score_matching_loss`, `sliced_score_matching_loss`: score
@@ -18,7 +21,8 @@ respect to the parameters flow through the closure.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple
+import math
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +35,11 @@ ScoreFn = Callable[[Array, Array], Array]  # (x [B, ...], t [B]) -> [B, ...]
 
 __all__ = [
     "LossAux",
+    "TimeDistribution",
+    "TIME_DISTRIBUTIONS",
+    "WEIGHTINGS",
+    "sample_time",
+    "loss_weight",
     "dsm_loss",
     "ddpm_loss",
     "smld_loss",
@@ -42,6 +51,93 @@ __all__ = [
 class LossAux(NamedTuple):
   per_example: Array  # [B] loss of each example
   t: Array  # [B] times (or discrete-time labels as times) used
+
+
+class TimeDistribution(NamedTuple):
+  """The distribution of t in the continuous DSM loss, on [eps, T].
+
+  - 'uniform': t ~ U(eps, T) (the 2021 losses; loc and scale unused).
+  - 'lognormal_sigma' (EDM): ln sigma^ ~ N(loc, scale^2) for the scaled noise
+    level sigma^ = std / alpha = e^-lambda, mapped to t through the SDE's
+    `t_from_log_snr`; EDM's P_mean = -1.2, P_std = 1.2 by default.
+  - 'logit_normal' (flow matching, as in current image models): logit(t) ~
+    N(loc, scale^2), m = 0, s = 1 by default.
+  The normals are truncated to the SDE's range [eps, T] (sampled there
+  exactly, not clipped): for RectifiedFlow and VP that cuts < 1e-6 of the
+  mass, for VE with sigma_min = 0.01 EDM's sigma^ < 0.01 (0.25%).
+  """
+  name: str = "uniform"
+  loc: Optional[float] = None  # None: the distribution's default
+  scale: Optional[float] = None
+
+  def params(self) -> Tuple[float, float]:
+    """(loc, scale) with the defaults filled in."""
+    loc, scale = _TIME_DEFAULTS[self.name]
+    return (loc if self.loc is None else float(self.loc),
+            scale if self.scale is None else float(self.scale))
+
+
+_TIME_DEFAULTS = {"uniform": (0.0, 1.0), "lognormal_sigma": (-1.2, 1.2),
+                  "logit_normal": (0.0, 1.0)}
+TIME_DISTRIBUTIONS = tuple(_TIME_DEFAULTS)
+WEIGHTINGS = ("default", "edm", "velocity")
+
+
+def _as_time_distribution(dist: Union[str, TimeDistribution]) -> TimeDistribution:
+  dist = TimeDistribution(dist) if isinstance(dist, str) else dist
+  if not isinstance(dist, TimeDistribution) or dist.name not in _TIME_DEFAULTS:
+    raise ValueError(f"Unknown time distribution {dist!r}; choose from {list(TIME_DISTRIBUTIONS)} "
+                     "(a name or a losses.TimeDistribution).")
+  loc, scale = dist.params()
+  if not (math.isfinite(loc) and math.isfinite(scale) and scale > 0):
+    raise ValueError(f"The {dist.name} time distribution needs a finite loc and a scale > 0, "
+                     f"got {loc!r}, {scale!r}.")
+  return dist
+
+
+def sample_time(rng: Array, sde: SDE, shape, eps: float = 1e-5,
+                distribution: Union[str, TimeDistribution] = "uniform") -> Array:
+  """Times t [shape] in [eps, T] drawn from `distribution` (see TimeDistribution)."""
+  dist = _as_time_distribution(distribution)
+  lo_t, hi_t = jnp.asarray(eps, jnp.float32), jnp.asarray(sde.T, jnp.float32)
+  if dist.name == "uniform":
+    return jax.random.uniform(rng, shape, minval=eps, maxval=sde.T)
+  loc, scale = dist.params()
+  if dist.name == "lognormal_sigma":  # u = ln sigma^ = -lambda(t), increasing in t
+    lo, hi = -sde.log_snr(lo_t[None])[0], -sde.log_snr(hi_t[None])[0]
+    to_t = lambda u: sde.t_from_log_snr(-u)
+  else:  # logit_normal: u = logit(t); logit(1) = inf is a valid bound
+    lo, hi = jnp.log(lo_t) - jnp.log1p(-lo_t), jnp.log(hi_t) - jnp.log1p(-hi_t)
+    to_t = jax.nn.sigmoid
+  n = jax.random.truncated_normal(rng, (lo - loc) / scale, (hi - loc) / scale, shape)
+  return jnp.clip(to_t(loc + scale * n), eps, sde.T)  # clip: float round-off of the maps
+
+
+def loss_weight(sde: SDE, t: Array, weighting: str = "default", sigma_data: float = 0.5) -> Array:
+  """The weight [B] on the DSM residual |std s + z|^2 at times t [B].
+
+  - 'default': 1, i.e. lambda(t) = std^2 on |s + z / std|^2 (the 2021 loss).
+  - 'edm': (sigma^2 + sd^2) / sd^2 with sigma = sigma^ = std / alpha. EDM's
+    loss lambda(sigma) |D - x_0|^2 with lambda = (sigma^2 + sd^2) / (sigma
+    sd)^2 in score terms: the data prediction D = (x_t + std^2 s) / alpha
+    has D - x_0 = sigma^ (std s + z), so lambda |D - x_0|^2 = (sigma^2 +
+    sd^2) / sd^2 |std s + z|^2; at an EDM-preconditioned network it is
+    |F - F_target|^2, unit weight on the network output.
+  - 'velocity': (det / alpha)^2, det = alpha std' - std alpha' (= (std
+    dlambda/dt)^2). The flow-matching loss |v - (alpha' x_0 + std' z)|^2 of
+    the velocity v that the score s implies (models.get_score_fn) equals
+    (det / alpha)^2 |std s + z|^2; for RectifiedFlow 1 / (1 - t)^2 on
+    |v - (z - x_0)|^2.
+  """
+  if weighting == "default":
+    return jnp.ones_like(t)
+  alpha, std = sde.mean_coef(t), sde.marginal_std(t)
+  if weighting == "edm":
+    return 1.0 + (std / (sigma_data * alpha)) ** 2
+  if weighting == "velocity":
+    d_alpha, d_std = sde.coef_derivatives(t)
+    return ((alpha * d_std - std * d_alpha) / alpha) ** 2
+  raise ValueError(f"Unknown weighting {weighting!r}; choose from {list(WEIGHTINGS)}.")
 
 
 def _reduce(sq: Array, reduce_mean: bool) -> Array:
@@ -72,6 +168,9 @@ def dsm_loss(
     likelihood_weighting: bool = False,
     importance_weighting: bool = False,
     t: Optional[Array] = None,
+    time_distribution: Union[str, TimeDistribution] = "uniform",
+    weighting: str = "default",
+    sigma_data: float = 0.5,
 ) -> Tuple[Array, LossAux]:
   """Continuous denoising score matching (Song et al. 2021, eq. 7).
 
@@ -82,13 +181,23 @@ def dsm_loss(
   samples t with density proportional to g^2 / std^2 instead of uniformly and
   reweights, which keeps the expectation and reduces its variance.
 
+  The same residual serves the later losses through `time_distribution` and
+  `weighting` (`sample_time`, `loss_weight`): EDM's loss is
+  time_distribution='lognormal_sigma', weighting='edm'; flow matching on
+  RectifiedFlow is weighting='velocity' with 'uniform' or 'logit_normal' t.
+  The weighting is a property of the objective, not of the network's
+  parameterization, which only changes how the score is computed.
+
   Args:
     rng: PRNG key.
     sde: the forward SDE.
     score_fn: (x [B, ...], t [B]) -> score [B, ...].
     x: data batch [B, ...].
     t: optional fixed times [B] (e.g. to evaluate the loss per noise level);
-      sampled when None.
+      sampled from `time_distribution` when None.
+    time_distribution: a name of TIME_DISTRIBUTIONS or a TimeDistribution.
+    weighting: a name of WEIGHTINGS (likelihood weighting: the flag above).
+    sigma_data: sigma_data of the 'edm' weighting.
   Returns:
     (scalar batch mean, LossAux with per-example losses [B] and t [B]).
   """
@@ -96,6 +205,17 @@ def dsm_loss(
   if importance_weighting and not likelihood_weighting:
     raise ValueError("importance_weighting applies to the likelihood-weighted loss; "
                      "set likelihood_weighting=True as well.")
+  dist = _as_time_distribution(time_distribution)
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"Unknown weighting {weighting!r}; choose from {list(WEIGHTINGS)}.")
+  if likelihood_weighting and weighting != "default":
+    raise ValueError(f"likelihood_weighting is a weighting of its own; it does not combine with "
+                     f"weighting={weighting!r}.")
+  if importance_weighting and dist.name != "uniform":
+    raise ValueError(f"importance_weighting samples t itself; it does not combine with the "
+                     f"{dist.name} time distribution.")
+  if weighting == "edm" and not (math.isfinite(float(sigma_data)) and float(sigma_data) > 0):
+    raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}.")
   b = x.shape[0]
   rng_t, rng_z = jax.random.split(rng)
   if t is not None:
@@ -106,7 +226,7 @@ def dsm_loss(
   elif importance_weighting:
     t, weight = sde.sample_importance_time(rng_t, (b,), eps)
   else:
-    t = jax.random.uniform(rng_t, (b,), minval=eps, maxval=sde.T)
+    t = sample_time(rng_t, sde, (b,), eps, dist)
   z = jax.random.normal(rng_z, x.shape, x.dtype)
   mean, std = sde.marginal_prob(x, t)
   x_t = mean + batch_mul(std, z)
@@ -116,7 +236,7 @@ def dsm_loss(
       g = sde.sde(jnp.zeros_like(x), t)[1]
       weight = g**2 / std**2
     else:
-      weight = jnp.ones_like(t)
+      weight = loss_weight(sde, t, weighting, sigma_data)
   per_example = _batched_residual(score, z, std, weight, reduce_mean)
   return jnp.mean(per_example), LossAux(per_example, t)
 

@@ -45,6 +45,7 @@ SamplerFn = Callable[..., Tuple[Array, Array]]
 
 __all__ = ["Setup", "Programs", "make_setup", "get_sde", "get_model", "get_optimizer",
            "get_lr_schedule", "get_loss_fn", "get_sampler", "get_dataset", "network_score_factory",
+           "parameterization_kwargs", "get_time_distribution",
            "FAST_SAMPLERS", "Guide", "GuidedParams"]
 
 
@@ -55,6 +56,8 @@ def get_sde(s: Settings) -> sde_lib.SDE:
     return sde_lib.VPSDE(m.beta_min, m.beta_max, m.num_scales)
   if name == "subvpsde":
     return sde_lib.subVPSDE(m.beta_min, m.beta_max, m.num_scales)
+  if name == "rectified_flow":
+    return sde_lib.RectifiedFlow(N=m.num_scales)
   return sde_lib.VESDE(m.sigma_min, m.sigma_max, m.num_scales)
 
 
@@ -89,6 +92,19 @@ def get_optimizer(s: Settings) -> optax.GradientTransformation:
   return optax.chain(*chain, opt)
 
 
+def parameterization_kwargs(s: Settings) -> Dict[str, Any]:
+  """models.get_score_fn's parameterization arguments from the model section."""
+  return {"parameterization": s.model.parameterization, "sigma_data": s.model.sigma_data}
+
+
+def get_time_distribution(s: Settings) -> losses.TimeDistribution:
+  """The DSM loss's time distribution of training.time_distribution and its parameters."""
+  t = s.training
+  loc, scale = {"lognormal_sigma": (t.p_mean, t.p_std),
+                "logit_normal": (t.logit_mean, t.logit_std)}.get(t.time_distribution, (None, None))
+  return losses.TimeDistribution(t.time_distribution, loc, scale)
+
+
 def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool) -> LossFn:
   """loss_fn(params, rng, x [B, ...], y [B] or None) -> (loss, LossAux).
 
@@ -104,6 +120,7 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
   if not t.continuous and sde.chain is None:
     raise ConfigError(f"Discrete training (training.continuous=False) needs an SDE with a "
                       f"discrete chain: vpsde (DDPM) or vesde (SMLD), not {t.sde!r}.")
+  time_distribution = get_time_distribution(s)
 
   def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None):
     rng_loss, rng_drop, rng_label = jax.random.split(rng, 3)
@@ -112,12 +129,15 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
       drop = jax.random.bernoulli(rng_label, t.class_dropout, y.shape)
       y = jnp.where(drop, num_classes, y)
     base = models.get_score_fn(sde, model, {"params": params}, continuous=t.continuous,
-                               train=train, rng=rng_drop if train else None)
+                               train=train, rng=rng_drop if train else None,
+                               **parameterization_kwargs(s))
     score_fn = lambda xx, tt: base(xx, tt, y)
     if t.continuous:
       return losses.dsm_loss(rng_loss, sde, score_fn, x, eps=t.eps, reduce_mean=t.reduce_mean,
                              likelihood_weighting=t.likelihood_weighting,
-                             importance_weighting=t.importance_weighting)
+                             importance_weighting=t.importance_weighting,
+                             time_distribution=time_distribution, weighting=t.weighting,
+                             sigma_data=s.model.sigma_data)
     discrete = losses.smld_loss if sde.chain == "smld" else losses.ddpm_loss
     return discrete(rng_loss, sde, score_fn, x, reduce_mean=t.reduce_mean)
 
@@ -225,7 +245,8 @@ def network_score_factory(setup: Setup) -> ScoreFactory:
   continuous = setup.settings.training.continuous
 
   def make(params: Any, y: Optional[Array]) -> ScoreFn:
-    base = models.get_score_fn(setup.sde, setup.model, {"params": params}, continuous=continuous)
+    base = models.get_score_fn(setup.sde, setup.model, {"params": params}, continuous=continuous,
+                               **parameterization_kwargs(setup.settings))
     return lambda x, t: base(x, t, y)
 
   return make

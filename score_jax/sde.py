@@ -31,6 +31,7 @@ __all__ = [
     "subVPSDE",
     "VESDE",
     "TutorialSDE",
+    "RectifiedFlow",
     "ReverseSDE",
     "batch_mul",
     "sum_except_batch",
@@ -68,8 +69,10 @@ class SDE(abc.ABC):
   `_iw_inverse` of g(t)^2 / std(t)^2.
   """
 
-  # Names of float fields (pytree leaves); `N` is static.
+  # Names of float fields (pytree leaves) and of static fields (aux data: a
+  # new value retraces), `N` and, where a class sets it per object, `T`.
   _leaves: Tuple[str, ...] = ()
+  _static: Tuple[str, ...] = ("N",)
 
   T: float = 1.0
 
@@ -85,16 +88,16 @@ class SDE(abc.ABC):
     jax.tree_util.register_pytree_node(cls, cls._flatten, cls._unflatten)
 
   def _flatten(self):
-    return tuple(getattr(self, k) for k in self._leaves), (self.N,)
+    return (tuple(getattr(self, k) for k in self._leaves),
+            tuple(getattr(self, k) for k in self._static))
 
   @classmethod
   def _unflatten(cls, aux, children):
     # Bypasses __init__: validation ran when the user built the object, and
     # inside jit the leaves are tracers that cannot be validated.
     obj = object.__new__(cls)
-    for k, v in zip(cls._leaves, children):
+    for k, v in zip(cls._leaves + cls._static, tuple(children) + tuple(aux)):
       object.__setattr__(obj, k, v)
-    object.__setattr__(obj, "N", aux[0])
     return obj
 
   def __setattr__(self, name, value):
@@ -105,12 +108,12 @@ class SDE(abc.ABC):
       object.__setattr__(self, k, v)
 
   def __repr__(self):
-    fields = ", ".join(f"{k}={getattr(self, k)}" for k in self._leaves + ("N",))
+    fields = ", ".join(f"{k}={getattr(self, k)}" for k in self._leaves + self._static)
     return f"{type(self).__name__}({fields})"
 
   def replace(self, **changes) -> "SDE":
     """A copy with some constructor arguments changed (validated again)."""
-    kw = {k: getattr(self, k) for k in self._leaves + ("N",)}
+    kw = {k: getattr(self, k) for k in self._leaves + self._static}
     kw.update(changes)
     return type(self)(**kw)
 
@@ -151,6 +154,13 @@ class SDE(abc.ABC):
   @abc.abstractmethod
   def t_from_log_snr(self, lam: Array) -> Array:
     """Inverse of `log_snr`: the time t at which lambda(t) = lam."""
+
+  def coef_derivatives(self, t: Array) -> Tuple[Array, Array]:
+    """(d alpha / dt, d std / dt), each [B]: the velocity of x_t = alpha x_0 + std z
+    is v = alpha' x_0 + std' z. By forward-mode autodiff of the schedule."""
+    ones = jnp.ones_like(t)
+    return (jax.jvp(self.mean_coef, (t,), (ones,))[1],
+            jax.jvp(self.marginal_std, (t,), (ones,))[1])
 
   def prior_sampling(self, rng: Array, shape) -> Array:
     return self.prior_std() * jax.random.normal(rng, shape)
@@ -473,3 +483,63 @@ class TutorialSDE(SDE):
   def t_from_log_snr(self, lam: Array) -> Array:
     # std^2 = e^{-2 lam}
     return jnp.log1p(2.0 * self._log_sigma * jnp.exp(-2.0 * lam)) / (2.0 * self._log_sigma)
+
+
+class RectifiedFlow(SDE):
+  """The straight path of rectified flow / flow matching: x_t = (1 - t) x_0 + t z.
+
+  alpha(t) = 1 - t, std(t) = t, log-SNR lambda(t) = log((1 - t) / t). The
+  forward SDE with these marginals is dx = -x / (1 - t) dt + sqrt(2 t / (1 -
+  t)) dw (the only one of the form f(t) x dt + g(t) dw: f = d log alpha / dt,
+  g^2 = d std^2 / dt - 2 f std^2), so the reverse SDE, the probability-flow
+  ODE (whose drift is the velocity E[z - x_0 | x_t]) and every sampler run on
+  it. Its chain is the exact Gaussian transition on the grid.
+
+  The ends: alpha(1) = 0 makes the drift, g, the log-SNR and the data
+  prediction (x + std^2 s) / alpha singular at t = 1, and std(0) = 0 the
+  score at t = 0. The path is therefore run on [eps, T] with T = 1 - 1e-3 by
+  default (`T` in (0, 1), static; T = 1 is refused): the prior is N(0, T^2 I),
+  the marginal at T of data at the origin. The marginal at T is
+  (1 - T) x_0 + T z, so the prior's mismatch is a shift of (1 - T) E[x_0]
+  (the VP SDE's alpha(1) is 6.4e-3: a larger one). Samplers, losses and the
+  likelihood take eps > 0 as for every SDE.
+  """
+
+  _static = ("N", "T")
+
+  def __init__(self, T: float = 0.999, N: int = 1000):
+    T = float(T)
+    if not (math.isfinite(T) and 0.0 < T < 1.0):
+      raise ValueError(f"T must lie in (0, 1), got {T!r}: at t = 1 alpha = 1 - t is 0 and the "
+                       "drift -x / (1 - t), the log-SNR and the data prediction are singular; "
+                       "the default T = 0.999 stops the path just before.")
+    self._set(T=T, N=_check_N(N))
+
+  def sde(self, x, t):
+    return batch_mul(-1.0 / (1.0 - t), x), jnp.sqrt(2.0 * t / (1.0 - t))
+
+  def mean_coef(self, t):
+    return 1.0 - t
+
+  def marginal_std(self, t):
+    return t
+
+  def prior_std(self):
+    return jnp.asarray(self.T)
+
+  def log_snr(self, t):
+    return jnp.log1p(-t) - jnp.log(t)
+
+  def t_from_log_snr(self, lam: Array) -> Array:
+    # (1 - t) / t = e^lam
+    return jax.nn.sigmoid(-lam)
+
+  def coef_derivatives(self, t):
+    return -jnp.ones_like(t), jnp.ones_like(t)
+
+  def _iw_cumulative(self, t):
+    # g^2 / std^2 = 2 / (t (1 - t)); antiderivative 2 log(t / (1 - t)) = -2 lambda.
+    return 2.0 * (jnp.log(t) - jnp.log1p(-t))
+
+  def _iw_inverse(self, c):
+    return jax.nn.sigmoid(0.5 * c)

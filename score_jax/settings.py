@@ -32,7 +32,7 @@ from score_jax.errors import ConfigError
 __all__ = ["Settings", "Training", "Sampling", "Eval", "Sample", "Data", "Model", "Optim",
            "from_config", "from_json", "default_config", "SDE_NAMES", "SAMPLING_METHODS"]
 
-SDE_NAMES = ("vpsde", "subvpsde", "vesde")
+SDE_NAMES = ("vpsde", "subvpsde", "vesde", "rectified_flow")
 SAMPLING_METHODS = ("pc", "ode", "ddim", "heun", "dpm_solver", "unipc")
 UNIPC_VARIANTS = ("bh1", "bh2")
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none")
@@ -41,6 +41,12 @@ SCHEDULES = ("", "uniform_t", "logSNR", "edm")
 TASKS = ("generate", "inpaint", "colorize", "interpolate")
 QUANTIZATIONS = ("truncate", "round")
 DTYPES = ("float32", "bfloat16", "float16")
+# Network parameterizations (models.PARAMETERIZATIONS), DSM time distributions and
+# weightings (losses.TIME_DISTRIBUTIONS, losses.WEIGHTINGS), spelled here so that
+# settings import nothing heavy.
+PARAMETERIZATIONS = ("default", "edm", "velocity")
+TIME_DISTRIBUTIONS = ("uniform", "lognormal_sigma", "logit_normal")
+WEIGHTINGS = ("default", "edm", "velocity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,12 @@ class Training:
   eval_freq: int
   eps: float
   class_dropout: float
+  time_distribution: str
+  p_mean: float
+  p_std: float
+  logit_mean: float
+  logit_std: float
+  weighting: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +180,8 @@ class Model:
   num_classes: int
   dtype: str
   remat: bool
+  parameterization: str
+  sigma_data: float
   # Architecture keys of the network families, as given (tuples for lists).
   arch: Tuple[Tuple[str, Any], ...] = ()
 
@@ -397,6 +411,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   if t.importance_weighting and not t.likelihood_weighting:
     raise ConfigError("training.importance_weighting samples times for the likelihood-weighted "
                       "loss; set training.likelihood_weighting = True too.")
+  _check_families(t, m)
   _choice("model", m.name, families, lower=True)  # "Unknown model ..." (model.name)
   _choice("model.dtype", m.dtype, DTYPES)
   if m.remat and "remat" not in families[m.name.lower()]:
@@ -409,7 +424,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   if t.sde.lower() == "vesde" and not 0 < m.sigma_min < m.sigma_max:
     raise ConfigError(f"vesde needs 0 < model.sigma_min < model.sigma_max, got {m.sigma_min}, "
                       f"{m.sigma_max}.")
-  if t.sde.lower() != "vesde" and not 0 <= m.beta_min < m.beta_max:
+  if t.sde.lower() in ("vpsde", "subvpsde") and not 0 <= m.beta_min < m.beta_max:
     raise ConfigError(f"{t.sde} needs 0 <= model.beta_min < model.beta_max, got {m.beta_min}, "
                       f"{m.beta_max}.")
   _choice("optim.optimizer", s.optim.optimizer, ("adam", "adamw"), lower=True)
@@ -463,6 +478,35 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
         raise ConfigError(f"data.image_size = {d.image_size} must be divisible by {factor}, since "
                           f"the network halves the resolution {len(ch_mult) - 1} times "
                           f"(model.ch_mult = {tuple(ch_mult)}).")
+
+
+def _check_families(t: Training, m: Model) -> None:
+  """The network parameterization and the DSM loss's time distribution and weighting."""
+  _choice("model.parameterization", m.parameterization, PARAMETERIZATIONS)
+  _choice("training.time_distribution", t.time_distribution, TIME_DISTRIBUTIONS)
+  _choice("training.weighting", t.weighting, WEIGHTINGS)
+  if m.parameterization != "default":
+    if not t.continuous:
+      raise ConfigError(f"model.parameterization = {m.parameterization!r} is continuous-time; "
+                        "set training.continuous = True.")
+    if m.get("scale_by_sigma"):
+      raise ConfigError(f"model.scale_by_sigma does not combine with model.parameterization = "
+                        f"{m.parameterization!r}, which scales the output itself; set "
+                        "model.scale_by_sigma = False.")
+  if not (math.isfinite(m.sigma_data) and m.sigma_data > 0):
+    raise ConfigError(f"model.sigma_data must be a finite number > 0, got {m.sigma_data}.")
+  if t.likelihood_weighting and t.weighting != "default":
+    raise ConfigError(f"training.likelihood_weighting is a weighting of its own; it does not "
+                      f"combine with training.weighting = {t.weighting!r}.")
+  if t.importance_weighting and t.time_distribution != "uniform":
+    raise ConfigError("training.importance_weighting samples t itself; set "
+                      "training.time_distribution = 'uniform'.")
+  if (t.time_distribution != "uniform" or t.weighting != "default") and not t.continuous:
+    raise ConfigError("training.time_distribution and training.weighting apply to continuous "
+                      "training (training.continuous = True).")
+  for key in ("p_std", "logit_std"):
+    if not getattr(t, key) > 0:
+      raise ConfigError(f"training.{key} must be > 0, got {getattr(t, key)}.")
 
 
 def check_devices(s: Settings, num_devices: int, process_count: int) -> None:

@@ -23,6 +23,23 @@ the noise schedule there; dividing here keeps networks schedule-free. VE
 discrete labels index the noise levels from the largest (0) to the smallest
 (N - 1), the order of the reference's `get_sigmas`; i = N - 1 - label
 indexes the increasing `VESDE.discrete_sigmas`.
+
+The table is `parameterization='default'`. Two more, continuous time, any SDE:
+
+- 'edm' (Karras et al. 2022): in the scaled variables x^ = x / alpha(t),
+  sigma^ = std(t) / alpha(t) the denoiser is D(x^; sigma^) = c_skip x^ + c_out
+  F(c_in x^; c_noise) with c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd /
+  sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma^) / 4,
+  sd = sigma_data, and score = (alpha D - x) / std^2. Written with r = alpha
+  sqrt(sigma^2 + sd^2) = sqrt(std^2 + sd^2 alpha^2): F receives x / r and
+  score = -x / r^2 + sd alpha F / (std r), finite as alpha -> 0. Networks
+  with Fourier embeddings (of log labels) receive labels exp(c_noise), the
+  others c_noise, so that every network embeds c_noise as EDM's do.
+- 'velocity' (rectified flow / flow matching): F predicts v = alpha' x_0 +
+  std' z, the time derivative of x_t = alpha x_0 + std z (z - x_0 for
+  `RectifiedFlow`); solving for z, score = -(alpha v - alpha' x) / (std det)
+  with det = alpha std' - std alpha' (RectifiedFlow: -(x + (1 - t) v) / t).
+  Labels as in the table's continuous rows.
 """
 
 from __future__ import annotations
@@ -44,7 +61,10 @@ from score_jax.sde import SDE, VESDE, VPSDE, batch_mul
 Array = jax.Array
 ScoreFn = Callable[..., Array]  # (x [B, ...], t [B], y=None) -> score [B, ...]
 
-__all__ = ["MODELS", "DTYPES", "build_model", "get_score_fn", "init_model", "count_params"]
+__all__ = ["MODELS", "DTYPES", "PARAMETERIZATIONS", "build_model", "get_score_fn", "init_model",
+           "count_params"]
+
+PARAMETERIZATIONS = ("default", "edm", "velocity")
 
 # Model name in config.model.name -> module class. DDPM++ is NCSN++ with
 # other settings (the reference called both 'ncsnpp').
@@ -105,7 +125,8 @@ def count_params(model: nn.Module, shape: Sequence[int]) -> int:
 
 
 def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, continuous: bool,
-                 train: bool = False, rng: Optional[Array] = None) -> ScoreFn:
+                 train: bool = False, rng: Optional[Array] = None,
+                 parameterization: str = "default", sigma_data: float = 0.5) -> ScoreFn:
   """Turns a network into a score function s(x, t) ~ grad_x log p_t(x) for `sde`.
 
   Args:
@@ -116,6 +137,9 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
     continuous: continuous-time training (else the discrete DDPM / SMLD labels).
     train: dropout on (needs `rng`).
     rng: dropout key; the same key gives the same dropout masks.
+    parameterization: 'default' (the table above), 'edm' or 'velocity' (module
+      docstring; continuous time only).
+    sigma_data: EDM's sigma_data (standard deviation of the data), for 'edm'.
   Returns:
     score_fn(x [B, ...], t [B], y=None) -> score [B, ...] (float32), where y
     are optional class labels [B] for class-conditional networks.
@@ -130,6 +154,22 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
 
   def std_of(x: Array, t: Array) -> Array:
     return sde.marginal_prob(jnp.zeros_like(x), t)[1]
+
+  if parameterization not in PARAMETERIZATIONS:
+    raise ValueError(f"Unknown parameterization {parameterization!r}; choose from "
+                     f"{list(PARAMETERIZATIONS)}.")
+  if parameterization != "default":
+    if not continuous:
+      raise ValueError(f"The {parameterization!r} parameterization is continuous-time; use "
+                       "continuous=True (training.continuous = True).")
+    if scale_by_sigma:
+      raise ValueError(f"scale_by_sigma does not combine with the {parameterization!r} "
+                       "parameterization, which scales the output itself; set "
+                       "model.scale_by_sigma = False.")
+    if parameterization == "edm":
+      return _edm_score_fn(sde, net, float(sigma_data),
+                           getattr(model, "embedding_type", "positional") == "fourier")
+    return _velocity_score_fn(sde, net)
 
   if sde.chain == "smld" or isinstance(sde, VESDE):
     if continuous:
@@ -169,5 +209,34 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
   def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
     out = net(x, t * 999.0, y)
     return batch_mul(-1.0 / std_of(x, t), out)
+
+  return score_fn
+
+
+def _edm_score_fn(sde: SDE, net: Callable, sigma_data: float, fourier: bool) -> ScoreFn:
+  """EDM's preconditioning on any SDE (module docstring)."""
+  if not (math.isfinite(sigma_data) and sigma_data > 0):
+    raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}.")
+
+  def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+    alpha, std = sde.mean_coef(t), sde.marginal_std(t)  # [B]
+    r = jnp.sqrt(std**2 + (sigma_data * alpha) ** 2)  # alpha sqrt(sigma^2 + sd^2)
+    c_noise = -0.25 * sde.log_snr(t)  # ln(sigma^) / 4
+    out = net(batch_mul(1.0 / r, x), jnp.exp(c_noise) if fourier else c_noise, y)
+    return batch_mul(-1.0 / r**2, x) + batch_mul(sigma_data * alpha / (std * r), out)
+
+  return score_fn
+
+
+def _velocity_score_fn(sde: SDE, net: Callable) -> ScoreFn:
+  """Velocity prediction v = alpha' x_0 + std' z on any SDE (module docstring)."""
+
+  def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+    alpha, std = sde.mean_coef(t), sde.marginal_std(t)
+    d_alpha, d_std = sde.coef_derivatives(t)
+    labels = std if (sde.chain == "smld" or isinstance(sde, VESDE)) else t * 999.0
+    v = net(x, labels, y)
+    det = alpha * d_std - std * d_alpha  # > 0: the log-SNR decreases
+    return batch_mul(d_alpha / (std * det), x) - batch_mul(alpha / (std * det), v)
 
   return score_fn
