@@ -2,7 +2,7 @@
 
 Two mechanisms, usable with any sampler that takes a score_fn and (for
 constraints) a `constraint` argument: `sampling.pc_sample` and the fast
-samplers `ddim_sample`, `heun_sample`, `dpm_solver_pp_sample`.
+samplers `ddim_sample`, `heun_sample`, `dpm_solver_pp_sample`, `unipc_sample`.
 
 - Constraints (per-step projections): before each step at noise level t,
   the known coordinates of the state are replaced by a fresh sample of the
