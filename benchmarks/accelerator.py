@@ -2,7 +2,7 @@
 
   python benchmarks/accelerator.py                    # ~8 minutes on one GPU / TPU host
   python benchmarks/accelerator.py --only train,sample --time-budget-s 300
-  python benchmarks/accelerator.py --tiny --out /tmp/acc   # the same code paths in ~1 min on CPU
+  python benchmarks/accelerator.py --tiny --out /tmp/acc   # the same code paths, ~1 min on CPU
 
 On whatever backend JAX sees it measures, in this order (most informative first):
   pipeline   score_jax's input pipeline alone (synthetic uint8 images in memory,
@@ -27,10 +27,19 @@ it is recorded with the rate.
 
 Each measurement runs in its own process (peak device memory is per
 process and an out-of-memory failure stays contained; --one-process runs
-them all in one, as --tiny does). Results go, after EVERY measurement, to
-OUT/<device_kind>.json (a list of records) and OUT/<device_kind>.md (a
-table), so a run that is cut off keeps what it finished; --time-budget-s
-stops the run (killing a measurement in flight) when the budget is spent.
+them all in one, as --tiny does, and then peak_memory_gb is the process's
+peak so far). The processes may use 90% of the device memory
+(XLA_PYTHON_CLIENT_MEM_FRACTION, unless set) and compile without a
+persistent compilation cache (compile_s is a cold compile). Results go,
+after EVERY measurement, to OUT/<device_kind>.json (a list of records) and
+OUT/<device_kind>.md (a table), so a run that is cut off keeps what it
+finished; --time-budget-s stops the run (killing a measurement in flight)
+when the budget is spent and records what was not run.
+
+--tiny (tiny networks: 8x8 images, nf 8, one resolution; batches 2 and 8 -> 4;
+PC timed over 5 steps; XLA's CPU optimizer at level 0) runs every code path
+in about a minute on 2 CPU cores; its figures mean nothing and go to
+OUT/<device_kind>-tiny.json. CPU is not in the peak table, so its MFU is null.
 
 Record fields: name, network, config, dtype, batch (global), per_device_batch,
 images_per_s, step_s, compile_s, flops_per_step (XLA's cost analysis of the
