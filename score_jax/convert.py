@@ -4,6 +4,9 @@
   python -m score_jax.convert --from=flax --config=configs/vp_cifar.py checkpoint_26 runs/vp_cifar
   python main.py --config=configs/ve_cifar.py --workdir=runs/ve_cifar --mode=sample
 
+(`--from=edm` converts NVlabs/edm's network pickles the same way, through
+`score_jax.edm_convert`: `--config=configs/edm_cifar_vp.py` or edm_cifar_ve.py.)
+
 The reference (yang-song/score_sde, JAX/Flax, and its twin
 yang-song/score_sde_pytorch) released trained weights of the paper's configs
 in two formats:
@@ -427,6 +430,9 @@ def convert(src: str, dst: str, config: ml_collections.ConfigDict, fmt: str, *,
   Raises:
     FileExistsError, FileNotFoundError, ReferenceLayoutError, UnsupportedConfigError.
   """
+  if fmt == "edm":  # NVlabs/edm's network pickles
+    from score_jax import edm_convert
+    return edm_convert.convert(src, dst, config, weights=weights, step=step)
   config = as_settings(config)
   spec = reference_spec(config, fmt)
   check_compatible(spec)
@@ -449,7 +455,7 @@ def convert(src: str, dst: str, config: ml_collections.ConfigDict, fmt: str, *,
 # Command line
 
 
-_USAGE = ("python -m score_jax.convert --from=pytorch|flax --config=configs/<paper config>.py "
+_USAGE = ("python -m score_jax.convert --from=pytorch|flax|edm --config=configs/<paper config>.py "
           "[--weights=ema|model] [--step=N] SRC DST")
 
 
@@ -460,8 +466,9 @@ def _define_flags(fv: Any, argv: List[str]) -> None:
   # sys_argv: the --config.<key>=value overrides are found in argv, not sys.argv.
   config_flags.DEFINE_config_file("config", None, "The paper config SRC was trained with.",
                                   flag_values=fv, lock_config=True, sys_argv=argv)
-  flags.DEFINE_enum("from", None, list(FORMATS), "Format of SRC: the reference's Flax "
-                    "checkpoint_<n> or its PyTorch twin's checkpoint_<n>.pth.", flag_values=fv)
+  flags.DEFINE_enum("from", None, list(FORMATS) + ["edm"], "Format of SRC: the reference's Flax "
+                    "checkpoint_<n>, its PyTorch twin's checkpoint_<n>.pth, or an NVlabs/edm "
+                    "network pickle (.pkl).", flag_values=fv)
   flags.DEFINE_enum("weights", "ema", ["ema", "model"], "EMA weights (preferred) or the raw ones.",
                     flag_values=fv)
   flags.DEFINE_integer("step", None, "Step of the written checkpoint (default: SRC's step).",

@@ -38,7 +38,7 @@ import numpy as np
 
 from score_jax import files
 
-__all__ = ["load", "load_state_dict", "save_state_dict", "flatten"]
+__all__ = ["load", "load_legacy_bytes", "load_state_dict", "save_state_dict", "flatten"]
 
 # Storage class name -> numpy dtype (little-endian).
 _STORAGE_DTYPES = {
@@ -260,47 +260,69 @@ def _load_zip(path: str) -> Any:
 
 def _load_legacy(path: str) -> Any:
   with open(path, "rb") as f:
-    try:
-      magic = pickle.load(f)
-    except Exception as e:  # not a pickle at all
-      raise ValueError(f"{path}: not a torch checkpoint (neither zip nor "
-                       f"legacy pickle format): {e}") from None
-    if magic != _LEGACY_MAGIC:
-      raise ValueError(f"{path}: not a torch checkpoint (bad magic number; the "
-                       "pre-0.4 tar format is not supported)")
-    protocol = pickle.load(f)
-    if protocol != _LEGACY_PROTOCOL:
-      raise ValueError(f"{path}: unsupported legacy protocol {protocol}")
-    sys_info = pickle.load(f)
-    if not sys_info.get("little_endian", True):
-      raise ValueError(f"{path}: big-endian legacy checkpoints are not supported")
-    storages: Dict[str, _Storage] = {}
+    return _load_legacy_stream(f, path)
 
-    def persistent_load(pid):
-      kind = pid[0].decode() if isinstance(pid[0], bytes) else pid[0]
-      if kind != "storage":
-        raise pickle.UnpicklingError(f"unsupported persistent id {kind!r}")
-      storage_type, key, _, numel, view_metadata = pid[1:6]
-      key = str(key)
-      if key not in storages:
-        storages[key] = _Storage(_storage_dtype(storage_type), int(numel))
-      st = storages[key]
-      if view_metadata is not None:  # storage view (torch < 1.0)
-        view_key, offset, view_size = view_metadata
-        view = _StorageView(st, int(offset), int(view_size))
-        return view
-      return st
 
-    obj = _Unpickler(f, persistent_load).load()
-    keys = pickle.load(f)
-    for key in keys:
-      st = storages[str(key)]
-      (numel,) = struct.unpack("<q", f.read(8))
-      nbytes = numel * st.dtype.itemsize
-      raw = f.read(nbytes)
-      if len(raw) != nbytes:
-        raise ValueError(f"{path}: truncated file (storage {key})")
-      st.data = np.frombuffer(raw, dtype=st.dtype)
+class _PlainUnpickler(pickle.Unpickler):
+  """For the legacy format's header pickles (numbers, a dict, a list of keys): no globals."""
+
+  def find_class(self, module: str, name: str):
+    raise pickle.UnpicklingError(f"checkpoint header needs {module}.{name}; a torch header "
+                                 "holds only numbers, strings and plain containers")
+
+  def persistent_load(self, pid):
+    raise pickle.UnpicklingError("checkpoint header holds a persistent id")
+
+
+def _plain_load(f: Any) -> Any:
+  return _PlainUnpickler(f, encoding="latin1").load()
+
+
+def _load_legacy_stream(f: Any, path: str) -> Any:
+  """The legacy format from an open binary file; `path` names it in errors."""
+  try:
+    magic = _plain_load(f)
+  except Exception as e:  # not a pickle at all
+    raise ValueError(f"{path}: not a torch checkpoint (neither zip nor "
+                     f"legacy pickle format): {e}") from None
+  if magic != _LEGACY_MAGIC:
+    raise ValueError(f"{path}: not a torch checkpoint (bad magic number; the "
+                     "pre-0.4 tar format is not supported)")
+  protocol = _plain_load(f)
+  if protocol != _LEGACY_PROTOCOL:
+    raise ValueError(f"{path}: unsupported legacy protocol {protocol}")
+  sys_info = _plain_load(f)
+  if not isinstance(sys_info, dict):
+    raise ValueError(f"{path}: not a torch checkpoint (no system info after the magic number)")
+  if not sys_info.get("little_endian", True):
+    raise ValueError(f"{path}: big-endian legacy checkpoints are not supported")
+  storages: Dict[str, _Storage] = {}
+
+  def persistent_load(pid):
+    kind = pid[0].decode() if isinstance(pid[0], bytes) else pid[0]
+    if kind != "storage":
+      raise pickle.UnpicklingError(f"unsupported persistent id {kind!r}")
+    storage_type, key, _, numel, view_metadata = pid[1:6]
+    key = str(key)
+    if key not in storages:
+      storages[key] = _Storage(_storage_dtype(storage_type), int(numel))
+    st = storages[key]
+    if view_metadata is not None:  # storage view (torch < 1.0)
+      view_key, offset, view_size = view_metadata
+      view = _StorageView(st, int(offset), int(view_size))
+      return view
+    return st
+
+  obj = _Unpickler(f, persistent_load).load()
+  keys = _plain_load(f)
+  for key in keys:
+    st = storages[str(key)]
+    (numel,) = struct.unpack("<q", f.read(8))
+    nbytes = numel * st.dtype.itemsize
+    raw = f.read(nbytes)
+    if len(raw) != nbytes:
+      raise ValueError(f"{path}: truncated file (storage {key})")
+    st.data = np.frombuffer(raw, dtype=st.dtype)
   return _materialize(obj)
 
 
@@ -340,6 +362,17 @@ def load(path: str | os.PathLike) -> Any:
   if zipfile.is_zipfile(path):
     return _load_zip(path)
   return _load_legacy(path)
+
+
+def load_legacy_bytes(data: bytes, where: str = "<bytes>") -> Any:
+  """A legacy-format `torch.save` stream held in memory, e.g. a storage pickled inline.
+
+  Plain pickles of tensors (as NVlabs/edm writes its networks) store each
+  storage as `torch.storage._load_from_bytes(<legacy torch.save of the
+  storage>)`; this reads such a blob with the same allow-list (a storage comes
+  back with its data). `where` names the source in errors.
+  """
+  return _load_legacy_stream(io.BytesIO(data), where)
 
 
 def flatten(tree: Any, prefix: str = "", sep: str = ".") -> Dict[str, np.ndarray]:

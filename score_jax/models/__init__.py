@@ -4,6 +4,7 @@
 - `DDPM`: the U-Net of Ho et al. ('ddpm').
 - `NCSNv2`: RefineNet of NCSNv2 ('ncsnv2').
 - `MLPScore`: MLP for low-dimensional data ('mlp').
+- `SongUNet`: EDM's (Karras et al. 2022) DDPM++ / NCSN++ ('song_unet').
 - `build_model(name, **kwargs)`: explicit arguments -> module; `get_score_fn(sde, model, variables,
   continuous=...)`: network -> score_fn(x, t, y=None).
 
@@ -15,6 +16,7 @@ from score_jax.models.ddpm import DDPM
 from score_jax.models.mlp import MLPScore
 from score_jax.models.ncsnpp import NCSNpp
 from score_jax.models.ncsnv2 import NCSNv2
+from score_jax.models.song_unet import SongUNet
 from score_jax.models.utils import DTYPES, MODELS, build_model, count_params, get_score_fn, init_model
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "MLPScore",
     "NCSNpp",
     "NCSNv2",
+    "SongUNet",
     "MODELS",
     "count_params",
     "DTYPES",

@@ -56,6 +56,7 @@ from score_jax.models.ddpm import DDPM
 from score_jax.models.mlp import MLPScore
 from score_jax.models.ncsnpp import NCSNpp
 from score_jax.models.ncsnv2 import NCSNv2
+from score_jax.models.song_unet import SongUNet
 from score_jax.sde import SDE, VESDE, VPSDE, batch_mul
 
 Array = jax.Array
@@ -77,6 +78,7 @@ MODELS: Mapping[str, type] = {
     "ncsnv2_128": NCSNv2,
     "ncsnv2_256": NCSNv2,
     "mlp": MLPScore,
+    "song_unet": SongUNet,  # EDM's DDPM++ / NCSN++ (configs/edm_cifar_vp.py, edm_cifar_ve.py)
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
