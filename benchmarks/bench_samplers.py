@@ -10,7 +10,7 @@ error alone (20k samples) is about 0.01 in weight and mean and 1.3% in std
 (2 standard errors). Then the likelihood table: exact-trace log p error in
 nats against the closed form, and NFE, per solver tolerance.
 
-  python benchmarks/bench_samplers.py [--sde vp|subvp|ve] [--samples 20000]
+  python benchmarks/bench_samplers.py [--sde vp|subvp|ve|rf] [--samples 20000]
       [--nfe 10 20 ...] [--samplers UniPC DPM ...]
 """
 
@@ -30,6 +30,7 @@ SDES = {
     "vp": (lambda n: sde_lib.VPSDE(0.1, 20.0, n), 1e-3),
     "subvp": (lambda n: sde_lib.subVPSDE(0.1, 20.0, n), 1e-3),
     "ve": (lambda n: sde_lib.VESDE(0.01, 50.0, n), 1e-5),
+    "rf": (lambda n: sde_lib.RectifiedFlow(N=n), 1e-3),
 }
 
 

@@ -143,6 +143,11 @@ def get_config() -> ml_collections.ConfigDict:
   model.dropout = 0.1
   model.embedding_type = "fourier"
   model.ema_rate = 0.9999
+  # EMA by half-life in images (EDM): > 0 replaces ema_rate by 0.5 ** (batch /
+  # max(min(halflife_kimg * 1000, ramp-up ratio * images seen), 1e-8)); ratio 0:
+  # no ramp-up.
+  model.ema_halflife_kimg = 0.0
+  model.ema_rampup_ratio = 0.05
   model.num_classes = 0  # 0: unconditional
   model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
   # Gradient checkpointing of the U-Net blocks (ncsnpp, ddpmpp, ddpm): less
@@ -163,6 +168,7 @@ def get_config() -> ml_collections.ConfigDict:
   optim.eps = 1e-8
   optim.weight_decay = 0.0
   optim.warmup = 5000
+  optim.lr_rampup_kimg = 0.0  # > 0: lr * min(images seen / (1000 kimg), 1) (EDM; set warmup = 0)
   optim.grad_clip = 1.0
 
   return config

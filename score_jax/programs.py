@@ -45,7 +45,7 @@ SamplerFn = Callable[..., Tuple[Array, Array]]
 
 __all__ = ["Setup", "Programs", "make_setup", "get_sde", "get_model", "get_optimizer",
            "get_lr_schedule", "get_loss_fn", "get_sampler", "get_dataset", "network_score_factory",
-           "parameterization_kwargs", "get_time_distribution",
+           "parameterization_kwargs", "get_time_distribution", "get_ema_decay",
            "FAST_SAMPLERS", "Guide", "GuidedParams"]
 
 
@@ -73,10 +73,34 @@ def get_model(s: Settings) -> nn.Module:
 
 
 def get_lr_schedule(s: Settings) -> optax.Schedule:
-  """lr * min(step / warmup, 1), the reference's linear warmup."""
+  """lr * min(step / warmup, 1), the reference's linear warmup; or EDM's ramp-up in
+  images, lr * min(nimg / (1000 lr_rampup_kimg), 1) with nimg = step * batch_size the
+  images seen before the step."""
+  if s.optim.lr_rampup_kimg > 0:
+    lr, batch, ramp = s.optim.lr, s.training.batch_size, 1000.0 * s.optim.lr_rampup_kimg
+    return lambda count: lr * jnp.minimum(jnp.asarray(count, jnp.float32) * batch / ramp, 1.0)
   if s.optim.warmup > 0:
     return optax.linear_schedule(0.0, s.optim.lr, s.optim.warmup)
   return optax.constant_schedule(s.optim.lr)
+
+
+def get_ema_decay(s: Settings) -> Callable[[Array], Any]:
+  """decay(step) of the parameters' EMA, e <- decay e + (1 - decay) p, at the update of
+  step `step` (0-based): model.ema_rate, or with model.ema_halflife_kimg > 0 EDM's
+  0.5 ** (batch / max(h, 1e-8)), h = min(1000 halflife_kimg, ema_rampup_ratio * nimg)
+  (ratio 0: no ramp-up), nimg = step * batch_size the images seen before the step."""
+  m, batch = s.model, s.training.batch_size
+  if m.ema_halflife_kimg <= 0:
+    return lambda step: m.ema_rate
+  halflife = 1000.0 * m.ema_halflife_kimg
+
+  def decay(step):
+    h = halflife
+    if m.ema_rampup_ratio > 0:
+      h = jnp.minimum(h, m.ema_rampup_ratio * step.astype(jnp.float32) * batch)
+    return 0.5 ** (batch / jnp.maximum(h, 1e-8))
+
+  return decay
 
 
 def get_optimizer(s: Settings) -> optax.GradientTransformation:

@@ -177,6 +177,8 @@ class Model:
   dropout: float
   embedding_type: str
   ema_rate: float
+  ema_halflife_kimg: float
+  ema_rampup_ratio: float
   num_classes: int
   dtype: str
   remat: bool
@@ -204,6 +206,7 @@ class Optim:
   eps: float
   weight_decay: float
   warmup: int
+  lr_rampup_kimg: float
   grad_clip: float
 
 
@@ -419,6 +422,13 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
                       f"ddpm, not by {m.name!r}; set model.remat = False.")
   if not 0.0 <= m.ema_rate < 1.0:
     raise ConfigError(f"model.ema_rate must lie in [0, 1), got {m.ema_rate}.")
+  for where, value in (("model.ema_halflife_kimg", m.ema_halflife_kimg),
+                       ("model.ema_rampup_ratio", m.ema_rampup_ratio),
+                       ("optim.lr_rampup_kimg", s.optim.lr_rampup_kimg)):
+    _at_least(where, value, 0.0)
+  if s.optim.lr_rampup_kimg > 0 and s.optim.warmup > 0:
+    raise ConfigError("optim.lr_rampup_kimg (a ramp-up in images) and optim.warmup (in steps) "
+                      "are two ramps of the learning rate; set optim.warmup = 0.")
   _at_least("model.num_classes", m.num_classes, 0)
   _at_least("model.num_scales", m.num_scales, 1)
   if t.sde.lower() == "vesde" and not 0 < m.sigma_min < m.sigma_max:

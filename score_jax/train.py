@@ -77,7 +77,7 @@ def apply_update(setup: Setup, state: TrainState, grads) -> TrainState:
   """The state after one optimizer step with grads: the config's optimizer, then the EMA."""
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  rate = setup.settings.model.ema_rate
+  rate = programs.get_ema_decay(setup.settings)(state.step)
   ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, params)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 

@@ -221,6 +221,8 @@ def _toy(**changes):
     ({"model__sigma_data": 0.0}, "sigma_data"),
     ({"training__p_std": 0.0}, "p_std"),
     ({"training__sde": "rectified_flow", "training__continuous": False}, "Discrete training"),
+    ({"optim__lr_rampup_kimg": 10.0}, "set optim.warmup = 0"),
+    ({"model__ema_halflife_kimg": -1.0}, "ema_halflife_kimg"),
 ])
 def test_settings_check_the_family_keys(changes, match):
   with pytest.raises(ValueError, match=match):
@@ -266,6 +268,53 @@ def test_programs_use_the_parameterization_and_loss_of_the_settings():
   score = programs.Programs(setup).score_fn(params)
   t = jnp.full((16,), 0.3)
   np.testing.assert_array_equal(np.asarray(score(x, t)), np.asarray(base(x, t)))
+
+
+def test_ema_halflife_and_lr_rampup_in_images_follow_edm(key):
+  """EDM's EMA beta = 0.5 ** (batch / max(min(halflife_img, ratio * nimg), 1e-8)) and lr *
+  min(nimg / rampup_img, 1), nimg = images seen before the step, as written in EDM's
+  training loop; and the train step applies them (three steps against optax and the
+  formula, from the step's own gradients)."""
+  import optax
+  batch, halflife, ratio, ramp, lr = 8, 16.0, 0.5, 32.0, 1e-3
+  config = _toy(model__hidden_sizes=(32,), training__batch_size=batch,
+                model__ema_halflife_kimg=halflife / 1000, model__ema_rampup_ratio=ratio,
+                optim__lr_rampup_kimg=ramp / 1000, optim__warmup=0, optim__lr=lr)
+  s = S(config)
+  decay, schedule = programs.get_ema_decay(s), programs.get_lr_schedule(s)
+  betas = []
+  for k in range(8):
+    nimg = k * batch
+    betas.append(0.5 ** (batch / max(min(halflife, ratio * nimg), 1e-8)))
+    np.testing.assert_allclose(float(decay(jnp.asarray(k, jnp.int32))), betas[-1], rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(jnp.asarray(k, jnp.int32))),
+                               lr * min(nimg / ramp, 1.0), rtol=1e-6)
+  assert betas[0] == 0.0 and 0.0 < betas[2] < betas[4] == betas[7]  # ramp-up, then constant
+  # Off (the default): the constant ema_rate, exactly.
+  assert programs.get_ema_decay(S(_toy()))(jnp.asarray(5)) == _toy().model.ema_rate
+
+  setup = programs.make_setup(s)
+  step = train.make_train_step(setup)
+  state = train.init_state(setup, jax.random.PRNGKey(0))
+  want = jax.device_get(state)
+  loss_fn = programs.get_loss_fn(s, setup.sde, setup.model, train=True)
+  x = np.random.default_rng(0).normal(size=(batch, 2)).astype(np.float32)
+  y = np.zeros((batch,), np.int32)
+  xs, ys = train.global_batch(setup, {"image": x, "label": y})
+  for k in range(3):
+    grads = jax.grad(lambda p: loss_fn(p, jax.random.fold_in(key, k), jnp.asarray(x), None)[0])(
+        want.params)
+    updates, opt_state = setup.tx.update(grads, want.opt_state, want.params)
+    params = optax.apply_updates(want.params, updates)
+    ema = jax.tree.map(lambda e, p: betas[k] * e + (1 - betas[k]) * p, want.ema_params, params)
+    if k == 0:  # lr 0 at nimg 0 (EDM's first step moves nothing); beta 0: the EMA is a copy
+      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    want = want.replace(params=params, opt_state=opt_state, ema_params=ema)
+    state, _ = step(state, xs, ys, jax.device_put(key, setup.replicated))
+  for a, b in zip(jax.tree.leaves((want.params, want.ema_params)),
+                  jax.tree.leaves((state.params, state.ema_params))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
 def toy_mode_weights(config, steps, tmp_path):

@@ -105,7 +105,8 @@ def test_importance_time_distribution(key):
 # 2.6%; the adaptive ODE 0.005 / 0.004 / 1.5% (sampling error: 0.6% std);
 # DDIM 50 steps 0.003 / 0.030 / 1.9%; DDIM eta = 1 at 200 logSNR steps 0.005 /
 # 0.014 / 3.6%; Heun with churn at 100 NFE 0.004 / 0.013 / 5.3%; DPM-Solver++
-# 2M at 50 NFE 0.002 / 0.005 / 3.8%.
+# 2M at 50 NFE 0.002 / 0.005 / 3.8%; UniPC-2 (bh2) at 50 NFE 0.005 / 0.007 / 2.8% (20,000
+# samples, benchmarks/bench_samplers.py --sde rf).
 CASES = {
     "pc_euler_maruyama": (lambda k, s, f, sh: sampling.pc_sample(
         k, s, f, sh, "euler_maruyama", "none", eps=EPS), PC_BIAS),
@@ -122,6 +123,8 @@ CASES = {
         k, s, f, sh, 50, s_churn=20.0, eps=EPS), Bias(0.01, 0.02, 0.07)),
     "dpm2_50": (lambda k, s, f, sh: fast_samplers.dpm_solver_pp_sample(k, s, f, sh, 50, eps=EPS),
                 Bias(0.01, 0.015, 0.05)),
+    "unipc2_50": (lambda k, s, f, sh: fast_samplers.unipc_sample(k, s, f, sh, 50, eps=EPS),
+                  Bias(0.01, 0.015, 0.05)),
 }
 
 
