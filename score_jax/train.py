@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from score_jax import checkpoints, distributed, files, plotting, programs
+from score_jax import checkpoints, datasets, distributed, files, plotting, programs
 from score_jax.errors import UserError, WorkdirError
 from score_jax.models import init_model
 from score_jax.programs import Setup
@@ -216,7 +216,10 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
   if start > 0:
     logging.info("Resumed from step %d.", start)
 
-  train_iter = programs.get_dataset(settings, "train", start_step=start)
+  # Batches are read, transformed and put on the devices in a background thread,
+  # ahead of the step that takes them (the same batches in the same order).
+  train_iter = datasets.Prefetch(programs.get_dataset(settings, "train", start_step=start),
+                                 put=lambda batch: global_batch(setup, batch))
   eval_iter = None
   train_step = make_train_step(setup)
   eval_step = make_eval_step(setup)
@@ -247,7 +250,7 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
       # Steps are counted on the host: reading state.step would wait for every step.
       while step < n_iters:
         step += 1  # the step this iteration completes
-        x, y = global_batch(setup, next(train_iter))
+        x, y = next(train_iter)
         state, metrics = train_step(state, x, y, train_key)
         pending = metrics
         # Sticky on the device (no sync): any non-finite step since the start
@@ -288,6 +291,7 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
     if pending is not None:
       check_finite(all_finite, jax.device_get(pending), step)
   finally:
+    train_iter.close()
     bar.close()
     ckpt.close()
     if writer is not None:
