@@ -55,6 +55,21 @@ def fast(fn, nfe_to_steps, deterministic, **kwargs):
   return run, deterministic
 
 
+def optimized(order, variant, batch=4096, iters=300):
+  """UniPC on a grid fitted by fast_samplers.optimize_time_grid (other latents, same score)."""
+
+  def run(make_sde, eps, key, shape, nfe, z):
+    sde = make_sde(1000)
+    score_fn = analytic.score_fn(MIX, sde)
+    ts, _ = fast_samplers.optimize_time_grid(jax.random.fold_in(key, 1), sde, score_fn,
+                                             (batch,) + shape[1:], nfe, order=order,
+                                             variant=variant, eps=eps, iters=iters)
+    return fast_samplers.unipc_sample(key, sde, score_fn, shape, order=order, variant=variant,
+                                      z=z, timesteps=ts)
+
+  return run, True
+
+
 MIX = analytic.example_mixture_2d()
 SAMPLERS = {
     "EM (PC: euler_maruyama, none)": pc("euler_maruyama", "none", 1),
@@ -71,6 +86,8 @@ SAMPLERS = {
     **{f"UniPC-{order} {variant} (logSNR)": fast(fast_samplers.unipc_sample, lambda n: n, True,
                                                  order=order, variant=variant)
        for order in (2, 3) for variant in ("bh1", "bh2")},
+    "UniPC-2 bh2 (optimized grid)": optimized(2, "bh2"),
+    "UniPC-3 bh1 (optimized grid)": optimized(3, "bh1"),
 }
 
 

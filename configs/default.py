@@ -54,9 +54,13 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.probability_flow = False
   sampling.num_steps = 0  # fast solvers: score evaluations; 0 = sampler default
   sampling.schedule = ""  # fast solvers: 'uniform_t' | 'logSNR' | 'edm'; '' = sampler default
+  # unipc also 'optimized': a grid fitted to the model (score_jax.time_grids), once per
+  # checkpoint, on grid_batch_size latents in grid_iters Adam steps, kept in the workdir.
   sampling.eta = 0.0  # ddim: 0 deterministic, 1 ancestral-like
   sampling.order = 2  # dpm_solver: 2 or 3; unipc: 1, 2 or 3 (+1 with its corrector)
   sampling.unipc_variant = "bh2"  # unipc: B(h) = 1 - e^-h (bh2) or h (bh1)
+  sampling.grid_batch_size = 256
+  sampling.grid_iters = 200
   sampling.s_churn = 0.0  # heun: EDM stochasticity (0 = deterministic)
   sampling.rtol = 1e-5
   sampling.atol = 1e-5

@@ -58,7 +58,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
-from score_jax import checkpoints, datasets, distributed, eval_quality, files, plotting, programs, train
+from score_jax import (checkpoints, datasets, distributed, eval_quality, files, plotting, programs,
+                       time_grids, train)
 from score_jax.checkpoints import CheckpointWaitError
 from score_jax.distributed import check_batch, global_array, local_rows, sync, to_host
 from score_jax.errors import WorkdirError
@@ -287,7 +288,8 @@ def _sampling_stage(progs: Programs, params: Any, rng: Array, out_dir: str,
     if sample_fn is None:
       # Compiled ahead of the first round, so samples/s counts sampling only.
       start = time.perf_counter()
-      sample_fn = progs.sampler(batch, weight).lower(params, key, y).compile()
+      timesteps = time_grids.grid_for(progs, params, out_dir, weight, rng)  # unipc 'optimized'
+      sample_fn = progs.sampler(batch, weight, timesteps).lower(params, key, y).compile()
       compile_s = time.perf_counter() - start
     start = time.perf_counter()
     x, nfe = sample_fn(params, key, y)

@@ -178,14 +178,15 @@ FAST_SAMPLERS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
 }
 
 
-def get_sampler(s: Settings, sde: sde_lib.SDE) -> SamplerFn:
+def get_sampler(s: Settings, sde: sde_lib.SDE, timesteps: Optional[Any] = None) -> SamplerFn:
   """sampler(rng, score_fn, shape, **extra) -> (x, nfe) for sampling.method.
 
   `extra` goes to the sampler function as is: z (a start state), and
   constraint (controllable.py; pc and the fast samplers, not ode). 'ddim',
   'heun' (EDM), 'dpm_solver' (DPM-Solver++ multistep) and 'unipc' take
   sampling.num_steps score evaluations (0: the sampler's default) on
-  sampling.schedule ('' = default).
+  sampling.schedule ('' = default). timesteps (unipc): an explicit grid, from
+  `score_jax.time_grids` for schedule 'optimized' (which without one is logSNR).
   """
   from score_jax import fast_samplers, sampling  # leaves of the library; imported on use
 
@@ -205,7 +206,9 @@ def get_sampler(s: Settings, sde: sde_lib.SDE) -> SamplerFn:
   if c.num_steps > 0:
     kwargs["num_steps"] = c.num_steps
   if c.schedule:
-    kwargs["schedule"] = c.schedule
+    kwargs["schedule"] = "logSNR" if c.schedule == "optimized" else c.schedule
+  if timesteps is not None:
+    kwargs = {"denoise": c.noise_removal, "timesteps": np.asarray(timesteps)}
   kwargs.update({key.removeprefix(method + "_"): getattr(c, key) for key in options})
   fn = getattr(fast_samplers, fn_name)
   return lambda rng, score_fn, shape, **extra: fn(rng, sde, score_fn, shape, **kwargs, **extra)
@@ -369,11 +372,12 @@ class Programs:
     return distributed.global_array(sharding,
                                     distributed.local_rows(a) if sharding == self.bat else a)
 
-  def sampler(self, batch: int, weight: float = 0.0):
-    """(params, rng, y [B]) -> (samples [B, ...], nfe), one jitted call."""
+  def sampler(self, batch: int, weight: float = 0.0, timesteps: Optional[Any] = None):
+    """(params, rng, y [B]) -> (samples [B, ...], nfe), one jitted call (timesteps: an
+    explicit grid for unipc, see `get_sampler`)."""
 
     def build():
-      sampler = get_sampler(self.settings, self.setup.sde)
+      sampler = get_sampler(self.settings, self.setup.sde, timesteps)
       shape = self.settings.data.shape(batch)
 
       def run(params, rng, y):
@@ -383,7 +387,8 @@ class Programs:
       out = self._batch_out(batch)
       return jax.jit(run, in_shardings=(self.rep, self.rep, out), out_shardings=(out, self.rep))
 
-    return self._cached(("sampler", batch, weight), build)
+    grid = None if timesteps is None else tuple(np.asarray(timesteps).tolist())
+    return self._cached(("sampler", batch, weight, grid), build)
 
   def controlled_sampler(self, task: str, batch: int, weight: float = 0.0):
     """Jitted (params, rng, y [B], images [B, ...] model space, mask [B, ...]) -> (x, nfe).

@@ -17,7 +17,7 @@ from typing import Dict
 import jax
 import numpy as np
 
-from score_jax import checkpoints, plotting, programs, runs, train
+from score_jax import checkpoints, plotting, programs, runs, time_grids, train
 from score_jax.distributed import global_array, is_main, local_rows, pad_rows, padded, to_host
 from score_jax.errors import ConfigError, UserError
 from score_jax.evaluate import to_uint8
@@ -212,7 +212,9 @@ def run(settings: Settings, workdir: str) -> Dict[str, str]:
     labels = pad_rows(_sample_labels(settings, num), n)
     y = put(labels)
     if task == "generate":
-      x, nfe = progs.sampler(n, weight)(params, rng, y)
+      timesteps = time_grids.grid_for(progs, params, os.path.join(workdir, "time_grids"), weight,
+                                      rng)
+      x, nfe = progs.sampler(n, weight, timesteps)(params, rng, y)
     else:
       imgs = load_images(s.images_path, size, channels)
       imgs = np.resize(imgs, (num,) + imgs.shape[1:])  # repeat the given images up to num

@@ -37,7 +37,7 @@ SAMPLING_METHODS = ("pc", "ode", "ddim", "heun", "dpm_solver", "unipc")
 UNIPC_VARIANTS = ("bh1", "bh2")
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none")
 CORRECTORS = ("langevin", "ald", "none")
-SCHEDULES = ("", "uniform_t", "logSNR", "edm")
+SCHEDULES = ("", "uniform_t", "logSNR", "edm", "optimized")
 TASKS = ("generate", "inpaint", "colorize", "interpolate")
 QUANTIZATIONS = ("truncate", "round")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -88,6 +88,8 @@ class Sampling:
   eta: float
   order: int
   unipc_variant: str
+  grid_batch_size: int
+  grid_iters: int
   s_churn: float
   rtol: float
   atol: float
@@ -452,6 +454,11 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   if smp.method.lower() == "unipc" and smp.order not in (1, 2, 3):
     raise ConfigError(f"sampling.order must be 1, 2 or 3 for unipc, got {smp.order}.")
   _choice("sampling.unipc_variant", smp.unipc_variant, UNIPC_VARIANTS)
+  if smp.schedule == "optimized" and smp.method.lower() != "unipc":
+    raise ConfigError("sampling.schedule='optimized' (a grid fitted to the model) is made for "
+                      f"sampling.method='unipc', not {smp.method!r}.")
+  _at_least("sampling.grid_batch_size", smp.grid_batch_size, 1)
+  _at_least("sampling.grid_iters", smp.grid_iters, 0)
   interval = smp.guidance_interval
   if not (isinstance(interval, tuple) and len(interval) == 2 and all(
       isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in interval)):
