@@ -1,6 +1,9 @@
 """UniPC (score_jax.fast_samplers.unipc_sample) against exact ODE solutions and closed forms."""
 
+import json
 import math
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -220,7 +223,6 @@ def test_optimized_grid_beats_the_uniform_log_snr_grid_on_the_exact_flow():
 
 
 def test_optimized_grid_is_fitted_once_and_stored_with_the_run(tmp_path, monkeypatch):
-  import os  # pylint: disable=g-import-not-at-top
   from score_jax import evaluate, sample, train  # pylint: disable=g-import-not-at-top
   changes = {"training.batch_size": 64, "training.n_iters": 10, "training.snapshot_freq": 10,
              "training.snapshot_freq_for_preemption": 10, "training.eval_freq": 10**6,
@@ -240,7 +242,8 @@ def test_optimized_grid_is_fitted_once_and_stored_with_the_run(tmp_path, monkeyp
   train.train_and_evaluate(s, workdir)  # snapshot sampling would use logSNR
   first = np.load(sample.run(s, workdir)["npz"])
   path = os.path.join(workdir, "time_grids", "time_grid_unipc2_bh2_6steps.json")
-  stored = np.asarray(__import__("json").load(open(path))["times"])
+  with open(path) as f:
+    stored = np.asarray(json.load(f)["times"])
   assert stored.shape == (7,) and stored[0] == 1.0 and np.all(np.diff(stored) < 0)
   assert int(first["nfe"]) == 7  # 6 steps + the final denoising
   # A second run loads the grid instead of fitting it again.
@@ -248,9 +251,9 @@ def test_optimized_grid_is_fitted_once_and_stored_with_the_run(tmp_path, monkeyp
                       lambda *a, **k: (_ for _ in ()).throw(AssertionError("refitted")))
   second = np.load(sample.run(s, workdir)["npz"])
   np.testing.assert_array_equal(second["samples"], first["samples"])
-  # The eval mode fits (here: the stub refuses, so it must not be asked) per checkpoint folder.
+  # The eval mode keeps its grid per checkpoint folder: given one, it fits nothing.
   os.makedirs(os.path.join(workdir, "eval", "ckpt_1"))
-  __import__("shutil").copy(path, os.path.join(workdir, "eval", "ckpt_1"))
+  shutil.copy(path, os.path.join(workdir, "eval", "ckpt_1"))
   (result,) = evaluate.run(s, workdir)
   assert result["sampling_nfe"] == 7
   with pytest.raises(ConfigError, match="made for sampling.method='unipc'"):
