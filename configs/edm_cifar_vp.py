@@ -23,14 +23,10 @@ Released networks convert with
 edm-cifar10-32x32-uncond-vp.pkl DST` (`--config.model.num_classes=10` for
 the `-cond-` files).
 
-Not yet expressible in score_jax's settings (EDM's values, and what this
-config does instead):
-- EMA with a half-life of 0.5 Mimg and ramp-up ratio 0.05 (beta = 0.5 **
-  (batch / min(0.5e6, 0.05 images seen))): model.ema_rate is fixed at the
-  half-life's steady-state rate 0.5 ** (512 / 500_000) = 0.99929, without
-  the ramp-up.
-- Learning-rate ramp-up over 10 Mimg: optim.warmup counts steps, 19_531 steps
-  of 512 images (9.99987 Mimg).
+EMA with a half-life of 0.5 Mimg and ramp-up ratio 0.05
+(model.ema_halflife_kimg, model.ema_rampup_ratio), learning-rate ramp-up
+over 10 Mimg (optim.lr_rampup_kimg), as EDM. Not yet expressible in
+score_jax's settings (EDM's values, and what this config does instead):
 - Non-finite gradients set to zero: score_jax skips such a step instead.
 - Non-leaky augmentation with p = 0.12 (x-flip always on at 50%, y-flip,
   scaling, rotation, anisotropy, translation) and its labels: the
@@ -82,7 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.sigma_min = 0.002
   model.sigma_max = 80.0
   model.num_classes = 0
-  model.ema_rate = 0.5 ** (512 / 500_000)
+  model.ema_halflife_kimg = 500.0  # 0.5 Mimg; replaces model.ema_rate
+  model.ema_rampup_ratio = 0.05
   model.dropout = 0.13
   model.nf = 128
   model.ch_mult = (2, 2, 2)
@@ -102,6 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   optim.beta1 = 0.9  # beta2 is 0.999
   optim.eps = 1e-8
   optim.weight_decay = 0.0
-  optim.warmup = 19_531  # 10 Mimg
+  optim.warmup = 0
+  optim.lr_rampup_kimg = 10_000.0  # 10 Mimg
   optim.grad_clip = 0.0  # no clipping
   return config

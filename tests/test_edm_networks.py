@@ -111,6 +111,16 @@ def test_edm_config_builds_and_a_training_step_runs(arch):
     assert not moved["map_noise"]["freqs"]  # a buffer: no gradient, Adam leaves it
 
 
+def test_edm_configs_train_on_edm_schedules_in_images():
+  """EMA half-life 0.5 Mimg with ramp-up ratio 0.05 and the lr ramp-up over 10 Mimg, at batch 512."""
+  s = S(edm_cifar_vp.get_config())
+  assert (s.model.ema_halflife_kimg, s.model.ema_rampup_ratio) == (500.0, 0.05)
+  assert (s.optim.lr_rampup_kimg, s.optim.warmup, s.training.batch_size) == (10_000.0, 0, 512)
+  lr = programs.get_lr_schedule(s)
+  np.testing.assert_allclose(float(lr(9_765)), 1e-3 * 9_765 * 512 / 1e7, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(100_000)), 1e-3, rtol=1e-6)
+
+
 def test_heun_config_spends_edm_35_evaluations():
   s = S(edm_cifar_vp.get_config())
   sde = programs.get_sde(s)
