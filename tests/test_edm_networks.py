@@ -65,6 +65,7 @@ def _tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = ()  # (the innermost decoder block always attends)
   config.optim.warmup = 0
+  config.optim.lr_rampup_kimg = 0.0  # the ramp starts at lr 0: the first step must move the weights
   return config
 
 
