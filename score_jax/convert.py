@@ -91,8 +91,8 @@ __all__ = [
 
 from score_jax.reference_layout import (  # pylint: disable=unused-import  # re-exported
     FORMATS, PYTORCH_BUFFERS, Entry, ReferenceLayoutError, Spec, UnsupportedConfigError, _get_sigmas,
-    _names, _ref_layout_shape, _to_ours, _to_ref, as_settings, check_spec, reference_shapes,
-    reference_spec)
+    _names, _ref_layout_shape, _to_ours, _to_ref, as_settings, check_spec, mismatch,
+    reference_shapes, reference_spec)
 
 def check_tensors(found: Mapping[str, Sequence[int]], spec: Spec, source: str = "the checkpoint") -> None:
   """Checks that `found` ({name: shape}) holds exactly the spec's reference tensors.
@@ -101,19 +101,9 @@ def check_tensors(found: Mapping[str, Sequence[int]], spec: Spec, source: str = 
     ReferenceLayoutError: naming every missing, unexpected and misshapen tensor.
   """
   expected = reference_shapes(spec)
-  missing = [n for n in expected if n not in found]
-  extra = [n for n in found if n not in expected]
-  wrong = [f"{n} {tuple(found[n])} (expected {expected[n]})" for n in expected
-           if n in found and tuple(found[n]) != expected[n]]
-  if not (missing or extra or wrong):
+  parts = mismatch(found, expected)
+  if not parts:
     return
-  parts = []
-  if missing:
-    parts.append(f"{len(missing)} missing: {_names(missing)}")
-  if extra:
-    parts.append(f"{len(extra)} unexpected: {_names(extra)}")
-  if wrong:
-    parts.append(f"{len(wrong)} with other shapes: {_names(wrong)}")
   raise ReferenceLayoutError(
       f"{source} is not a {spec.fmt} checkpoint of this config's {spec.family} network "
       f"({len(expected)} tensors expected); nothing was converted. " + "; ".join(parts) +

@@ -38,7 +38,6 @@ and D(x; sigma) = c_skip x + c_out F is EDM's denoiser.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -49,6 +48,9 @@ import numpy as np
 
 from score_jax import edm_pickle
 from score_jax.errors import UserError
+# One tensor of the map (kind 'conv': OIHW <-> HWIO, 'dense': [out, in] <-> [in, out], 'plain';
+# trainable False for the Fourier frequencies, a buffer in EDM), and the mismatch report.
+from score_jax.reference_layout import Entry, _names, mismatch
 
 __all__ = ["EDMLayoutError", "Entry", "EDM_PRECOND_DEFAULTS", "SONG_UNET_DEFAULTS", "edm_spec",
            "check_spec", "check_tensors", "check_init_kwargs", "find_network", "tensors_to_params",
@@ -59,21 +61,6 @@ Shape = Tuple[int, ...]
 
 class EDMLayoutError(UserError, ValueError):
   """An EDM file does not hold this config's network (tensors or constructor arguments)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """One tensor: its path and shape in score_jax, its name and shape in EDM's state dict.
-
-  kind: 'conv' (OIHW <-> HWIO), 'dense' ([out, in] <-> [in, out]) or 'plain'.
-  trainable: False for the Fourier frequencies (a buffer in EDM).
-  """
-  ours: Tuple[str, ...]
-  shape: Shape
-  name: str
-  ref_shape: Shape
-  kind: str
-  trainable: bool = True
 
 
 # EDM's constructor defaults (training/networks.py at the commit in tests/data/edm/manifest.json),
@@ -88,11 +75,6 @@ SONG_UNET_DEFAULTS: Dict[str, Any] = dict(
     decoder_type="standard", resample_filter=(1, 1))
 _PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min",
                        "sigma_max", "sigma_data", "model_type")
-
-
-def _names(names: Sequence[str], limit: int = 16) -> str:
-  shown = ", ".join(names[:limit])
-  return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 # ---------------------------------------------------------------------------
@@ -242,17 +224,7 @@ def check_tensors(tensors: Mapping[str, np.ndarray], entries: Sequence[Entry],
   """
   expected = {e.name: e.ref_shape for e in entries}
   expected.update({n: tuple(v.shape) for n, v in buffers.items()})
-  missing = [n for n in expected if n not in tensors]
-  extra = [n for n in tensors if n not in expected]
-  wrong = [f"{n} {tuple(tensors[n].shape)} (expected {expected[n]})" for n in expected
-           if n in tensors and tuple(tensors[n].shape) != expected[n]]
-  parts = []
-  if missing:
-    parts.append(f"{len(missing)} missing: {_names(missing)}")
-  if extra:
-    parts.append(f"{len(extra)} unexpected: {_names(extra)}")
-  if wrong:
-    parts.append(f"{len(wrong)} with other shapes: {_names(wrong)}")
+  parts = mismatch({n: v.shape for n, v in tensors.items()}, expected)
   if parts:
     raise EDMLayoutError(
         f"{source} does not hold this config's SongUNet ({len(expected)} tensors expected); "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -31,6 +31,24 @@ __all__ = ["FORMATS", "Entry", "Spec", "ReferenceLayoutError", "UnsupportedConfi
 def _names(names: Sequence[str], limit: int = 16) -> str:
   shown = ", ".join(names[:limit])
   return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def mismatch(found: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]]
+             ) -> List[str]:
+  """What differs between a file's tensor shapes and the expected ones, one phrase per kind
+  ('3 missing: a, b, c'); empty when they are the same."""
+  missing = [n for n in expected if n not in found]
+  extra = [n for n in found if n not in expected]
+  wrong = [f"{n} {tuple(found[n])} (expected {tuple(expected[n])})" for n in expected
+           if n in found and tuple(found[n]) != tuple(expected[n])]
+  parts = []
+  if missing:
+    parts.append(f"{len(missing)} missing: {_names(missing)}")
+  if extra:
+    parts.append(f"{len(extra)} unexpected: {_names(extra)}")
+  if wrong:
+    parts.append(f"{len(wrong)} with other shapes: {_names(wrong)}")
+  return parts
 
 
 FORMATS = ("pytorch", "flax")
