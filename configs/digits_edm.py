@@ -11,28 +11,8 @@ sigma_data = 0.75: the standard deviation of the centered digits (EDM's 0.5 is C
 
 import ml_collections
 
-from configs import digits
+from configs import _families as families, digits
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = digits.get_config()
-
-  training = config.training
-  training.sde = "vesde"
-  training.time_distribution = "lognormal_sigma"
-  training.p_mean = -1.2
-  training.p_std = 1.2
-  training.weighting = "edm"
-
-  model = config.model
-  model.parameterization = "edm"
-  model.sigma_data = 0.75
-  model.sigma_min = 0.002
-  model.sigma_max = 80.0
-
-  sampling = config.sampling
-  sampling.method = "heun"
-  sampling.num_steps = 18
-  sampling.schedule = "edm"
-  sampling.eps = 1e-5
-  return config
+  return families.edm(digits.get_config(), sigma_data=0.75)

@@ -10,22 +10,8 @@ configs/digits_edm.py (18 steps, 35 NFE + the final denoising).
 
 import ml_collections
 
-from configs import digits
+from configs import _families as families, digits
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = digits.get_config()
-
-  training = config.training
-  training.sde = "rectified_flow"
-  training.time_distribution = "logit_normal"
-  training.weighting = "velocity"
-
-  config.model.parameterization = "velocity"
-
-  sampling = config.sampling
-  sampling.method = "heun"
-  sampling.num_steps = 18
-  sampling.schedule = "edm"
-  sampling.eps = 1e-3
-  return config
+  return families.rectified_flow(digits.get_config())

@@ -14,28 +14,8 @@ noise levels keep their ratio to the data's scale.
 
 import ml_collections
 
-from configs import toy
+from configs import _families as families, toy
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = toy.get_config()
-
-  training = config.training
-  training.sde = "vesde"
-  training.time_distribution = "lognormal_sigma"
-  training.p_mean = 0.54
-  training.p_std = 1.2
-  training.weighting = "edm"
-
-  model = config.model
-  model.parameterization = "edm"
-  model.sigma_data = 2.86
-  model.sigma_min = 0.002
-  model.sigma_max = 80.0
-
-  sampling = config.sampling
-  sampling.method = "heun"
-  sampling.num_steps = 18
-  sampling.schedule = "edm"
-  sampling.eps = 1e-5
-  return config
+  return families.edm(toy.get_config(), sigma_data=2.86, p_mean=0.54)

@@ -11,22 +11,8 @@ denoising); any other sampler (pc, ode, ddim, dpm_solver) runs on it too.
 
 import ml_collections
 
-from configs import toy
+from configs import _families as families, toy
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = toy.get_config()
-
-  training = config.training
-  training.sde = "rectified_flow"
-  training.time_distribution = "logit_normal"
-  training.weighting = "velocity"
-
-  config.model.parameterization = "velocity"
-
-  sampling = config.sampling
-  sampling.method = "heun"
-  sampling.num_steps = 18
-  sampling.schedule = "edm"
-  sampling.eps = 1e-3
-  return config
+  return families.rectified_flow(toy.get_config())
