@@ -135,6 +135,18 @@ def get_config() -> ml_collections.ConfigDict:
   data.toy_name = "gaussian_mixture"  # dataset 'toy': gaussian_mixture | checkerboard | swiss_roll | moons
   data.category = ""  # dataset 'lsun': bedroom | church_outdoor
   data.tfrecords_path = ""  # ffhq / celebahq: the TFRecord file or folder (else data.data_dir)
+  # EDM's non-leaky augmentation (score_jax.augment), on the device in the train step:
+  # each transform is applied with probability min(multiplier * augment_p, 1) and the
+  # network (song_unet, model.augment_dim = the label count) is told which; 0 = off.
+  data.augment_p = 0.0
+  data.augment_xflip = 0.0
+  data.augment_yflip = 0.0
+  data.augment_rotate_int = 0.0  # quarter turns
+  data.augment_translate_int = 0.0  # integer shifts up to 1/8 of the size
+  data.augment_scale = 0.0  # isotropic, log2 std 0.2
+  data.augment_rotate_frac = 0.0  # any angle
+  data.augment_aniso = 0.0  # anisotropic, log2 std 0.2
+  data.augment_translate_frac = 0.0  # std 1/8 of the size
 
   # Model. Family-specific keys are set by the model configs.
   config.model = model = ml_collections.ConfigDict()
@@ -174,5 +186,9 @@ def get_config() -> ml_collections.ConfigDict:
   optim.warmup = 5000
   optim.lr_rampup_kimg = 0.0  # > 0: lr * min(images seen / (1000 kimg), 1) (EDM; set warmup = 0)
   optim.grad_clip = 1.0
+  # A non-finite loss or gradient: 'skip' leaves the state unchanged (the run stops at
+  # the next log step); 'zero' (EDM) replaces NaN gradient entries by 0 and +-inf by
+  # +-1e5 and takes the step.
+  optim.nonfinite_grads = "skip"
 
   return config

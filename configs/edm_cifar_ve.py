@@ -7,8 +7,8 @@ not counted in the 56,397,827), noise embedding twice as wide, residual
 encoder (a downsampling convolution pyramid of the input), [1, 3, 3, 1]
 resampling filter. The same training, sampler and conversion
 (`--from=edm --config=configs/edm_cifar_ve.py edm-cifar10-32x32-uncond-ve.pkl
-DST`); 10 classes add 2,816 parameters. What score_jax's settings cannot yet
-express is listed in configs/edm_cifar_vp.py.
+DST`); 10 classes add 2,816 parameters. EDM's augmentation and its handling
+of non-finite gradients as in configs/edm_cifar_vp.py.
 """
 
 import ml_collections

@@ -25,13 +25,13 @@ the `-cond-` files).
 
 EMA with a half-life of 0.5 Mimg and ramp-up ratio 0.05
 (model.ema_halflife_kimg, model.ema_rampup_ratio), learning-rate ramp-up
-over 10 Mimg (optim.lr_rampup_kimg), as EDM. Not yet expressible in
-score_jax's settings (EDM's values, and what this config does instead):
-- Non-finite gradients set to zero: score_jax skips such a step instead.
-- Non-leaky augmentation with p = 0.12 (x-flip always on at 50%, y-flip,
-  scaling, rotation, anisotropy, translation) and its labels: the
-  network takes the 9 augmentation labels (zero here); data.random_flip
-  flips at 50% without a label.
+over 10 Mimg (optim.lr_rampup_kimg), non-finite gradient entries set to zero
+(optim.nonfinite_grads = 'zero'), and EDM's non-leaky augmentation with p =
+0.12 (`train.py --augment=0.12`: x-flip selected always, so 50% of the images
+are flipped, y-flip, isotropic scaling, rotation, anisotropic scaling and
+fractional translation each at 12%), whose 9 labels the network takes
+(model.augment_dim = 9; zero at sampling time). EDM flips the data only
+through the augmentation (its --xflip is off), so data.random_flip is off.
 """
 
 import ml_collections
@@ -69,7 +69,14 @@ def get_config() -> ml_collections.ConfigDict:
   data.dataset = "cifar10"
   data.image_size = 32
   data.centered = True  # EDM's data are in [-1, 1]
-  data.random_flip = True
+  data.random_flip = False  # the augmentation flips, with a label
+  data.augment_p = 0.12
+  data.augment_xflip = 1e8
+  data.augment_yflip = 1.0
+  data.augment_scale = 1.0
+  data.augment_rotate_frac = 1.0
+  data.augment_aniso = 1.0
+  data.augment_translate_frac = 1.0
 
   model = config.model
   model.name = "song_unet"
@@ -102,4 +109,5 @@ def get_config() -> ml_collections.ConfigDict:
   optim.warmup = 0
   optim.lr_rampup_kimg = 10_000.0  # 10 Mimg
   optim.grad_clip = 0.0  # no clipping
+  optim.nonfinite_grads = "zero"
   return config

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from score_jax import distributed, losses, models
+from score_jax import augment, distributed, losses, models
 from score_jax import sde as sde_lib
 from score_jax.errors import ConfigError
 from score_jax.settings import Settings, check_devices
@@ -45,7 +45,7 @@ SamplerFn = Callable[..., Tuple[Array, Array]]
 
 __all__ = ["Setup", "Programs", "make_setup", "get_sde", "get_model", "get_optimizer",
            "get_lr_schedule", "get_loss_fn", "get_sampler", "get_dataset", "network_score_factory",
-           "parameterization_kwargs", "get_time_distribution", "get_ema_decay",
+           "parameterization_kwargs", "get_time_distribution", "get_ema_decay", "get_augment",
            "FAST_SAMPLERS", "Guide", "GuidedParams"]
 
 
@@ -129,8 +129,18 @@ def get_time_distribution(s: Settings) -> losses.TimeDistribution:
   return losses.TimeDistribution(t.time_distribution, loc, scale)
 
 
+def get_augment(s: Settings) -> Optional[augment.Augment]:
+  """EDM's augmentation of the data.augment_* keys, or None when it is off."""
+  aug = augment.Augment(**s.data.augment_kwargs())
+  return aug if aug.enabled else None
+
+
 def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool) -> LossFn:
-  """loss_fn(params, rng, x [B, ...], y [B] or None) -> (loss, LossAux).
+  """loss_fn(params, rng, x [B, ...], y [B] or None, augment_labels=None) -> (loss, LossAux).
+
+  augment_labels [B, L]: the labels of the augmentation applied to x
+  (`get_augment`; the train step augments), the network's conditioning; None:
+  zero labels.
 
   Continuous training uses denoising score matching with the configured
   weighting; discrete training the loss of the SDE's chain (DDPM for VP, SMLD
@@ -146,7 +156,8 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
                       f"discrete chain: vpsde (DDPM) or vesde (SMLD), not {t.sde!r}.")
   time_distribution = get_time_distribution(s)
 
-  def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None):
+  def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
+              augment_labels: Optional[Array] = None):
     rng_loss, rng_drop, rng_label = jax.random.split(rng, 3)
     y = y if num_classes > 0 else None
     if y is not None and t.class_dropout > 0 and train:
@@ -154,7 +165,7 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
       y = jnp.where(drop, num_classes, y)
     base = models.get_score_fn(sde, model, {"params": params}, continuous=t.continuous,
                                train=train, rng=rng_drop if train else None,
-                               **parameterization_kwargs(s))
+                               augment_labels=augment_labels, **parameterization_kwargs(s))
     score_fn = lambda xx, tt: base(xx, tt, y)
     if t.continuous:
       return losses.dsm_loss(rng_loss, sde, score_fn, x, eps=t.eps, reduce_mean=t.reduce_mean,

@@ -40,6 +40,7 @@ CORRECTORS = ("langevin", "ald", "none")
 SCHEDULES = ("", "uniform_t", "logSNR", "edm", "optimized")
 TASKS = ("generate", "inpaint", "colorize", "interpolate")
 QUANTIZATIONS = ("truncate", "round")
+NONFINITE_GRADS = ("skip", "zero")
 DTYPES = ("float32", "bfloat16", "float16")
 # Network parameterizations (models.PARAMETERIZATIONS), DSM time distributions and
 # weightings (losses.TIME_DISTRIBUTIONS, losses.WEIGHTINGS), spelled here so that
@@ -152,6 +153,21 @@ class Data:
   toy_name: str
   category: str
   tfrecords_path: str
+  augment_p: float
+  augment_xflip: float
+  augment_yflip: float
+  augment_rotate_int: float
+  augment_translate_int: float
+  augment_scale: float
+  augment_rotate_frac: float
+  augment_aniso: float
+  augment_translate_frac: float
+
+  def augment_kwargs(self) -> Dict[str, float]:
+    """score_jax.augment.Augment's arguments: p and the probability multipliers."""
+    prefix = "augment_"
+    return {f.name[len(prefix):]: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name.startswith(prefix)}
 
   @property
   def is_toy(self) -> bool:
@@ -210,6 +226,7 @@ class Optim:
   warmup: int
   lr_rampup_kimg: float
   grad_clip: float
+  nonfinite_grads: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,6 +457,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
     raise ConfigError(f"{t.sde} needs 0 <= model.beta_min < model.beta_max, got {m.beta_min}, "
                       f"{m.beta_max}.")
   _choice("optim.optimizer", s.optim.optimizer, ("adam", "adamw"), lower=True)
+  _choice("optim.nonfinite_grads", s.optim.nonfinite_grads, NONFINITE_GRADS)
   _choice("sampling.method", smp.method, SAMPLING_METHODS, lower=True)
   _choice("sampling.predictor", smp.predictor, PREDICTORS)
   _choice("sampling.corrector", smp.corrector, CORRECTORS)
@@ -495,6 +513,32 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
         raise ConfigError(f"data.image_size = {d.image_size} must be divisible by {factor}, since "
                           f"the network halves the resolution {len(ch_mult) - 1} times "
                           f"(model.ch_mult = {tuple(ch_mult)}).")
+  _check_augment(d, m)
+
+
+def _check_augment(d: Data, m: Model) -> None:
+  """EDM's augmentation: valid probabilities, image data, a network that takes its labels."""
+  from score_jax import augment  # pylint: disable=g-import-not-at-top
+  from score_jax.models import MODELS  # pylint: disable=g-import-not-at-top
+  try:
+    aug = augment.Augment(**d.augment_kwargs())
+  except ValueError as e:
+    raise ConfigError(f"data.augment_{e}") from e
+  if not aug.enabled:
+    return
+  if not d.is_images:
+    raise ConfigError("data.augment_p > 0 augments images; set data.augment_p = 0 for "
+                      f"data.dataset {d.dataset!r}.")
+  fields = {f.name: f for f in dataclasses.fields(MODELS[m.name.lower()])}
+  if "augment_dim" not in fields:
+    raise ConfigError(f"data.augment_p > 0 conditions the network on the augmentation labels, "
+                      f"which {m.name!r} does not take; use model.name = 'song_unet' or set "
+                      "data.augment_p = 0.")
+  dim = m.get("augment_dim", fields["augment_dim"].default)
+  if dim != aug.label_dim:
+    raise ConfigError(f"The augmentation (data.augment_*) makes {aug.label_dim} labels but the "
+                      f"network takes model.augment_dim = {dim}; set model.augment_dim = "
+                      f"{aug.label_dim}.")
 
 
 def _check_families(t: Training, m: Model) -> None:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from score_jax import checkpoints, datasets, distributed, files, plotting, programs
+from score_jax import augment, checkpoints, datasets, distributed, files, plotting, programs
 from score_jax.errors import UserError, WorkdirError
 from score_jax.models import init_model
 from score_jax.programs import Setup
@@ -82,6 +82,12 @@ def apply_update(setup: Setup, state: TrainState, grads) -> TrainState:
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
+def zero_nonfinite(grads):
+  """EDM's treatment of non-finite gradients (optim.nonfinite_grads = 'zero'): NaN
+  entries become 0, +inf 1e5 and -inf -1e5, the bounds of NVlabs/edm's training loop."""
+  return jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
+
+
 def make_train_step(setup: Setup):
   """The jitted step (state, x, y, root_key) -> (state, metrics); `state` is donated.
 
@@ -91,17 +97,26 @@ def make_train_step(setup: Setup):
   the same batch-mean loss (each micro-batch draws its own times, noise and
   dropout), with one micro-batch's activations alive at a time.
   A step whose loss or gradient norm is not finite leaves the state unchanged
-  and reports finite=False, so the last good state is what gets saved.
+  and reports finite=False, so the last good state is what gets saved; with
+  optim.nonfinite_grads = 'zero' (EDM) it is taken with `zero_nonfinite` grads
+  instead and reports finite=True (the state stays finite).
+  With EDM's augmentation on (data.augment_*), the batch is augmented here, on
+  the device, and the network gets its labels.
   """
   loss_fn = programs.get_loss_fn(setup.settings, setup.sde, setup.model, train=True)
   schedule = programs.get_lr_schedule(setup.settings)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   microbatches = setup.settings.training.microbatches
+  aug = programs.get_augment(setup.settings)
+  zero_mode = setup.settings.optim.nonfinite_grads == "zero"
 
   def loss_and_grads(params, rng: Array, x: Array, y: Optional[Array]):
     """Mean loss over the batch and its gradient, accumulated over micro-batches."""
+    a = None
+    if aug is not None:
+      x, a = augment.augment(jax.random.fold_in(rng, 1), x, aug)
     if microbatches == 1:
-      (loss, _), grads = grad_fn(params, rng, x, y)
+      (loss, _), grads = grad_fn(params, rng, x, y, a)
       return loss, grads
     # Micro-batch j holds examples j, j + m, j + 2m, ...: each device's
     # contiguous shard of the batch contributes equally to every micro-batch.
@@ -109,14 +124,14 @@ def make_train_step(setup: Setup):
     keys = jax.random.split(rng, microbatches)
 
     def body(carry, inputs):
-      key, xm, ym = inputs
-      (loss, _), grads = grad_fn(params, key, xm, ym)
+      key, xm, ym, am = inputs
+      (loss, _), grads = grad_fn(params, key, xm, ym, am)
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     # A rolled loop, so that one micro-batch's activations are alive at a time
     # (unrolled, XLA schedules them side by side and the memory saving is gone).
-    (loss, grads), _ = jax.lax.scan(body, zeros, (keys, split(x), split(y)))
+    (loss, grads), _ = jax.lax.scan(body, zeros, (keys, split(x), split(y), jax.tree.map(split, a)))
     return jax.tree.map(lambda a: a / microbatches, (loss, grads))
 
   def step_fn(state: TrainState, x: Array, y: Array, root_key: Array):
@@ -124,9 +139,13 @@ def make_train_step(setup: Setup):
     loss, grads = loss_and_grads(state.params, rng, x, y)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A branch rather than a where over every array of the state: the update
-    # then writes in place into the donated state (less memory, a faster step).
-    new = jax.lax.cond(finite, functools.partial(apply_update, setup), lambda s, _: s, state, grads)
+    if zero_mode:
+      new, finite = apply_update(setup, state, zero_nonfinite(grads)), jnp.ones((), bool)
+    else:
+      # A branch rather than a where over every array of the state: the update
+      # then writes in place into the donated state (less memory, a faster step).
+      new = jax.lax.cond(finite, functools.partial(apply_update, setup), lambda s, _: s, state,
+                         grads)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
     return new, metrics
 

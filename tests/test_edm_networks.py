@@ -81,8 +81,11 @@ def _host_params(model, shape):
 @pytest.mark.parametrize("arch", ["ve", pytest.param("vp", marks=pytest.mark.slow)])
 def test_edm_config_builds_and_a_training_step_runs(arch):
   """The config builds with EDM's settings; at tiny size a training step (the 'edm'
-  parameterization, log-normal sigma, EDM weighting, Adam, EMA) moves the weights and leaves
-  the Fourier frequencies fixed. ~30 s on 2 CPU cores (compiling the step) each; the DDPM++
+  parameterization, log-normal sigma, EDM weighting, EDM's augmentation, Adam, EMA) moves the
+  weights, the augmentation labels' embedding among them (its gradient is zero unless the
+  network received non-zero labels: Adam's first step leaves a weight with zero gradient
+  where it is), and leaves the Fourier frequencies fixed. ~30 s on 2 CPU cores (compiling
+  the step) each; the DDPM++
   (vp) step is slow-marked, its network computing EDM's outputs is tested below."""
   s = S(CONFIGS[arch].get_config())
   assert (s.model.name, s.model.parameterization, s.training.time_distribution,
@@ -106,6 +109,7 @@ def test_edm_config_builds_and_a_training_step_runs(arch):
   assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
   moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), params, jax.device_get(state.params))
   assert moved["map_layer0"]["kernel"] and moved["dec_8x8_aux_conv"]["kernel"]
+  assert moved["map_augment"]["kernel"]
   assert moved["enc_4x4_down"]["conv0"]["kernel"]
   if arch == "ve":
     assert moved["enc_4x4_aux_residual"]["kernel"]
@@ -322,6 +326,7 @@ def test_constructor_arguments_that_differ_are_named_with_the_overrides(tmp_path
   config.model.nf = 16
   config.model.ch_mult = (1, 2, 2, 2)
   config.model.augment_dim = 0
+  config.data.augment_p = 0.0  # (EDM's augmentation makes 9 labels: settings refuse 0)
   dst = str(tmp_path / "run")
   with pytest.raises(edm_convert.EDMLayoutError) as e:
     edm_convert.convert(_pkl(name), dst, config)

@@ -128,7 +128,8 @@ def count_params(model: nn.Module, shape: Sequence[int]) -> int:
 
 def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, continuous: bool,
                  train: bool = False, rng: Optional[Array] = None,
-                 parameterization: str = "default", sigma_data: float = 0.5) -> ScoreFn:
+                 parameterization: str = "default", sigma_data: float = 0.5,
+                 augment_labels: Optional[Array] = None) -> ScoreFn:
   """Turns a network into a score function s(x, t) ~ grad_x log p_t(x) for `sde`.
 
   Args:
@@ -142,6 +143,9 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
     parameterization: 'default' (the table above), 'edm' or 'velocity' (module
       docstring; continuous time only).
     sigma_data: EDM's sigma_data (standard deviation of the data), for 'edm'.
+    augment_labels: [B, augment_dim] labels of the augmentation applied to the
+      batch (score_jax.augment), passed to networks that take them (SongUNet);
+      None: not passed (the network's zero labels).
   Returns:
     score_fn(x [B, ...], t [B], y=None) -> score [B, ...] (float32), where y
     are optional class labels [B] for class-conditional networks.
@@ -150,9 +154,10 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
   """
   scale_by_sigma = bool(getattr(model, "scale_by_sigma", False))
   rngs = {"dropout": rng} if rng is not None else None
+  extra = {} if augment_labels is None else {"augment_labels": augment_labels}
 
   def net(x: Array, labels: Array, y: Optional[Array]) -> Array:
-    return model.apply(variables, x, labels, y, train=train, rngs=rngs)
+    return model.apply(variables, x, labels, y, train=train, rngs=rngs, **extra)
 
   def std_of(x: Array, t: Array) -> Array:
     return sde.marginal_prob(jnp.zeros_like(x), t)[1]
