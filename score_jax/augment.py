@@ -1,8 +1,8 @@
 """EDM's non-leaky augmentation (Karras et al. 2022, after Karras et al. 2020's ADA).
 
 Each training image is transformed at random with probability p (times a
-multiplier per transform) and the network is told, through 9 augmentation
-labels, what was done; at sampling time the labels are zero, so the network
+multiplier per transform) and the network is told, through augmentation
+labels (9 in EDM's CIFAR-10 setting), what was done; at sampling time the labels are zero, so the network
 generates un-augmented images and the transforms do not leak into the samples.
 `augment(rng, images, aug)` runs on the device inside the train step, per
 example, and is pure and jittable; `Augment` holds the static settings.
@@ -27,11 +27,16 @@ NHWC, x the width axis, y the height axis):
      U(-pi, pi) with probability aniso_rotate_prob (1/2), else r = 0;
    - `translate_frac`: t = (w_x W, w_y H) translate_frac_std, w ~ N(0, 1)^2.
    They are executed together as EDM does: the image is reflect-padded (by
-   size - 1 on each side, the most EDM pads), upsampled 2x with the sym6
-   wavelet low-pass filter, sampled bilinearly at the mapped points (zero
-   outside the padded image), and filtered and decimated back with the same
-   filter. Images whose draws leave G the identity are returned unchanged
-   (the resampling would return them up to float rounding).
+   size - 1 on each side, the most EDM pads; EDM pads as far as the mapped
+   corners need, which gives the same values wherever they are sampled),
+   upsampled 2x with the sym6 wavelet low-pass filter, sampled bilinearly at
+   the mapped points (zero outside the padded image), and filtered and
+   decimated back with the same filter (tests/test_augment.py checks this
+   against a transcription of EDM's steps). Images whose draws leave G the
+   identity are returned unchanged (the resampling would return them up to
+   float rounding). As in EDM, the grid takes the filter's delay as 5 samples
+   where its centroid is 5.10, so the maps act about a point ~0.05 px off the
+   center.
 
 Labels, one column per enabled transform's value (EDM's layout; 9 with EDM's
 CIFAR-10 setting of xflip, yflip, scale, rotate_frac, aniso, translate_frac):
@@ -41,6 +46,8 @@ xflip [flip]; yflip [flip]; rotate_int [k in (1, 2), k in (2, 3)]; translate_int
 transform is not applied. A transform with multiplier 0 is skipped and has no
 columns; each is selected independently with probability min(multiplier p, 1)
 (EDM's CIFAR-10 xflip = 1e8 selects every image, so half are flipped).
+EDM's aniso labels are also those of (-w, r + pi), the inverse stretch: when
+r != 0 they do not say which way the image was stretched.
 """
 
 from __future__ import annotations
