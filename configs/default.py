@@ -137,7 +137,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.tfrecords_path = ""  # ffhq / celebahq: the TFRecord file or folder (else data.data_dir)
   # EDM's non-leaky augmentation (score_jax.augment), on the device in the train step:
   # each transform is applied with probability min(multiplier * augment_p, 1) and the
-  # network (song_unet, model.augment_dim = the label count) is told which; 0 = off.
+  # network (song_unet, ncsnpp, ddpmpp, ddpm; model.augment_dim = the label count) is
+  # told which; 0 = off.
   data.augment_p = 0.0
   data.augment_xflip = 0.0
   data.augment_yflip = 0.0

@@ -532,8 +532,8 @@ def _check_augment(d: Data, m: Model) -> None:
   fields = {f.name: f for f in dataclasses.fields(MODELS[m.name.lower()])}
   if "augment_dim" not in fields:
     raise ConfigError(f"data.augment_p > 0 conditions the network on the augmentation labels, "
-                      f"which {m.name!r} does not take; use model.name = 'song_unet' or set "
-                      "data.augment_p = 0.")
+                      f"which {m.name!r} does not take; use model.name = 'song_unet', "
+                      "'ncsnpp' or 'ddpmpp' (with model.augment_dim) or set data.augment_p = 0.")
   dim = m.get("augment_dim", fields["augment_dim"].default)
   if dim != aug.label_dim:
     raise ConfigError(f"The augmentation (data.augment_*) makes {aug.label_dim} labels but the "

@@ -74,7 +74,8 @@ def test_edm_configs_augment_as_edm_and_settings_refuse_what_cannot_work():
            ({"data.augment_rotate_int": 1.0}, "makes 11 labels"),
            ({"data.augment_p": 1.5}, "data.augment_p must lie in"),
            ({"data.augment_aniso": -1.0}, "data.augment_aniso must be"),
-           ({"model.name": "ddpmpp"}, "'ddpmpp' does not take"),
+           ({"model.name": "ncsnv2"}, "'ncsnv2' does not take"),
+           ({"model.name": "ddpmpp", "model.augment_dim": 0}, "set model.augment_dim = 9"),
            ({"optim.nonfinite_grads": "clip"}, "optim.nonfinite_grads")]
   for changes, match in cases:
     config = edm_cifar_vp.get_config()
@@ -410,6 +411,44 @@ def test_loss_passes_the_augmentation_labels_to_the_network():
                               **programs.parameterization_kwargs(s))
   score(x, jnp.ones(4))
   assert seen[2] is None  # sampling: zero labels
+
+
+_NCSNPP = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+               init_scale=1.0)  # init_scale 0 would scale the output to ~1e-10
+
+
+def test_ncsnpp_takes_augmentation_labels_as_an_option():
+  """NCSN++ / DDPM++ with augment_dim: one bias-free dense layer more, 9 x the noise
+  embedding's width (2 nf Fourier features); augment_dim = 0 is the 2021 network (shapes)."""
+  shape = (2, 8, 8, 3)
+  with_aug = models.build_model("ncsnpp", augment_dim=9, **_NCSNPP)
+  plain = models.build_model("ncsnpp", **_NCSNPP)
+  shapes = jax.eval_shape(lambda k: models.init_model(k, with_aug, shape), jax.random.PRNGKey(0))
+  assert shapes["params"]["map_augment"]["kernel"].shape == (9, 16)
+  assert models.count_params(with_aug, shape) - models.count_params(plain, shape) == 9 * 16
+
+
+@pytest.mark.slow
+def test_ncsnpp_augmentation_labels_condition_the_output():
+  """Zero labels and None give the same output, other labels another; a network without
+  augmentation labels refuses them. ~35 s on 2 CPU cores (compiling the U-Net)."""
+  with_aug = models.build_model("ncsnpp", augment_dim=9, **_NCSNPP)
+  plain = models.build_model("ncsnpp", **_NCSNPP)
+  x, t = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3)), jnp.array([0.5, 2.0])
+
+  @jax.jit  # one compiled program: op by op the U-Net's init and applies take far longer
+  def outputs(key):
+    p = models.init_model(key, with_aug, x.shape)
+    return (with_aug.apply(p, x, t), with_aug.apply(p, x, t, augment_labels=jnp.zeros((2, 9))),
+            with_aug.apply(p, x, t, augment_labels=jnp.ones((2, 9))))
+
+  none, zero, ones = (np.asarray(a) for a in outputs(jax.random.PRNGKey(0)))
+  np.testing.assert_array_equal(zero, none)
+  assert np.abs(ones - none).max() > 1e-3 * np.abs(none).max()
+  with pytest.raises(ValueError, match="augment_dim = 0"):
+    jax.eval_shape(lambda k: plain.apply(models.init_model(k, plain, x.shape), x, t,
+                                         augment_labels=jnp.zeros((2, 9))),
+                   jax.random.PRNGKey(0))
 
 
 def test_augmented_train_step_traces_with_microbatches():

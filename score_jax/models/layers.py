@@ -172,6 +172,19 @@ def check_class_labels(y: Optional[Array], num_classes: int) -> None:
                      "(unconditional); set model.num_classes.")
 
 
+def augment_input(augment_labels: Optional[Array], augment_dim: int, batch: int) -> Array:
+  """The augmentation labels (score_jax.augment) as float32 [batch, augment_dim]: zeros for
+  None (sampling); raises when they are given to a network without them or misshapen."""
+  if augment_labels is None:
+    return jnp.zeros((batch, augment_dim), jnp.float32)
+  if augment_dim <= 0:
+    raise ValueError("augment_labels were given but the network has augment_dim = 0.")
+  if augment_labels.shape != (batch, augment_dim):
+    raise ValueError(f"augment_labels must have shape [{batch}, {augment_dim}], got "
+                     f"{augment_labels.shape}.")
+  return augment_labels.astype(jnp.float32)
+
+
 class AttnBlock(nn.Module):
   """Single-head self-attention over all H x W positions, with a residual.
 

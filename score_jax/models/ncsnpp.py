@@ -62,6 +62,9 @@ class NCSNpp(nn.Module):
     remat: gradient checkpointing of every residual and attention block
       (activations recomputed in the backward pass: less memory, ~1 more
       forward of compute; same parameters and outputs).
+    augment_dim: width of EDM's augmentation labels (score_jax.augment), added
+      to the noise embedding through a bias-free dense layer 'map_augment' as
+      EDM's networks do (zero labels add nothing); 0 = none (the 2021 network).
     dtype: compute dtype (parameters are float32, the output float32).
   """
   nf: int = 128
@@ -88,6 +91,7 @@ class NCSNpp(nn.Module):
   scale_by_sigma: bool = True
   num_groups: Optional[int] = None
   remat: bool = False
+  augment_dim: int = 0
   dtype: Any = jnp.float32
 
   def _check(self) -> None:
@@ -105,10 +109,14 @@ class NCSNpp(nn.Module):
     if self.attention_type != "ddpm":
       raise ValueError(f"attention_type {self.attention_type!r} not supported (only 'ddpm').")
 
-  def _embed(self, labels: Array, y: Optional[Array], act) -> Optional[Array]:
-    """Noise-level and class embedding -> [B, 4 nf] or None."""
+  def _embed(self, labels: Array, y: Optional[Array], act,
+             augment_labels: Optional[Array] = None) -> Optional[Array]:
+    """Noise-level, augmentation and class embedding -> [B, 4 nf] or None."""
     nf = self.nf
     temb = None
+    aug = layers.augment_input(augment_labels, self.augment_dim, labels.shape[0])
+    if self.augment_dim > 0 and not self.conditional:
+      raise ValueError("augment_dim > 0 needs the noise embedding (conditional=True).")
     if self.conditional:
       if self.embedding_type == "fourier":
         # Fourier features of log(label): for VE, log sigma spans a range
@@ -117,6 +125,9 @@ class NCSNpp(nn.Module):
             jnp.log(labels.astype(jnp.float32)))
       else:
         temb = layers.get_timestep_embedding(labels, nf)
+      if self.augment_dim > 0:
+        temb = temb + nn.Dense(temb.shape[-1], use_bias=False, kernel_init=layers.default_init(),
+                               name="map_augment")(aug)
       temb = layers.dense(temb, nf * 4, dtype=self.dtype)
       temb = layers.dense(act(temb), nf * 4, dtype=self.dtype)
     if self.num_classes > 0:
@@ -127,7 +138,7 @@ class NCSNpp(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, *,
-               train: bool = False) -> Array:
+               train: bool = False, augment_labels: Optional[Array] = None) -> Array:
     """Score-network output.
 
     Args:
@@ -135,6 +146,7 @@ class NCSNpp(nn.Module):
       labels: [B] noise labels (see module docstring).
       y: optional [B] int class labels (num_classes = null label).
       train: enables dropout (needs rngs={'dropout': key}).
+      augment_labels: optional [B, augment_dim] augmentation labels; None = zero.
     Returns:
       [B, H, W, C] float32.
     """
@@ -144,7 +156,7 @@ class NCSNpp(nn.Module):
     nf, dtype = self.nf, self.dtype
     num_resolutions = len(self.ch_mult)
     channels = x.shape[-1]
-    temb = self._embed(labels, y, act)
+    temb = self._embed(labels, y, act, augment_labels)
 
     groups = self.num_groups
     attn = functools.partial(layers.AttnBlock, init_scale=self.init_scale,

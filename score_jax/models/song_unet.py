@@ -285,16 +285,9 @@ class SongUNet(nn.Module):
                          f"{self.num_classes}], got {y.shape}.")
       emb = emb + nn.Dense(noise_ch, kernel_init=_xavier(), name="map_label")(
           onehot * np.float32(math.sqrt(self.num_classes)))
-    if augment_labels is not None:
-      if self.augment_dim <= 0:
-        raise ValueError("augment_labels were given but the network has augment_dim = 0.")
-      if augment_labels.shape != (batch, self.augment_dim):
-        raise ValueError(f"augment_labels must have shape [{batch}, {self.augment_dim}], got "
-                         f"{augment_labels.shape}.")
+    aug = layers.augment_input(augment_labels, self.augment_dim, batch)
     if self.augment_dim > 0:
       # Bias-free, so zero labels (and None, at sampling time) add nothing.
-      aug = (jnp.zeros((batch, self.augment_dim), jnp.float32) if augment_labels is None
-             else augment_labels.astype(jnp.float32))
       emb = emb + nn.Dense(noise_ch, use_bias=False, kernel_init=_xavier(), name="map_augment")(aug)
     emb = nn.silu(nn.Dense(emb_ch, kernel_init=_xavier(), name="map_layer0")(emb))
     emb = nn.silu(nn.Dense(emb_ch, kernel_init=_xavier(), name="map_layer1")(emb))
