@@ -14,7 +14,7 @@ disjoint sets of 355 samples, the held-out set's size, so it compares with
 the floor at equal N (FD is biased upwards at small N). The classifier is
 cached in WORKDIR/eval/digits_classifier.npz, as in --mode=eval.
 
-Samplers: pc_em (Euler-Maruyama predictor, no corrector: the paper's VP
+Samplers: config (the run's own config.sampling, unchanged), pc_em (Euler-Maruyama predictor, no corrector: the paper's VP
 setting and configs/digits.py's; N = NFE steps), pc_langevin (reverse
 diffusion + one Langevin corrector step: N = NFE / 2), ode (adaptive
 probability-flow ODE, one row per tolerance; NFE as measured), ddim
@@ -71,7 +71,9 @@ def _variants(args) -> List[Tuple[str, Overrides]]:
   """(row label, config overrides) of every sampler x budget asked for."""
   rows: List[Tuple[str, Overrides]] = []
   for name in args.samplers:
-    if name == "pc_em":
+    if name == "config":
+      rows.append(("the run's own sampler (its config.sampling)", {}))
+    elif name == "pc_em":
       for n in args.pc_nfe:
         rows.append((f"PC Euler-Maruyama, N={n}", {"sampling.method": "pc",
                      "sampling.predictor": "euler_maruyama", "sampling.corrector": "none",
