@@ -79,8 +79,19 @@ def abstract_state(setup: Setup) -> TrainState:
 
 
 def restore_ema_params(setup: Setup, ckpt_dir: str, step: int) -> Any:
-  """The EMA parameters of checkpoint `step`, replicated over setup.mesh."""
-  return checkpoints.restore(ckpt_dir, step, abstract_state(setup)).ema_params
+  """The EMA parameters of checkpoint `step`, replicated over setup.mesh.
+
+  A checkpoint with or without post-hoc EMA profiles (model.phema_sigma_rels)
+  loads whether or not the settings track them: only ema_params is used.
+  """
+  template = abstract_state(setup)
+  saved = checkpoints.saved_tree(ckpt_dir, step)
+  count = len(saved["phema"]) if isinstance(saved, dict) and "phema" in saved else 0
+  if count != len(getattr(template, "phema", ())):
+    base = {k: getattr(template, k) for k in ("step", "params", "opt_state", "ema_params")}
+    template = (PhemaTrainState(**base, phema=(template.ema_params,) * count) if count
+                else TrainState(**base))
+  return checkpoints.restore(ckpt_dir, step, template).ema_params
 
 
 def apply_update(setup: Setup, state: TrainState, grads) -> TrainState:

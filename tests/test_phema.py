@@ -11,7 +11,7 @@ from scipy import integrate
 
 import score_jax
 from configs import toy
-from score_jax import phema, train
+from score_jax import phema, programs, train
 from score_jax.errors import ConfigError
 from score_jax.settings import from_config as S
 
@@ -213,6 +213,12 @@ def test_command_line_writes_a_workdir_that_load_run_reads(toy_run, tmp_path, ca
     assert run.step == step and sorted(got) == sorted(want)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
+  # A config without the post-hoc EMA keys (eval or sample with the base config) reads it too.
+  plain = programs.make_setup(run.settings.replace(model={"phema_sigma_rels": ()}),
+                              need_data=False)
+  got = phema._leaves(train.restore_ema_params(plain, os.path.join(out, "checkpoints"), T))
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), want[k])
   # Writing the same step again, or into a folder that is not a reconstruction, is refused.
   assert phema.main(argv) == 1
   assert "already holds the reconstruction of step 24" in capsys.readouterr().err
@@ -261,7 +267,8 @@ def test_resume_is_exact_and_the_sample_mode_reads_a_reconstruction(toy_run, tmp
   out = str(tmp_path / "out")
   assert phema.main(["phema", f"--workdir={sparse}", f"--sigma_rel={TARGET}", f"--out={out}"]) == 0
   from score_jax import sample as sample_mode
-  paths = sample_mode.run(from_json(os.path.join(out, "config.json")).replace(
-      sample={"num": 64}), out)
+  base = from_json(os.path.join(out, "config.json")).replace(  # without the post-hoc EMA keys
+      sample={"num": 64}, model={"phema_sigma_rels": ()})
+  paths = sample_mode.run(base, out)
   with np.load(paths["npz"]) as z:
     assert z["samples"].shape == (64, 2) and np.all(np.isfinite(z["samples"]))
