@@ -220,9 +220,9 @@ class SnapshotWriter:
 
   `save` makes a device copy of the profiles (the next step donates the
   state's buffers) and returns; a background thread brings the copy to the
-  host and writes it atomically. Only process 0 writes; every process makes
-  the copy, so that all run the same device programs. A snapshot that exists
-  (a resumed run repeating steps) is kept.
+  host and writes it atomically. Every process makes the copy (all run the
+  same device programs); process 0 writes it, unless the snapshot exists (a
+  resumed run repeating steps writes the same values).
   """
 
   def __init__(self, workdir: str, sigma_rels: Sequence[float], batch_size: int, is_main: bool):
@@ -239,10 +239,8 @@ class SnapshotWriter:
   def save(self, step: int, state: Any) -> None:
     """Starts writing the profiles of `state` (a PhemaTrainState) as snapshot `step`."""
     self._raise_errors()
-    if os.path.exists(self.path(step)):
-      return
     copy = jax.tree.map(jnp.copy, (state.step, state.phema))
-    if self._is_main:
+    if self._is_main and not os.path.exists(self.path(step)):
       self._pending.append(self._pool.submit(self._write, self.path(step), copy))
 
   def _write(self, path: str, copy: Tuple[Any, Tuple[Any, ...]]) -> None:
