@@ -291,7 +291,9 @@ class Reconstruction:
             "coefficients": self.coefficients.tolist()}
 
 
-def _select(snapshots: List[Snapshot], step: Optional[int], workdir: str) -> Tuple[int, List[Snapshot]]:
+def _select(snapshots: List[Snapshot], step: Optional[int],
+            workdir: str) -> Tuple[int, List[Snapshot]]:
+  """(the target step, the snapshots up to it) of --step (None or < 0: the newest)."""
   if not snapshots:
     raise NoSnapshotsError(
         f"{snapshot_dir(workdir)} holds no post-hoc EMA snapshots: train with "
@@ -301,8 +303,9 @@ def _select(snapshots: List[Snapshot], step: Optional[int], workdir: str) -> Tup
   if step is None or step < 0:
     step = steps[-1]
   if step not in steps:
+    shown = steps if len(steps) <= 8 else steps[:3] + ["..."] + steps[-3:]
     raise NoSnapshotsError(f"No post-hoc EMA snapshot of step {step} in {snapshot_dir(workdir)}; "
-                           f"present: {steps}.")
+                           f"present: {', '.join(map(str, shown))} ({len(steps)} snapshots).")
   return step, [s for s in snapshots if 0 < s.step <= step]
 
 
@@ -399,7 +402,8 @@ def write_workdir(workdir: str, result: Reconstruction, out: Optional[str] = Non
   Raises:
     FileExistsError: out holds something else, or this step already.
   """
-  from score_jax import checkpoints, programs, settings as settings_lib, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from score_jax import checkpoints, programs, settings as settings_lib, train
 
   workdir = os.path.abspath(workdir)
   out = os.path.abspath(out or default_out(workdir, result.sigma_rel))

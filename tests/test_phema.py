@@ -78,7 +78,8 @@ def test_profile_inner_products_match_quadrature():
 
 
 def _synthetic_sources(traj, rels, every):
-  """Exact power EMAs of traj [T, D] at steps every, 2 every, ..., T: (sigma_rels, steps, values)."""
+  """Exact power EMAs of traj [T, D] at steps every, 2 every, ..., T: (sigma_rels, steps,
+  values)."""
   T = traj.shape[0]
   out = [(s, k, _weights(phema.sigma_rel_to_gamma(s), k) @ traj[:k])
          for k in range(every, T + 1, every) for s in rels]
