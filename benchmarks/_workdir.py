@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 from score_jax import checkpoints, programs, settings, train
 
@@ -33,7 +33,9 @@ def load_run(workdir: str, s: settings.Settings,
   return setup, train.restore_ema_params(setup, ckpt_dir, step), step
 
 
-def with_settings(setup: programs.Setup, s: settings.Settings) -> programs.Programs:
-  """The run's programs for settings `s`: other sampling settings (model.num_scales: the PC
-  sampler's N) get their own SDE; the network and mesh stay."""
-  return programs.Programs(dataclasses.replace(setup, settings=s, sde=programs.get_sde(s)))
+def with_settings(setup: programs.Setup, s: settings.Settings,
+                  guide: Optional[programs.Guide] = None) -> programs.Programs:
+  """The run's programs for settings `s` (and an autoguidance guide): other sampling settings
+  (model.num_scales: the PC sampler's N) get their own SDE; the network and mesh stay."""
+  return programs.Programs(dataclasses.replace(setup, settings=s, sde=programs.get_sde(s)),
+                           guide=guide)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_jax import analytic, fast_samplers, likelihood, sampling
+from score_jax import analytic, fast_samplers, likelihood, sampling, time_grids
 from score_jax import sde as sde_lib
 
 SDES = {
@@ -56,12 +56,12 @@ def fast(fn, nfe_to_steps, deterministic, **kwargs):
 
 
 def optimized(order, variant, batch=4096, iters=300):
-  """UniPC on a grid fitted by fast_samplers.optimize_time_grid (other latents, same score)."""
+  """UniPC on a grid fitted by time_grids.optimize_time_grid (other latents, same score)."""
 
   def run(make_sde, eps, key, shape, nfe, z):
     sde = make_sde(1000)
     score_fn = analytic.score_fn(MIX, sde)
-    ts, _ = fast_samplers.optimize_time_grid(jax.random.fold_in(key, 1), sde, score_fn,
+    ts, _ = time_grids.optimize_time_grid(jax.random.fold_in(key, 1), sde, score_fn,
                                              (batch,) + shape[1:], nfe, order=order,
                                              variant=variant, eps=eps, iters=iters)
     return fast_samplers.unipc_sample(key, sde, score_fn, shape, order=order, variant=variant,

@@ -3,6 +3,7 @@
   python benchmarks/digits_fd.py --workdir=runs/digits [--samples=1000] [--step=-1]
       [--samplers=pc_em,pc_langevin,ode,ddim,ddim_eta1,heun,heun_churn,dpm_solver,dpm_solver3]
       [--nfe=10,20,50] [--pc_nfe=50,100,500,1000] [--ode_tol=1e-3,1e-5]
+      [--guide_step=1000 --guide_weights=0.5,1] [--cfg_weights=0.5,1]
 
 Loads the run's config (WORKDIR/config.json) and the EMA parameters of its
 newest checkpoint (or --step), draws --samples samples with each sampler at
@@ -13,14 +14,22 @@ disjoint sets of 355 samples, the held-out set's size, so it compares with
 the floor at equal N (FD is biased upwards at small N). The classifier is
 cached in WORKDIR/eval/digits_classifier.npz, as in --mode=eval.
 
-Samplers: pc_em (Euler-Maruyama predictor, no corrector: the paper's VP
+Samplers: config (the run's own config.sampling, unchanged), pc_em (Euler-Maruyama predictor, no corrector: the paper's VP
 setting and configs/digits.py's; N = NFE steps), pc_langevin (reverse
 diffusion + one Langevin corrector step: N = NFE / 2), ode (adaptive
 probability-flow ODE, one row per tolerance; NFE as measured), ddim
 (eta 0), ddim_eta1 (eta 1: ancestral), heun (EDM, deterministic), heun_churn
 (EDM, stochastic, s_churn 20), dpm_solver (DPM-Solver++ 2M), dpm_solver3
-(3M): NFE score evaluations. Every sampler ends with its denoising step when the config
-says so (sampling.noise_removal), counted in NFE.
+(3M), unipc / unipc3 (UniPC-2 bh2 / UniPC-3 bh1 on the log-SNR grid), unipc_opt
+(UniPC-3 bh1 on the grid fitted to the model, `time_grids.optimize_time_grid`, stored in
+WORKDIR/time_grids/ as by --mode=sample): NFE score evaluations. Every sampler ends with its
+denoising step when the config says so (sampling.noise_removal), counted in NFE.
+
+Guided rows: --guide_step=S adds, for each sampler x budget and each weight of
+--guide_weights, autoguidance by the same run's checkpoint at step S (D = D_S + w (D -
+D_S)); --cfg_weights adds classifier-free guidance rows (a class-conditional run trained
+with training.class_dropout > 0). --guidance_interval=LO,HI applies either only for
+sigma^ in [LO, HI].
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import _workdir  # noqa: E402
-from score_jax import datasets, digits_metric, settings  # noqa: E402
+from score_jax import datasets, digits_metric, runs, settings, time_grids  # noqa: E402
 
 Overrides = Dict[str, object]
 
@@ -51,6 +60,10 @@ _FAST = {
     "heun_churn": ("EDM Heun, s_churn=20", "heun", {"sampling.s_churn": 20.0}),
     "dpm_solver": ("DPM-Solver++ 2M", "dpm_solver", {"sampling.order": 2}),
     "dpm_solver3": ("DPM-Solver++ 3M", "dpm_solver", {"sampling.order": 3}),
+    "unipc": ("UniPC-2 bh2", "unipc", {"sampling.order": 2, "sampling.unipc_variant": "bh2"}),
+    "unipc3": ("UniPC-3 bh1", "unipc", {"sampling.order": 3, "sampling.unipc_variant": "bh1"}),
+    "unipc_opt": ("UniPC-3 bh1, optimized grid", "unipc", {
+        "sampling.order": 3, "sampling.unipc_variant": "bh1", "sampling.schedule": "optimized"}),
 }
 
 
@@ -58,7 +71,9 @@ def _variants(args) -> List[Tuple[str, Overrides]]:
   """(row label, config overrides) of every sampler x budget asked for."""
   rows: List[Tuple[str, Overrides]] = []
   for name in args.samplers:
-    if name == "pc_em":
+    if name == "config":
+      rows.append(("the run's own sampler (its config.sampling)", {}))
+    elif name == "pc_em":
       for n in args.pc_nfe:
         rows.append((f"PC Euler-Maruyama, N={n}", {"sampling.method": "pc",
                      "sampling.predictor": "euler_maruyama", "sampling.corrector": "none",
@@ -79,7 +94,20 @@ def _variants(args) -> List[Tuple[str, Overrides]]:
         rows.append((f"{label}, {n} steps", over))
     else:
       raise ValueError(f"unknown sampler {name!r}")
-  return rows
+  guided = []
+  interval = {"sampling.guidance_interval": tuple(args.guidance_interval)} if (
+      args.guidance_interval) else {}
+  span = f", sigma^ in [{args.guidance_interval[0]:g}, {args.guidance_interval[1]:g}]" if (
+      interval) else ""
+  for label, over in rows:
+    for w in args.guide_weights if args.guide_step >= 0 else ():
+      guided.append((f"{label}, autoguided by step {args.guide_step}, w={w:g}{span}", {
+          **over, **interval, "sampling.guidance_weight": w,
+          "sample.guide_workdir": args.workdir, "sample.guide_step": args.guide_step}))
+    for w in args.cfg_weights:
+      guided.append((f"{label}, classifier-free guidance w={w:g}{span}", {
+          **over, **interval, "sampling.guidance_weight": w}))
+  return rows + guided
 
 
 def _with(config: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:
@@ -90,11 +118,17 @@ def _with(config: ml_collections.ConfigDict, overrides: Overrides) -> ml_collect
   return config
 
 
-def _sample(setup, params, config, num: int, batch: int, seed: int) -> Tuple[np.ndarray, int, float]:
-  """(uint8 samples [num, 8, 8, 1], NFE per sample, seconds without compilation)."""
-  progs = _workdir.with_settings(setup, settings.from_config(config))
+def _sample(setup, params, config, num: int, batch: int, seed: int,
+            workdir: str) -> Tuple[np.ndarray, int, float]:
+  """(uint8 samples [num, 8, 8, 1], NFE per sample, seconds without compilation: the grid
+  fit of an optimized schedule is not counted, it is done once per model)."""
+  s = settings.from_config(config)
+  progs = _workdir.with_settings(setup, s, runs.load_guide(s, setup))
   num_classes = progs.settings.model.num_classes
-  fn = progs.sampler(batch, progs.settings.sampling.guidance_weight)
+  weight = progs.settings.sampling.guidance_weight
+  params = progs.guided(params)
+  timesteps = time_grids.grid_for(progs, params, os.path.join(workdir, "time_grids"), weight)
+  fn = progs.sampler(batch, weight, timesteps)
   key = jax.random.PRNGKey(seed)
   labels = lambda r: progs.put(((r * batch + np.arange(batch)) % max(num_classes, 1))
                                .astype(np.int32))
@@ -134,6 +168,13 @@ def main() -> None:
   parser.add_argument("--nfe", type=split(int), default="10,20,50")
   parser.add_argument("--pc_nfe", type=split(int), default="50,100,500,1000")
   parser.add_argument("--ode_tol", type=split(float), default="1e-3,1e-5")
+  parser.add_argument("--guide_step", type=int, default=-1,
+                      help="autoguidance rows: the checkpoint step of this run to guide with")
+  parser.add_argument("--guide_weights", type=split(float), default="1")
+  parser.add_argument("--cfg_weights", type=split(float), default="",
+                      help="classifier-free guidance rows (a conditional run)")
+  parser.add_argument("--guidance_interval", type=split(float), default="",
+                      help="LO,HI: guide only for sigma^ in [LO, HI]")
   args = parser.parse_args()
 
   config = ml_collections.ConfigDict(_workdir.load_settings(args.workdir, args.config).raw)
@@ -153,7 +194,7 @@ def main() -> None:
   for label, overrides in _variants(args):
     try:
       x, nfe, seconds = _sample(setup, params, _with(config, overrides), args.samples, batch,
-                                args.seed)
+                                args.seed, args.workdir)
     except ValueError as e:  # a setting the sampler refuses, e.g. a DDPM chain with N <= beta_max
       print(f"| {label} | n/a: {str(e).split(';')[0]} | | | | | | |", flush=True)
       continue

@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.snapshot_freq = 50_000
   training.snapshot_freq_for_preemption = 10_000
   training.snapshot_sampling = True
+  training.phema_snapshot_freq = 10_000  # post-hoc EMA snapshots (model.phema_sigma_rels)
   training.log_freq = 50
   training.eval_freq = 100
   training.eps = 1e-5  # t ~ U(eps, T)
@@ -165,6 +166,11 @@ def get_config() -> ml_collections.ConfigDict:
   # no ramp-up.
   model.ema_halflife_kimg = 0.0
   model.ema_rampup_ratio = 0.05
+  # Post-hoc EMA (EDM2, score_jax.phema): relative widths of the power-function
+  # EMAs tracked beside ema_params, e.g. (0.05, 0.10); every
+  # training.phema_snapshot_freq steps they are written to WORKDIR/phema, from
+  # which `python -m score_jax.phema` makes the EMA of any other width. () = off.
+  model.phema_sigma_rels = ()
   model.num_classes = 0  # 0: unconditional
   model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
   # Gradient checkpointing of the U-Net blocks (ncsnpp, ddpmpp, ddpm): less

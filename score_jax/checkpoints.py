@@ -24,7 +24,8 @@ from score_jax.errors import UserError
 T = TypeVar("T")
 
 __all__ = ["Checkpointer", "CheckpointMismatchError", "CheckpointWaitError", "finished_steps",
-           "wait_for_checkpoint", "existing_step", "restore", "MissingCheckpointError"]
+           "wait_for_checkpoint", "existing_step", "restore", "saved_tree",
+           "MissingCheckpointError"]
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -147,6 +148,17 @@ def existing_step(ckpt_dir: str, step: int = -1) -> int:
 
 class MissingCheckpointError(UserError, FileNotFoundError):
   """A workdir holds no checkpoint (of the step asked for)."""
+
+
+def saved_tree(ckpt_dir: str, step: int) -> Any:
+  """The structure of checkpoint `step` as saved (nested dicts of array metadata; no array read)."""
+  manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
+                                  item_handlers=ocp.StandardCheckpointHandler())
+  try:
+    tree = manager.item_metadata(step)
+  finally:
+    manager.close()
+  return getattr(tree, "tree", tree)
 
 
 def restore(ckpt_dir: str, step: int, template: T) -> T:

@@ -1,4 +1,5 @@
-"""The command-line style of every entry point (main.py, score_jax.convert, score_jax.inception).
+"""The command-line style of every entry point (main.py, score_jax.convert, score_jax.inception,
+score_jax.phema).
 
 absl flags on a FlagValues of their own (so a library module defines no
 global flags when imported), positional arguments after them, and one line on

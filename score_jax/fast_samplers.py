@@ -22,8 +22,8 @@ num_steps is traced: changing it does not recompile (the loops are
 therefore not reverse-mode differentiable). Time grids run from T to eps
 with schedule "uniform_t" (uniform in t), "logSNR" (uniform in lambda) or
 "edm" (sigma^ spaced uniformly in sigma^(1/rho), Karras et al.); UniPC also
-takes an explicit grid, e.g. one `optimize_time_grid` fits to the model
-(through a differentiable, unrolled copy of its loop).
+takes an explicit grid, e.g. one `time_grids.optimize_time_grid` fits to
+the model (through `unipc_loop`, a differentiable, unrolled copy of its loop).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
 __all__ = ["SCHEDULES", "UNIPC_VARIANTS", "time_grid", "ddim_sample", "heun_sample",
-           "dpm_solver_pp_sample", "unipc_sample", "optimize_time_grid", "check_timesteps"]
+           "dpm_solver_pp_sample", "unipc_sample", "unipc_loop", "check_timesteps"]
 
 SCHEDULES = ("uniform_t", "logSNR", "edm")
 
@@ -466,14 +466,14 @@ def _unipc(rng, sde, score_fn, shape, num_steps, order, variant, schedule, rho, 
                              rho=rho)
   else:
     grid = lambda i: timesteps[i]
-  return _unipc_loop(rng, sde, score_fn, shape, num_steps, order, variant, grid,
+  return unipc_loop(rng, sde, score_fn, shape, num_steps, order, variant, grid,
                      lower_order_final, corrector, denoise, z, constraint)
 
 
-def _unipc_loop(rng, sde, score_fn, shape, num_steps, order, variant, grid, lower_order_final,
+def unipc_loop(rng, sde, score_fn, shape, num_steps, order, variant, grid, lower_order_final,
                 corrector, denoise, z, constraint):
   """UniPC over the grid grid(i), i = 0..num_steps; a Python int num_steps
-  makes the loop a scan, reverse-differentiable (`optimize_time_grid`)."""
+  makes the loop a scan, reverse-differentiable (`time_grids.optimize_time_grid`)."""
   score_fn = checked(score_fn)
 
   def lam_at(i):  # a whole-batch scalar: all examples share the grid
@@ -566,7 +566,7 @@ def unipc_sample(rng: Array,
       steps (as the reference implementations do, for stability).
     corrector: apply UniC (default); False leaves the predictor alone.
     timesteps: an explicit time grid [num_steps + 1], decreasing from T to
-      its last time (e.g. from `optimize_time_grid`); it replaces num_steps,
+      its last time (e.g. from `time_grids.optimize_time_grid`); it replaces num_steps,
       schedule and eps. New values do not recompile (a new length does).
     Others: as for `ddim_sample`.
 
@@ -597,83 +597,3 @@ def check_timesteps(sde: SDE, timesteps) -> np.ndarray:
     raise ValueError(f"timesteps must decrease strictly from T = {sde.T} to a time > 0, got "
                      f"{ts[0]:g} ... {ts[-1]:g}.")
   return ts
-
-
-# --- optimized time grids ---
-
-
-def _grid_from_logits(sde: SDE, theta: Array, eps: float) -> Array:
-  """Times [N + 1] from T to eps with log-SNR steps in proportion softmax(theta) [N]."""
-  lam_min = sde.log_snr(jnp.full((1,), sde.T, theta.dtype))[0]
-  lam_max = sde.log_snr(jnp.full((1,), eps, theta.dtype))[0]
-  u = jnp.concatenate([jnp.zeros((1,), theta.dtype), jnp.cumsum(jax.nn.softmax(theta))])
-  t = sde.t_from_log_snr(lam_min + u * (lam_max - lam_min))
-  n = theta.shape[0]
-  return t.at[0].set(sde.T).at[n].set(eps)
-
-
-def optimize_time_grid(rng: Array,
-                       sde: SDE,
-                       score_fn: ScoreFn,
-                       shape: Tuple[int, ...],
-                       num_steps: int,
-                       order: int = 2,
-                       variant: str = "bh2",
-                       eps: float = 1e-3,
-                       iters: int = 200,
-                       learning_rate: float = 0.05,
-                       reference_steps: int = 500) -> Tuple[np.ndarray, dict]:
-  """A num_steps time grid for `unipc_sample`, fitted to the model itself.
-
-  On a batch of prior samples (shape, e.g. a few hundred), the grid minimizes
-  the mean squared distance of UniPC's samples to the probability-flow ODE's
-  (UniPC-3 with reference_steps uniform log-SNR steps, order 4), by Adam on
-  the log-SNR step sizes (softmax weights: the grid stays monotone from T to
-  eps), through the differentiated sampler. It starts from the uniform
-  log-SNR grid and returns the best grid seen, so it is never worse than
-  that one on the batch. Costs iters forward and backward passes of
-  num_steps evaluations on the batch, plus the reference: compute it once
-  per model, SDE and sampler, and keep it (`unipc_sample(timesteps=...)`).
-
-  Returns:
-    (times [num_steps + 1] float64 numpy, info) with info = {'loss_uniform',
-    'loss', 'iters'}: the batch's mean squared error before and after.
-  """
-  eps = check_eps(check_sde(sde), eps)
-  shape = check_shape(shape)
-  if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
-  if order not in (1, 2, 3):
-    raise ValueError(f"order must be 1, 2 or 3, got {order!r}.")
-  check_choice("UniPC variant", variant, UNIPC_VARIANTS)
-  import optax  # pylint: disable=g-import-not-at-top  # only here
-
-  score_fn = as_pytree_fn(score_fn)
-  z = sde.prior_sampling(rng, shape)
-  reference, _ = unipc_sample(rng, sde, score_fn, shape, reference_steps, order=3, eps=eps, z=z)
-
-  @jax.jit
-  def loss_and_grad(theta, score_fn, z, reference):
-    def loss(theta):
-      ts = _grid_from_logits(sde, theta, eps)
-      x = _unipc_loop(rng, sde, score_fn, shape, num_steps, order, variant, lambda i: ts[i],
-                      True, True, False, z, None)
-      return jnp.mean((x - reference)**2)
-
-    return jax.value_and_grad(loss)(theta)
-
-  opt = optax.adam(learning_rate)
-  theta = jnp.zeros((num_steps,), z.dtype)
-  state = opt.init(theta)
-  best, best_loss, first = theta, math.inf, None
-  for _ in range(iters + 1):
-    value, grad = loss_and_grad(theta, score_fn, z, reference)
-    value = float(value)
-    first = value if first is None else first
-    if value < best_loss:
-      best, best_loss = theta, value
-    updates, state = opt.update(grad, state)
-    theta = optax.apply_updates(theta, updates)
-  ts = np.asarray(_grid_from_logits(sde, best, eps), np.float64)
-  ts[0], ts[-1] = sde.T, eps
-  return ts, {"loss_uniform": first, "loss": best_loss, "iters": iters}

@@ -63,6 +63,7 @@ class Training:
   snapshot_freq: int
   snapshot_freq_for_preemption: int
   snapshot_sampling: bool
+  phema_snapshot_freq: int
   log_freq: int
   eval_freq: int
   eps: float
@@ -197,6 +198,7 @@ class Model:
   ema_rate: float
   ema_halflife_kimg: float
   ema_rampup_ratio: float
+  phema_sigma_rels: Tuple[float, ...]
   num_classes: int
   dtype: str
   remat: bool
@@ -448,6 +450,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   if s.optim.lr_rampup_kimg > 0 and s.optim.warmup > 0:
     raise ConfigError("optim.lr_rampup_kimg (a ramp-up in images) and optim.warmup (in steps) "
                       "are two ramps of the learning rate; set optim.warmup = 0.")
+  _check_phema(t, m)
   _at_least("model.num_classes", m.num_classes, 0)
   _at_least("model.num_scales", m.num_scales, 1)
   if t.sde.lower() == "vesde" and not 0 < m.sigma_min < m.sigma_max:
@@ -568,6 +571,18 @@ def _check_families(t: Training, m: Model) -> None:
   for key in ("p_std", "logit_std"):
     if not getattr(t, key) > 0:
       raise ConfigError(f"training.{key} must be > 0, got {getattr(t, key)}.")
+
+
+def _check_phema(t: Training, m: Model) -> None:
+  """Post-hoc EMA: distinct widths in (0, 1/sqrt(12)] (gamma >= 0), a snapshot interval."""
+  rels = m.phema_sigma_rels
+  limit = 1.0 / math.sqrt(12.0)  # score_jax.phema.SIGMA_REL_MAX: the uniform average
+  if not (isinstance(rels, tuple) and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= limit for v in rels)
+          and len(set(rels)) == len(rels)):
+    raise ConfigError(f"model.phema_sigma_rels must be distinct relative EMA widths in (0, "
+                      f"{limit:.4f}], e.g. (0.05, 0.1), or () for off; got {rels!r}.")
+  _at_least("training.phema_snapshot_freq", t.phema_snapshot_freq, 1)
 
 
 def check_devices(s: Settings, num_devices: int, process_count: int) -> None:

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from score_jax import augment, checkpoints, datasets, distributed, files, plotting, programs
+from score_jax import (augment, checkpoints, datasets, distributed, files, phema, plotting,
+                       programs)
 from score_jax.errors import UserError, WorkdirError
 from score_jax.models import init_model
 from score_jax.programs import Setup
@@ -43,6 +44,12 @@ class TrainState:
   ema_params: Any
 
 
+@flax.struct.dataclass
+class PhemaTrainState(TrainState):
+  """The train state with the power-function EMAs of model.phema_sigma_rels (score_jax.phema)."""
+  phema: Tuple[Any, ...]  # one parameter tree per profile, float32 like ema_params
+
+
 class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a non-finite loss or gradient."""
 
@@ -54,8 +61,12 @@ def init_state(setup: Setup, rng: Array) -> TrainState:
   @jax.jit
   def init(rng):
     params = init_model(rng, setup.model, shape)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=setup.tx.init(params), ema_params=params)
+    common = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
+                  ema_params=params)
+    profiles = setup.settings.model.phema_sigma_rels
+    if profiles:
+      return PhemaTrainState(**common, phema=tuple(params for _ in profiles))
+    return TrainState(**common)
 
   return jax.device_put(init(rng), setup.replicated)
 
@@ -69,8 +80,19 @@ def abstract_state(setup: Setup) -> TrainState:
 
 
 def restore_ema_params(setup: Setup, ckpt_dir: str, step: int) -> Any:
-  """The EMA parameters of checkpoint `step`, replicated over setup.mesh."""
-  return checkpoints.restore(ckpt_dir, step, abstract_state(setup)).ema_params
+  """The EMA parameters of checkpoint `step`, replicated over setup.mesh.
+
+  A checkpoint with or without post-hoc EMA profiles (model.phema_sigma_rels)
+  loads whether or not the settings track them: only ema_params is used.
+  """
+  template = abstract_state(setup)
+  saved = checkpoints.saved_tree(ckpt_dir, step)
+  count = len(saved["phema"]) if isinstance(saved, dict) and "phema" in saved else 0
+  if count != len(getattr(template, "phema", ())):
+    base = {k: getattr(template, k) for k in ("step", "params", "opt_state", "ema_params")}
+    template = (PhemaTrainState(**base, phema=(template.ema_params,) * count) if count
+                else TrainState(**base))
+  return checkpoints.restore(ckpt_dir, step, template).ema_params
 
 
 def apply_update(setup: Setup, state: TrainState, grads) -> TrainState:
@@ -79,7 +101,11 @@ def apply_update(setup: Setup, state: TrainState, grads) -> TrainState:
   params = optax.apply_updates(state.params, updates)
   rate = programs.get_ema_decay(setup.settings)(state.step)
   ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, params)
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+  if isinstance(state, PhemaTrainState):
+    exponents = phema.gammas(setup.settings)
+    new = new.replace(phema=phema.update(state.phema, params, new.step, exponents))
+  return new
 
 
 def zero_nonfinite(grads):
@@ -214,8 +240,9 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
   """Trains as the settings say, resuming from WORKDIR/checkpoints if present.
 
   Writes WORKDIR/config.json, checkpoints/, samples/ (PNG grids or scatter
-  plots and .npz arrays at each snapshot), tensorboard/ event files and
-  metrics.jsonl (one line per log step). Returns the final state.
+  plots and .npz arrays at each snapshot), tensorboard/ event files,
+  metrics.jsonl (one line per log step) and, with model.phema_sigma_rels,
+  phema/ (post-hoc EMA snapshots, score_jax.phema). Returns the final state.
   """
   prepare_workdir(workdir)
   setup = programs.make_setup(settings)
@@ -227,6 +254,9 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
 
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   keep_period=t_cfg.snapshot_freq)
+  phema_writer = (phema.SnapshotWriter(workdir, settings.model.phema_sigma_rels,
+                                       t_cfg.batch_size, is_main)
+                  if settings.model.phema_sigma_rels else None)
   root_key = jax.random.PRNGKey(settings.seed)
   init_key, train_key, sample_key, eval_key = jax.random.split(root_key, 4)
   state = init_state(setup, init_key)
@@ -271,6 +301,8 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
         step += 1  # the step this iteration completes
         x, y = next(train_iter)
         state, metrics = train_step(state, x, y, train_key)
+        if phema_writer is not None and (step % t_cfg.phema_snapshot_freq == 0 or step == n_iters):
+          phema_writer.save(step, state)  # before the next step donates the state
         pending = metrics
         # Sticky on the device (no sync): any non-finite step since the start
         # stops the run at the next check, before a checkpoint is written.
@@ -313,6 +345,8 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
     train_iter.close()
     bar.close()
     ckpt.close()
+    if phema_writer is not None:
+      phema_writer.close()
     if writer is not None:
       writer.close()
   return state

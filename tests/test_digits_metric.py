@@ -196,10 +196,13 @@ def test_benchmark_rows_override_existing_config_keys():
   from benchmarks import digits_fd  # pylint: disable=g-import-not-at-top
   from configs import digits  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
-  args = argparse.Namespace(samplers=["pc_em", "pc_langevin", "ode", *digits_fd._FAST],
-                            nfe=[10], pc_nfe=[50], ode_tol=[1e-3])
+  args = argparse.Namespace(samplers=["config", "pc_em", "pc_langevin", "ode", *digits_fd._FAST],
+                            nfe=[10], pc_nfe=[50], ode_tol=[1e-3], guide_step=1000,
+                            guide_weights=[1.0], cfg_weights=[0.5], guidance_interval=[0.1, 5.0],
+                            workdir="runs/digits")
   rows = digits_fd._variants(args)
-  assert len(rows) == 3 + len(digits_fd._FAST)
+  base = 4 + len(digits_fd._FAST)
+  assert len(rows) == 3 * base  # each unguided row, autoguided and with classifier-free guidance
   labels = set()
   for label, overrides in rows:
     labels.add(label)

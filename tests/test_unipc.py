@@ -1,7 +1,6 @@
 """UniPC (score_jax.fast_samplers.unipc_sample) against exact ODE solutions and closed forms."""
 
 import json
-import math
 import os
 import shutil
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import toy
-from score_jax import analytic, controllable, fast_samplers, programs, sampling, settings
+from score_jax import analytic, controllable, fast_samplers, programs, sampling, settings, time_grids
 from score_jax import sde as sde_lib
 from score_jax.errors import ConfigError
 
@@ -205,7 +204,7 @@ def test_optimized_grid_beats_the_uniform_log_snr_grid_on_the_exact_flow():
   against a tight ODE solution: path RMS 0.105 -> 0.045 measured. With 4096 latents and 300
   steps (bench_samplers.py) the 100k-sample std error at 10 NFE falls from 10.3% to 2.4%."""
   sde, mix, score_fn = mixture_setup("vp", 1000)
-  ts, info = fast_samplers.optimize_time_grid(jax.random.PRNGKey(0), sde, score_fn, (256, 2), 10,
+  ts, info = time_grids.optimize_time_grid(jax.random.PRNGKey(0), sde, score_fn, (256, 2), 10,
                                               iters=50, reference_steps=200)
   assert ts.shape == (11,) and ts.dtype == np.float64
   assert ts[0] == sde.T and ts[-1] == 1e-3 and np.all(np.diff(ts) < 0)
@@ -247,7 +246,7 @@ def test_optimized_grid_is_fitted_once_and_stored_with_the_run(tmp_path, monkeyp
   assert stored.shape == (7,) and stored[0] == 1.0 and np.all(np.diff(stored) < 0)
   assert int(first["nfe"]) == 7  # 6 steps + the final denoising
   # A second run loads the grid instead of fitting it again.
-  monkeypatch.setattr(fast_samplers, "optimize_time_grid",
+  monkeypatch.setattr(time_grids, "optimize_time_grid",
                       lambda *a, **k: (_ for _ in ()).throw(AssertionError("refitted")))
   second = np.load(sample.run(s, workdir)["npz"])
   np.testing.assert_array_equal(second["samples"], first["samples"])
