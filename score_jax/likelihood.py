@@ -6,7 +6,7 @@ obeys d log p_t(x_t) / dt = -div f~(x_t, t), so
   log p_eps(x) = log p_T(x_T) + int_eps^T div f~(x_t, t) dt,
 
 with x_T the ODE solution from x_eps = x and log p_T replaced by the prior.
-x and the divergence integral are solved together by one adaptive Tsit5
+x and the divergence integral are solved together by one adaptive RK45
 solve on the device. The divergence is exact (D Jacobian-vector products,
 for low-dimensional data and tests) or the Hutchinson-Skilling estimate
 v^T (df~/dx) v with one probe v per example held fixed along the path

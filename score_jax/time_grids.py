@@ -138,8 +138,8 @@ def optimize_time_grid(rng: Array,
   def loss_and_grad(theta, score_fn, z, reference):
     def loss(theta):
       ts = _grid_from_logits(sde, theta, eps)
-      x = fast_samplers.unipc_loop(rng, sde, score_fn, shape, num_steps, order, variant, lambda i: ts[i],
-                      True, True, False, z, None)
+      x = fast_samplers.unipc_loop(rng, sde, score_fn, shape, num_steps, order, variant,
+                                   lambda i: ts[i], True, True, False, z, None)
       return jnp.mean((x - reference)**2)
 
     return jax.value_and_grad(loss)(theta)
@@ -148,12 +148,16 @@ def optimize_time_grid(rng: Array,
   theta = jnp.zeros((num_steps,), z.dtype)
   state = opt.init(theta)
   best, best_loss, first = theta, math.inf, None
-  for _ in range(iters + 1):
+  report = max(iters // 10, 1)
+  for i in range(iters + 1):
     value, grad = loss_and_grad(theta, score_fn, z, reference)
     value = float(value)
     first = value if first is None else first
     if value < best_loss:
       best, best_loss = theta, value
+    if i % report == 0:
+      logging.info("Fitting a %d-step time grid: Adam step %d / %d, batch MSE to the ODE %.3g "
+                   "(uniform log-SNR grid %.3g).", num_steps, i, iters, best_loss, first)
     updates, state = opt.update(grad, state)
     theta = optax.apply_updates(theta, updates)
   ts = np.asarray(_grid_from_logits(sde, best, eps), np.float64)
