@@ -224,7 +224,8 @@ def _gflop(flops: Optional[float]) -> str:
 HEADER = ("| network (config) | batch | params ref / score_jax | GFLOP/step score_jax (XLA) / "
           "ref (convs + matmuls) | ref ms/step: median (range) | score_jax ms/step: median "
           "(range) | ratio ref / score_jax | per-round ratios | CPU s/step ref / score_jax | "
-          "setup s: ref first step / score_jax compile |\n|---|---|---|---|---|---|---|---|---|---|")
+          "CPU ratio | setup s: ref first step / score_jax compile |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table_row(r: Dict[str, Any]) -> str:
@@ -241,38 +242,51 @@ def table_row(r: Dict[str, Any]) -> str:
       f"{s['ratio']:.2f}" if has_ref else "-",
       f"{s['ratio_min']:.2f}-{s['ratio_max']:.2f}" if has_ref else "-",
       (f"{np.median(ref['cpu']):.2f}" if has_ref else "-") + f" / {np.median(r['jax']['cpu']):.2f}",
+      f"{np.median(ref['cpu']) / np.median(r['jax']['cpu']):.2f}" if has_ref else "-",
       (f"{ref['first_step_s']:.1f}" if has_ref else "-") + f" / {r['jax']['compile_s']:.1f}",
   ]
   return "| " + " | ".join(cells) + " |"
 
 
 PARTS_HEADER = ("| network (config) | batch | part | ref ms | score_jax ms | ratio ref / score_jax | "
-                "per-round ratios |\n|---|---|---|---|---|---|---|")
+                "per-round ratios | CPU s ref / score_jax | CPU ratio |\n"
+                "|---|---|---|---|---|---|---|---|---|")
 
 
 def parts_rows(r: Dict[str, Any]) -> List[str]:
-  """Markdown rows of the medians of r's parts (--parts) and the differences between them."""
+  """Markdown rows of the medians of r's parts (--parts) and the differences between them.
+
+  The differences (backward = loss and gradient - loss; update etc. = step - loss and
+  gradient) subtract medians taken in different rounds: under changing load they can
+  come out negative; their CPU seconds are steadier.
+  """
   has_ref = "ref" in r
-  med = {"forward": r["parts"]["forward"]["summary"], "gradient": r["parts"]["gradient"]["summary"],
-         "step": r["summary"]}
+  parts = {"forward": r["parts"]["forward"], "gradient": r["parts"]["gradient"],
+           "step": {"summary": r["summary"], "ref_cpu": r.get("ref", {}).get("cpu"),
+                    "jax_cpu": r["jax"]["cpu"]}}
+  wall = {k: (v["summary"].get("ref_median", math.nan), v["summary"]["jax_median"])
+          for k, v in parts.items()}
+  cpu = {k: (float(np.median(v["ref_cpu"])) if has_ref else math.nan,
+             float(np.median(v["jax_cpu"]))) for k, v in parts.items()}
   rows = []
 
-  def row(part, ref_s, jax_s, ratios=None):
+  def row(part, w, c, ratios=None):
     cells = [f"{r['label']} (`{r['config']}`)", str(r["batch"]), part,
-             _ms(ref_s) if has_ref else "-", _ms(jax_s),
-             f"{ref_s / jax_s:.2f}" if has_ref else "-",
-             f"{ratios[0]:.2f}-{ratios[1]:.2f}" if has_ref and ratios else "-"]
+             _ms(w[0]) if has_ref else "-", _ms(w[1]),
+             f"{w[0] / w[1]:.2f}" if has_ref else "-",
+             f"{ratios[0]:.2f}-{ratios[1]:.2f}" if has_ref and ratios else "-",
+             (f"{c[0]:.3g}" if has_ref else "-") + f" / {c[1]:.3g}",
+             f"{c[0] / c[1]:.2f}" if has_ref else "-"]
     rows.append("| " + " | ".join(cells) + " |")
 
   names = {"forward": "forward (loss)", "gradient": "forward + backward", "step": "whole step"}
-  for part, m in med.items():
-    row(names[part], m.get("ref_median", math.nan), m["jax_median"],
-        (m["ratio_min"], m["ratio_max"]) if has_ref else None)
-  diff = lambda a, b, side: med[a].get(f"{side}_median", math.nan) - med[b][f"{side}_median"]
-  row("backward (difference)", diff("gradient", "forward", "ref") if has_ref else math.nan,
-      diff("gradient", "forward", "jax"))
-  row("update etc. (difference)", diff("step", "gradient", "ref") if has_ref else math.nan,
-      diff("step", "gradient", "jax"))
+  for part, name in names.items():
+    m = parts[part]["summary"]
+    row(name, wall[part], cpu[part], (m["ratio_min"], m["ratio_max"]) if has_ref else None)
+  minus = lambda d, a, b: (d[a][0] - d[b][0], d[a][1] - d[b][1])
+  row("backward (difference)", minus(wall, "gradient", "forward"),
+      minus(cpu, "gradient", "forward"))
+  row("update etc. (difference)", minus(wall, "step", "gradient"), minus(cpu, "step", "gradient"))
   return rows
 
 
@@ -324,8 +338,10 @@ def bench_config(name: str, batch: Optional[int], args, cpus: str) -> Dict[str, 
       result["parts"] = {}
       for part in ("forward", "gradient"):
         got = interleaved(part)
-        result["parts"][part] = {"ref": got["ref"], "jax": got["jax"], "summary": summarize(
-            got["ref"] if ref is not None else None, got["jax"])}
+        result["parts"][part] = {
+            "ref": got["ref"], "jax": got["jax"], "ref_cpu": got["ref_cpu"],
+            "jax_cpu": got["jax_cpu"],
+            "summary": summarize(got["ref"] if ref is not None else None, got["jax"])}
     return result
   finally:
     if ref is not None:
@@ -391,7 +407,7 @@ def main(argv: List[str]) -> List[Dict[str, Any]]:
   load0 = os.getloadavg()[0]
   command = "python benchmarks/bench_reference.py " + " ".join(argv)
   print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: `{command}`\n"
-        f"jax {jax.__version__}{torch_info}; {args.threads} threads each on CPUs "
+        f"jax {jax.__version__}{torch_info}; threads: {args.threads} per side, on CPUs "
         f"{','.join(map(str, cpus))} of {os.cpu_count()}; XLA_FLAGS="
         f"{os.environ.get('XLA_FLAGS', '')!r}; {args.warmup} warm-up steps, then {args.repeats} "
         f"rounds x {args.steps} timed steps per side", flush=True)

@@ -58,7 +58,7 @@ def _check_row(cells, result):
   assert low <= median <= high
   assert cells[2].endswith(f"{result['jax']['params'] / 1e6:.4g}M")
   if ref is None:
-    assert cells[4] == cells[6] == cells[7] == "-"
+    assert cells[4] == cells[6] == cells[7] == cells[9] == "-"
     return
   ref_times = np.concatenate(ref["times"]) * 1000
   ref_median, _, _ = _median_range(cells[4])
@@ -84,13 +84,16 @@ def test_summary_table_and_parts(bench):
               "cpu": [7.0, 7.5]},
       "jax": {"params": 1234567, "flops": 4.9e11, "compile_s": 40.0, "times": ours,
               "cpu": [0.1, 0.2]},
-      "parts": {"forward": {"summary": bench.summarize(fwd_ref, fwd_ours)},
-                "gradient": {"summary": bench.summarize(grad_ref, grad_ours)}}}
+      "parts": {"forward": {"summary": bench.summarize(fwd_ref, fwd_ours),
+                            "ref_cpu": [1.0, 1.5], "jax_cpu": [0.01, 0.02]},
+                "gradient": {"summary": bench.summarize(grad_ref, grad_ours),
+                             "ref_cpu": [3.0, 3.5], "jax_cpu": [0.05, 0.06]}}}
   s = result["summary"]
   assert s["ratio"] == pytest.approx(np.median(ref) / np.median(ours), rel=1e-12)
   (cells,) = _rows(bench.table_row(result))
   _check_row(cells, result)
-  assert cells[3] == "490 / 500" and cells[8] == "7.25 / 0.15" and cells[9] == "9.0 / 40.0"
+  assert cells[3] == "490 / 500" and cells[8] == "7.25 / 0.15" and cells[10] == "9.0 / 40.0"
+  assert float(cells[9]) == pytest.approx(7.25 / 0.15, abs=0.005)
   rows = {r[2]: r for r in _rows("\n".join(bench.parts_rows(result)))}
   for part, (r, o) in {"forward (loss)": (fwd_ref, fwd_ours),
                        "forward + backward": (grad_ref, grad_ours)}.items():
@@ -100,6 +103,10 @@ def test_summary_table_and_parts(bench):
   assert _close_to_printed(float(rows["backward (difference)"][4]), backward)
   update = 1000 * (np.median(ref) - np.median(grad_ref))
   assert _close_to_printed(float(rows["update etc. (difference)"][3]), update)
+  # CPU seconds: medians of the parts' own CPU times, and their differences.
+  assert rows["forward (loss)"][7] == "1.25 / 0.015" and rows["forward (loss)"][8] == "83.33"
+  assert rows["backward (difference)"][7] == "2 / 0.04"  # 3.25 - 1.25, 0.055 - 0.015
+  assert rows["update etc. (difference)"][7] == "4 / 0.095"  # 7.25 - 3.25, 0.15 - 0.055
   # score_jax alone: the reference's cells are empty.
   alone = {k: v for k, v in result.items() if k not in ("ref", "parts")}
   alone["summary"] = bench.summarize(None, ours)
