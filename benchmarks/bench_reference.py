@@ -28,11 +28,17 @@ each, so that other load on the machine falls on both alike. The table gives
 median ms/step over all timed steps with their range, the ratio of the
 medians (reference / score_jax: above 1, score_jax is faster), the range of
 the per-round ratios (each from one round's medians, so both sides of it ran
-under the same load), median CPU seconds per step (all threads), and GFLOP
-per step: XLA's cost analysis of score_jax's compiled step (all operations),
-and torch.utils.flop_counter's count for the reference (convolutions and
-matrix products only).
+under the same load), median CPU seconds per step (all threads) and their
+ratio, and GFLOP per step: XLA's cost analysis of score_jax's compiled step
+(all operations), and torch.utils.flop_counter's count for the reference
+(convolutions and matrix products only). On a machine shared with other
+work, one thread per side (--threads=1) keeps the comparison about the
+arithmetic: with more threads than free cores, the runtimes' threads wait for
+each other, and that waiting, not the arithmetic, decides the times.
 
+--parts adds a table of the step's loss alone and the loss with its gradient
+(continuous DSM), timed on both sides in the same alternating rounds, and the
+differences of the medians: backward, and the update (clipping, Adam, EMA).
 --no_reference times only score_jax (the reference columns stay empty); --json
 writes every timing.
 """
@@ -352,6 +358,8 @@ def _check_args(args) -> None:
   unknown = [c for c in args.configs if c not in CONFIGS]
   if unknown:
     raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+  if args.json and os.path.exists(args.json):
+    raise UserError(f"--json={args.json} exists; pass a new path (or remove the old file)")
   if args.no_reference:
     return
   if not args.reference or not os.path.isfile(os.path.join(args.reference, "losses.py")):

@@ -122,6 +122,8 @@ def test_bad_paths_are_one_line_errors(bench, tmp_path):
     bench.main([f"--reference={tmp_path}", f"--torch_python={tmp_path / 'python'}"])
   with pytest.raises(UserError, match="unknown nope"):
     bench.main(["--no_reference", "--configs=tiny,nope"])
+  with pytest.raises(UserError, match="exists; pass a new path"):
+    bench.main(["--no_reference", f"--json={tmp_path / 'losses.py'}"])
 
 
 def test_score_jax_side(bench, tmp_path, capsys):
