@@ -252,33 +252,35 @@ def solve(vector_field: Callable[[Array, PyTree], PyTree], y0: PyTree, t0, t1, r
   """
   if method.solver not in SOLVERS:
     raise ValueError(f"Unknown ODE solver {method.solver!r}; use one of {sorted(SOLVERS)}.")
+  if method.controller not in CONTROLLERS:
+    raise ValueError(f"Unknown step-size controller {method.controller!r}; use one of "
+                     f"{CONTROLLERS}.")
+  auto = isinstance(method.first_step, str) and method.first_step == "auto"
+  if not auto and not (isinstance(method.first_step, (int, float)) and
+                       0 < method.first_step <= 1):
+    raise ValueError(f"first_step must be 'auto' or a fraction in (0, 1], got "
+                     f"{method.first_step!r}.")
   solver = SOLVERS[method.solver]()
   norm = _norm(method.norm)
   term = diffrax.ODETerm(lambda t, y, args: vector_field(t, y))
   # An explicit FSAL pair: its last stage is the next step's first, so a step
   # from a stored first stage costs stages - 1 new evaluations.
   new_per_step = len(solver.tableau.c)
-  if method.first_step == "auto":
+  if auto:
     f0 = vector_field(t0, y0)
     dt0 = _initial_step(vector_field, y0, f0, t0, t1, rtol, atol, norm,
                         solver.order(term)) * jnp.sign(t1 - t0)
     # diffrax's RK state (first step pending, stored first stage): handing it
     # f0 makes every attempt, the first ones included, cost new_per_step.
     solver_state, evals_before = (jnp.asarray(False), f0), 2
-  elif isinstance(method.first_step, (int, float)) and 0 < method.first_step <= 1:
-    dt0, solver_state, evals_before = method.first_step * (t1 - t0), None, 0
   else:
-    raise ValueError(f"first_step must be 'auto' or a fraction in (0, 1], got "
-                     f"{method.first_step!r}.")
+    dt0, solver_state, evals_before = method.first_step * (t1 - t0), None, 0
   if method.controller == "rk45":
     controller = _Controller(rtol=rtol, atol=atol, norm=norm, pcoeff=method.pcoeff,
                              icoeff=method.icoeff)
-  elif method.controller == "diffrax":
+  else:
     controller = _CountingPID(diffrax.PIDController(rtol=rtol, atol=atol, pcoeff=method.pcoeff,
                                                     icoeff=method.icoeff, norm=norm))
-  else:
-    raise ValueError(f"Unknown step-size controller {method.controller!r}; use one of "
-                     f"{CONTROLLERS}.")
   sol = diffrax.diffeqsolve(
       term,
       solver,

@@ -253,6 +253,17 @@ def test_ode_solve_costs_no_more_than_scipy_rk45_at_no_larger_error(name):
   assert rms(ours) <= 1.1 * rms(rk45), (rms(ours), rms(rk45))
 
 
+def test_ode_solve_rejects_unknown_method_choices():
+  field = lambda t, y: -y
+  y0 = jnp.ones((2, 2))
+  for bad, word in [(dict(solver="rk4"), "solver"), (dict(norm="max"), "norm"),
+                    (dict(controller="pid"), "controller"), (dict(first_step=0.0), "first_step"),
+                    (dict(first_step="heuristic"), "first_step")]:
+    with pytest.raises(ValueError, match=word):
+      probability_flow.solve(field, y0, 0.0, 1.0, 1e-3, 1e-3,
+                             method=probability_flow.Method(**bad))
+
+
 # --- fast samplers ---
 
 
