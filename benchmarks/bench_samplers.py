@@ -128,7 +128,7 @@ def sampler_table(name: str, n: int, nfes, seed: int, only=None) -> None:
                                   shape, rtol=tol, atol=tol, eps=eps, z=z)
     w, m, s = errors(sde, x)
     path = float(jnp.sqrt(jnp.mean((x - ref)**2)))
-    print(f"| ODE Tsit5 rtol=atol={tol:g} (+denoise) | {int(used)} | {w:.4f} | {m:.4f} | "
+    print(f"| ODE (RK45) rtol=atol={tol:g} (+denoise) | {int(used)} | {w:.4f} | {m:.4f} | "
           f"{100 * s:.2f} | {path:.2e} |", flush=True)
 
 

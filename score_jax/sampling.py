@@ -299,7 +299,8 @@ def ode_sample(rng: Array,
                z: Optional[Array] = None) -> Tuple[Array, Array]:
   """Samples by integrating the probability-flow ODE from T to eps.
 
-  Adaptive Tsit5 (5th order, error control by rtol/atol) on the device.
+  Adaptive Dormand-Prince 5(4) on the device, scipy RK45's algorithm (error
+  control by rtol/atol).
 
   Args:
     rng: PRNG key for the prior sample (unused when z is given).
