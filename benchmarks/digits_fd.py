@@ -90,7 +90,10 @@ def _variants(args) -> List[Tuple[str, Overrides]]:
     elif name in _FAST:
       label, method, extra = _FAST[name]
       for n in args.nfe:
-        over: Overrides = {"sampling.method": method, "sampling.num_steps": n, **extra}
+        # Each sampler on its own default grid (Heun: EDM's; the others: uniform log-SNR),
+        # whatever grid the run's config samples on, so rows compare across runs.
+        over: Overrides = {"sampling.method": method, "sampling.num_steps": n,
+                           "sampling.schedule": "", **extra}
         rows.append((f"{label}, {n} steps", over))
     else:
       raise ValueError(f"unknown sampler {name!r}")
