@@ -3,7 +3,7 @@
   python benchmarks/digits_fd.py --workdir=runs/digits [--samples=1000] [--step=-1]
       [--samplers=pc_em,pc_langevin,ode,ddim,ddim_eta1,heun,heun_churn,dpm_solver,dpm_solver3]
       [--nfe=10,20,50] [--pc_nfe=50,100,500,1000] [--ode_tol=1e-3,1e-5]
-      [--guide_step=1000 --guide_weights=0.5,1] [--cfg_weights=0.5,1]
+      [--guide_step=1000 --guide_weights=0.5,1] [--cfg_weights=0.5,1] [--guided_only]
 
 Loads the run's config (WORKDIR/config.json) and the EMA parameters of its
 newest checkpoint (or --step), draws --samples samples with each sampler at
@@ -110,7 +110,7 @@ def _variants(args) -> List[Tuple[str, Overrides]]:
     for w in args.cfg_weights:
       guided.append((f"{label}, classifier-free guidance w={w:g}{span}", {
           **over, **interval, "sampling.guidance_weight": w}))
-  return rows + guided
+  return guided if args.guided_only else rows + guided
 
 
 def _with(config: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:
@@ -176,6 +176,8 @@ def main() -> None:
   parser.add_argument("--guide_weights", type=split(float), default="1")
   parser.add_argument("--cfg_weights", type=split(float), default="",
                       help="classifier-free guidance rows (a conditional run)")
+  parser.add_argument("--guided_only", action="store_true",
+                      help="only the guided rows (the unguided ones measured before)")
   parser.add_argument("--guidance_interval", type=split(float), default="",
                       help="LO,HI: guide only for sigma^ in [LO, HI]")
   args = parser.parse_args()

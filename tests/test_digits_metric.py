@@ -199,7 +199,7 @@ def test_benchmark_rows_override_existing_config_keys():
   args = argparse.Namespace(samplers=["config", "pc_em", "pc_langevin", "ode", *digits_fd._FAST],
                             nfe=[10], pc_nfe=[50], ode_tol=[1e-3], guide_step=1000,
                             guide_weights=[1.0], cfg_weights=[0.5], guidance_interval=[0.1, 5.0],
-                            workdir="runs/digits")
+                            workdir="runs/digits", guided_only=False)
   rows = digits_fd._variants(args)
   base = 4 + len(digits_fd._FAST)
   assert len(rows) == 3 * base  # each unguided row, autoguided and with classifier-free guidance
@@ -215,3 +215,5 @@ def test_benchmark_rows_override_existing_config_keys():
       assert changed[section][name] == value
     programs.get_sampler(S(changed), programs.get_sde(S(changed)))
   assert len(labels) == len(rows)  # rows are told apart
+  args.guided_only = True
+  assert digits_fd._variants(args) == rows[base:]
