@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import default
 from score_jax import datasets, settings
 from score_jax.data import digits as digits_lib
 from score_jax.data import tfrecord
@@ -36,7 +37,7 @@ def make_config(dataset="digits", **data):
 def _data(config):
   """The data settings of a minimal config (the keys the data layer reads)."""
   keys = {f.name for f in dataclasses.fields(settings.Data)}
-  values = {"category": "", "tfrecords_path": "", **config.data.to_dict()}
+  values = {**default.get_config().data.to_dict(), **config.data.to_dict()}
   return settings.Data(**{k: v for k, v in values.items() if k in keys})
 
 
