@@ -49,3 +49,18 @@ def report_user_errors(fn: Callable[[], int]) -> int:
   except (UserError, FileExistsError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return USER_ERROR
+
+
+def print_next_steps(config_arg: str, workdir: str, step: int, snapshot_freq: int,
+                     otherwise: str) -> None:
+  """Prints the main.py lines that sample and evaluate checkpoint `step` of a written workdir;
+  --mode=eval numbers checkpoints by step / snapshot_freq, so it needs a multiple (else
+  `otherwise`, a hint, follows the explanation)."""
+  print(f"Sample: python main.py {config_arg} --workdir={workdir} --mode=sample")
+  if step > 0 and step % snapshot_freq == 0:
+    k = step // snapshot_freq
+    print(f"Evaluate: python main.py {config_arg} --workdir={workdir} --mode=eval "
+          f"--config.eval.begin_ckpt={k} --config.eval.end_ckpt={k}")
+  else:
+    print(f"(--mode=eval numbers checkpoints by step / training.snapshot_freq = {snapshot_freq}; "
+          f"step {step} is not a multiple, so {otherwise}.)")

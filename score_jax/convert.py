@@ -487,14 +487,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config_path = config_flags.get_config_filename(fv["config"])
     print(f"Wrote {result['checkpoint']} ({result['tensors']} tensors, {result['weights']} "
           "weights).")
-    print(f"Sample: python main.py --config={config_path} --workdir={dst} --mode=sample")
-    if step > 0 and step % freq == 0:
-      k = step // freq
-      print(f"Evaluate: python main.py --config={config_path} --workdir={dst} --mode=eval "
-            f"--config.eval.begin_ckpt={k} --config.eval.end_ckpt={k}")
-    else:
-      print(f"(--mode=eval numbers checkpoints by step / training.snapshot_freq = {freq}; "
-            f"rerun with --step=<a multiple of {freq}> to evaluate this one.)")
+    cli.print_next_steps(f"--config={config_path}", dst, step, freq,
+                         f"rerun with --step=<a multiple of {freq}> to evaluate this one")
     return 0
 
   return cli.report_user_errors(run)

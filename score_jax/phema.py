@@ -518,16 +518,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{len(result.snapshot_steps)} snapshots (steps {result.snapshot_steps[0]}.."
           f"{result.snapshot_steps[-1]}) of the profiles {list(result.source_sigma_rels)}; "
           f"profile residual {result.residual:.3g} (relative L2).")
-    run_config = "--config=<the run's config and overrides>"
-    print(f"Sample: python main.py {run_config} --workdir={out} --mode=sample")
     freq = int(files.read_json(os.path.join(out, "config.json"))["training"]["snapshot_freq"])
-    if result.step % freq == 0:
-      k = result.step // freq
-      print(f"Evaluate: python main.py {run_config} --workdir={out} --mode=eval "
-            f"--config.eval.begin_ckpt={k} --config.eval.end_ckpt={k}")
-    else:
-      print(f"(--mode=eval numbers checkpoints by step / training.snapshot_freq = {freq}; step "
-            f"{result.step} is not a multiple, so sample it or load it with score_jax.load_run.)")
+    cli.print_next_steps("--config=<the run's config and overrides>", out, result.step, freq,
+                         "sample it or load it with score_jax.load_run")
     return 0
 
   return cli.report_user_errors(run)
