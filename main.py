@@ -30,7 +30,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from score_jax import cli, run  # imported late so --help stays fast
+  from score_jax.run import cli
+  from score_jax.run import entry as run  # imported late so --help stays fast
 
   def go() -> int:
     run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
@@ -42,4 +43,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from score_jax.run import xla_flags  # before JAX starts: XLA reads its flags once
+  xla_flags.apply_defaults()
   app.run(main)

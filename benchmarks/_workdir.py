@@ -7,7 +7,11 @@ import importlib.util
 import os
 from typing import Any, Optional, Tuple
 
-from score_jax import checkpoints, programs, settings, train
+from score_jax.run import checkpoints
+from score_jax.run import programs
+from score_jax.run import settings
+from score_jax.run import train
+from score_jax.run import state as run_state
 
 
 def load_settings(workdir: str, config_file: str = "") -> settings.Settings:
@@ -30,7 +34,7 @@ def load_run(workdir: str, s: settings.Settings,
   setup = programs.make_setup(s)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   step = checkpoints.existing_step(ckpt_dir, step)
-  return setup, train.restore_ema_params(setup, ckpt_dir, step), step
+  return setup, run_state.restore_ema_params(setup, ckpt_dir, step), step
 
 
 def with_settings(setup: programs.Setup, s: settings.Settings,

@@ -200,14 +200,16 @@ def library_train_step(config):
   config-reading train.make_setup of earlier versions. `setup` has .model,
   .sde, .tx, .batch_sharding and .replicated in both.
   """
-  from score_jax import train  # pylint: disable=g-import-not-at-top
+  from score_jax.run import train  # pylint: disable=g-import-not-at-top
+  from score_jax.run import state as run_state
   try:
-    from score_jax import programs, settings  # pylint: disable=g-import-not-at-top
+    from score_jax.run import programs
+    from score_jax.run import settings  # pylint: disable=g-import-not-at-top
   except ImportError:
     setup = train.make_setup(config, need_data=False)
   else:
     setup = programs.make_setup(settings.from_config(config), need_data=False)
-  return setup, train.make_train_step(setup), train.TrainState
+  return setup, train.make_train_step(setup), run_state.TrainState
 
 
 def network_config(network: str, tiny: bool, dtype: str = "float32", batch: int = 8,
@@ -413,8 +415,8 @@ def _score_setup(network: str, ctx: Context, batch: int, num_scales: Optional[in
 
 def measure_sample(unit: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
-  from score_jax.fast_samplers import dpm_solver_pp_sample  # pylint: disable=g-import-not-at-top
-  from score_jax.sampling import pc_sample  # pylint: disable=g-import-not-at-top
+  from score_jax.samplers.fast import dpm_solver_pp_sample  # pylint: disable=g-import-not-at-top
+  from score_jax.samplers.pc import pc_sample  # pylint: disable=g-import-not-at-top
 
   batch = ctx.p["sample_batch"] * ctx.n_dev
   pc = unit["sampler"] == "pc"
@@ -457,7 +459,7 @@ def measure_inception(unit: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from score_jax import inception  # pylint: disable=g-import-not-at-top
+  from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
 
   del unit
   batch = ctx.p["inception_batch"] * ctx.n_dev

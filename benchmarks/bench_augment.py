@@ -1,4 +1,4 @@
-"""The cost of EDM's augmentation (score_jax.augment) on the default device.
+"""The cost of EDM's augmentation (score_jax.data.augment) on the default device.
 
 Times (ms, best of --reps, after one compiling call) the jitted augmentation of
 a batch of CIFAR-10-sized images [B, 32, 32, 3] with EDM's CIFAR-10 setting
@@ -14,10 +14,14 @@ import argparse
 import dataclasses
 import time
 
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
 import jax
 import jax.numpy as jnp
 
-from score_jax import augment
+from score_jax.data import augment
 
 
 def _best(fn, *args, reps: int) -> float:

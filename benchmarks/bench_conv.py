@@ -4,7 +4,7 @@ Times (ms, best of --reps) the forward convolution, its input gradient (dx)
 and its weight gradient (dw) at the U-Nets' shapes, in one process per
 setting of --xla_cpu_experimental_ynn_fusion_type:
   jaxlib      jaxlib's own default (convolutions on YNNPACK),
-  score_jax   score_jax's default, 'reduce' (score_jax/xla_flags.py),
+  score_jax   score_jax's default, 'reduce' (score_jax/run/xla_flags.py),
   none        nothing on YNNPACK.
 This is the measurement behind score_jax's CPU compiler setting.
 

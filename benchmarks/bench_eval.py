@@ -18,12 +18,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from score_jax import checkpoints, datasets, distributed, programs, settings, train  # noqa: E402
+from score_jax.run import checkpoints
+from score_jax.data import datasets
+from score_jax.run import distributed
+from score_jax.run import programs
+from score_jax.run import settings
+from score_jax.run import train  # noqa: E402
+from score_jax.run import state as run_state
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/digits.py", "Configuration file.")
@@ -61,9 +71,9 @@ def main(argv):
   if FLAGS.workdir:
     ckdir = os.path.join(FLAGS.workdir, "checkpoints")
     step = checkpoints.existing_step(ckdir)
-    params = train.restore_ema_params(setup, ckdir, step)
+    params = run_state.restore_ema_params(setup, ckdir, step)
   else:
-    params = train.init_state(setup, jax.random.PRNGKey(0)).ema_params
+    params = run_state.init_state(setup, jax.random.PRNGKey(0)).ema_params
   batch = distributed.check_batch("eval.batch_size", config.eval.batch_size)
   n_dev = jax.device_count()
   print(f"devices: {n_dev} x {jax.devices()[0].device_kind}; config: {config.data.dataset}, "
@@ -84,7 +94,7 @@ def main(argv):
   total = sampling_total
   images = config.data.is_images
   if images:
-    from score_jax import inception
+    from score_jax.metrics import inception
     resize, precision = config.eval.inception_resize, config.eval.inception_precision
     inc_batch = distributed.padded(FLAGS.inception_batch or config.eval.inception_batch_size)
     inc_params = jax.device_put(inception.random_inception_params(0), progs.rep)

@@ -21,7 +21,7 @@ after the first step's dispatch to the end of train_and_evaluate (final
 checkpoint written and closed; in 'on' also the final grid). The same span's
 CPU seconds of the process (all threads) per step are printed too: the work
 done, which other jobs on the cores do not change (wall time they do). The batch
-requests of the 'on' run are timestamped (score_jax.datasets.Batches is
+requests of the 'on' run are timestamped (score_jax.data.datasets.Batches is
 wrapped), so each log interval of 100 steps, which ends in a sync, is
 timed: an interval with an event minus the median plain one is that event's
 cost. The host-only parts are also timed alone: writing the grid (PNG and
@@ -41,11 +41,17 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import digits  # noqa: E402
-from score_jax import checkpoints, datasets, plotting  # noqa: E402
+from score_jax import plotting
+from score_jax.run import checkpoints
+from score_jax.data import datasets  # noqa: E402
 
 NEVER = 10 ** 9
 
@@ -57,9 +63,9 @@ def run_training(config, workdir: str):
   refactored): settings-based train_and_evaluate if the settings layer is
   there, else the config-based one of earlier versions.
   """
-  from score_jax import train  # pylint: disable=g-import-not-at-top
+  from score_jax.run import train  # pylint: disable=g-import-not-at-top
   try:
-    from score_jax import settings  # pylint: disable=g-import-not-at-top
+    from score_jax.run import settings  # pylint: disable=g-import-not-at-top
   except ImportError:
     return train.train_and_evaluate(config, workdir)
   return train.train_and_evaluate(settings.from_config(config), workdir)

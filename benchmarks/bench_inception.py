@@ -15,11 +15,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from score_jax import inception as inc  # noqa: E402
+from score_jax.metrics import inception as inc  # noqa: E402
 
 
 def bench(params, batch: int, image_size: int, iters: int, precision: str, resize: str):

@@ -58,12 +58,22 @@ from typing import Dict, List
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import ve_cifar, vp_cifar  # noqa: E402
-from score_jax import xla_flags as _xla_flags, models, programs, run, settings, train  # noqa: E402
+from score_jax import models
+from score_jax.run import xla_flags as _xla_flags
+from score_jax.run import programs
+from score_jax.run import entry as run
+from score_jax.run import settings
+from score_jax.run import train  # noqa: E402
+from score_jax.run import state as run_state
 
 
 def _small_ddpmpp():
@@ -104,7 +114,7 @@ def _train_step(config, params, batch: int):
   size, ch = config.data.image_size, config.data.num_channels
   x = jnp.asarray(np.random.default_rng(1).uniform(size=(batch, size, size, ch)), jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
-  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=setup.tx.init(params),
+  state = run_state.TrainState(step=jnp.int32(0), params=params, opt_state=setup.tx.init(params),
                            ema_params=jax.tree_util.tree_map(jnp.copy, params))
   return train.make_train_step(setup), (state, x, y)
 
@@ -328,7 +338,7 @@ def main(argv: List[str]) -> None:
                       "(faster compile); one that sets\n"
                       "a flag of score_jax's CPU defaults replaces that default (" +
                       ", ".join(f"{n}={v}" for n, v in _xla_flags.DEFAULTS) +
-                      "; see score_jax/xla_flags.py)")
+                      "; see score_jax/run/xla_flags.py)")
   parser.add_argument("--compile-cache", action="store_true",
                       help="only time the batch-8 step's compilation, cold and then again from\n"
                       "main.py's compilation cache (a fresh temporary folder)")

@@ -35,6 +35,10 @@ import time
 
 import sys
 
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
 import jax
 
 # float64 for the analytic tables (errors down to 1e-7), float32 on a network.
@@ -45,10 +49,11 @@ import numpy as np  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 from scipy import integrate  # noqa: E402
 
-from score_jax import analytic, likelihood, probability_flow  # noqa: E402
+from score_jax import analytic, likelihood
+from score_jax.samplers import probability_flow  # noqa: E402
 from score_jax import sde as sde_lib  # noqa: E402
-from score_jax._sampling_utils import full_t  # noqa: E402
-from score_jax.probability_flow import Method  # noqa: E402
+from score_jax.samplers._common import full_t  # noqa: E402
+from score_jax.samplers.probability_flow import Method  # noqa: E402
 
 MIX = analytic.example_mixture_2d()
 SDES = {  # as in bench_samplers.py: (sde, eps)
@@ -170,9 +175,10 @@ def load_network(directory):
   import json
   import os
 
-  from score_jax import convert, programs
+  from score_jax.convert import reference as convert
+  from score_jax.run import programs
   from score_jax.models import get_score_fn
-  from score_jax.settings import from_config
+  from score_jax.run.settings import from_config
 
   name = os.path.basename(os.path.normpath(directory))
   with open(os.path.join(os.path.dirname(os.path.normpath(directory)), "manifest.json")) as f:
@@ -200,9 +206,9 @@ def network_table(directory, n, tol, seeds):
   Over several batches: on a rough network a float32 rounding difference in
   the state moves accept / reject decisions, so single counts scatter.
   """
-  from score_jax import sampling
+  from score_jax import samplers as sampling
   from score_jax.data.digits import load_digits
-  from score_jax.scaling import data_scaler
+  from score_jax.data.scaling import data_scaler
 
   sde, score_fn, centered, shape = load_network(directory)
   eps_sample, eps_lik = 1e-3, 1e-5  # the reference's defaults

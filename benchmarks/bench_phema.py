@@ -6,7 +6,7 @@
 Trains the config (train.train_and_evaluate on a temporary workdir) with the
 two EDM2 profiles (sigma_rel 0.05 and 0.10) and, tracked directly beside them,
 the targets (--targets). Each target is then reconstructed at the last step
-from the snapshots of the two EDM2 profiles only (score_jax.phema.reconstruct)
+from the snapshots of the two EDM2 profiles only (score_jax.convert.phema.reconstruct)
 and compared with its tracked twin over all parameters:
 
   residual    relative L2 distance of the reconstructed and the target averaging profile
@@ -29,7 +29,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from score_jax import phema, settings, train  # noqa: E402
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
+from score_jax.convert import phema as phema_recon
+from score_jax.run import phema
+from score_jax.run import settings
+from score_jax.run import train  # noqa: E402
 
 SOURCES = (0.05, 0.10)
 
@@ -66,7 +73,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for i, target in enumerate(targets, start=len(SOURCES)):
       direct = _flat(last.profile(i))
-      rec = phema.reconstruct(workdir, target, from_sigma_rels=SOURCES)
+      rec = phema_recon.reconstruct(workdir, target, from_sigma_rels=SOURCES)
       err = _flat(rec.params) - direct
       rms = lambda a: float(np.sqrt(np.mean(a ** 2)))
       nearest = min(rms(s - direct) for s in sources)

@@ -5,7 +5,7 @@
 
 A synthetic in-memory source of uint8 images (random pixels; 50,000 at 32 px
 like CIFAR-10's training split, 1,024 at 256 px) goes through
-`score_jax.datasets.make_batches`, the code a training run reads its data
+`score_jax.data.datasets.make_batches`, the code a training run reads its data
 with (shuffle order, per-example flip and dequantization draws, scaling),
 for three transforms:
   flip+centered        the CIFAR-10 configs (vp_cifar.py: random_flip, centered)
@@ -15,14 +15,14 @@ and three ways of consuming the batches:
   host       next(batches): numpy batches on the host
   device     each batch put on the device synchronously, then waited for
              (what the training loop does before each step today)
-  prefetch   score_jax.datasets.Prefetch with to_device(sharding): batches
+  prefetch   score_jax.data.datasets.Prefetch with to_device(sharding): batches
              prepared and put on the device in a background thread, 2 ahead
              of the consumer, which only waits for each one to be ready
 --threads sets make_batches' reader threads (0: batches prepared in the
 consuming thread, or in Prefetch's one thread); each figure is the best
 over --repeats runs of --seconds each.
 
-The training loop has no device prefetch yet (score_jax/train.py puts each
+The training loop has no device prefetch yet (score_jax/run/train.py puts each
 batch on the device after the previous step was dispatched); `prefetch`
 measures what wrapping its iterator in Prefetch(..., to_device(...)) gives.
 """
@@ -37,12 +37,16 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from score_jax import datasets  # noqa: E402
-from score_jax.datasets import ArraySource  # noqa: E402
+from score_jax.data import datasets  # noqa: E402
+from score_jax.data.datasets import ArraySource  # noqa: E402
 
 TRANSFORMS = {
     "flip+centered": dict(random_flip=True, centered=True),

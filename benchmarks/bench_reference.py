@@ -59,12 +59,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench_models  # noqa: E402
 from configs import digits, ve_cifar, vp_cifar  # noqa: E402
-from score_jax import files, programs, settings  # noqa: E402
+from score_jax import files
+from score_jax.run import programs
+from score_jax.run import settings  # noqa: E402
 from score_jax.errors import UserError  # noqa: E402
 
 _VP = "configs.vp.cifar10_ddpmpp_continuous"

@@ -19,11 +19,18 @@ from __future__ import annotations
 import argparse
 import time
 
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_jax import analytic, fast_samplers, likelihood, sampling, time_grids
+from score_jax import analytic, likelihood
+from score_jax.samplers import fast as fast_samplers
+from score_jax import samplers as sampling
+from score_jax.samplers import time_grids
 from score_jax import sde as sde_lib
 
 SDES = {

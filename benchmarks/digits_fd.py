@@ -8,7 +8,7 @@
 Loads the run's config (WORKDIR/config.json) and the EMA parameters of its
 newest checkpoint (or --step), draws --samples samples with each sampler at
 each budget, and prints a Markdown table of the digits numbers
-(score_jax/digits_metric.py), headed by the held-out real digits (the floor).
+(score_jax/metrics/digits.py), headed by the held-out real digits (the floor).
 digits FD is against the 1442 training images; FD@355 is the mean over
 disjoint sets of 355 samples, the held-out set's size, so it compares with
 the floor at equal N (FD is biased upwards at small N). The classifier is
@@ -42,12 +42,20 @@ from typing import Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import _workdir  # noqa: E402
-from score_jax import datasets, digits_metric, runs, settings, time_grids  # noqa: E402
+from score_jax.data import datasets
+from score_jax.metrics import digits as digits_metric
+from score_jax.run import load as runs
+from score_jax.run import settings
+from score_jax.samplers import time_grids  # noqa: E402
 
 Overrides = Dict[str, object]
 

@@ -40,12 +40,19 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from score_jax.run import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # main.py's CPU compiler settings, before JAX starts
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from score_jax import datasets, fast_samplers, likelihood, plotting, programs  # noqa: E402
-from score_jax import probability_flow  # noqa: E402
+from score_jax import likelihood, plotting
+from score_jax.data import datasets
+from score_jax.samplers import fast as fast_samplers
+from score_jax.run import programs  # noqa: E402
+from score_jax.samplers import probability_flow  # noqa: E402
 from score_jax.sde import SDE  # noqa: E402
 
 Array = jax.Array
@@ -83,7 +90,7 @@ def pf_trajectories(sde: SDE, score_fn: ScoreFn, z: Array, ts: Sequence[float],
                     rtol: float = 1e-5, atol: float = 1e-5) -> np.ndarray:
   """States [K, B, ...] of the probability-flow ODE started at z [B, ...] at time ts[0].
 
-  The same adaptive solve as score_jax.sampling.ode_sample (Tsit5, PID control,
+  The same adaptive solve as score_jax.samplers.pc.ode_sample (Tsit5, PID control,
   same first step), read out at ts by the solver's dense output; with
   ts[0] = T and ts[-1] = eps the last state is ode_sample(..., z=z, denoise=False).
   """

@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.probability_flow = False
   sampling.num_steps = 0  # fast solvers: score evaluations; 0 = sampler default
   sampling.schedule = ""  # fast solvers: 'uniform_t' | 'logSNR' | 'edm'; '' = sampler default
-  # unipc also 'optimized': a grid fitted to the model (score_jax.time_grids), once per
+  # unipc also 'optimized': a grid fitted to the model (score_jax.samplers.time_grids), once per
   # checkpoint, on grid_batch_size latents in grid_iters Adam steps, kept in the workdir.
   sampling.eta = 0.0  # ddim: 0 deterministic, 1 ancestral-like
   sampling.order = 2  # dpm_solver: 2 or 3; unipc: 1, 2 or 3 (+1 with its corrector)
@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   # reference's np.clip(x * 255, 0, 255).astype(np.uint8), behind the paper's
   # FIDs; 'round' rounds to the nearest level, as the data were quantized.
   evaluate.quantization = "truncate"
-  # FID / IS / KID: a converted FID Inception .npz (python -m score_jax.inception
+  # FID / IS / KID: a converted FID Inception .npz (python -m score_jax.metrics.inception
   # convert ...); empty skips them. Dataset statistics are cached in stats_path
   # (empty: WORKDIR/eval/stats_<dataset>_<size>_<resize>.npz).
   evaluate.inception_path = ""
@@ -136,7 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.toy_name = "gaussian_mixture"  # dataset 'toy': gaussian_mixture | checkerboard | swiss_roll | moons
   data.category = ""  # dataset 'lsun': bedroom | church_outdoor
   data.tfrecords_path = ""  # ffhq / celebahq: the TFRecord file or folder (else data.data_dir)
-  # EDM's non-leaky augmentation (score_jax.augment), on the device in the train step:
+  # EDM's non-leaky augmentation (score_jax.data.augment), on the device in the train step:
   # each transform is applied with probability min(multiplier * augment_p, 1) and the
   # network (song_unet, ncsnpp, ddpmpp, ddpm; model.augment_dim = the label count) is
   # told which; 0 = off.
@@ -166,10 +166,10 @@ def get_config() -> ml_collections.ConfigDict:
   # no ramp-up.
   model.ema_halflife_kimg = 0.0
   model.ema_rampup_ratio = 0.05
-  # Post-hoc EMA (EDM2, score_jax.phema): relative widths of the power-function
+  # Post-hoc EMA (EDM2, score_jax.run.phema): relative widths of the power-function
   # EMAs tracked beside ema_params, e.g. (0.05, 0.10); every
   # training.phema_snapshot_freq steps they are written to WORKDIR/phema, from
-  # which `python -m score_jax.phema` makes the EMA of any other width. () = off.
+  # which `python -m score_jax.convert.phema` makes the EMA of any other width. () = off.
   model.phema_sigma_rels = ()
   model.num_classes = 0  # 0: unconditional
   model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
@@ -177,7 +177,7 @@ def get_config() -> ml_collections.ConfigDict:
   # activation memory on GPU/TPU for ~1 extra forward pass (on CPU see the
   # README: XLA's CPU backend undoes it).
   model.remat = False
-  # Network output -> score (score_jax.models.utils.get_score_fn): default (noise
+  # Network output -> score (score_jax.models.build.get_score_fn): default (noise
   # or score, the 2021 code) | edm (Karras et al. preconditioning, sigma_data) |
   # velocity (flow matching).
   model.parameterization = "default"

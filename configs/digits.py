@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 256
   config.eval.num_samples = 1000
   config.eval.quantization = "round"  # unbiased levels for the digits FD (its floor is real digits)
-  config.eval.enable_sampling = True  # samples.png and the digits FD (score_jax/digits_metric.py)
+  config.eval.enable_sampling = True  # samples.png and the digits FD (score_jax/metrics/digits.py)
   config.eval.begin_ckpt = 1  # --mode=eval: checkpoints 1..3 = steps 1000..3000
   config.eval.end_ckpt = 3
   return config

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_jax import probability_flow
-from score_jax._sampling_utils import (as_pytree_fn, check_choice, check_eps, check_sde,
+from score_jax.samplers import probability_flow
+from score_jax.samplers._common import (as_pytree_fn, check_choice, check_eps, check_sde,
                                        check_shape, check_tolerance, checked, full_t)
-from score_jax.scaling import DataScaler, data_scaler
+from score_jax.data.scaling import DataScaler, data_scaler
 from score_jax.sde import SDE, sum_except_batch as _sum_except_batch
 
 Array = jax.Array

@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple, Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 
-from score_jax._sampling_utils import check_eps
+from score_jax.samplers._common import check_eps
 from score_jax.sde import SDE, VESDE, VPSDE, batch_mul
 
 Array = jax.Array

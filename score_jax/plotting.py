@@ -1,4 +1,4 @@
-"""Files a person looks at: sample grids, scatter plots, metric logs.
+"""Pictures a person looks at: sample grids, scatter plots, figures.
 
 Every file is written to a temporary name and renamed into place, so a
 reader (or a crash) never sees a half-written picture or array file.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -78,22 +78,3 @@ def save_figure(path: str, fig, dpi: int = 100) -> None:
 
 
 save_arrays = save_npz  # np.savez written atomically
-
-
-class MetricWriter:
-  """TensorBoard event files in WORKDIR/tensorboard (tensorboardX, no TensorFlow needed)."""
-
-  def __init__(self, workdir: str):
-    from tensorboardX import SummaryWriter
-
-    self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def scalars(self, step: int, values: Dict[str, float]) -> None:
-    for k, v in values.items():
-      self._writer.add_scalar(k, float(v), step)
-
-  def flush(self) -> None:
-    self._writer.flush()
-
-  def close(self) -> None:
-    self._writer.close()

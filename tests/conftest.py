@@ -10,6 +10,10 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
 
+from score_jax.run import xla_flags  # noqa: E402  # the CPU compiler settings main.py uses
+
+xla_flags.apply_defaults()
+
 import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from score_jax import analytic, probability_flow
+from score_jax import analytic
+from score_jax.samplers import probability_flow
 from score_jax import sde as sde_lib
 
 SDES = {

@@ -1,4 +1,4 @@
-"""EDM's non-leaky augmentation (score_jax.augment) and its wiring into training.
+"""EDM's non-leaky augmentation (score_jax.data.augment) and its wiring into training.
 
 References are independent: numpy index maps and np.rot90 / np.pad for the
 pixel transforms, the analytic value of a smooth test image at the mapped
@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from score_jax import augment as A
-from score_jax import models, programs, train
+from score_jax.data import augment as A
+from score_jax import models
+from score_jax.run import programs
+from score_jax.run import train
+from score_jax.run import state as run_state
 from score_jax.errors import ConfigError
-from score_jax.settings import from_config as S
+from score_jax.run.settings import from_config as S
 
 from configs import default, edm_cifar_ve, edm_cifar_vp
 
@@ -458,7 +461,7 @@ def test_augmented_train_step_traces_with_microbatches():
   config.model.nf, config.model.ch_mult, config.model.num_res_blocks = 8, (1, 2), 1
   config.model.attn_resolutions = ()
   setup = programs.make_setup(S(config), need_data=False)
-  state = jax.eval_shape(lambda r: train.init_state(setup, r), jax.random.PRNGKey(0))
+  state = jax.eval_shape(lambda r: run_state.init_state(setup, r), jax.random.PRNGKey(0))
   x = jax.ShapeDtypeStruct((8, 8, 8, 3), jnp.float32)
   y = jax.ShapeDtypeStruct((8,), jnp.int32)
   new, metrics = jax.eval_shape(train.make_train_step(setup), state, x, y, jax.random.PRNGKey(0))

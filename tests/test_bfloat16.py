@@ -14,7 +14,7 @@ Tolerances, from the measurement in the comment at LOSS_TOL and SAMPLE_TOL:
 - the state (parameters, Adam moments, EMA) stays float32 in the bfloat16 run;
 - the bfloat16 network's output differs from the float32 one's (same
   parameters, same input) by bfloat16 rounding, within NET_TOL;
-- a checkpoint (the train state saved with score_jax.checkpoints and restored
+- a checkpoint (the train state saved with score_jax.run.checkpoints and restored
   into the other precision's state) samples in the other precision: Euler-
   Maruyama (SAMPLE_STEPS steps) from the same latents and noise with the
   float32 and the bfloat16 network gives finite samples within SAMPLE_TOL
@@ -65,7 +65,8 @@ def library_training(dtype: str, seed: int):
   refactored): settings/programs if present, else the config-based train API.
   """
   from configs import digits
-  from score_jax import train
+  from score_jax.run import train
+  from score_jax.run import state as run_state
 
   config = digits.get_config()
   config.model.dtype = dtype
@@ -75,18 +76,19 @@ def library_training(dtype: str, seed: int):
   config.optim.warmup = 50
   config.model.ema_rate = 0.99  # digits' 0.999 would still weigh the initialization 0.74 at the end
   try:
-    from score_jax import programs, settings
+    from score_jax.run import programs
+    from score_jax.run import settings
   except ImportError:
     setup = train.make_setup(config, need_data=False)
   else:
     setup = programs.make_setup(settings.from_config(config), need_data=False)
   import jax
-  return setup, train.init_state(setup, jax.random.PRNGKey(seed)), train.make_train_step(setup)
+  return setup, run_state.init_state(setup, jax.random.PRNGKey(seed)), train.make_train_step(setup)
 
 
 def _train(dtype, seed, step_fn=None):
   import jax
-  from score_jax import datasets
+  from score_jax.data import datasets
 
   setup, state, built = library_training(dtype, seed)
   step_fn = step_fn or built
@@ -114,7 +116,7 @@ def _sampler(setup):
   """(params, z) -> samples: Euler-Maruyama, SAMPLE_STEPS steps from z, fixed noise keys."""
   import jax
   from score_jax import models, sde as sde_lib
-  from score_jax.sampling import pc_sample
+  from score_jax.samplers.pc import pc_sample
 
   sde = setup.sde
   steps_sde = sde_lib.VPSDE(sde.beta_min, sde.beta_max, SAMPLE_STEPS)  # the same marginals
@@ -130,7 +132,9 @@ def _sampler(setup):
 def worker(out_dir: str) -> None:
   """Trains the three runs, crosses the checkpoints, writes results.json and arrays.npz."""
   import jax
-  from score_jax import checkpoints, datasets, models
+  from score_jax import models
+  from score_jax.run import checkpoints
+  from score_jax.data import datasets
 
   t0 = time.perf_counter()
   f32_setup, f32_state, f32_step, f32_loss = _train("float32", 0)
@@ -139,7 +143,7 @@ def worker(out_dir: str) -> None:
   results = {"state_dtypes_bf16_run": {k: _float_dtypes(getattr(bf16_state, k))
                                        for k in ("params", "opt_state", "ema_params")},
              "model_dtypes": [np.dtype(s.model.dtype).name for s in (f32_setup, bf16_setup)]}
-  # Checkpoints through score_jax.checkpoints, restored into the OTHER precision's state.
+  # Checkpoints through score_jax.run.checkpoints, restored into the OTHER precision's state.
   samplers = {"float32": _sampler(f32_setup), "bfloat16": _sampler(bf16_setup)}
   z = jax.random.normal(jax.random.PRNGKey(7), (32, 8, 8, 1))
   z_other = jax.random.normal(jax.random.PRNGKey(8), (32, 8, 8, 1))

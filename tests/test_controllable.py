@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import analytic, controllable, fast_samplers, sampling
+from score_jax import analytic
+from score_jax.samplers import controllable
+from score_jax.samplers import fast as fast_samplers
+from score_jax import samplers as sampling
 from score_jax import sde as sde_lib
 
 Z = 4.5  # standard errors allowed (see tests/test_sampling.py)

@@ -1,4 +1,4 @@
-"""The converter of the 2021 reference's checkpoints (score_jax.convert).
+"""The converter of the 2021 reference's checkpoints (score_jax.convert.reference).
 
 Every paper config, in both reference formats, is checked on shapes only
 (`jax.eval_shape`: nothing is allocated, 1024 px included): the reference's
@@ -27,10 +27,14 @@ from flax import serialization, traverse_util
 from jax import lax
 
 import score_jax
-from score_jax import convert, programs, torch_pickle, train
-from score_jax import sample as sample_mode
+from score_jax.convert import reference as convert
+from score_jax.run import programs
+from score_jax.convert import torch_pickle
+from score_jax.run import train
+from score_jax.run import state as run_state
+from score_jax.run import sample as sample_mode
 from score_jax.models import get_score_fn, init_model
-from score_jax.settings import from_config as S
+from score_jax.run.settings import from_config as S
 
 PAPER_CONFIGS = ("vp_cifar", "vp_cifar_deep", "subvp_cifar", "subvp_cifar_deep", "ve_cifar",
                  "ve_cifar_deep", "ve_cifar_discrete", "ddpm_cifar", "ncsn_cifar", "ve_celeba64",
@@ -288,7 +292,7 @@ GENUINE = {
 }
 # A checkpoint saved after training began holds the learning rate its warmup
 # set, lr * np.minimum(step / warmup, 1.0): a numpy float64, pickled as
-# numpy(._)core.multiarray.scalar, which score_jax.torch_pickle reads
+# numpy(._)core.multiarray.scalar, which score_jax.convert.torch_pickle reads
 # (ddpmpp_trained covers it).
 GENUINE_CASES = sorted(GENUINE)
 LOADABLE = sorted(GENUINE)
@@ -416,7 +420,7 @@ def test_command_line_converts_a_genuine_checkpoint_the_eval_and_sample_modes_lo
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   setup = programs.Setup(S(config), programs.get_sde(S(config)), programs.get_model(S(config)),
                       programs.get_optimizer(S(config)), mesh)
-  restored = jax.device_get(train.restore_ema_params(setup, os.path.join(dst, "checkpoints"),
+  restored = jax.device_get(run_state.restore_ema_params(setup, os.path.join(dst, "checkpoints"),
                                                         2 * freq))
   _, score = _outputs(name, restored, ref)
   assert _rel_err(score, ref["score_ema"]) < REL_TOL

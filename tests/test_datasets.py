@@ -13,7 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from score_jax import datasets, settings
+from score_jax.data import datasets
+from score_jax.run import settings
 from score_jax.data import digits as digits_lib
 from score_jax.data import tfrecord
 from score_jax.data import tfrecord_folder

@@ -1,4 +1,4 @@
-"""The digits FD and classifier scores (score_jax/digits_metric.py), and their eval stage."""
+"""The digits FD and classifier scores (score_jax/metrics/digits.py), and their eval stage."""
 
 import json
 import os
@@ -10,10 +10,15 @@ import pytest
 import scipy.linalg
 import scipy.ndimage
 
-from score_jax import analytic, digits_metric, metrics
-from score_jax import checkpoints, evaluate, programs, train
-from score_jax import sample as sample_mode
-from score_jax.settings import from_config as S
+from score_jax import analytic
+from score_jax.metrics import digits as digits_metric
+from score_jax.metrics import stats as metrics
+from score_jax.run import checkpoints
+from score_jax.run import evaluate
+from score_jax.run import programs
+from score_jax.run import train
+from score_jax.run import sample as sample_mode
+from score_jax.run.settings import from_config as S
 from score_jax.data.digits import load_digits
 
 

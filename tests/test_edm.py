@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from score_jax import analytic, losses, models, programs, train
+from score_jax import analytic, losses, models
+from score_jax.run import programs
+from score_jax.run import train
+from score_jax.run import state as run_state
 from score_jax import sde as sde_lib
-from score_jax.settings import from_config as S
+from score_jax.run.settings import from_config as S
 from test_rectified_flow import irreducible_residual
 
 SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.subVPSDE(), "ve": sde_lib.VESDE(),
@@ -235,7 +238,7 @@ def test_default_keys_keep_the_2021_loss_bit_for_bit():
   config = _toy(model__hidden_sizes=(32,))
   s = S(config)
   setup = programs.make_setup(s)
-  params = train.init_state(setup, jax.random.PRNGKey(0)).params
+  params = run_state.init_state(setup, jax.random.PRNGKey(0)).params
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 2)), jnp.float32)
   rng = jax.random.PRNGKey(3)
   got = programs.get_loss_fn(s, setup.sde, setup.model, train=False)(params, rng, x)[1]
@@ -254,7 +257,7 @@ def test_programs_use_the_parameterization_and_loss_of_the_settings():
   assert isinstance(setup.sde, sde_lib.VESDE) and setup.sde.sigma_max == 80.0
   assert programs.get_time_distribution(s) == losses.TimeDistribution("lognormal_sigma", 0.54,
                                                                       1.2)
-  params = train.init_state(setup, jax.random.PRNGKey(0)).params
+  params = run_state.init_state(setup, jax.random.PRNGKey(0)).params
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 2)), jnp.float32)
   rng = jax.random.PRNGKey(3)
   got = programs.get_loss_fn(s, setup.sde, setup.model, train=False)(params, rng, x)[1]
@@ -295,7 +298,7 @@ def test_ema_halflife_and_lr_rampup_in_images_follow_edm(key):
 
   setup = programs.make_setup(s)
   step = train.make_train_step(setup)
-  state = train.init_state(setup, jax.random.PRNGKey(0))
+  state = run_state.init_state(setup, jax.random.PRNGKey(0))
   want = jax.device_get(state)
   loss_fn = programs.get_loss_fn(s, setup.sde, setup.model, train=True)
   x = np.random.default_rng(0).normal(size=(batch, 2)).astype(np.float32)
@@ -366,7 +369,7 @@ def test_digits_family_configs_trace_a_train_step(name):
   the state's shapes (jax.eval_shape: no compile; compiling the small DDPM++ step takes a
   minute on 2 loaded cores, so the real steps are the slow test below)."""
   setup = programs.make_setup(S(_digits(name)))
-  state = train.abstract_state(setup)
+  state = run_state.abstract_state(setup)
   x = jax.ShapeDtypeStruct((8, 8, 8, 1), jnp.float32)
   y = jax.ShapeDtypeStruct((8,), jnp.int32)
   new_state, metrics = jax.eval_shape(train.make_train_step(setup), state, x, y,

@@ -23,10 +23,16 @@ import numpy as np
 import pytest
 
 import score_jax
-from score_jax import convert, edm_convert, edm_pickle, models, programs, train
+from score_jax import models
+from score_jax.convert import reference as convert
+from score_jax.convert import edm as edm_convert
+from score_jax.convert import edm_pickle
+from score_jax.run import programs
+from score_jax.run import train
+from score_jax.run import state as run_state
 from score_jax.models import song_unet
 from score_jax.sde import VESDE
-from score_jax.settings import from_config as S
+from score_jax.run.settings import from_config as S
 
 from configs import edm_cifar_ve, edm_cifar_vp
 
@@ -99,7 +105,7 @@ def test_edm_config_builds_and_a_training_step_runs(arch):
 
   setup = programs.make_setup(S(_tiny(CONFIGS[arch].get_config())), need_data=False)
   params = _host_params(setup.model, setup.settings.data.shape(1))
-  state = jax.device_put(train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = jax.device_put(run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                           opt_state=setup.tx.init(params), ema_params=params),
                          setup.replicated)
   x = np.random.default_rng(1).uniform(-1, 1, size=(4, 8, 8, 3)).astype(np.float32)

@@ -15,10 +15,15 @@ import numpy as np
 import pytest
 
 from configs import toy
-from score_jax import analytic, datasets
-from score_jax import checkpoints, evaluate, programs, train
-from score_jax import sample as sample_mode
-from score_jax.settings import from_config as S
+from score_jax import analytic
+from score_jax.data import datasets
+from score_jax.run import checkpoints
+from score_jax.run import evaluate
+from score_jax.run import programs
+from score_jax.run import train
+from score_jax.run import state as run_state
+from score_jax.run import sample as sample_mode
+from score_jax.run.settings import from_config as S
 from score_jax.data import toy as toy_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,21 +240,21 @@ def _digits_config(**changes):
 
 def _save_initial_checkpoint(config, workdir, step):
   """A checkpoint of freshly initialized parameters (no training: the network's values do not matter)."""
-  from score_jax import checkpoints
+  from score_jax.run import checkpoints
   setup = programs.make_setup(S(config))
   ck = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
-  ck.save(step, train.init_state(setup, jax.random.PRNGKey(0)))
+  ck.save(step, run_state.init_state(setup, jax.random.PRNGKey(0)))
   ck.close()
 
 
 @pytest.mark.slow  # ~2.5 min on 2 CPU cores: Inception at 299 px, and FID's 2048-d matrix roots
 def test_digits_eval_fid_with_random_inception(tmp_path):
-  from score_jax import inception
+  from score_jax.metrics import inception
   workdir = str(tmp_path / "run")
   weights = str(tmp_path / "inception_random.npz")
   config = _digits_config(**{"eval.inception_path": weights})
   _save_initial_checkpoint(config, workdir, 10)
-  with pytest.raises(FileNotFoundError, match="score_jax.inception convert"):
+  with pytest.raises(FileNotFoundError, match="score_jax.metrics.inception convert"):
     evaluate.run(S(config), workdir)  # configured but missing: fails before any work
   inception.save_inception_params(weights, inception.random_inception_params(0))
   (result,) = evaluate.run(S(config), workdir)
@@ -268,7 +273,7 @@ def test_digits_eval_fid_with_random_inception(tmp_path):
   events = os.listdir(os.path.join(workdir, "eval", "tensorboard"))
   assert any(e.startswith("events.out.tfevents") for e in events)
   # Sample mode on the same checkpoint: inpainting keeps the known (right) half of given digits.
-  from score_jax import datasets
+  from score_jax.data import datasets
   given = next(iter(programs.get_dataset(S(config), "test", evaluation=True, raw=True,
                                          batch_size=4)))["image"]
   np.savez(str(tmp_path / "given.npz"), images=given)
@@ -305,7 +310,7 @@ def test_toy_nll_through_eval_matches_closed_form(tmp_path):
   mix = _mixture(toy_data.GAUSSIAN_MIXTURE)
   result = evaluate.evaluate_params(S(config), str(tmp_path), mix, index=1, step=10, setup=setup,
                                     score_factory=_analytic_factory(setup.sde))
-  from score_jax import datasets
+  from score_jax.data import datasets
   x = np.concatenate([b["image"] for b in programs.get_dataset(S(config), "test", evaluation=True,
                                                                 batch_size=8192)])
   eps = float(config.eval.likelihood_eps)
@@ -322,7 +327,7 @@ def test_toy_nll_through_eval_matches_closed_form(tmp_path):
 
 def _digits_gaussian(config):
   """A diagonal Gaussian model of the centered digits (mean and std per pixel, fitted)."""
-  from score_jax import datasets
+  from score_jax.data import datasets
   train_images = np.concatenate([b["image"] for b in programs.get_dataset(S(
       config), "train", evaluation=True, raw=True, batch_size=1442)]).astype(np.float64)
   y = datasets.data_scaler(True)((train_images + 0.5) / 256.0).reshape(len(train_images), -1)
@@ -346,7 +351,7 @@ def test_digits_bits_per_dim_through_eval_matches_closed_form(tmp_path):
   gauss, m, s = _digits_gaussian(config)
   result = evaluate.evaluate_params(S(config), str(tmp_path), gauss, index=1, step=10, setup=setup,
                                     score_factory=_analytic_factory(setup.sde))
-  from score_jax import datasets
+  from score_jax.data import datasets
   v = np.concatenate([b["image"][b["mask"]] for b in programs.get_dataset(S(
       config), "test", evaluation=True, raw=True, batch_size=128)]).astype(np.float64)
   v = v.reshape(len(v), -1)

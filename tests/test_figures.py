@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from benchmarks import make_figures as mf
-from score_jax import analytic, sampling, train
-from score_jax.settings import from_config as S
+from score_jax import analytic
+from score_jax import samplers as sampling
+from score_jax.run import train
+from score_jax.run.settings import from_config as S
 from score_jax import sde as sde_lib
 from score_jax.data import toy as toy_data
 
@@ -138,7 +140,7 @@ def test_figures_are_small_pngs(tmp_path, mixture, data):
 
 
 def _train_tiny(module, workdir, **changes):
-  from score_jax import train
+  from score_jax.run import train
   config = module.get_config()
   base = {"training.n_iters": 20, "training.snapshot_freq": 20, "training.log_freq": 5,
           "training.eval_freq": 10**6, "training.snapshot_sampling": False,

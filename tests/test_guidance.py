@@ -1,4 +1,4 @@
-"""Guidance interval and autoguidance (score_jax.controllable) on closed-form scores."""
+"""Guidance interval and autoguidance (score_jax.samplers.controllable) on closed-form scores."""
 
 import math
 import os
@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from configs import toy
-from score_jax import analytic, controllable, fast_samplers, programs, sample, settings, train
+from score_jax import analytic
+from score_jax.samplers import controllable
+from score_jax.samplers import fast as fast_samplers
+from score_jax.run import programs
+from score_jax.run import sample
+from score_jax.run import settings
+from score_jax.run import train
+from score_jax.run import state as run_state
 from score_jax.data import toy as toy_data
 from score_jax import sde as sde_lib
 from score_jax.errors import ConfigError
@@ -181,7 +188,8 @@ def _config(base, **changes):
 def test_autoguidance_from_the_sample_and_eval_modes(tmp_path):
   """sample.guide_workdir / guide_step reach the sample and eval modes (a 20-step toy run,
   guided by its step-10 checkpoint); a guide of another SDE is refused."""
-  from score_jax import checkpoints, evaluate  # pylint: disable=g-import-not-at-top
+  from score_jax.run import checkpoints
+  from score_jax.run import evaluate  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   s = _config(TINY)
   train.train_and_evaluate(s, workdir)
@@ -208,9 +216,9 @@ def test_autoguidance_from_the_sample_and_eval_modes(tmp_path):
   ve = _config(TINY, **{"training.sde": "vesde"})
   other = str(tmp_path / "ve")
   os.makedirs(other)
-  train.save_config(ve, other)
+  run_state.save_config(ve, other)
   ck = checkpoints.Checkpointer(os.path.join(other, "checkpoints"))
-  ck.save(10, train.init_state(programs.make_setup(ve), jax.random.PRNGKey(0)))
+  ck.save(10, run_state.init_state(programs.make_setup(ve), jax.random.PRNGKey(0)))
   ck.close()
   with pytest.raises(ConfigError, match="another SDE"):
     sample.run(s.replace(sampling={"guidance_weight": 1.0}, sample={"guide_workdir": other}),

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from score_jax import inception as inc
-from score_jax import files, torch_pickle
+from score_jax.metrics import inception as inc
+from score_jax import files
+from score_jax.convert import torch_pickle
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -209,7 +210,7 @@ def test_load_errors_say_what_to_do(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     inc.load_inception_params(tmp_path / "inception_fid.npz")
   msg = str(e.value)
-  assert "python -m score_jax.inception convert" in msg and inc.PUBLISHED_WEIGHTS in msg
+  assert "python -m score_jax.metrics.inception convert" in msg and inc.PUBLISHED_WEIGHTS in msg
 
   flat = {k: np.zeros(s, np.float32) for k, s in inc.param_shapes().items()}
   del flat["Mixed_5b/branch1x1/conv/kernel"]

@@ -168,7 +168,7 @@ def test_likelihood_solve_costs_no_more_than_scipy_rk45_at_no_larger_error():
   from jax.flatten_util import ravel_pytree
   from scipy import integrate
 
-  from score_jax import probability_flow
+  from score_jax.samplers import probability_flow
   sde, mix = SDES["vp"], analytic.example_mixture_2d()
   score_fn = analytic.score_fn(mix, sde)
   n = 128

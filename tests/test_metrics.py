@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from score_jax import metrics
+from score_jax.metrics import stats as metrics
 
 
 def _random_features(rng, n, d, shift=0.0):

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import models, programs
-from score_jax.settings import from_config as S
+from score_jax import models
+from score_jax.run import programs
+from score_jax.run.settings import from_config as S
 from score_jax.models import layers
 from score_jax.models import up_or_down_sampling as fir
-from score_jax.models.utils import init_model
+from score_jax.models.build import init_model
 from score_jax.sde import TutorialSDE, VESDE, VPSDE, subVPSDE
 
 # ---------------------------------------------------------------------------

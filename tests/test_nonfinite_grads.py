@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from score_jax import programs, train
-from score_jax.settings import from_config as S
+from score_jax.run import programs
+from score_jax.run import train
+from score_jax.run import state as run_state
+from score_jax.run.settings import from_config as S
 
 from configs import toy
 
@@ -35,7 +37,7 @@ def _step_after_a_good_one(mode):
   key = jax.device_put(jax.random.PRNGKey(5), setup.replicated)
   x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
   y = np.zeros((8,), np.int32)
-  state, _ = step(train.init_state(setup, jax.random.PRNGKey(0)),
+  state, _ = step(run_state.init_state(setup, jax.random.PRNGKey(0)),
                   *train.global_batch(setup, {"image": x, "label": y}), key)
   good = jax.device_get(state)
   x[3, 1] = np.nan  # a NaN loss: every gradient entry is NaN

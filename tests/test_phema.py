@@ -1,4 +1,4 @@
-"""Post-hoc EMA (score_jax.phema) against closed forms, quadrature and explicit weighted sums."""
+"""Post-hoc EMA (score_jax.run.phema) against closed forms, quadrature and explicit weighted sums."""
 
 import os
 import shutil
@@ -11,9 +11,13 @@ from scipy import integrate
 
 import score_jax
 from configs import toy
-from score_jax import phema, programs, train
+from score_jax.convert import phema as phema_recon
+from score_jax.run import phema
+from score_jax.run import programs
+from score_jax.run import train
+from score_jax.run import state as run_state
 from score_jax.errors import ConfigError
-from score_jax.settings import from_config as S
+from score_jax.run.settings import from_config as S
 
 
 def _weights(gamma, T):
@@ -74,7 +78,7 @@ def test_profile_inner_products_match_quadrature():
   for ga, ta, gb, tb in [(6.9, 0.7, 16.9, 1.0), (2.0, 1.0, 0.5, 0.3), (0.0, 0.4, 0.0, 0.9)]:
     f = lambda u: ((ga + 1) * u ** ga / ta ** (ga + 1)) * ((gb + 1) * u ** gb / tb ** (gb + 1))
     want = integrate.quad(f, 0, min(ta, tb), epsabs=0, epsrel=1e-12)[0]
-    assert phema.profile_inner_products(ga, ta, gb, tb) == pytest.approx(want, rel=1e-10)
+    assert phema_recon.profile_inner_products(ga, ta, gb, tb) == pytest.approx(want, rel=1e-10)
 
 
 def _synthetic_sources(traj, rels, every):
@@ -93,7 +97,7 @@ def test_least_squares_reconstructs_a_third_profile_on_a_synthetic_trajectory():
   traj = np.cumsum(rng.normal(size=(T, D)) * 0.05, axis=0) + np.linspace(0, 1, T)[:, None]
   rels, steps, values = _synthetic_sources(traj, (0.05, 0.1), every=40)
   target = 0.075
-  x, residual = phema.solve_coefficients(rels, steps, target, T)
+  x, residual = phema_recon.solve_coefficients(rels, steps, target, T)
   assert x.sum() == pytest.approx(1.0, abs=1e-12)
   direct = _weights(phema.sigma_rel_to_gamma(target), T) @ traj
   recon = x @ values
@@ -118,7 +122,7 @@ def test_least_squares_reconstructs_a_third_profile_on_a_synthetic_trajectory():
   # Far better than the nearest tracked profile, and a tracked profile is found exactly.
   nearest = np.abs(values[-1] - direct).max()  # the 0.10 profile at T
   assert np.abs(recon - direct).max() < 0.05 * nearest
-  x_same, res_same = phema.solve_coefficients(rels, steps, 0.1, T)
+  x_same, res_same = phema_recon.solve_coefficients(rels, steps, 0.1, T)
   assert res_same < 1e-6 and abs(x_same[-1] - 1) < 1e-4
 
 
@@ -177,7 +181,7 @@ def test_a_real_run_tracks_power_emas_and_their_reconstruction_matches_the_track
       want = _weights(phema.sigma_rel_to_gamma(rel), s.step) @ traj[:s.step]
       np.testing.assert_allclose(_flat(s.profile(index)), want, rtol=0, atol=2e-6)
   # Reconstruction of 0.075 at T from the 0.05 and 0.10 snapshots every 4 steps.
-  rec = phema.reconstruct(sparse, TARGET, from_sigma_rels=SOURCES)
+  rec = phema_recon.reconstruct(sparse, TARGET, from_sigma_rels=SOURCES)
   assert rec.step == T and rec.snapshot_steps == tuple(range(EVERY, T + 1, EVERY))
   assert rec.source_sigma_rels == SOURCES and rec.coefficients.shape == (T // EVERY, 2)
   direct = _flat(snaps[-1].profile(2))
@@ -203,13 +207,13 @@ def test_command_line_writes_a_workdir_that_load_run_reads(toy_run, tmp_path, ca
   out = str(tmp_path / "out")
   argv = ["phema", f"--workdir={sparse}", f"--sigma_rel={TARGET}", f"--out={out}",
           "--from_sigma_rels=0.05,0.1"]
-  assert phema.main(argv + ["--step=20"]) == 0
-  assert phema.main(argv) == 0  # a second step into the same reconstruction
+  assert phema_recon.main(argv + ["--step=20"]) == 0
+  assert phema_recon.main(argv) == 0  # a second step into the same reconstruction
   printed = capsys.readouterr().out
   assert "profile residual" in printed and f"{out}/checkpoints/{T}" in printed
   for step in (20, T):
     run = score_jax.load_run(out, step)
-    want = phema.reconstruct(sparse, TARGET, step, SOURCES).params
+    want = phema_recon.reconstruct(sparse, TARGET, step, SOURCES).params
     got = {k: np.asarray(v) for k, v in phema._leaves(run.params).items()}
     assert run.step == step and sorted(got) == sorted(want)
     for k in want:
@@ -217,16 +221,16 @@ def test_command_line_writes_a_workdir_that_load_run_reads(toy_run, tmp_path, ca
   # A config without the post-hoc EMA keys (eval or sample with the base config) reads it too.
   plain = programs.make_setup(run.settings.replace(model={"phema_sigma_rels": ()}),
                               need_data=False)
-  got = phema._leaves(train.restore_ema_params(plain, os.path.join(out, "checkpoints"), T))
+  got = phema._leaves(run_state.restore_ema_params(plain, os.path.join(out, "checkpoints"), T))
   for k in want:
     np.testing.assert_array_equal(np.asarray(got[k]), want[k])
   # Writing the same step again, or into a folder that is not a reconstruction, is refused.
-  assert phema.main(argv) == 1
+  assert phema_recon.main(argv) == 1
   assert "already holds the reconstruction of step 24" in capsys.readouterr().err
   other = tmp_path / "other"
   other.mkdir()
   (other / "notes.txt").write_text("mine")
-  assert phema.main(argv[:3] + [f"--out={other}"]) == 1
+  assert phema_recon.main(argv[:3] + [f"--out={other}"]) == 1
   assert "is not a post-hoc EMA reconstruction" in capsys.readouterr().err
   assert sorted(os.listdir(other)) == ["notes.txt"]
 
@@ -234,14 +238,14 @@ def test_command_line_writes_a_workdir_that_load_run_reads(toy_run, tmp_path, ca
 def test_errors_name_the_problem(toy_run, tmp_path, capsys):
   _, sparse = toy_run
   with pytest.raises(phema.NoSnapshotsError, match="phema_sigma_rels"):
-    phema.reconstruct(str(tmp_path), 0.1)
+    phema_recon.reconstruct(str(tmp_path), 0.1)
   with pytest.raises(phema.NoSnapshotsError, match="No post-hoc EMA snapshot of step 13"):
-    phema.reconstruct(sparse, 0.1, step=13)
+    phema_recon.reconstruct(sparse, 0.1, step=13)
   with pytest.raises(ConfigError, match="not 0.2"):
-    phema.reconstruct(sparse, 0.1, from_sigma_rels=(0.2,))
-  assert phema.main(["phema", f"--workdir={sparse}", "--sigma_rel=0.3"]) == 1
+    phema_recon.reconstruct(sparse, 0.1, from_sigma_rels=(0.2,))
+  assert phema_recon.main(["phema", f"--workdir={sparse}", "--sigma_rel=0.3"]) == 1
   assert "sigma_rel must lie in (0, 0.2887]" in capsys.readouterr().err
-  assert phema.main(["phema", f"--workdir={sparse}"]) == 2  # --sigma_rel is required
+  assert phema_recon.main(["phema", f"--workdir={sparse}"]) == 2  # --sigma_rel is required
   for bad in ((0.05, 0.05), (0.5,), (0.0,)):
     config = toy.get_config()
     with config.unlocked():
@@ -253,7 +257,7 @@ def test_errors_name_the_problem(toy_run, tmp_path, capsys):
 @pytest.mark.slow  # two more toy runs and the sample mode's compilation (~40 s on 2 loaded cores)
 def test_resume_is_exact_and_the_sample_mode_reads_a_reconstruction(toy_run, tmp_path):
   workdir, sparse = toy_run
-  from score_jax.settings import from_json
+  from score_jax.run.settings import from_json
   settings = from_json(os.path.join(workdir, "config.json"))
   resumed = str(tmp_path / "resumed")
   train.train_and_evaluate(settings.replace(training={"n_iters": T // 2}), resumed)
@@ -266,8 +270,8 @@ def test_resume_is_exact_and_the_sample_mode_reads_a_reconstruction(toy_run, tmp
       for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k])
   out = str(tmp_path / "out")
-  assert phema.main(["phema", f"--workdir={sparse}", f"--sigma_rel={TARGET}", f"--out={out}"]) == 0
-  from score_jax import sample as sample_mode
+  assert phema_recon.main(["phema", f"--workdir={sparse}", f"--sigma_rel={TARGET}", f"--out={out}"]) == 0
+  from score_jax.run import sample as sample_mode
   base = from_json(os.path.join(out, "config.json")).replace(  # without the post-hoc EMA keys
       sample={"num": 64}, model={"phema_sigma_rels": ()})
   paths = sample_mode.run(base, out)

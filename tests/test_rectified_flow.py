@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from score_jax import analytic, fast_samplers, likelihood, losses, models, sampling
+from score_jax import analytic, likelihood, losses, models
+from score_jax.samplers import fast as fast_samplers
+from score_jax import samplers as sampling
 from score_jax import sde as sde_lib
 from test_sampling import PC_BIAS, ODE_BIAS, Bias, assert_reproduces
 

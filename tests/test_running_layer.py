@@ -13,7 +13,13 @@ import pytest
 
 from configs import default, toy, vp_cifar
 import score_jax
-from score_jax import analytic, checkpoints, evaluate, models, programs, settings, train
+from score_jax import analytic, models
+from score_jax.data.scaling import to_uint8
+from score_jax.run import checkpoints
+from score_jax.run import evaluate
+from score_jax.run import programs
+from score_jax.run import settings
+from score_jax.run import train
 from score_jax.errors import ConfigError, UserError, WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,12 +133,12 @@ def test_eval_of_a_workdir_never_trained_fails_at_once(tmp_path):
 
 def test_fid_quantization_truncates_like_the_reference_or_rounds():
   x = np.array([[0.0, 0.5019, 0.9999, 1.2, -0.1]], np.float32)  # [0, 1] model space
-  np.testing.assert_array_equal(evaluate.to_uint8(x, False, "truncate"),
+  np.testing.assert_array_equal(to_uint8(x, False, "truncate"),
                                 np.clip(x * 255.0, 0, 255).astype(np.uint8))
-  np.testing.assert_array_equal(evaluate.to_uint8(x, False, "round"),
+  np.testing.assert_array_equal(to_uint8(x, False, "round"),
                                 np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8))
-  assert evaluate.to_uint8(x, False, "truncate")[0, 1] == 127
-  assert evaluate.to_uint8(x, False, "round")[0, 1] == 128
+  assert to_uint8(x, False, "truncate")[0, 1] == 127
+  assert to_uint8(x, False, "round")[0, 1] == 128
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +187,9 @@ def test_programs_guidance_is_decided_in_one_place():
 
 
 def test_inception_command_line_usage_and_user_errors(tmp_path, capsys):
-  from score_jax import inception  # pylint: disable=g-import-not-at-top
+  from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
   assert inception.main(["convert", "only_one_path"]) == 2
-  assert "usage: python -m score_jax.inception convert SRC DST" in capsys.readouterr().err
+  assert "usage: python -m score_jax.metrics.inception convert SRC DST" in capsys.readouterr().err
   assert inception.main(["convert", str(tmp_path / "missing.pth"),
                          str(tmp_path / "out.npz")]) == 1
   err = capsys.readouterr().err

@@ -17,7 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import analytic, fast_samplers, probability_flow, sampling
+from score_jax import analytic
+from score_jax.samplers import fast as fast_samplers
+from score_jax.samplers import probability_flow
+from score_jax import samplers as sampling
+from score_jax.samplers import ode, pc
 from score_jax import sde as sde_lib
 
 Z = 4.5
@@ -77,7 +81,7 @@ def setup(name, n_steps=N_PC):
 
 # --- predictor-corrector ---
 
-COMBOS = [(p, c) for p in sampling.PREDICTORS for c in sampling.CORRECTORS
+COMBOS = [(p, c) for p in pc.PREDICTORS for c in pc.CORRECTORS
           if not p == c == "none"]
 
 # Corrector-only sampling needs several Langevin steps per noise level: one
@@ -130,14 +134,14 @@ def test_pc_sampler_does_not_recompile_for_new_choices_or_parameters():
   sde, mix, score_fn = setup("vp")
   shape = (N_SAMPLES, 2)
   sampling.pc_sample(jax.random.PRNGKey(0), sde, score_fn, shape)
-  compiled = sampling._pc_sample._cache_size()
+  compiled = pc._pc_sample._cache_size()
   # New SDE and mixture parameters, key, predictor, corrector, snr, n_steps
   # and eps are all traced: the same program runs.
   sde2 = sde_lib.VPSDE(0.2, 15.0, N_PC)
   mix2 = mix._replace(weights=jnp.array([0.3, 0.3, 0.4]))
   x, _ = sampling.pc_sample(jax.random.PRNGKey(1), sde2, analytic.score_fn(mix2, sde2), shape,
                             "ancestral_sampling", "ald", snr=0.3, n_steps=2, eps=1e-2)
-  assert sampling._pc_sample._cache_size() == compiled
+  assert pc._pc_sample._cache_size() == compiled
   assert np.all(np.isfinite(np.asarray(x)))
 
 
@@ -180,10 +184,10 @@ def test_ode_nfe_is_the_true_count_and_encoding_inverts_sampling():
   err = np.abs(np.asarray(back - x))
   assert np.median(err) < 1e-4 and np.quantile(err, 0.999) < 2e-3 and err.max() < 1e-2, err.max()
   # Denoising is one more evaluation, in the same compiled program.
-  compiled = sampling._ode_sample._cache_size()
+  compiled = ode._ode_sample._cache_size()
   _, nfe_denoised = sampling.ode_sample(KEY, sde, score_fn, x.shape, denoise=True, z=z)
   assert int(nfe_denoised) == int(nfe_back) + 1
-  assert sampling._ode_sample._cache_size() == compiled
+  assert ode._ode_sample._cache_size() == compiled
 
 
 @pytest.mark.parametrize("method", ["default", "tsit5_fraction"])

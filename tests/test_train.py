@@ -16,9 +16,13 @@ import optax
 import pytest
 
 from configs import toy
-from score_jax import checkpoints, evaluate, programs, train
-from score_jax import sample as sample_mode
-from score_jax.settings import from_config as S
+from score_jax.run import checkpoints
+from score_jax.run import evaluate
+from score_jax.run import programs
+from score_jax.run import train
+from score_jax.run import state as run_state
+from score_jax.run import sample as sample_mode
+from score_jax.run.settings import from_config as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +61,7 @@ def _final_params(workdir):
   """The newest checkpoint, restored with the config the run saved."""
   config = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
   setup = programs.make_setup(S(config))
-  template = train.init_state(setup, jax.random.PRNGKey(1))
+  template = run_state.init_state(setup, jax.random.PRNGKey(1))
   ck = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
   state = ck.restore(ck.latest_step(), template)
   ck.close()
@@ -175,7 +179,7 @@ def test_compilation_cache_serves_a_second_run(tmp_path, monkeypatch):
 
 
 def test_compilation_cache_settings(tmp_path, monkeypatch, caplog):
-  from score_jax import run
+  from score_jax.run import entry as run
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   default = run.default_compilation_cache_dir()
   assert default.startswith(str(tmp_path / "xdg" / "score_jax" / "jax_cache"))
@@ -251,7 +255,7 @@ def test_train_step_is_data_parallel_and_matches_single_device():
     config.training.batch_size = 8
   setup = programs.make_setup(S(config))
   assert setup.mesh.devices.size == jax.device_count() == 4
-  state = train.init_state(setup, jax.random.PRNGKey(0))
+  state = run_state.init_state(setup, jax.random.PRNGKey(0))
   x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
   y = np.zeros((8,), np.int32)
   xs, ys = train.global_batch(setup, {"image": x, "label": y})
@@ -275,7 +279,7 @@ def test_train_step_applies_adam_and_ema_and_skips_a_non_finite_step():
     config.optim.warmup = 0  # so that the first step moves the parameters
   setup = programs.make_setup(S(config))
   step = train.make_train_step(setup)
-  state = train.init_state(setup, jax.random.PRNGKey(0))
+  state = run_state.init_state(setup, jax.random.PRNGKey(0))
   before = jax.device_get(state)  # the step donates its state
   x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
   y = np.zeros((8,), np.int32)
@@ -322,7 +326,7 @@ def test_microbatches_accumulate_the_gradient_of_the_batch_mean_loss():
   independently on one device by slicing."""
   m, b = 2, 16
   config, setup = _toy_setup(b, m)
-  state = train.init_state(setup, jax.random.PRNGKey(0))
+  state = run_state.init_state(setup, jax.random.PRNGKey(0))
   x = np.random.default_rng(0).normal(size=(b, 2)).astype(np.float32)
   xs, ys = train.global_batch(setup, {"image": x, "label": np.zeros((b,), np.int32)})
   key = jax.random.PRNGKey(5)
@@ -346,7 +350,7 @@ def test_microbatches_lower_the_step_memory_and_are_checked():
   """One micro-batch's activations at a time: XLA plans less temporary memory."""
   def temp_bytes(m):
     _, setup = _toy_setup(4096, m, hidden=(256, 256))
-    state = jax.eval_shape(lambda: train.init_state(setup, jax.random.PRNGKey(0)))
+    state = jax.eval_shape(lambda: run_state.init_state(setup, jax.random.PRNGKey(0)))
     args = (state, jax.ShapeDtypeStruct((4096, 2), jnp.float32),
             jax.ShapeDtypeStruct((4096,), jnp.int32), jax.random.PRNGKey(0))
     return train.make_train_step(setup).lower(*args).compile().memory_analysis().temp_size_in_bytes

@@ -1,4 +1,4 @@
-"""UniPC (score_jax.fast_samplers.unipc_sample) against exact ODE solutions and closed forms."""
+"""UniPC (score_jax.samplers.fast.unipc_sample) against exact ODE solutions and closed forms."""
 
 import json
 import os
@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from configs import toy
-from score_jax import analytic, controllable, fast_samplers, programs, sampling, settings, time_grids
+from score_jax import analytic
+from score_jax.samplers import controllable
+from score_jax.samplers import fast as fast_samplers
+from score_jax.run import programs
+from score_jax import samplers as sampling
+from score_jax.run import settings
+from score_jax.samplers import time_grids
 from score_jax import sde as sde_lib
 from score_jax.errors import ConfigError
 
@@ -222,7 +228,9 @@ def test_optimized_grid_beats_the_uniform_log_snr_grid_on_the_exact_flow():
 
 
 def test_optimized_grid_is_fitted_once_and_stored_with_the_run(tmp_path, monkeypatch):
-  from score_jax import evaluate, sample, train  # pylint: disable=g-import-not-at-top
+  from score_jax.run import evaluate
+  from score_jax.run import sample
+  from score_jax.run import train  # pylint: disable=g-import-not-at-top
   changes = {"training.batch_size": 64, "training.n_iters": 10, "training.snapshot_freq": 10,
              "training.snapshot_freq_for_preemption": 10, "training.eval_freq": 10**6,
              "training.snapshot_sampling": False, "model.hidden_sizes": (32, 32),

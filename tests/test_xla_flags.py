@@ -1,4 +1,4 @@
-"""score_jax's XLA:CPU defaults (score_jax/xla_flags.py): when they are set, and what they change."""
+"""score_jax's XLA:CPU defaults (score_jax/run/xla_flags.py): when they are set, and what they change."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from score_jax import xla_flags as _xla_flags
+from score_jax.run import xla_flags as _xla_flags
 
 (FLAG, VALUE), (SCHEDULER, _) = _xla_flags.DEFAULTS
 KNOWN = _xla_flags._jaxlib_knows(FLAG)  # pylint: disable=protected-access
@@ -45,7 +45,8 @@ import json, os, re, sys
 if sys.argv[1] == "jax_first":
   import jax.numpy as jnp
   jnp.ones(1).block_until_ready()  # the backend starts before score_jax is imported
-import score_jax
+from score_jax.run import xla_flags
+xla_flags.apply_defaults()
 import jax, jax.numpy as jnp
 
 def conv(x, w):
@@ -68,7 +69,7 @@ def chains(x, ws):
 
 mat = jax.ShapeDtypeStruct((512, 512), jnp.float32)
 temp = jax.jit(chains).lower(mat, [mat] * 8).compile().memory_analysis().temp_size_in_bytes
-print(json.dumps({"applied": list(score_jax.xla_flags.applied()),
+print(json.dumps({"applied": list(xla_flags.applied()),
                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "ynn_conv": ynn_conv,
                   "n_conv": text.count(" convolution("), "chains_temp_mib": temp / 2**20}))
 """

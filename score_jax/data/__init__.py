@@ -1,4 +1,4 @@
-"""Private helpers of `score_jax.datasets`, one module per concept.
+"""Private helpers of `score_jax.data.datasets`, one module per concept.
 
-Import the public API from `score_jax.datasets`; names here may change.
+Import the public API from `score_jax.data.datasets`; names here may change.
 """

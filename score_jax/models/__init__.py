@@ -6,7 +6,8 @@
 - `MLPScore`: MLP for low-dimensional data ('mlp').
 - `SongUNet`: EDM's (Karras et al. 2022) DDPM++ / NCSN++ ('song_unet').
 - `build_model(name, **kwargs)`: explicit arguments -> module; `get_score_fn(sde, model, variables,
-  continuous=...)`: network -> score_fn(x, t, y=None).
+  continuous=...)`
+  (`models/score.py`, the one place that parameterizes a score): network -> score_fn(x, t, y=None).
 
 All networks are called as `net.apply(variables, x, labels, y=None,
 train=False, rngs={'dropout': key})`.
@@ -17,7 +18,8 @@ from score_jax.models.mlp import MLPScore
 from score_jax.models.ncsnpp import NCSNpp
 from score_jax.models.ncsnv2 import NCSNv2
 from score_jax.models.song_unet import SongUNet
-from score_jax.models.utils import DTYPES, MODELS, build_model, count_params, get_score_fn, init_model
+from score_jax.models.build import DTYPES, MODELS, build_model, count_params, init_model
+from score_jax.models.score import PARAMETERIZATIONS, get_score_fn
 
 __all__ = [
     "DDPM",
@@ -30,5 +32,6 @@ __all__ = [
     "DTYPES",
     "build_model",
     "get_score_fn",
+    "PARAMETERIZATIONS",
     "init_model",
 ]

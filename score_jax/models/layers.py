@@ -173,7 +173,7 @@ def check_class_labels(y: Optional[Array], num_classes: int) -> None:
 
 
 def augment_input(augment_labels: Optional[Array], augment_dim: int, batch: int) -> Array:
-  """The augmentation labels (score_jax.augment) as float32 [batch, augment_dim]: zeros for
+  """The augmentation labels (score_jax.data.augment) as float32 [batch, augment_dim]: zeros for
   None (sampling); raises when they are given to a network without them or misshapen."""
   if augment_labels is None:
     return jnp.zeros((batch, augment_dim), jnp.float32)

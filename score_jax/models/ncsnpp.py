@@ -9,7 +9,7 @@ so the parameter counts match it exactly.
 Labels: with `embedding_type='fourier'` the network embeds log(labels)
 (VE continuous training passes labels = sigma(t)); with 'positional' it
 embeds the labels themselves (999 t for VP, t (N - 1) or an integer noise
-index for discrete training). See `score_jax.models.utils.get_score_fn`.
+index for discrete training). See `score_jax.models.build.get_score_fn`.
 
 The output is NOT divided by sigma here: `scale_by_sigma` is read by
 `get_score_fn`, which owns every SDE-dependent output scaling, so the network
@@ -62,7 +62,7 @@ class NCSNpp(nn.Module):
     remat: gradient checkpointing of every residual and attention block
       (activations recomputed in the backward pass: less memory, ~1 more
       forward of compute; same parameters and outputs).
-    augment_dim: width of EDM's augmentation labels (score_jax.augment), added
+    augment_dim: width of EDM's augmentation labels (score_jax.data.augment), added
       to the noise embedding through a bias-free dense layer 'map_augment' as
       EDM's networks do (zero labels add nothing); 0 = none (the 2021 network).
     dtype: compute dtype (parameters are float32, the output float32).

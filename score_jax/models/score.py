@@ -1,0 +1,182 @@
+"""Turning a network into a score function: the one place that parameterizes a score.
+
+`get_score_fn` is the only place that knows how a network's output and
+labels relate to an SDE (label conversion, output scaling, discrete vs.
+continuous time); losses and samplers only ever see the `score_fn` it
+returns.
+
+Label and output conventions (as in the 2021 reference):
+
+| SDE            | training   | labels fed to the net        | score                        |
+|----------------|------------|------------------------------|------------------------------|
+| VP, sub-VP     | continuous | 999 t                        | -net / std(t)                |
+| sub-VP         | discrete   | 999 t (sub-VP has no chain)  | -net / std(t)                |
+| VP             | discrete   | t (N - 1)                    | -net / sqrt(1 - alphabar_i)  |
+| VE             | continuous | sigma(t)                     | net / sigma(t) [*]           |
+| VE             | discrete   | round((T - t)(N - 1)) (int)  | net / sigma_i [*]            |
+| other SDEs     | continuous | 999 t                        | -net / std(t)                |
+
+[*] only when the network's `scale_by_sigma` is set (NCSN++ VE, NCSNv2),
+else net. The reference divided by sigma inside the network, which needed
+the noise schedule there; dividing here keeps networks schedule-free. VE
+discrete labels index the noise levels from the largest (0) to the smallest
+(N - 1), the order of the reference's `get_sigmas`; i = N - 1 - label
+indexes the increasing `VESDE.discrete_sigmas`.
+
+The table is `parameterization='default'`. Two more, continuous time, any SDE:
+
+- 'edm' (Karras et al. 2022): in the scaled variables x^ = x / alpha(t),
+  sigma^ = std(t) / alpha(t) the denoiser is D(x^; sigma^) = c_skip x^ + c_out
+  F(c_in x^; c_noise) with c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd /
+  sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma^) / 4,
+  sd = sigma_data, and score = (alpha D - x) / std^2. Written with r = alpha
+  sqrt(sigma^2 + sd^2) = sqrt(std^2 + sd^2 alpha^2): F receives x / r and
+  score = -x / r^2 + sd alpha F / (std r), finite as alpha -> 0. Networks
+  with Fourier embeddings (of log labels) receive labels exp(c_noise), the
+  others c_noise, so that every network embeds c_noise as EDM's do.
+- 'velocity' (rectified flow / flow matching): F predicts v = alpha' x_0 +
+  std' z, the time derivative of x_t = alpha x_0 + std z (z - x_0 for
+  `RectifiedFlow`); solving for z, score = -(alpha v - alpha' x) / (std det)
+  with det = alpha std' - std alpha' (RectifiedFlow: -(x + (1 - t) v) / t).
+  Labels as in the table's continuous rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from score_jax.sde import SDE, VESDE, VPSDE, batch_mul
+
+Array = jax.Array
+ScoreFn = Callable[..., Array]  # (x [B, ...], t [B], y=None) -> score [B, ...]
+
+__all__ = ["PARAMETERIZATIONS", "get_score_fn"]
+
+PARAMETERIZATIONS = ("default", "edm", "velocity")
+
+def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, continuous: bool,
+                 train: bool = False, rng: Optional[Array] = None,
+                 parameterization: str = "default", sigma_data: float = 0.5,
+                 augment_labels: Optional[Array] = None) -> ScoreFn:
+  """Turns a network into a score function s(x, t) ~ grad_x log p_t(x) for `sde`.
+
+  Args:
+    sde: the forward SDE the network was (or is being) trained for.
+    model: the network module (NCSNpp, DDPM, NCSNv2, MLPScore).
+    variables: its variables, e.g. {'params': ...}. Gradients with respect to
+      them flow through the returned closure.
+    continuous: continuous-time training (else the discrete DDPM / SMLD labels).
+    train: dropout on (needs `rng`).
+    rng: dropout key; the same key gives the same dropout masks.
+    parameterization: 'default' (the table above), 'edm' or 'velocity' (module
+      docstring; continuous time only).
+    sigma_data: EDM's sigma_data (standard deviation of the data), for 'edm'.
+    augment_labels: [B, augment_dim] labels of the augmentation applied to the
+      batch (score_jax.data.augment), passed to networks that take them (SongUNet);
+      None: not passed (the network's zero labels).
+  Returns:
+    score_fn(x [B, ...], t [B], y=None) -> score [B, ...] (float32), where y
+    are optional class labels [B] for class-conditional networks.
+  Raises:
+    ValueError: a combination the parameterization does not support.
+  """
+  scale_by_sigma = bool(getattr(model, "scale_by_sigma", False))
+  rngs = {"dropout": rng} if rng is not None else None
+  extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+
+  def net(x: Array, labels: Array, y: Optional[Array]) -> Array:
+    return model.apply(variables, x, labels, y, train=train, rngs=rngs, **extra)
+
+  def std_of(x: Array, t: Array) -> Array:
+    return sde.marginal_prob(jnp.zeros_like(x), t)[1]
+
+  if parameterization not in PARAMETERIZATIONS:
+    raise ValueError(f"Unknown parameterization {parameterization!r}; choose from "
+                     f"{list(PARAMETERIZATIONS)}.")
+  if parameterization != "default":
+    if not continuous:
+      raise ValueError(f"The {parameterization!r} parameterization is continuous-time; use "
+                       "continuous=True (training.continuous = True).")
+    if scale_by_sigma:
+      raise ValueError(f"scale_by_sigma does not combine with the {parameterization!r} "
+                       "parameterization, which scales the output itself; set "
+                       "model.scale_by_sigma = False.")
+    if parameterization == "edm":
+      return _edm_score_fn(sde, net, float(sigma_data),
+                           getattr(model, "embedding_type", "positional") == "fourier")
+    return _velocity_score_fn(sde, net)
+
+  if sde.chain == "smld" or isinstance(sde, VESDE):
+    if continuous:
+      def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+        sigma = std_of(x, t)  # [B]
+        out = net(x, sigma, y)
+        return batch_mul(1.0 / sigma, out) if scale_by_sigma else out
+    else:
+      def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+        labels = jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32)  # [B], 0 = sigma_max
+        out = net(x, labels, y)
+        if not scale_by_sigma:
+          return out
+        sigma = sde.discrete_sigmas[sde.N - 1 - labels]
+        return batch_mul(1.0 / sigma, out)
+    return score_fn
+
+  if scale_by_sigma:
+    raise ValueError(f"scale_by_sigma applies to VE SDEs only; with {type(sde).__name__} the "
+                     "score is already -net / std. Set model.scale_by_sigma = False.")
+
+  if sde.chain == "ddpm" and not continuous:
+    def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+      labels = t * (sde.N - 1)  # fractional step, as the reference
+      out = net(x, labels, y)
+      std = sde.sqrt_1m_alphas_cumprod[sde.time_index(t)]
+      return batch_mul(-1.0 / std, out)
+    return score_fn
+
+  if not continuous and not isinstance(sde, VPSDE):
+    raise ValueError(f"No discrete-time parameterization for {type(sde).__name__}; "
+                     "use continuous=True.")
+
+  # VP / sub-VP continuous (and sub-VP 'discrete', which has no chain of its
+  # own: the reference also used continuous labels there), and any other SDE
+  # with a Gaussian kernel: the network predicts the noise z of x_t = mean + std z.
+  def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+    out = net(x, t * 999.0, y)
+    return batch_mul(-1.0 / std_of(x, t), out)
+
+  return score_fn
+
+
+def _edm_score_fn(sde: SDE, net: Callable, sigma_data: float, fourier: bool) -> ScoreFn:
+  """EDM's preconditioning on any SDE (module docstring)."""
+  if not (math.isfinite(sigma_data) and sigma_data > 0):
+    raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}.")
+
+  def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+    alpha, std = sde.mean_coef(t), sde.marginal_std(t)  # [B]
+    r = jnp.sqrt(std**2 + (sigma_data * alpha) ** 2)  # alpha sqrt(sigma^2 + sd^2)
+    c_noise = -0.25 * sde.log_snr(t)  # ln(sigma^) / 4
+    out = net(batch_mul(1.0 / r, x), jnp.exp(c_noise) if fourier else c_noise, y)
+    return batch_mul(-1.0 / r**2, x) + batch_mul(sigma_data * alpha / (std * r), out)
+
+  return score_fn
+
+
+def _velocity_score_fn(sde: SDE, net: Callable) -> ScoreFn:
+  """Velocity prediction v = alpha' x_0 + std' z on any SDE (module docstring)."""
+
+  def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+    alpha, std = sde.mean_coef(t), sde.marginal_std(t)
+    d_alpha, d_std = sde.coef_derivatives(t)
+    labels = std if (sde.chain == "smld" or isinstance(sde, VESDE)) else t * 999.0
+    v = net(x, labels, y)
+    det = alpha * d_std - std * d_alpha  # > 0: the log-SNR decreases
+    return batch_mul(d_alpha / (std * det), x) - batch_mul(alpha / (std * det), v)
+
+  return score_fn

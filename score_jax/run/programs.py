@@ -1,0 +1,522 @@
+"""Settings -> the objects and jitted, sharded programs a run uses.
+
+`make_setup(settings)` builds the SDE, the network, the optimizer and the
+device mesh once (checking, before anything compiles, that the dataset is
+there and that the network maps the data shape to itself). `Programs(setup)`
+then hands out the jitted computations, each built once and cached:
+
+- `score_fn(params, y, weight)`: the network's score with class labels and
+  classifier-free guidance (the one place labels and guidance are decided);
+- `sampler(batch, weight)`, `controlled_sampler(task, batch, weight)`,
+  `ode(batch, weight, denoise)` (encode / decode along the probability flow);
+- `loss()` (per-example training objective), `likelihood()` (bits/dim or nats),
+  `inception(resize, precision)` (FID features).
+
+Train, eval, sample, the benchmarks, the notebook and the tests all build
+their programs here. Batches are sharded over a 1-D mesh of all devices
+(parameters replicated); sharding a program's output along the batch makes
+XLA partition the whole sampling loop over the devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from score_jax import losses, models
+from score_jax.data import augment
+from score_jax.run import distributed
+from score_jax import sde as sde_lib
+from score_jax.errors import ConfigError
+from score_jax.run.settings import Settings, check_devices
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]
+# (params, labels [B] or None) -> score_fn(x [B, ...], t [B]) -> [B, ...]
+ScoreFactory = Callable[[Any, Optional[Array]], ScoreFn]
+LossFn = Callable[..., Tuple[Array, losses.LossAux]]
+SamplerFn = Callable[..., Tuple[Array, Array]]
+
+__all__ = ["Setup", "Programs", "make_setup", "get_sde", "get_model", "get_optimizer",
+           "get_lr_schedule", "get_loss_fn", "get_sampler", "get_dataset", "network_score_factory",
+           "parameterization_kwargs", "get_time_distribution", "get_ema_decay", "get_augment",
+           "FAST_SAMPLERS", "Guide", "GuidedParams"]
+
+
+def get_sde(s: Settings) -> sde_lib.SDE:
+  """The SDE named by training.sde, with the model section's schedule."""
+  m, name = s.model, s.training.sde.lower()
+  if name == "vpsde":
+    return sde_lib.VPSDE(m.beta_min, m.beta_max, m.num_scales)
+  if name == "subvpsde":
+    return sde_lib.subVPSDE(m.beta_min, m.beta_max, m.num_scales)
+  if name == "rectified_flow":
+    return sde_lib.RectifiedFlow(N=m.num_scales)
+  return sde_lib.VESDE(m.sigma_min, m.sigma_max, m.num_scales)
+
+
+def get_model(s: Settings) -> nn.Module:
+  """The network of model.name, from the model section's keys its constructor takes."""
+  cls = models.MODELS[s.model.name.lower()]
+  fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"name", "parent", "dtype"}
+  values = {**{k: getattr(s.model, k) for k in ("dropout", "embedding_type", "num_classes",
+                                                 "remat")},
+            **dict(s.model.arch), "centered": s.data.centered}
+  return models.build_model(s.model.name, dtype=s.model.dtype,
+                            **{k: v for k, v in values.items() if k in fields})
+
+
+def get_lr_schedule(s: Settings) -> optax.Schedule:
+  """lr * min(step / warmup, 1), the reference's linear warmup; or EDM's ramp-up in
+  images, lr * min(nimg / (1000 lr_rampup_kimg), 1) with nimg = step * batch_size the
+  images seen before the step."""
+  if s.optim.lr_rampup_kimg > 0:
+    lr, batch, ramp = s.optim.lr, s.training.batch_size, 1000.0 * s.optim.lr_rampup_kimg
+    return lambda count: lr * jnp.minimum(jnp.asarray(count, jnp.float32) * batch / ramp, 1.0)
+  if s.optim.warmup > 0:
+    return optax.linear_schedule(0.0, s.optim.lr, s.optim.warmup)
+  return optax.constant_schedule(s.optim.lr)
+
+
+def get_ema_decay(s: Settings) -> Callable[[Array], Any]:
+  """decay(step) of the parameters' EMA, e <- decay e + (1 - decay) p, at the update of
+  step `step` (0-based): model.ema_rate, or with model.ema_halflife_kimg > 0 EDM's
+  0.5 ** (batch / max(h, 1e-8)), h = min(1000 halflife_kimg, ema_rampup_ratio * nimg)
+  (ratio 0: no ramp-up), nimg = step * batch_size the images seen before the step."""
+  m, batch = s.model, s.training.batch_size
+  if m.ema_halflife_kimg <= 0:
+    return lambda step: m.ema_rate
+  halflife = 1000.0 * m.ema_halflife_kimg
+
+  def decay(step):
+    h = halflife
+    if m.ema_rampup_ratio > 0:
+      h = jnp.minimum(h, m.ema_rampup_ratio * step.astype(jnp.float32) * batch)
+    return 0.5 ** (batch / jnp.maximum(h, 1e-8))
+
+  return decay
+
+
+def get_optimizer(s: Settings) -> optax.GradientTransformation:
+  """Adam (or AdamW with weight decay) with warmup and global-norm clipping."""
+  o = s.optim
+  schedule = get_lr_schedule(s)
+  kw = dict(b1=o.beta1, b2=0.999, eps=o.eps)
+  if o.weight_decay > 0:
+    opt = optax.adamw(schedule, weight_decay=o.weight_decay, **kw)
+  else:
+    opt = optax.adam(schedule, **kw)
+  chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  return optax.chain(*chain, opt)
+
+
+def parameterization_kwargs(s: Settings) -> Dict[str, Any]:
+  """models.get_score_fn's parameterization arguments from the model section."""
+  return {"parameterization": s.model.parameterization, "sigma_data": s.model.sigma_data}
+
+
+def get_time_distribution(s: Settings) -> losses.TimeDistribution:
+  """The DSM loss's time distribution of training.time_distribution and its parameters."""
+  t = s.training
+  loc, scale = {"lognormal_sigma": (t.p_mean, t.p_std),
+                "logit_normal": (t.logit_mean, t.logit_std)}.get(t.time_distribution, (None, None))
+  return losses.TimeDistribution(t.time_distribution, loc, scale)
+
+
+def get_augment(s: Settings) -> Optional[augment.Augment]:
+  """EDM's augmentation of the data.augment_* keys, or None when it is off."""
+  aug = augment.Augment(**s.data.augment_kwargs())
+  return aug if aug.enabled else None
+
+
+def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool) -> LossFn:
+  """loss_fn(params, rng, x [B, ...], y [B] or None, augment_labels=None) -> (loss, LossAux).
+
+  augment_labels [B, L]: the labels of the augmentation applied to x
+  (`get_augment`; the train step augments), the network's conditioning; None:
+  zero labels.
+
+  Continuous training uses denoising score matching with the configured
+  weighting; discrete training the loss of the SDE's chain (DDPM for VP, SMLD
+  for VE). With model.num_classes > 0 and training.class_dropout > 0, labels
+  are replaced by the null label (num_classes) at that rate, which trains the
+  unconditional model used by classifier-free guidance. Labels are ignored by
+  unconditional models.
+  """
+  t = s.training
+  num_classes = s.model.num_classes
+  if not t.continuous and sde.chain is None:
+    raise ConfigError(f"Discrete training (training.continuous=False) needs an SDE with a "
+                      f"discrete chain: vpsde (DDPM) or vesde (SMLD), not {t.sde!r}.")
+  time_distribution = get_time_distribution(s)
+
+  def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
+              augment_labels: Optional[Array] = None):
+    rng_loss, rng_drop, rng_label = jax.random.split(rng, 3)
+    y = y if num_classes > 0 else None
+    if y is not None and t.class_dropout > 0 and train:
+      drop = jax.random.bernoulli(rng_label, t.class_dropout, y.shape)
+      y = jnp.where(drop, num_classes, y)
+    base = models.get_score_fn(sde, model, {"params": params}, continuous=t.continuous,
+                               train=train, rng=rng_drop if train else None,
+                               augment_labels=augment_labels, **parameterization_kwargs(s))
+    score_fn = lambda xx, tt: base(xx, tt, y)
+    if t.continuous:
+      return losses.dsm_loss(rng_loss, sde, score_fn, x, eps=t.eps, reduce_mean=t.reduce_mean,
+                             likelihood_weighting=t.likelihood_weighting,
+                             importance_weighting=t.importance_weighting,
+                             time_distribution=time_distribution, weighting=t.weighting,
+                             sigma_data=s.model.sigma_data)
+    discrete = losses.smld_loss if sde.chain == "smld" else losses.ddpm_loss
+    return discrete(rng_loss, sde, score_fn, x, reduce_mean=t.reduce_mean)
+
+  return loss_fn
+
+
+# sampling.method -> (function in score_jax.samplers.fast, Sampling fields it takes);
+# a field <method>_<arg> is passed as <arg> (unipc_variant -> variant).
+FAST_SAMPLERS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "ddim": ("ddim_sample", ("eta",)),
+    "heun": ("heun_sample", ("s_churn",)),
+    "dpm_solver": ("dpm_solver_pp_sample", ("order",)),
+    "unipc": ("unipc_sample", ("order", "unipc_variant")),
+}
+
+
+def get_sampler(s: Settings, sde: sde_lib.SDE, timesteps: Optional[Any] = None) -> SamplerFn:
+  """sampler(rng, score_fn, shape, **extra) -> (x, nfe) for sampling.method.
+
+  `extra` goes to the sampler function as is: z (a start state), and
+  constraint (controllable.py; pc and the fast samplers, not ode). 'ddim',
+  'heun' (EDM), 'dpm_solver' (DPM-Solver++ multistep) and 'unipc' take
+  sampling.num_steps score evaluations (0: the sampler's default) on
+  sampling.schedule ('' = default). timesteps (unipc): an explicit grid, from
+  `score_jax.samplers.time_grids` for schedule 'optimized' (which without one is logSNR).
+  """
+  from score_jax.samplers import fast as fast_samplers
+  from score_jax import samplers as sampling  # leaves of the library; imported on use
+
+  c = s.sampling
+  method = c.method.lower()
+  if method == "pc":
+    return lambda rng, score_fn, shape, **extra: sampling.pc_sample(
+        rng, sde, score_fn, shape, predictor=c.predictor, corrector=c.corrector, snr=c.snr,
+        n_steps=c.n_steps_each, probability_flow=c.probability_flow, denoise=c.noise_removal,
+        eps=c.eps, **extra)
+  if method == "ode":
+    return lambda rng, score_fn, shape, **extra: sampling.ode_sample(
+        rng, sde, score_fn, shape, rtol=c.rtol, atol=c.atol, denoise=c.noise_removal, eps=c.eps,
+        **extra)
+  fn_name, options = FAST_SAMPLERS[method]
+  kwargs: Dict[str, Any] = {"eps": c.eps, "denoise": c.noise_removal}
+  if c.num_steps > 0:
+    kwargs["num_steps"] = c.num_steps
+  if c.schedule:
+    kwargs["schedule"] = "logSNR" if c.schedule == "optimized" else c.schedule
+  if timesteps is not None:
+    kwargs = {"denoise": c.noise_removal, "timesteps": np.asarray(timesteps)}
+  kwargs.update({key.removeprefix(method + "_"): getattr(c, key) for key in options})
+  fn = getattr(fast_samplers, fn_name)
+  return lambda rng, score_fn, shape, **extra: fn(rng, sde, score_fn, shape, **kwargs, **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run builds once from its settings."""
+  settings: Settings
+  sde: sde_lib.SDE
+  model: nn.Module
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P("data"))
+
+
+def check_network(s: Settings, model: nn.Module) -> None:
+  """The network maps data of the settings' shape to that shape (shapes only: no compile)."""
+  shape = s.data.shape(2)
+  try:
+    out = jax.eval_shape(lambda r: model.apply(models.init_model(r, model, shape),
+                                               jnp.zeros(shape), jnp.ones((2,))),
+                         jax.random.PRNGKey(0))
+  except Exception as e:  # noqa: BLE001 - re-raised with the config context
+    raise ConfigError(f"The network {s.model.name!r} cannot take data of shape {shape[1:]} "
+                      f"(data.image_size / data.num_channels): {e}") from e
+  if out.shape != shape:
+    raise ConfigError(f"The network {s.model.name!r} maps data of shape {shape[1:]} to "
+                      f"{out.shape[1:]}; check data.image_size and data.num_channels.")
+
+
+def make_setup(s: Settings, need_data: bool = True) -> Setup:
+  """Checks the settings against the devices and data, then builds SDE, model, optimizer, mesh.
+
+  need_data=False skips the dataset check: sampling from a checkpoint, e.g.
+  one converted from the reference, needs no data.
+  """
+  from score_jax.data import datasets  # pylint: disable=g-import-not-at-top
+
+  check_devices(s, jax.device_count(), jax.process_count())
+  sde, model = get_sde(s), get_model(s)
+  get_loss_fn(s, sde, model, train=True)  # refuses discrete training without a chain
+  if need_data:
+    datasets.num_examples(s.data, "train")  # unknown or missing dataset: clear error here
+  check_network(s, model)
+  # Auto axes: XLA propagates the batch sharding through the step (explicit
+  # sharding-in-types would need annotations inside every loss and sampler).
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  return Setup(s, sde, model, get_optimizer(s), mesh)
+
+
+def network_score_factory(setup: Setup) -> ScoreFactory:
+  """make(params, y) -> score_fn(x, t) of the settings' network (labels y [B] or None)."""
+  continuous = setup.settings.training.continuous
+
+  def make(params: Any, y: Optional[Array]) -> ScoreFn:
+    base = models.get_score_fn(setup.sde, setup.model, {"params": params}, continuous=continuous,
+                               **parameterization_kwargs(setup.settings))
+    return lambda x, t: base(x, t, y)
+
+  return make
+
+
+class Guide(NamedTuple):
+  """An autoguidance guide: a weaker model's score factory, parameters and whether
+  it takes labels (`runs.load_guide` builds it from sample.guide_workdir)."""
+  factory: ScoreFactory
+  params: Any
+  conditional: bool
+
+
+class GuidedParams(NamedTuple):
+  """The parameters of the main model and of its guide: `Programs.score_fn` then
+  autoguides (a pytree, so both travel as arguments of the jitted programs)."""
+  main: Any
+  guide: Any
+
+
+class Programs:
+  """The jitted programs of one run, each built on first use and kept.
+
+  factory: make(params, y) -> score_fn(x, t); default: the settings' network
+  (`network_score_factory`). Another factory (a closed-form score in tests)
+  runs through the same programs; the loss always uses the network.
+  guide: an autoguidance guide; programs given `guided(params)` sample with it.
+  """
+
+  def __init__(self, setup: Setup, factory: Optional[ScoreFactory] = None,
+               guide: Optional[Guide] = None):
+    self.setup = setup
+    self.settings = setup.settings
+    self.factory = factory or network_score_factory(setup)
+    self.guide = guide
+    self._cache: Dict[Tuple, Any] = {}
+
+  def guided(self, params: Any) -> Any:
+    """params with the guide's (GuidedParams) when there is a guide, else params."""
+    return params if self.guide is None else GuidedParams(params, self.guide.params)
+
+  @property
+  def rep(self) -> NamedSharding:
+    return self.setup.replicated
+
+  @property
+  def bat(self) -> NamedSharding:
+    return self.setup.batch_sharding
+
+  def _cached(self, key: Tuple, build: Callable[[], Any]) -> Any:
+    if key not in self._cache:
+      self._cache[key] = build()
+    return self._cache[key]
+
+  def score_fn(self, params: Any, y: Optional[Array] = None, weight: float = 0.0) -> ScoreFn:
+    """The score to sample with: conditional on y for class-conditional models, with
+    classifier-free guidance (1 + w) s(x, t, y) - w s(x, t, None) when w != 0.
+
+    Unconditional models ignore y; w = 0 is the plain score (no second
+    evaluation); y = None is the null label (the network's label num_classes).
+    sampling.guidance_interval (lo, hi) other than (0, 0) limits guidance to
+    noise levels sigma^ = std / alpha in [lo, hi]. With GuidedParams, w is the
+    autoguidance weight instead: (1 + w) s_main - w s_guide (unconditional
+    models too; a conditional guide gets the same labels).
+    """
+    if isinstance(params, GuidedParams):
+      from score_jax.samplers import controllable  # pylint: disable=g-import-not-at-top
+      main = self.score_fn(params.main, y)
+      if weight == 0.0 or self.guide is None:
+        return main
+      labels = y if self.guide.conditional and self.settings.model.num_classes > 0 else None
+      interval = tuple(self.settings.sampling.guidance_interval)
+      return controllable.autoguidance(
+          main, self.guide.factory(params.guide, labels), weight, sde=self.setup.sde,
+          interval=None if interval == (0.0, 0.0) else interval)
+    if self.settings.model.num_classes == 0:
+      return self.factory(params, None)
+    if weight == 0.0:
+      return self.factory(params, y)
+    from score_jax.samplers import controllable  # pylint: disable=g-import-not-at-top
+    conditional = lambda x, t, yy: self.factory(params, yy)(x, t)
+    interval = tuple(self.settings.sampling.guidance_interval)
+    if interval == (0.0, 0.0):
+      return controllable.classifier_free_guidance(conditional, y, weight)
+    return controllable.classifier_free_guidance_interval(conditional, y, weight, self.setup.sde,
+                                                          interval)
+
+  def _batch_out(self, batch: int) -> NamedSharding:
+    """Batch-sharded when the batch splits over the devices, else replicated."""
+    return self.bat if batch % jax.device_count() == 0 else self.rep
+
+  def put(self, a: Any) -> Array:
+    """A global batch (numpy, alike on every process) as the programs' input of its size."""
+    a = np.asarray(a)
+    sharding = self._batch_out(a.shape[0])
+    return distributed.global_array(sharding,
+                                    distributed.local_rows(a) if sharding == self.bat else a)
+
+  def sampler(self, batch: int, weight: float = 0.0, timesteps: Optional[Any] = None):
+    """(params, rng, y [B]) -> (samples [B, ...], nfe), one jitted call (timesteps: an
+    explicit grid for unipc, see `get_sampler`)."""
+
+    def build():
+      sampler = get_sampler(self.settings, self.setup.sde, timesteps)
+      shape = self.settings.data.shape(batch)
+
+      def run(params, rng, y):
+        x, nfe = sampler(rng, self.score_fn(params, y, weight), shape)
+        return x, jnp.asarray(nfe, jnp.int32)
+
+      out = self._batch_out(batch)
+      return jax.jit(run, in_shardings=(self.rep, self.rep, out), out_shardings=(out, self.rep))
+
+    grid = None if timesteps is None else tuple(np.asarray(timesteps).tolist())
+    return self._cached(("sampler", batch, weight, grid), build)
+
+  def controlled_sampler(self, task: str, batch: int, weight: float = 0.0):
+    """Jitted (params, rng, y [B], images [B, ...] model space, mask [B, ...]) -> (x, nfe).
+
+    task 'inpaint' keeps the images where mask is 1; 'colorize' keeps their
+    gray level (channel mean) and generates the chroma.
+    """
+    from score_jax.samplers import controllable  # pylint: disable=g-import-not-at-top
+
+    def build():
+      sampler = get_sampler(self.settings, self.setup.sde)
+      shape = self.settings.data.shape(batch)
+      sde = self.setup.sde
+
+      def run(params, rng, y, images, mask):
+        if task == "inpaint":
+          constraint = controllable.inpainting(sde, images, mask)
+        else:
+          constraint = controllable.colorization(sde, jnp.mean(images, -1, keepdims=True))
+        x, nfe = sampler(rng, self.score_fn(params, y, weight), shape, constraint=constraint)
+        return x, jnp.asarray(nfe, jnp.int32)
+
+      b = self._batch_out(batch)
+      return jax.jit(run, in_shardings=(self.rep, self.rep, b, b, b), out_shardings=(b, self.rep))
+
+    return self._cached(("controlled", task, batch, weight), build)
+
+  def ode(self, batch: int, weight: float = 0.0, denoise: bool = True):
+    """Jitted encode (params, y, x) -> (z, nfe) and decode (params, y, z) -> (x, nfe)."""
+    from score_jax import samplers as sampling  # pylint: disable=g-import-not-at-top
+
+    def build():
+      c, sde = self.settings.sampling, self.setup.sde
+      tol = dict(rtol=c.rtol, atol=c.atol, eps=c.eps)
+      shape = self.settings.data.shape(batch)
+
+      def encode(params, y, x):
+        return sampling.ode_encode(sde, self.score_fn(params, y, weight), x, **tol)
+
+      def decode(params, y, z):
+        return sampling.ode_sample(jax.random.PRNGKey(0), sde, self.score_fn(params, y, weight),
+                                   shape, denoise=denoise, z=z, **tol)
+
+      b, r = self._batch_out(batch), self.rep
+      return (jax.jit(encode, in_shardings=(r, b, b), out_shardings=(b, r)),
+              jax.jit(decode, in_shardings=(r, b, b), out_shardings=(b, r)))
+
+    return self._cached(("ode", batch, weight, denoise), build)
+
+  def loss(self):
+    """(params, rng, x [B, ...], y [B]) -> per-example loss [B] of the training objective."""
+
+    def build():
+      loss_fn = get_loss_fn(self.settings, self.setup.sde, self.setup.model, train=False)
+
+      def per_example(params, rng, x, y):
+        return loss_fn(params, rng, x, y)[1].per_example
+
+      return jax.jit(per_example, in_shardings=(self.rep, self.rep, self.bat, self.bat),
+                     out_shardings=self.bat)
+
+    return self._cached(("loss",), build)
+
+  def likelihood(self):
+    """(params, rng, data [B, ...], y [B]) -> (value [B], nfe).
+
+    Images: data are uint8; likelihood.bits_per_dim dequantizes them
+    uniformly, (v + U) / 256, scales them like the training data and returns
+    bits/dim of the 8-bit data. 2-D data: the value is -log p(x) / D in nats.
+    """
+    from score_jax import likelihood  # pylint: disable=g-import-not-at-top
+
+    def build():
+      e, s = self.settings.eval, self.settings
+      kw = dict(hutchinson=e.hutchinson, rtol=e.likelihood_rtol, atol=e.likelihood_atol,
+                eps=e.likelihood_eps)
+      sde = self.setup.sde
+
+      def run(params, rng, data, y):
+        score_fn = self.score_fn(params, y)
+        if s.data.is_images:  # uint8 in, dequantized with rng inside: same key, same noise
+          value, _, nfe = likelihood.bits_per_dim(rng, sde, score_fn, data, s.data.centered, **kw)
+        else:
+          logp, _, nfe = likelihood.log_likelihood(rng, sde, score_fn, data, **kw)
+          value = -logp / math.prod(data.shape[1:])
+        return value, jnp.asarray(nfe, jnp.int32)
+
+      return jax.jit(run, in_shardings=(self.rep, self.rep, self.bat, self.bat),
+                     out_shardings=(self.bat, self.rep))
+
+    return self._cached(("likelihood",), build)
+
+  def inception(self, resize: str, precision: str):
+    """(inception params, uint8 images [B, H, W, C]) -> {'pool', 'logits'}, sharded."""
+    from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+
+    def build():
+      def run(params, images):
+        if images.shape[-1] == 1:  # gray-scale data: the same plane in R, G and B
+          images = jnp.repeat(images, 3, axis=-1)
+        return inception.inception_features(params, images, resize=resize, precision=precision)
+
+      return jax.jit(run, in_shardings=(self.rep, self.bat), out_shardings=self.bat)
+
+    return self._cached(("inception", resize, precision), build)
+
+
+def get_dataset(s: Settings, split: str = "train", *, evaluation: bool = False,
+                batch_size: Optional[int] = None, seed: Optional[int] = None, **kwargs: Any):
+  """`datasets.get_dataset` with the run's batch size (training or eval), seed and classes."""
+  from score_jax.data import datasets  # pylint: disable=g-import-not-at-top
+
+  if batch_size is None:
+    batch_size = s.eval.batch_size if evaluation else s.training.batch_size
+  return datasets.get_dataset(s.data, split, batch_size=batch_size,
+                              seed=s.seed if seed is None else seed,
+                              num_classes=s.model.num_classes, evaluation=evaluation, **kwargs)

@@ -1,0 +1,601 @@
+"""Config -> typed, validated settings: the one place that reads a ConfigDict.
+
+`from_config(config)` turns an ml_collections ConfigDict (configs/*.py, or a
+workdir's config.json) into a frozen `Settings` tree, one dataclass per
+section (`training`, `sampling`, `eval`, `sample`, `data`, `model`,
+`optim`). Everything below it (programs, train, evaluate, sample, convert)
+takes settings, never a ConfigDict. Here, before anything compiles:
+
+- every key of every section is checked against the keys something reads: an
+  unknown key (`model.nff = 64`) is a `ConfigError` that names it and the
+  section's valid keys. The model section also takes the architecture keys of
+  any network family (`models.MODELS`); the chosen network receives those of
+  its own constructor.
+- every value is checked for its type and range.
+
+Every default lives in configs/default.py. A config that lacks keys (one
+written by an older version into a workdir) is completed from that file
+when it can be found, else the missing keys are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple, get_type_hints
+
+from score_jax.errors import ConfigError
+
+__all__ = ["Settings", "Training", "Sampling", "Eval", "Sample", "Data", "Model", "Optim",
+           "from_config", "from_json", "default_config", "SDE_NAMES", "SAMPLING_METHODS"]
+
+SDE_NAMES = ("vpsde", "subvpsde", "vesde", "rectified_flow")
+SAMPLING_METHODS = ("pc", "ode", "ddim", "heun", "dpm_solver", "unipc")
+UNIPC_VARIANTS = ("bh1", "bh2")
+PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none")
+CORRECTORS = ("langevin", "ald", "none")
+SCHEDULES = ("", "uniform_t", "logSNR", "edm", "optimized")
+TASKS = ("generate", "inpaint", "colorize", "interpolate")
+QUANTIZATIONS = ("truncate", "round")
+NONFINITE_GRADS = ("skip", "zero")
+DTYPES = ("float32", "bfloat16", "float16")
+# Network parameterizations (models.PARAMETERIZATIONS), DSM time distributions and
+# weightings (losses.TIME_DISTRIBUTIONS, losses.WEIGHTINGS), spelled here so that
+# settings import nothing heavy.
+PARAMETERIZATIONS = ("default", "edm", "velocity")
+TIME_DISTRIBUTIONS = ("uniform", "lognormal_sigma", "logit_normal")
+WEIGHTINGS = ("default", "edm", "velocity")
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+  sde: str
+  continuous: bool
+  reduce_mean: bool
+  likelihood_weighting: bool
+  importance_weighting: bool
+  batch_size: int
+  microbatches: int
+  n_iters: int
+  snapshot_freq: int
+  snapshot_freq_for_preemption: int
+  snapshot_sampling: bool
+  phema_snapshot_freq: int
+  log_freq: int
+  eval_freq: int
+  eps: float
+  class_dropout: float
+  time_distribution: str
+  p_mean: float
+  p_std: float
+  logit_mean: float
+  logit_std: float
+  weighting: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  method: str
+  predictor: str
+  corrector: str
+  snr: float
+  n_steps_each: int
+  noise_removal: bool
+  probability_flow: bool
+  num_steps: int
+  schedule: str
+  eta: float
+  order: int
+  unipc_variant: str
+  grid_batch_size: int
+  grid_iters: int
+  s_churn: float
+  rtol: float
+  atol: float
+  eps: float
+  guidance_weight: float
+  guidance_interval: Tuple[float, float]
+  batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+  begin_ckpt: int
+  end_ckpt: int
+  batch_size: int
+  enable_sampling: bool
+  num_samples: int
+  enable_loss: bool
+  enable_bpd: bool
+  bpd_dataset: str
+  bpd_passes: int
+  hutchinson: str
+  likelihood_rtol: float
+  likelihood_atol: float
+  likelihood_eps: float
+  wait_timeout_s: float
+  poll_interval_s: float
+  quantization: str
+  inception_path: str
+  inception_resize: str
+  inception_precision: str
+  inception_batch_size: int
+  stats_path: str
+  stats_num_images: int
+  kid_dataset_features: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  ckpt_step: int
+  num: int
+  task: str
+  images_path: str
+  mask: str
+  class_label: int
+  interpolation_steps: int
+  output_dir: str
+  guide_workdir: str
+  guide_step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  dataset: str
+  data_dir: str
+  image_size: int
+  num_channels: int
+  random_flip: bool
+  centered: bool
+  uniform_dequantization: bool
+  toy_name: str
+  category: str
+  tfrecords_path: str
+  augment_p: float
+  augment_xflip: float
+  augment_yflip: float
+  augment_rotate_int: float
+  augment_translate_int: float
+  augment_scale: float
+  augment_rotate_frac: float
+  augment_aniso: float
+  augment_translate_frac: float
+
+  def augment_kwargs(self) -> Dict[str, float]:
+    """score_jax.data.augment.Augment's arguments: p and the probability multipliers."""
+    prefix = "augment_"
+    return {f.name[len(prefix):]: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name.startswith(prefix)}
+
+  @property
+  def is_toy(self) -> bool:
+    return self.dataset.lower() == "toy"
+
+  @property
+  def is_images(self) -> bool:
+    return not self.is_toy
+
+  def shape(self, batch: int) -> Tuple[int, ...]:
+    """Shape of a batch of data: [B, 2] for toy data, else [B, H, W, C]."""
+    if self.is_toy:
+      return (batch, 2)
+    return (batch, self.image_size, self.image_size, self.num_channels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  name: str
+  sigma_min: float
+  sigma_max: float
+  num_scales: int
+  beta_min: float
+  beta_max: float
+  dropout: float
+  embedding_type: str
+  ema_rate: float
+  ema_halflife_kimg: float
+  ema_rampup_ratio: float
+  phema_sigma_rels: Tuple[float, ...]
+  num_classes: int
+  dtype: str
+  remat: bool
+  parameterization: str
+  sigma_data: float
+  # Architecture keys of the network families, as given (tuples for lists).
+  arch: Tuple[Tuple[str, Any], ...] = ()
+
+  def get(self, key: str, default: Any = None) -> Any:
+    """An architecture or generic key's value (default when the config does not set it)."""
+    if key in _field_names(Model):
+      return getattr(self, key)
+    return dict(self.arch).get(key, default)
+
+  @property
+  def conditional_on_labels(self) -> bool:
+    return self.num_classes > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+  optimizer: str
+  lr: float
+  beta1: float
+  eps: float
+  weight_decay: float
+  warmup: int
+  lr_rampup_kimg: float
+  grad_clip: float
+  nonfinite_grads: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """A run's validated settings; `raw` is the resolved config as plain dicts (config.json)."""
+  seed: int
+  training: Training
+  sampling: Sampling
+  eval: Eval
+  sample: Sample
+  data: Data
+  model: Model
+  optim: Optim
+  raw: Mapping[str, Any] = dataclasses.field(compare=False, hash=False, repr=False,
+                                             default_factory=dict)
+
+  def to_json(self) -> str:
+    return json.dumps(self.raw, indent=2, sort_keys=True, default=_json_default)
+
+  def replace(self, **sections: Mapping[str, Any]) -> "Settings":
+    """A copy with some keys changed, validated again: replace(sampling={'method': 'ode'})."""
+    raw = json.loads(json.dumps(self.raw, default=_json_default))
+    for section, changes in sections.items():
+      if section == "seed":
+        raw["seed"] = changes
+        continue
+      if section not in raw:
+        raise ConfigError(f"Unknown config section {section!r}; sections: {sorted(_SECTIONS)}.")
+      raw[section].update(changes)
+    return _from_dict(raw)
+
+
+_SECTIONS: Dict[str, type] = {"training": Training, "sampling": Sampling, "eval": Eval,
+                              "sample": Sample, "data": Data, "model": Model, "optim": Optim}
+
+
+def _field_names(cls: type) -> Tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(cls) if f.name != "arch")
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, tuple):
+    return list(value)
+  raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _family_keys() -> Dict[str, Tuple[str, ...]]:
+  """model.name -> the constructor arguments its network reads from the model section."""
+  from score_jax.models import MODELS  # pylint: disable=g-import-not-at-top
+  skip = {"name", "parent", "dtype", "centered"}
+  return {name: tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name not in skip)
+          for name, cls in MODELS.items()}
+
+
+def _as_static(value: Any) -> Any:
+  """Lists (e.g. fir_kernel = [1, 3, 3, 1]) -> tuples: settings and module fields are hashable."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_as_static(v) for v in value)
+  return value
+
+
+def _convert(section: str, key: str, value: Any, typ: Any) -> Any:
+  where = f"{section}.{key}" if section else key
+  if typ is bool:
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+      return bool(value)
+    raise ConfigError(f"{where} must be True or False, got {value!r}.")
+  if typ is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      if isinstance(value, float) and value.is_integer():
+        return int(value)
+      raise ConfigError(f"{where} must be an integer, got {value!r}.")
+    return value
+  if typ is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{where} must be a number, got {value!r}.")
+    return float(value)
+  if typ is str:
+    if not isinstance(value, str):
+      raise ConfigError(f"{where} must be a string, got {value!r}.")
+    return value
+  return value
+
+
+_DEFAULT: Optional[Dict[str, Any]] = None
+
+
+def default_config() -> Optional[Dict[str, Any]]:
+  """configs/default.py's config as plain dicts, or None where the file is not found.
+
+  The repository's configs/ folder sits beside the score_jax package (an
+  editable install or a checkout on the path).
+  """
+  global _DEFAULT
+  if _DEFAULT is None:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                        "default.py")
+    if not os.path.isfile(path):
+      return None
+    spec = importlib.util.spec_from_file_location("_score_jax_default_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _DEFAULT = module.get_config().to_dict()
+  return json.loads(json.dumps(_DEFAULT, default=_json_default))
+
+
+def from_config(config: Any) -> Settings:
+  """Validated settings of an ml_collections ConfigDict (or a plain nested dict).
+
+  Raises:
+    ConfigError: an unknown key, a missing one (with no configs/default.py to
+      complete it from), or a value of the wrong type or range; the message
+      names the key and the fix.
+  """
+  raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return _from_dict(json.loads(json.dumps(raw, default=_json_default)))
+
+
+def from_json(path: str) -> Settings:
+  """Settings of a workdir's config.json."""
+  with open(path) as f:
+    return _from_dict(json.load(f))
+
+
+def _complete(raw: Dict[str, Any]) -> Dict[str, Any]:
+  """Fills keys the config lacks from configs/default.py (older workdirs' config.json)."""
+  default = default_config()
+  if default is None:
+    return raw
+  for section, values in default.items():
+    if isinstance(values, dict):
+      have = raw.setdefault(section, {})
+      if not isinstance(have, dict):
+        raise ConfigError(f"Config section {section!r} must be a ConfigDict, got {have!r}.")
+      for key, value in values.items():
+        have.setdefault(key, value)
+    else:
+      raw.setdefault(section, values)
+  return raw
+
+
+def _from_dict(raw: Dict[str, Any]) -> Settings:
+  raw = _complete(raw)
+  unknown_sections = sorted(set(raw) - set(_SECTIONS) - {"seed"})
+  if unknown_sections:
+    raise ConfigError(f"Unknown config section(s) {unknown_sections}; a config has the sections "
+                      f"{sorted(_SECTIONS)} and 'seed'.")
+  families = _family_keys()
+  arch_keys = sorted({k for keys in families.values() for k in keys} - set(_field_names(Model)))
+  sections: Dict[str, Any] = {}
+  for section, cls in _SECTIONS.items():
+    values = raw.get(section)
+    if not isinstance(values, dict):
+      raise ConfigError(f"The config has no section {section!r}; start configs from "
+                        "configs/default.py's get_config().")
+    names = _field_names(cls)
+    allowed = set(names) | (set(arch_keys) if cls is Model else set())
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+      extra = (" and the architecture keys of the network families: " + ", ".join(arch_keys)
+               if cls is Model else "")
+      raise ConfigError(f"Unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}: nothing "
+                        f"reads them. Valid keys of config.{section}: {', '.join(names)}{extra}.")
+    missing = [k for k in names if k not in values]
+    if missing:
+      raise ConfigError(f"The config lacks {', '.join(f'{section}.{k}' for k in missing)}; start "
+                        "configs from configs/default.py's get_config().")
+    hints = get_type_hints(cls)
+    kwargs = {k: _convert(section, k, _as_static(values[k]), hints[k]) for k in names}
+    if cls is Model:
+      kwargs["arch"] = tuple(sorted((k, _as_static(values[k])) for k in values if k in arch_keys))
+    sections[section] = cls(**kwargs)
+  seed = _convert("", "seed", raw.get("seed", 0), int)
+  settings = Settings(seed=seed, raw=raw, **sections)
+  _check(settings, families)
+  return settings
+
+
+def _choice(where: str, value: str, choices, *, lower: bool = False) -> None:
+  v = value.lower() if lower else value
+  if v not in choices:
+    raise ConfigError(f"Unknown {where} {value!r}; choose from {sorted(choices)}.")
+
+
+def _at_least(where: str, value: float, low: float) -> None:
+  if not value >= low:
+    raise ConfigError(f"{where} must be >= {low}, got {value}.")
+
+
+def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
+  """Value checks that need no devices, no data and no network."""
+  t, m, smp, e, d = s.training, s.model, s.sampling, s.eval, s.data
+  _choice("training.sde", t.sde, SDE_NAMES, lower=True)
+  for key in ("batch_size", "microbatches", "n_iters", "snapshot_freq",
+              "snapshot_freq_for_preemption", "log_freq", "eval_freq"):
+    _at_least(f"training.{key}", getattr(t, key), 1)
+  if not 0.0 < t.eps < 1.0:
+    raise ConfigError(f"training.eps must lie in (0, 1), got {t.eps}.")
+  if not 0.0 <= t.class_dropout < 1.0:
+    raise ConfigError(f"training.class_dropout must lie in [0, 1), got {t.class_dropout}.")
+  if (t.likelihood_weighting or t.importance_weighting) and not t.continuous:
+    raise ConfigError("likelihood/importance weighting apply to continuous training only "
+                      "(training.continuous = True).")
+  if t.importance_weighting and not t.likelihood_weighting:
+    raise ConfigError("training.importance_weighting samples times for the likelihood-weighted "
+                      "loss; set training.likelihood_weighting = True too.")
+  _check_families(t, m)
+  _choice("model", m.name, families, lower=True)  # "Unknown model ..." (model.name)
+  _choice("model.dtype", m.dtype, DTYPES)
+  if m.remat and "remat" not in families[m.name.lower()]:
+    raise ConfigError(f"model.remat (gradient checkpointing) is supported by ncsnpp, ddpmpp and "
+                      f"ddpm, not by {m.name!r}; set model.remat = False.")
+  if not 0.0 <= m.ema_rate < 1.0:
+    raise ConfigError(f"model.ema_rate must lie in [0, 1), got {m.ema_rate}.")
+  for where, value in (("model.ema_halflife_kimg", m.ema_halflife_kimg),
+                       ("model.ema_rampup_ratio", m.ema_rampup_ratio),
+                       ("optim.lr_rampup_kimg", s.optim.lr_rampup_kimg)):
+    _at_least(where, value, 0.0)
+  if s.optim.lr_rampup_kimg > 0 and s.optim.warmup > 0:
+    raise ConfigError("optim.lr_rampup_kimg (a ramp-up in images) and optim.warmup (in steps) "
+                      "are two ramps of the learning rate; set optim.warmup = 0.")
+  _check_phema(t, m)
+  _at_least("model.num_classes", m.num_classes, 0)
+  _at_least("model.num_scales", m.num_scales, 1)
+  if t.sde.lower() == "vesde" and not 0 < m.sigma_min < m.sigma_max:
+    raise ConfigError(f"vesde needs 0 < model.sigma_min < model.sigma_max, got {m.sigma_min}, "
+                      f"{m.sigma_max}.")
+  if t.sde.lower() in ("vpsde", "subvpsde") and not 0 <= m.beta_min < m.beta_max:
+    raise ConfigError(f"{t.sde} needs 0 <= model.beta_min < model.beta_max, got {m.beta_min}, "
+                      f"{m.beta_max}.")
+  _choice("optim.optimizer", s.optim.optimizer, ("adam", "adamw"), lower=True)
+  _choice("optim.nonfinite_grads", s.optim.nonfinite_grads, NONFINITE_GRADS)
+  _choice("sampling.method", smp.method, SAMPLING_METHODS, lower=True)
+  _choice("sampling.predictor", smp.predictor, PREDICTORS)
+  _choice("sampling.corrector", smp.corrector, CORRECTORS)
+  _choice("sampling.schedule", smp.schedule, SCHEDULES)
+  _at_least("sampling.batch_size", smp.batch_size, 1)
+  _at_least("sampling.num_steps", smp.num_steps, 0)
+  _at_least("sampling.n_steps_each", smp.n_steps_each, 1 if smp.corrector != "none" else 0)
+  if not 0.0 < smp.eps < 1.0:
+    raise ConfigError(f"sampling.eps must lie in (0, 1), got {smp.eps}.")
+  if smp.method.lower() == "dpm_solver" and smp.order not in (2, 3):
+    raise ConfigError(f"sampling.order must be 2 or 3 for dpm_solver, got {smp.order}.")
+  if smp.method.lower() == "unipc" and smp.order not in (1, 2, 3):
+    raise ConfigError(f"sampling.order must be 1, 2 or 3 for unipc, got {smp.order}.")
+  _choice("sampling.unipc_variant", smp.unipc_variant, UNIPC_VARIANTS)
+  if smp.schedule == "optimized" and smp.method.lower() != "unipc":
+    raise ConfigError("sampling.schedule='optimized' (a grid fitted to the model) is made for "
+                      f"sampling.method='unipc', not {smp.method!r}.")
+  _at_least("sampling.grid_batch_size", smp.grid_batch_size, 1)
+  _at_least("sampling.grid_iters", smp.grid_iters, 0)
+  interval = smp.guidance_interval
+  if not (isinstance(interval, tuple) and len(interval) == 2 and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in interval)):
+    raise ConfigError("sampling.guidance_interval must be two numbers >= 0, (lo, hi) of sigma^ = "
+                      f"std / alpha where guidance applies, or (0, 0) for everywhere; got "
+                      f"{interval!r}.")
+  _choice("eval.hutchinson", e.hutchinson, ("rademacher", "gaussian", "exact"))
+  _choice("eval.quantization", e.quantization, QUANTIZATIONS)
+  _choice("eval.inception_resize", e.inception_resize, ("tf1", "pytorch"))
+  _choice("eval.inception_precision", e.inception_precision, ("highest", "high", "default"))
+  _choice("eval.bpd_dataset", e.bpd_dataset, ("train", "test"))
+  for key in ("batch_size", "num_samples", "bpd_passes", "inception_batch_size"):
+    _at_least(f"eval.{key}", getattr(e, key), 1)
+  _at_least("eval.wait_timeout_s", e.wait_timeout_s, 0.0)
+  _at_least("eval.poll_interval_s", e.poll_interval_s, 0.0)
+  _choice("sample.task", s.sample.task, TASKS)
+  _at_least("sample.num", s.sample.num, 1)
+  _at_least("sample.interpolation_steps", s.sample.interpolation_steps, 2)
+  _at_least("sample.guide_step", s.sample.guide_step, -1)
+  if s.sample.class_label >= max(m.num_classes, 1) and m.num_classes > 0:
+    raise ConfigError(f"sample.class_label {s.sample.class_label} is not a class of this model "
+                      f"(0..{m.num_classes - 1}).")
+  if d.is_toy != (m.name.lower() == "mlp"):
+    raise ConfigError(f"model.name {m.name!r} does not fit data.dataset {d.dataset!r}: 2-D toy "
+                      "data needs model.name='mlp', image data a convolutional network "
+                      "(ncsnpp, ddpmpp, ddpm, ncsnv2).")
+  if d.is_images:
+    _at_least("data.image_size", d.image_size, 1)
+    _at_least("data.num_channels", d.num_channels, 1)
+    ch_mult = m.get("ch_mult")
+    if ch_mult is not None and "ch_mult" in families[m.name.lower()]:
+      factor = 2 ** (len(ch_mult) - 1)
+      if d.image_size % factor:
+        raise ConfigError(f"data.image_size = {d.image_size} must be divisible by {factor}, since "
+                          f"the network halves the resolution {len(ch_mult) - 1} times "
+                          f"(model.ch_mult = {tuple(ch_mult)}).")
+  _check_augment(d, m)
+
+
+def _check_augment(d: Data, m: Model) -> None:
+  """EDM's augmentation: valid probabilities, image data, a network that takes its labels."""
+  from score_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from score_jax.models import MODELS  # pylint: disable=g-import-not-at-top
+  try:
+    aug = augment.Augment(**d.augment_kwargs())
+  except ValueError as e:
+    raise ConfigError(f"data.augment_{e}") from e
+  if not aug.enabled:
+    return
+  if not d.is_images:
+    raise ConfigError("data.augment_p > 0 augments images; set data.augment_p = 0 for "
+                      f"data.dataset {d.dataset!r}.")
+  fields = {f.name: f for f in dataclasses.fields(MODELS[m.name.lower()])}
+  if "augment_dim" not in fields:
+    raise ConfigError(f"data.augment_p > 0 conditions the network on the augmentation labels, "
+                      f"which {m.name!r} does not take; use model.name = 'song_unet', "
+                      "'ncsnpp' or 'ddpmpp' (with model.augment_dim) or set data.augment_p = 0.")
+  dim = m.get("augment_dim", fields["augment_dim"].default)
+  if dim != aug.label_dim:
+    raise ConfigError(f"The augmentation (data.augment_*) makes {aug.label_dim} labels but the "
+                      f"network takes model.augment_dim = {dim}; set model.augment_dim = "
+                      f"{aug.label_dim}.")
+
+
+def _check_families(t: Training, m: Model) -> None:
+  """The network parameterization and the DSM loss's time distribution and weighting."""
+  _choice("model.parameterization", m.parameterization, PARAMETERIZATIONS)
+  _choice("training.time_distribution", t.time_distribution, TIME_DISTRIBUTIONS)
+  _choice("training.weighting", t.weighting, WEIGHTINGS)
+  if m.parameterization != "default":
+    if not t.continuous:
+      raise ConfigError(f"model.parameterization = {m.parameterization!r} is continuous-time; "
+                        "set training.continuous = True.")
+    if m.get("scale_by_sigma"):
+      raise ConfigError(f"model.scale_by_sigma does not combine with model.parameterization = "
+                        f"{m.parameterization!r}, which scales the output itself; set "
+                        "model.scale_by_sigma = False.")
+  if not (math.isfinite(m.sigma_data) and m.sigma_data > 0):
+    raise ConfigError(f"model.sigma_data must be a finite number > 0, got {m.sigma_data}.")
+  if t.likelihood_weighting and t.weighting != "default":
+    raise ConfigError(f"training.likelihood_weighting is a weighting of its own; it does not "
+                      f"combine with training.weighting = {t.weighting!r}.")
+  if t.importance_weighting and t.time_distribution != "uniform":
+    raise ConfigError("training.importance_weighting samples t itself; set "
+                      "training.time_distribution = 'uniform'.")
+  if (t.time_distribution != "uniform" or t.weighting != "default") and not t.continuous:
+    raise ConfigError("training.time_distribution and training.weighting apply to continuous "
+                      "training (training.continuous = True).")
+  for key in ("p_std", "logit_std"):
+    if not getattr(t, key) > 0:
+      raise ConfigError(f"training.{key} must be > 0, got {getattr(t, key)}.")
+
+
+def _check_phema(t: Training, m: Model) -> None:
+  """Post-hoc EMA: distinct widths in (0, 1/sqrt(12)] (gamma >= 0), a snapshot interval."""
+  rels = m.phema_sigma_rels
+  limit = 1.0 / math.sqrt(12.0)  # score_jax.run.phema.SIGMA_REL_MAX: the uniform average
+  if not (isinstance(rels, tuple) and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= limit for v in rels)
+          and len(set(rels)) == len(rels)):
+    raise ConfigError(f"model.phema_sigma_rels must be distinct relative EMA widths in (0, "
+                      f"{limit:.4f}], e.g. (0.05, 0.1), or () for off; got {rels!r}.")
+  _at_least("training.phema_snapshot_freq", t.phema_snapshot_freq, 1)
+
+
+def check_devices(s: Settings, num_devices: int, process_count: int) -> None:
+  """Batch sizes that split over the devices and processes (before anything compiles)."""
+  b, m = s.training.batch_size, s.training.microbatches
+  if b % num_devices:
+    raise ConfigError(f"training.batch_size = {b} does not divide across the {num_devices} "
+                      f"devices; use a multiple of {num_devices} (e.g. "
+                      f"--config.training.batch_size={math.ceil(b / num_devices) * num_devices}).")
+  if b % process_count:
+    raise ConfigError(f"training.batch_size = {b} does not divide across {process_count} "
+                      "processes.")
+  if b % (m * num_devices):
+    raise ConfigError(f"training.microbatches = {m} must split training.batch_size = {b} into "
+                      f"equal micro-batches that divide across the {num_devices} devices "
+                      f"(batch_size a multiple of microbatches x devices = {m * num_devices}).")

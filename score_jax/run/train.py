@@ -1,0 +1,320 @@
+"""Training: train state, the jitted data-parallel step, and the training loop.
+
+One code path from one CPU to a pod: a 1-D device mesh over all devices,
+parameters replicated, the batch sharded along the mesh. Resume order (the
+one place it is decided): the newest complete checkpoint in
+WORKDIR/checkpoints, else a fresh initialization from config.seed. The data
+position is a pure function of the step, so a resumed run reads exactly the
+batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from score_jax import plotting
+from score_jax.data import augment
+from score_jax.run import checkpoints, writers
+from score_jax.data import datasets
+from score_jax.run import distributed
+from score_jax.run import phema
+from score_jax.run import programs
+from score_jax.run.state import PhemaTrainState, TrainState, init_state, save_config
+from score_jax.errors import UserError, WorkdirError
+from score_jax.run.programs import Setup
+from score_jax.data.scaling import data_scaler
+from score_jax.run.settings import Settings
+
+Array = jax.Array
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+  """Training produced a non-finite loss or gradient."""
+
+
+def apply_update(setup: Setup, state: TrainState, grads) -> TrainState:
+  """The state after one optimizer step with grads: the config's optimizer, then the EMA."""
+  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  rate = programs.get_ema_decay(setup.settings)(state.step)
+  ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, params)
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+  if isinstance(state, PhemaTrainState):
+    exponents = phema.gammas(setup.settings)
+    new = new.replace(phema=phema.update(state.phema, params, new.step, exponents))
+  return new
+
+
+def zero_nonfinite(grads):
+  """EDM's treatment of non-finite gradients (optim.nonfinite_grads = 'zero'): NaN
+  entries become 0, +inf 1e5 and -inf -1e5, the bounds of NVlabs/edm's training loop."""
+  return jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
+
+
+def make_train_step(setup: Setup):
+  """The jitted step (state, x, y, root_key) -> (state, metrics); `state` is donated.
+
+  Keys come from fold_in(root_key, step): nothing random lives in the state.
+  With training.microbatches = m > 1 the batch runs as m equal micro-batches
+  in a `lax.scan` whose losses and gradients are averaged: the gradient of
+  the same batch-mean loss (each micro-batch draws its own times, noise and
+  dropout), with one micro-batch's activations alive at a time.
+  A step whose loss or gradient norm is not finite leaves the state unchanged
+  and reports finite=False, so the last good state is what gets saved; with
+  optim.nonfinite_grads = 'zero' (EDM) it is taken with `zero_nonfinite` grads
+  instead and reports finite=True (the state stays finite).
+  With EDM's augmentation on (data.augment_*), the batch is augmented here, on
+  the device, and the network gets its labels.
+  """
+  loss_fn = programs.get_loss_fn(setup.settings, setup.sde, setup.model, train=True)
+  schedule = programs.get_lr_schedule(setup.settings)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  microbatches = setup.settings.training.microbatches
+  aug = programs.get_augment(setup.settings)
+  zero_mode = setup.settings.optim.nonfinite_grads == "zero"
+
+  def loss_and_grads(params, rng: Array, x: Array, y: Optional[Array]):
+    """Mean loss over the batch and its gradient, accumulated over micro-batches."""
+    a = None
+    if aug is not None:
+      x, a = augment.augment(jax.random.fold_in(rng, 1), x, aug)
+    if microbatches == 1:
+      (loss, _), grads = grad_fn(params, rng, x, y, a)
+      return loss, grads
+    # Micro-batch j holds examples j, j + m, j + 2m, ...: each device's
+    # contiguous shard of the batch contributes equally to every micro-batch.
+    split = lambda a: jnp.swapaxes(a.reshape((-1, microbatches) + a.shape[1:]), 0, 1)
+    keys = jax.random.split(rng, microbatches)
+
+    def body(carry, inputs):
+      key, xm, ym, am = inputs
+      (loss, _), grads = grad_fn(params, key, xm, ym, am)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    # A rolled loop, so that one micro-batch's activations are alive at a time
+    # (unrolled, XLA schedules them side by side and the memory saving is gone).
+    (loss, grads), _ = jax.lax.scan(body, zeros, (keys, split(x), split(y), jax.tree.map(split, a)))
+    return jax.tree.map(lambda a: a / microbatches, (loss, grads))
+
+  def step_fn(state: TrainState, x: Array, y: Array, root_key: Array):
+    rng = jax.random.fold_in(root_key, state.step)
+    loss, grads = loss_and_grads(state.params, rng, x, y)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if zero_mode:
+      new, finite = apply_update(setup, state, zero_nonfinite(grads)), jnp.ones((), bool)
+    else:
+      # A branch rather than a where over every array of the state: the update
+      # then writes in place into the donated state (less memory, a faster step).
+      new = jax.lax.cond(finite, functools.partial(apply_update, setup), lambda s, _: s, state,
+                         grads)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
+    return new, metrics
+
+  rep, bat = setup.replicated, setup.batch_sharding
+  return jax.jit(step_fn, in_shardings=(rep, bat, bat, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+
+def make_eval_step(setup: Setup):
+  """(state, x, y, rng) -> loss of the EMA parameters without dropout."""
+  loss_fn = programs.get_loss_fn(setup.settings, setup.sde, setup.model, train=False)
+  rep, bat = setup.replicated, setup.batch_sharding
+
+  def eval_fn(state: TrainState, x: Array, y: Array, rng: Array):
+    return loss_fn(state.ema_params, rng, x, y)[0]
+
+  return jax.jit(eval_fn, in_shardings=(rep, bat, bat, rep), out_shardings=rep)
+
+
+def global_batch(setup: Setup, batch: Dict[str, np.ndarray]) -> Tuple[Array, Array]:
+  """Process-local numpy batch -> globally sharded arrays."""
+  make = lambda a: jax.make_array_from_process_local_data(setup.batch_sharding, a)
+  return make(np.asarray(batch["image"], np.float32)), make(np.asarray(batch["label"], np.int32))
+
+
+class _StopFlag:
+  """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def _handler(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+def _append_jsonl(path: str, record: Dict[str, Any]) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates workdir, or fails with a clear message where a file stands in its place."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir {workdir} is a file, not a folder; pick another path.")
+  os.makedirs(workdir, exist_ok=True)
+
+
+def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
+  """Trains as the settings say, resuming from WORKDIR/checkpoints if present.
+
+  Writes WORKDIR/config.json, checkpoints/, samples/ (PNG grids or scatter
+  plots and .npz arrays at each snapshot), tensorboard/ event files,
+  metrics.jsonl (one line per log step) and, with model.phema_sigma_rels,
+  phema/ (post-hoc EMA snapshots, score_jax.run.phema). Returns the final state.
+  """
+  prepare_workdir(workdir)
+  setup = programs.make_setup(settings)
+  is_main = jax.process_index() == 0
+  if is_main:
+    save_config(settings, workdir)
+  t_cfg = settings.training
+  n_iters = t_cfg.n_iters
+
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  keep_period=t_cfg.snapshot_freq)
+  phema_writer = (phema.SnapshotWriter(workdir, settings.model.phema_sigma_rels,
+                                       t_cfg.batch_size, is_main)
+                  if settings.model.phema_sigma_rels else None)
+  root_key = jax.random.PRNGKey(settings.seed)
+  init_key, train_key, sample_key, eval_key = jax.random.split(root_key, 4)
+  state = init_state(setup, init_key)
+  state = ckpt.restore_latest(state)
+  start = int(state.step)
+  if start > 0:
+    logging.info("Resumed from step %d.", start)
+
+  # Batches are read, transformed and put on the devices in a background thread,
+  # ahead of the step that takes them (the same batches in the same order).
+  train_iter = datasets.Prefetch(programs.get_dataset(settings, "train", start_step=start),
+                                 put=lambda batch: global_batch(setup, batch))
+  eval_iter = None
+  train_step = make_train_step(setup)
+  eval_step = make_eval_step(setup)
+  num_samples = settings.sampling.batch_size
+  progs = programs.Programs(setup)
+  sample_fn = progs.sampler(num_samples)
+  writer = writers.MetricWriter(workdir) if is_main else None
+  train_key = jax.device_put(train_key, setup.replicated)
+  images_per_step = t_cfg.batch_size
+
+  from tqdm.auto import tqdm
+  bar = tqdm(total=n_iters, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
+  last_time, last_step = time.perf_counter(), start
+  pending: Optional[Dict[str, Array]] = None
+  all_finite: Optional[Array] = None
+  step = start
+
+  def check_finite(all_finite, metrics, step):
+    if not bool(all_finite):
+      raise NonFiniteLossError(
+          f"Loss or gradient became non-finite by step {step} (loss={float(metrics['loss'])}, "
+          f"grad_norm={float(metrics['grad_norm'])}). The last good checkpoint in "
+          f"{ckpt.directory} is untouched; lower optim.lr, check the data scaling, or raise "
+          "training.eps.")
+
+  try:
+    with _StopFlag() as stop:
+      # Steps are counted on the host: reading state.step would wait for every step.
+      while step < n_iters:
+        step += 1  # the step this iteration completes
+        x, y = next(train_iter)
+        state, metrics = train_step(state, x, y, train_key)
+        if phema_writer is not None and (step % t_cfg.phema_snapshot_freq == 0 or step == n_iters):
+          phema_writer.save(step, state)  # before the next step donates the state
+        pending = metrics
+        # Sticky on the device (no sync): any non-finite step since the start
+        # stops the run at the next check, before a checkpoint is written.
+        all_finite = metrics["finite"] if all_finite is None else all_finite & metrics["finite"]
+        snapshot = step % t_cfg.snapshot_freq == 0 or step == n_iters
+        preempt = step % t_cfg.snapshot_freq_for_preemption == 0
+        if step % t_cfg.log_freq == 0 or snapshot or preempt or stop.requested:
+          metrics = jax.device_get(metrics)
+          check_finite(all_finite, metrics, step)
+          now = time.perf_counter()
+          steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
+          last_time, last_step = now, step
+          record = {"step": step, "loss": float(metrics["loss"]),
+                    "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]),
+                    "steps_per_s": steps_per_s, "images_per_s": steps_per_s * images_per_step}
+          if is_main:
+            writer.scalars(step, {k: v for k, v in record.items() if k != "step"})
+            _append_jsonl(os.path.join(workdir, "metrics.jsonl"), record)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", it_s=f"{steps_per_s:.2f}",
+                            img_s=f"{record['images_per_s']:.1f}")
+        if step % t_cfg.eval_freq == 0 and settings.eval.enable_loss:
+          if eval_iter is None:
+            eval_iter = programs.get_dataset(settings, "test", start_step=step // t_cfg.eval_freq)
+          ex, ey = global_batch(setup, next(eval_iter))
+          eval_loss = float(eval_step(state, ex, ey, jax.random.fold_in(eval_key, step)))
+          if is_main:
+            writer.scalars(step, {"eval_loss": eval_loss})
+        bar.update(1)
+        if snapshot or preempt or stop.requested:
+          ckpt.save(step, state)
+        if snapshot and t_cfg.snapshot_sampling:
+          _write_samples(progs, state, sample_fn, num_samples,
+                         jax.random.fold_in(sample_key, step), workdir, step, is_main)
+        if stop.requested:
+          logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
+          break
+    if pending is not None:
+      check_finite(all_finite, jax.device_get(pending), step)
+  finally:
+    train_iter.close()
+    bar.close()
+    ckpt.close()
+    if phema_writer is not None:
+      phema_writer.close()
+    if writer is not None:
+      writer.close()
+  return state
+
+
+def _write_samples(progs: programs.Programs, state: TrainState, sample_fn, num_samples: int,
+                   rng: Array, workdir: str, step: int, is_main: bool) -> None:
+  """Samples with the EMA parameters; writes samples/step_<k>.{png,npz} on process 0.
+
+  Class-conditional models get the labels 0, 1, 2, ... in turn.
+  """
+  s = progs.settings
+  y = np.arange(num_samples, dtype=np.int32) % max(s.model.num_classes, 1)
+  x, nfe = sample_fn(state.ema_params, rng, progs.put(y))
+  x = distributed.to_host(x)
+  if not is_main:
+    return
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  base = os.path.join(out_dir, f"step_{step}")
+  title = f"step {step}, {int(nfe)} score evaluations"
+  if x.ndim == 2:
+    data = next(iter(programs.get_dataset(s, "test", evaluation=True, batch_size=1024,
+                                          process_index=0, process_count=1)))["image"]
+    plotting.save_scatter(base + ".png", x, np.asarray(data), title=title)
+  else:
+    plotting.save_image_grid(base + ".png", data_scaler(s.data.centered).inverse(x))
+  plotting.save_arrays(base + ".npz", samples=x, nfe=np.asarray(nfe))
