@@ -55,7 +55,7 @@ from score_jax.data import datasets
 from score_jax.metrics import digits as digits_metric
 from score_jax.run import load as runs
 from score_jax.run import settings
-from score_jax.samplers import time_grids  # noqa: E402
+from score_jax.run import grids  # noqa: E402
 
 Overrides = Dict[str, object]
 
@@ -138,7 +138,7 @@ def _sample(setup, params, config, num: int, batch: int, seed: int,
   num_classes = progs.settings.model.num_classes
   weight = progs.settings.sampling.guidance_weight
   params = progs.guided(params)
-  timesteps = time_grids.grid_for(progs, params, os.path.join(workdir, "time_grids"), weight)
+  timesteps = grids.grid_for(progs, params, os.path.join(workdir, "time_grids"), weight)
   fn = progs.sampler(batch, weight, timesteps)
   key = jax.random.PRNGKey(seed)
   labels = lambda r: progs.put(((r * batch + np.arange(batch)) % max(num_classes, 1))

@@ -7,7 +7,6 @@ reader (or a crash) never sees a half-written picture or array file.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import numpy as np

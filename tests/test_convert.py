@@ -27,6 +27,7 @@ from flax import serialization, traverse_util
 from jax import lax
 
 import score_jax
+from score_jax.convert import cli as convert_cli
 from score_jax.convert import reference as convert
 from score_jax.run import programs
 from score_jax.convert import torch_pickle
@@ -266,7 +267,7 @@ def test_perturbed_flax_file_is_refused_and_leaves_no_dst(tmp_path):
   msg = str(err.value)
   assert f"1 missing: {names[5]}" in msg and f"{names[9]} " in msg and "Extra_0/kernel" in msg
   assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]  # no DST, no temp folder
-  assert convert.main(["convert", "--from=flax", f"--config={REPO}/configs/digits.py",
+  assert convert_cli.main(["convert", "--from=flax", f"--config={REPO}/configs/digits.py",
                        "--config.model.nf=8", path, dst]) == 1
   assert not os.path.exists(dst)
 
@@ -410,7 +411,7 @@ def test_command_line_converts_a_genuine_checkpoint_the_eval_and_sample_modes_lo
   freq = int(config.training.snapshot_freq)
   dst = str(tmp_path / "run")
   argv = ["convert", "--from=pytorch", *_config_flags(name), f"--step={2 * freq}", path, dst]
-  assert convert.main(argv) == 0
+  assert convert_cli.main(argv) == 0
   out = capsys.readouterr().out
   assert "ema weights" in out and f"--workdir={dst} --mode=sample" in out
   assert "--config.eval.begin_ckpt=2 --config.eval.end_ckpt=2" in out
@@ -452,11 +453,11 @@ def test_sigmas_buffer_of_another_config_is_refused_naming_the_keys(tmp_path, ca
   assert "model.sigma_min:" not in msg  # that one agrees
   dst = str(tmp_path / "run")
   wrong = _config_flags(name) + ["--config.model.sigma_max=90", "--config.model.num_scales=2000"]
-  assert convert.main(["convert", "--from=pytorch", *wrong, path, dst]) == 1
+  assert convert_cli.main(["convert", "--from=pytorch", *wrong, path, dst]) == 1
   assert "--config.model.sigma_max=50 --config.model.num_scales=1000" in capsys.readouterr().err
   assert os.listdir(tmp_path) == []  # no DST, no temp folder
   fixed = wrong + ["--config.model.sigma_max=50", "--config.model.num_scales=1000"]
-  assert convert.main(["convert", "--from=pytorch", *fixed, path, dst]) == 0
+  assert convert_cli.main(["convert", "--from=pytorch", *fixed, path, dst]) == 0
 
 
 def test_check_sigmas_tolerates_float32_and_names_what_differs():
@@ -502,7 +503,7 @@ def test_perturbed_pytorch_file_is_refused_and_leaves_no_dst(tmp_path, monkeypat
   assert f"1 missing: {names[5][7:]}" in msg and f"{names[9][7:]} " in msg
   assert "1 unexpected: all_modules.99.weight" in msg  # the sigmas buffer is not unexpected
   assert os.listdir(tmp_path) == []  # no DST, no temp folder
-  assert convert.main(["convert", "--from=pytorch", *_config_flags(name), path, dst]) == 1
+  assert convert_cli.main(["convert", "--from=pytorch", *_config_flags(name), path, dst]) == 1
   assert not os.path.exists(dst)
 
 

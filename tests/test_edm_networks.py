@@ -24,6 +24,7 @@ import pytest
 
 import score_jax
 from score_jax import models
+from score_jax.convert import cli as convert_cli
 from score_jax.convert import reference as convert
 from score_jax.convert import edm as edm_convert
 from score_jax.convert import edm_pickle
@@ -312,7 +313,7 @@ def test_command_line_converts_an_edm_snapshot_into_a_workdir(tmp_path, capsys):
   argv = ["convert", "--from=edm", "--config=" + os.path.join(HERE, "..", "configs",
                                                               "edm_cifar_ve.py"),
           *_overrides(name), _pkl(name), dst]
-  assert convert.main(argv) == 0
+  assert convert_cli.main(argv) == 0
   out = capsys.readouterr().out
   assert "ema weights" in out and f"--workdir={dst} --mode=sample" in out
   assert sorted(os.listdir(dst)) == ["checkpoints", "config.json"]
@@ -323,7 +324,7 @@ def test_command_line_converts_an_edm_snapshot_into_a_workdir(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(b), a)
   assert run.settings.model.parameterization == "edm"
   with pytest.raises(FileExistsError, match="already holds"):
-    convert.convert(_pkl(name), dst, _config(name), "edm")
+    convert_cli.convert(_pkl(name), dst, _config(name), "edm")
 
 
 def test_constructor_arguments_that_differ_are_named_with_the_overrides(tmp_path):

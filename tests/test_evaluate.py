@@ -254,7 +254,7 @@ def test_digits_eval_fid_with_random_inception(tmp_path):
   weights = str(tmp_path / "inception_random.npz")
   config = _digits_config(**{"eval.inception_path": weights})
   _save_initial_checkpoint(config, workdir, 10)
-  with pytest.raises(FileNotFoundError, match="score_jax.metrics.inception convert"):
+  with pytest.raises(FileNotFoundError, match="score_jax.convert.inception"):
     evaluate.run(S(config), workdir)  # configured but missing: fails before any work
   inception.save_inception_params(weights, inception.random_inception_params(0))
   (result,) = evaluate.run(S(config), workdir)

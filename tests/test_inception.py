@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from score_jax.convert import inception as convert_inception
 from score_jax.metrics import inception as inc
 from score_jax import files
 from score_jax.convert import torch_pickle
@@ -163,7 +164,7 @@ def test_converter_maps_every_published_tensor(tmp_path):
   state = synthetic_published_state()
   src, dst = tmp_path / "pt_inception.pth", tmp_path / "inception.npz"
   torch_pickle.save_state_dict(src, state)
-  assert inc.main(["convert", str(src), str(dst)]) == 0
+  assert convert_inception.main([str(src), str(dst)]) == 0
   params = inc.load_inception_params(dst)
   flat = files.flatten(params)
   used = set()
@@ -210,7 +211,7 @@ def test_load_errors_say_what_to_do(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     inc.load_inception_params(tmp_path / "inception_fid.npz")
   msg = str(e.value)
-  assert "python -m score_jax.metrics.inception convert" in msg and inc.PUBLISHED_WEIGHTS in msg
+  assert "python -m score_jax.convert.inception" in msg and inc.PUBLISHED_WEIGHTS in msg
 
   flat = {k: np.zeros(s, np.float32) for k, s in inc.param_shapes().items()}
   del flat["Mixed_5b/branch1x1/conv/kernel"]
@@ -384,7 +385,7 @@ def test_matches_torchvision_fid_inception(tmp_path):
   m.eval()
   src = tmp_path / "pt.pth"
   torch.save(m.state_dict(), src, _use_new_zipfile_serialization=False)
-  params = inc.convert_pth(src, tmp_path / "inception.npz")
+  params = convert_inception.convert_pth(src, tmp_path / "inception.npz")
   images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
   x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
   x = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1

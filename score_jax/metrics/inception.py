@@ -30,7 +30,7 @@ joined with "/": `<layer>/conv/kernel` [kh, kw, in, out],
 `<layer>/bn/{scale,bias,mean,var}` [out], `fc/kernel` [2048, 1008],
 `fc/bias` [1008], with <layer> the published names (`Conv2d_1a_3x3`,
 `Mixed_5b/branch1x1`, ...): 472 arrays, 23,885,392 numbers. Make it with
-`python -m score_jax.metrics.inception convert pt_inception-2015-12-05-6726825d.pth
+`python -m score_jax.convert.inception pt_inception-2015-12-05-6726825d.pth
 inception_fid.npz` from pytorch-fid's published weights (no torch needed).
 """
 
@@ -38,9 +38,8 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import zipfile
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import flax.linen as nn
 import jax
@@ -55,7 +54,6 @@ __all__ = [
     "load_inception_params",
     "save_inception_params",
     "convert_torch_state_dict",
-    "convert_pth",
     "random_inception_params",
     "resize_bilinear",
     "param_shapes",
@@ -368,7 +366,7 @@ def _missing_file_message(path: str) -> str:
       f"FID Inception weights not found at {path!r}. Nothing is downloaded at "
       f"run time. Get pytorch-fid's published file {PUBLISHED_WEIGHTS} "
       "(github.com/mseitzer/pytorch-fid, release 'fid_weights') and convert "
-      f"it once:\n  python -m score_jax.metrics.inception convert {PUBLISHED_WEIGHTS} "
+      f"it once:\n  python -m score_jax.convert.inception {PUBLISHED_WEIGHTS} "
       f"{path}\n(torch is not needed), or point the config's Inception path "
       "at an existing converted .npz.")
 
@@ -413,7 +411,7 @@ def load_inception_params(path: str | os.PathLike) -> Params:
   if _looks_like_torch(path):
     raise ValueError(
         f"{path} is a PyTorch checkpoint, not the .npz weight file; convert it "
-        f"first: python -m score_jax.metrics.inception convert {path} inception_fid.npz")
+        f"first: python -m score_jax.convert.inception {path} inception_fid.npz")
   try:
     with np.load(path, allow_pickle=False) as data:
       flat = {k: np.asarray(data[k]) for k in data.files}
@@ -494,53 +492,3 @@ def convert_torch_state_dict(state: Mapping[str, np.ndarray]) -> Params:
   _check_flat({k: v.shape for k, v in flat.items()}, "converted source weights")
   return _unflatten({k: np.ascontiguousarray(v, dtype=np.float32)
                      for k, v in flat.items()})
-
-
-def convert_pth(src: str | os.PathLike, dst: str | os.PathLike) -> Params:
-  """Converts pytorch-fid's .pth (zip or legacy torch format) to our .npz."""
-  from score_jax.convert import torch_pickle  # pylint: disable=import-outside-toplevel
-  state = torch_pickle.load_state_dict(src)
-  params = convert_torch_state_dict(state)
-  save_inception_params(dst, params)
-  return params
-
-
-_USAGE = f"python -m score_jax.metrics.inception convert SRC DST  (SRC: pytorch-fid's {PUBLISHED_WEIGHTS})"
-
-
-def _define_flags(fv, argv) -> None:
-  del fv, argv  # positional arguments only: the command, SRC and DST
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m score_jax.metrics.inception convert SRC DST`: the published .pth -> the documented .npz.
-
-  argv: the arguments after the program name (default sys.argv[1:]).
-  """
-  from score_jax.run import cli  # pylint: disable=g-import-not-at-top
-
-  argv = sys.argv[1:] if argv is None else list(argv)
-  parsed = cli.parse(["score_jax.metrics.inception", *argv], _define_flags, _USAGE, 3)
-  if parsed is None or parsed[1][0] != "convert":
-    if parsed is not None:
-      print(f"usage: {_USAGE}", file=sys.stderr)
-    return cli.USAGE_ERROR
-  _, (_, src, dst) = parsed
-
-  def run() -> int:
-    try:
-      params = convert_pth(src, dst)
-    except ValueError as e:  # not the FID Inception weights: the message lists what differs
-      print(f"error: {e}", file=sys.stderr)
-      return cli.USER_ERROR
-    n = sum(int(np.prod(s)) for s in param_shapes().values())
-    print(f"wrote {dst}: {len(_flatten(params))} arrays, {n:,} parameters")
-    return 0
-
-  return cli.report_user_errors(run)
-
-
-if __name__ == "__main__":
-  from score_jax.run import xla_flags  # pylint: disable=g-import-not-at-top
-  xla_flags.apply_defaults()
-  sys.exit(main())

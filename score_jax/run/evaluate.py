@@ -63,7 +63,7 @@ from score_jax.run import checkpoints, writers
 from score_jax.run import distributed
 from score_jax.run import quality as eval_quality
 from score_jax.run import programs
-from score_jax.samplers import time_grids
+from score_jax.run import grids
 from score_jax.run import state as run_state
 from score_jax.run.checkpoints import CheckpointWaitError
 from score_jax.run.distributed import check_batch, global_array, local_rows, sync, to_host
@@ -277,7 +277,7 @@ def _sampling_stage(progs: Programs, params: Any, rng: Array, out_dir: str,
     if sample_fn is None:
       # Compiled ahead of the first round, so samples/s counts sampling only.
       start = time.perf_counter()
-      timesteps = time_grids.grid_for(progs, params, out_dir, weight, rng)  # unipc 'optimized'
+      timesteps = grids.grid_for(progs, params, out_dir, weight, rng)  # unipc 'optimized'
       sample_fn = progs.sampler(batch, weight, timesteps).lower(params, key, y).compile()
       compile_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -21,7 +21,7 @@ from score_jax import plotting
 from score_jax.run import checkpoints
 from score_jax.run import programs
 from score_jax.run import load as runs
-from score_jax.samplers import time_grids
+from score_jax.run import grids
 from score_jax.run import state as run_state
 from score_jax.run.distributed import global_array, is_main, local_rows, pad_rows, padded, to_host
 from score_jax.errors import ConfigError, UserError
@@ -216,7 +216,7 @@ def run(settings: Settings, workdir: str) -> Dict[str, str]:
     labels = pad_rows(_sample_labels(settings, num), n)
     y = put(labels)
     if task == "generate":
-      timesteps = time_grids.grid_for(progs, params, os.path.join(workdir, "time_grids"), weight,
+      timesteps = grids.grid_for(progs, params, os.path.join(workdir, "time_grids"), weight,
                                       rng)
       x, nfe = progs.sampler(n, weight, timesteps)(params, rng, y)
     else:

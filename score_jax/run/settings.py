@@ -324,8 +324,8 @@ def default_config() -> Optional[Dict[str, Any]]:
   """
   global _DEFAULT
   if _DEFAULT is None:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                        "default.py")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # score_jax/
+    path = os.path.join(os.path.dirname(package), "configs", "default.py")
     if not os.path.isfile(path):
       return None
     spec = importlib.util.spec_from_file_location("_score_jax_default_config", path)
