@@ -1,4 +1,4 @@
-"""Pictures of trained runs, small PNGs for the README (default folder docs/figures/).
+"""Pictures of trained runs, small PNGs for the README and docs/ (default folder docs/figures/).
 
   python benchmarks/make_figures.py --toy_workdir=runs/toy --digits_workdir=runs/digits \
       [--out=docs/figures] [--grid=48] [--samples=2048] [--seed=0]

@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.batch_size = 128
   # Gradient accumulation: the batch is processed as this many equal
   # micro-batches in one step (the same batch-mean gradient, less memory per
-  # step; meant for accelerators, see the README for the CPU).
+  # step; meant for accelerators, see docs/training.md for the CPU).
   training.microbatches = 1
   training.n_iters = 1_300_001
   training.snapshot_freq = 50_000
@@ -174,8 +174,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_classes = 0  # 0: unconditional
   model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
   # Gradient checkpointing of the U-Net blocks (ncsnpp, ddpmpp, ddpm): less
-  # activation memory on GPU/TPU for ~1 extra forward pass (on CPU see the
-  # README: XLA's CPU backend undoes it).
+  # activation memory on GPU/TPU for ~1 extra forward pass (on CPU see
+  # docs/training.md: XLA's CPU backend undoes it).
   model.remat = False
   # Network output -> score (score_jax.models.build.get_score_fn): default (noise
   # or score, the 2021 code) | edm (Karras et al. preconditioning, sigma_data) |

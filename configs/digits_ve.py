@@ -1,5 +1,5 @@
 """The VE SDE (NCSN++-style score network) on scikit-learn's 8x8 digits: configs/digits.py's
-data, network size and steps, for the family comparison in the README.
+data, network size and steps, for the family comparison in docs/results.md.
 
   python main.py --config=configs/digits_ve.py --workdir=runs/digits_ve --mode=train
 

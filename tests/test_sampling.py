@@ -382,7 +382,7 @@ def test_dpm_solver_at_20_nfe_and_euler_maruyama_at_1000_steps():
   mixture: EM-1000 has 0.8% std and 0.002 mean error, DPM-Solver++ at 20
   NFE 7.4% / 0.010 (2M) and 7.2% / 0.037 (3M); 3M needs ~50 NFE for 1.4%
   (benchmarks/bench_samplers.py prints the table). The excess is ~1% of
-  samples left between modes by trajectories that split there (README).
+  samples left between modes by trajectories that split there (docs/results.md).
   """
   sde, mix, score_fn = setup("vp", 1000)
   shape = (N_SAMPLES, 2)

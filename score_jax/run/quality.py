@@ -172,7 +172,7 @@ def digits_stage(progs: Programs, workdir: str, out_dir: str, rounds: int) -> Di
 
 
 def warn_if_not_the_reference_network(s: Settings) -> None:
-  """For 256 px and up the reference measured FID with another network (README, Evaluation)."""
+  """For 256 px and up the reference measured FID with another network (docs/evaluation.md)."""
   if s.data.image_size >= 256:
     logging.warning(
         "FID at %d px: the 2021 reference computed FID for image_size >= 256 with TF-Hub's "

@@ -1,8 +1,8 @@
 """XLA:CPU compiler defaults, set by the entry points (main.py, the converters, the benchmarks)
 before JAX starts a backend; `import score_jax` leaves XLA_FLAGS alone.
 
-Two settings (their measurements: README, "CPU compiler settings" and
-"Benchmarks"; benchmarks/bench_models.py and benchmarks/bench_conv.py):
+Two settings (their measurements: docs/training.md, "CPU compiler settings", and
+docs/benchmarks.md; benchmarks/bench_models.py and benchmarks/bench_conv.py):
 
   --xla_cpu_experimental_ynn_fusion_type=reduce
       jaxlib 0.10's CPU compiler hands convolutions to YNNPACK by default,

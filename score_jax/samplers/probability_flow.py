@@ -14,7 +14,7 @@ the device: the Dormand-Prince 5(4) pair, scipy's step-size rule and its
 Hairer-Wanner first step (one extra evaluation, the first one reused as the
 first stage), so it takes the reference's steps, to rounding, at the same
 cost and error (benchmarks/bench_ode.py compares it with Tsit5, Bosh3, PI
-control and a per-example norm; tables in the README).
+control and a per-example norm; tables in docs/results.md).
 """
 
 from __future__ import annotations
