@@ -2,22 +2,24 @@
 
 `--mode=eval` evaluates the EMA parameters of every checkpoint in a range,
 waiting for checkpoints that training has not written yet, so it can run
-beside training:
-  1. loss on the eval split ('test');
-  2. likelihood on eval.bpd_dataset with the probability-flow ODE, eval.bpd_passes
-     passes: bits/dim of uniformly dequantized 8-bit images, or (2-D toy data)
-     the negative log-likelihood in nats per dimension; mean and standard error;
-  3. eval.num_samples samples from the configured sampler, in rounds of
-     eval.batch_size, written as array shards, plus a PNG grid (a scatter
-     plot beside the data for 2-D data);
-  4. FID, Inception Score and KID of those samples against the dataset's
-     statistics, when eval.inception_path names an Inception weight file;
-  5. for data.dataset 'digits', the digits FD, its floor and the classifier
-     scores of those samples (score_jax/metrics/digits.py: a small classifier
-     trained in seconds, cached in WORKDIR/eval/digits_classifier.npz).
+beside training. It runs the metric units of score_jax.run.eval_metrics that
+the plan enables, in the order of their METRICS table (one module each):
+  loss        eval.enable_loss: the training objective on the eval split ('test');
+  likelihood  eval.enable_bpd: eval.bpd_passes passes over eval.bpd_dataset with
+              the probability-flow ODE: bits/dim of uniformly dequantized 8-bit
+              images, or (2-D toy data) the negative log-likelihood in nats per
+              dimension; mean and standard error;
+  samples     eval.enable_sampling: eval.num_samples samples from the configured
+              sampler, in rounds of eval.batch_size, written as array shards,
+              plus a PNG grid (a scatter plot beside the data for 2-D data);
+  fid         FID, Inception Score and KID of those samples against the
+              dataset's statistics, when eval.inception_path names an Inception
+              weight file;
+  digits      for data.dataset 'digits', the digits FD, its floor and the
+              classifier scores of those samples (score_jax/metrics/digits.py: a
+              small classifier trained in seconds, cached in
+              WORKDIR/eval/digits_classifier.npz).
 Results go to WORKDIR/eval/ckpt_<k>.json and TensorBoard (WORKDIR/eval/tensorboard).
-Each metric is a unit of score_jax.run.eval_metrics (one module each, listed
-once in its METRICS table); this module runs the ones the plan enables.
 
 Checkpoint indices: index k of eval.begin_ckpt..eval.end_ckpt is the
 checkpoint of step k * training.snapshot_freq, the reference's numbering; the

@@ -39,8 +39,8 @@ from score_jax.run.settings import Data, Eval, Sample, Settings, check_devices
 
 Array = jax.Array
 
-__all__ = ["Plan", "DataSpec", "ScoreSpec", "SamplingSpec", "TimeGridSpec", "TrainLoop", "EvalSpec", "SampleSpec",
-           "make_plan", "assemble", "check_network", "checkpoint_range", "fingerprint"]
+__all__ = ["Plan", "DataSpec", "ScoreSpec", "SamplingSpec", "TimeGridSpec", "TrainLoop",
+           "EvalSpec", "SampleSpec", "make_plan", "assemble", "check_network", "checkpoint_range", "fingerprint"]
 
 
 def fingerprint(obj: Any) -> str:
@@ -244,7 +244,7 @@ def _sampling_fingerprint(s: Settings) -> Dict[str, Any]:
   out = {"sampling": s.raw["sampling"], "batch_size": s.eval.batch_size,
          "model": s.raw["model"], "seed": s.seed, "sde": s.training.sde,
          "continuous": s.training.continuous}
-  if s.data.is_images and s.eval.quantization != "round":  # shards written before it existed rounded
+  if s.data.is_images and s.eval.quantization != "round":  # older shards were rounded
     out["quantization"] = s.eval.quantization
   if s.sample.guide_workdir:  # autoguidance
     out["guide"] = [s.sample.guide_workdir, s.sample.guide_step]
@@ -266,8 +266,8 @@ def _time_grid(s: Settings) -> Optional[TimeGridSpec]:
   c = s.sampling
   return TimeGridSpec(order=c.order, variant=c.unipc_variant, num_steps=c.num_steps, eps=c.eps,
                       guidance_interval=tuple(c.guidance_interval),
-                      guide=(s.sample.guide_workdir, s.sample.guide_step), batch_size=c.grid_batch_size,
-                      iters=c.grid_iters, seed=s.seed)
+                      guide=(s.sample.guide_workdir, s.sample.guide_step),
+                      batch_size=c.grid_batch_size, iters=c.grid_iters, seed=s.seed)
 
 
 def assemble(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],

@@ -233,7 +233,7 @@ def get_sampler(s: Settings, sde: sde_lib.SDE, timesteps: Optional[Any] = None) 
 
 def make_setup(s: Settings, need_data: bool = True):
   """The run plan of settings (`score_jax.run.plan.make_plan`; the name of earlier versions)."""
-  from score_jax.run import plan  # pylint: disable=g-import-not-at-top  # plan builds on this module
+  from score_jax.run import plan  # pylint: disable=g-import-not-at-top  # plan imports programs
 
   return plan.make_plan(s, need_data)
 
