@@ -66,3 +66,23 @@ def test_checkpoint_range_of_the_plan_matches_the_eval_entry():
   s = _settings(**{"training.n_iters": 25, "training.snapshot_freq": 10, "eval.end_ckpt": 9})
   plan = plan_lib.assemble(s, None, None, None, jax.make_mesh((jax.device_count(),), ("data",)))
   assert plan.eval.checkpoints() == evaluate.checkpoint_steps(s) == [(1, 10), (2, 20), (3, 25)]
+
+
+def test_nothing_below_the_mode_entries_reads_settings():
+  """train, evaluate and sample read settings at their entry only; the rest takes the plan."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  from score_jax.run import sample, state  # pylint: disable=g-import-not-at-top
+  from score_jax.samplers import time_grids  # pylint: disable=g-import-not-at-top
+
+  below = [train.train, train.make_train_step, train.make_eval_step, train.apply_update,
+           train._write_samples, evaluate.evaluate, evaluate.evaluate_checkpoints, sample.write,
+           sample_tasks, programs.Programs, state.init_state, time_grids.grid_for,
+           *eval_metrics.METRICS.values()]
+  reads = re.compile(r"\bsettings\.\w|\.settings\b|\bSettings\b|\bs\.(training|model|data|eval|"
+                     r"sampling|sample|optim|seed)\b")
+  for obj in below:
+    for unit in ([inspect.getmodule(obj.compute)] if isinstance(obj, eval_metrics.Metric)
+                 else [obj]):
+      source = inspect.getsource(unit)
+      assert not reads.search(source), (unit, reads.search(source))

@@ -286,7 +286,6 @@ class Programs:
                guide: Optional[Guide] = None):
     self.plan = plan
     self.setup = plan  # the name of earlier versions
-    self.settings = plan.settings  # for callers of earlier versions; nothing here reads it
     self.factory = factory or network_score_factory(plan)
     self.guide = guide
     self._cache: Dict[Tuple, Any] = {}

@@ -38,12 +38,12 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
   e, images = plan.eval, plan.data.is_images
   batch = check_batch("eval.batch_size", e.batch_size)
   num_passes = e.bpd_passes
-  settings = dict(e.likelihood_kwargs(), batch_size=batch, dataset=e.bpd_dataset)
+  options = dict(e.likelihood_kwargs(), batch_size=batch, dataset=e.bpd_dataset)
   state = progress.data.get("likelihood")
-  if state is None or state.get("settings") != settings:
+  if state is None or state.get("settings") != options:
     if state is not None:
       logging.warning("Likelihood settings changed since the last run; starting its passes anew.")
-    state = {"settings": settings, "passes": []}
+    state = {"settings": options, "passes": []}
     progress.data["likelihood"] = state
   for p in range(num_passes):
     if p == len(state["passes"]):

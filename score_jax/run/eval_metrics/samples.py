@@ -40,15 +40,15 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
   plan, progs, progress, out_dir = inputs.plan, inputs.progs, inputs.progress, inputs.out_dir
   batch = check_batch("eval.batch_size", plan.eval.batch_size)
   sizes = _round_sizes(plan.eval.num_samples, batch)
-  settings = plan.eval.sampling_fingerprint
+  made_with = plan.eval.sampling_fingerprint
   old = progress.data.get("sampling_settings")
-  if old is not None and old != settings and any(
+  if old is not None and old != made_with and any(
       os.path.exists(shard_path(out_dir, "samples", r)) for r in range(len(sizes))):
     raise ValueError(
         f"The sample shards in {out_dir} were made with other sampling settings (sampler, "
         "model, seed or eval.batch_size); mixing them would be wrong. Delete that folder "
         "or run with the original settings.")
-  progress.data["sampling_settings"] = settings
+  progress.data["sampling_settings"] = made_with
   progress.save()
   num_classes = plan.data.num_classes
   weight = plan.sampling.guidance_weight
