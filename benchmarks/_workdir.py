@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 from typing import Any, Optional, Tuple
 
 from score_jax.run import checkpoints
+from score_jax.run import plan
 from score_jax.run import programs
 from score_jax.run import settings
 from score_jax.run import train
@@ -29,7 +29,7 @@ def load_settings(workdir: str, config_file: str = "") -> settings.Settings:
 
 
 def load_run(workdir: str, s: settings.Settings,
-             step: int = -1) -> Tuple[programs.Setup, Any, int]:
+             step: int = -1) -> Tuple[plan.Plan, Any, int]:
   """(setup, EMA params replicated over the mesh, step) of checkpoint `step` (-1: the newest)."""
   setup = programs.make_setup(s)
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -37,9 +37,9 @@ def load_run(workdir: str, s: settings.Settings,
   return setup, run_state.restore_ema_params(setup, ckpt_dir, step), step
 
 
-def with_settings(setup: programs.Setup, s: settings.Settings,
+def with_settings(setup: plan.Plan, s: settings.Settings,
                   guide: Optional[programs.Guide] = None) -> programs.Programs:
   """The run's programs for settings `s` (and an autoguidance guide): other sampling settings
   (model.num_scales: the PC sampler's N) get their own SDE; the network and mesh stay."""
-  return programs.Programs(dataclasses.replace(setup, settings=s, sde=programs.get_sde(s)),
+  return programs.Programs(plan.assemble(s, programs.get_sde(s), setup.model, setup.tx, setup.mesh),
                            guide=guide)

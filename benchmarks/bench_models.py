@@ -238,7 +238,7 @@ def breakdown(name: str, reps: int) -> Dict[str, float]:
   _, params = _model_and_params(config)
   step_fn, (state, x, y) = _train_step(config, params, 8)
   setup = programs.make_setup(settings.from_config(config), need_data=False)
-  loss_fn = programs.get_loss_fn(settings.from_config(config), setup.sde, setup.model, train=True)
+  loss_fn = setup.train_loss
   key = jax.random.PRNGKey(0)
   result: Dict[str, float] = {}
   for part, fn in (("forward", lambda p, k, x: loss_fn(p, k, x, None)[0]),

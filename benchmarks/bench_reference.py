@@ -174,7 +174,7 @@ class ScoreJaxStep:
     for _ in range(warmup):
       self._step()
     setup = programs.make_setup(settings.from_config(config), need_data=False)
-    self.loss_fn = programs.get_loss_fn(setup.settings, setup.sde, setup.model, train=True)
+    self.loss_fn = setup.train_loss
     self.parts = {}
 
   def _part(self, part: str):

@@ -135,8 +135,8 @@ def _sample(setup, params, config, num: int, batch: int, seed: int,
   fit of an optimized schedule is not counted, it is done once per model)."""
   s = settings.from_config(config)
   progs = _workdir.with_settings(setup, s, runs.load_guide(s, setup))
-  num_classes = progs.settings.model.num_classes
-  weight = progs.settings.sampling.guidance_weight
+  num_classes = progs.plan.data.num_classes
+  weight = progs.plan.sampling.guidance_weight
   params = progs.guided(params)
   timesteps = grids.grid_for(progs, params, os.path.join(workdir, "time_grids"), weight)
   fn = progs.sampler(batch, weight, timesteps)
@@ -151,7 +151,7 @@ def _sample(setup, params, config, num: int, batch: int, seed: int,
     x = np.asarray(jax.device_get(x))
     seconds += time.perf_counter() - start
     out.append(x)
-  x = datasets.inverse_scaler(progs.settings.data.centered)(np.concatenate(out)[:num])
+  x = datasets.inverse_scaler(progs.plan.data.centered)(np.concatenate(out)[:num])
   if not np.all(np.isfinite(x)):
     raise FloatingPointError("sampling produced non-finite values")
   return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8), int(nfe), seconds

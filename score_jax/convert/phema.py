@@ -247,7 +247,7 @@ def write_workdir(workdir: str, result: Reconstruction, out: Optional[str] = Non
   """
   # pylint: disable-next=g-import-not-at-top
   from score_jax.run import checkpoints
-  from score_jax.run import programs
+  from score_jax.run import plan as plan_lib
   from score_jax.run import settings as settings_lib
   from score_jax.run import state as run_state
 
@@ -261,7 +261,7 @@ def write_workdir(workdir: str, result: Reconstruction, out: Optional[str] = Non
   if not os.path.isfile(config_path):
     raise WorkdirError(f"{workdir} has no config.json: not a score_jax run.")
   settings = settings_lib.from_json(config_path)
-  setup = programs.make_setup(settings, need_data=False)
+  setup = plan_lib.make_plan(settings, need_data=False)
   template = run_state.abstract_state(setup)
   expected = {k: (v.shape, v.dtype) for k, v in _leaves(template.params).items()}
   got = {k: v.shape for k, v in result.params.items()}

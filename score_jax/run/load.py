@@ -22,6 +22,7 @@ import numpy as np
 
 from score_jax.run import checkpoints
 from score_jax.run import programs
+from score_jax.run.plan import Plan, make_plan
 from score_jax import sde as sde_lib
 from score_jax.run import settings as settings_lib
 from score_jax.errors import ConfigError, WorkdirError
@@ -36,7 +37,7 @@ class Run:
   """A trained run: its settings, SDE, network, EMA parameters and score function."""
   workdir: str
   settings: settings_lib.Settings
-  setup: programs.Setup
+  setup: Plan  # the run plan (its settings, SDE, network, samplers, ...)
   params: Any  # the EMA parameters, replicated over the devices
   step: int
 
@@ -44,6 +45,10 @@ class Run:
   def config(self) -> settings_lib.Settings:
     """The run's resolved config (WORKDIR/config.json) as validated settings."""
     return self.settings
+
+  @property
+  def plan(self) -> Plan:
+    return self.setup
 
   @property
   def sde(self) -> sde_lib.SDE:
@@ -79,7 +84,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
                        "main.py --mode=train, or convert a checkpoint with python -m "
                        "score_jax.convert.reference).")
   s = settings_lib.from_json(path)
-  setup = programs.make_setup(s, need_data=False)
+  setup = make_plan(s, need_data=False)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   found = checkpoints.existing_step(ckpt_dir, -1 if step is None else step)
   params = run_state.restore_ema_params(setup, ckpt_dir, found)
@@ -87,7 +92,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
 
 
 def load_guide(settings: settings_lib.Settings,
-               setup: programs.Setup) -> Optional[programs.Guide]:
+               setup: Plan) -> Optional[programs.Guide]:
   """The autoguidance guide of sample.guide_workdir / sample.guide_step, or None (off).
 
   The guide is any run of the same SDE and data shape (an earlier checkpoint

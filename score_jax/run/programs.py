@@ -1,9 +1,9 @@
-"""Settings -> the objects and jitted, sharded programs a run uses.
+"""The builders a run plan is made of, and the jitted, sharded programs over a plan.
 
-`make_setup(settings)` builds the SDE, the network, the optimizer and the
-device mesh once (checking, before anything compiles, that the dataset is
-there and that the network maps the data shape to itself). `Programs(setup)`
-then hands out the jitted computations, each built once and cached:
+`get_sde`, `get_model`, `get_optimizer`, `get_loss_fn`, `get_sampler`, ... turn
+settings into one object each; `score_jax.run.plan.make_plan` calls them once
+at a mode's entry. `Programs(plan)` then hands out the jitted computations,
+each built once and cached (they read the plan, never settings):
 
 - `score_fn(params, y, weight)`: the network's score with class labels and
   classifier-free guidance (the one place labels and guidance are decided);
@@ -22,21 +22,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from score_jax import losses, models
 from score_jax.data import augment
 from score_jax.run import distributed
 from score_jax import sde as sde_lib
 from score_jax.errors import ConfigError
-from score_jax.run.settings import Settings, check_devices
+from score_jax.run.settings import Settings
+
+if TYPE_CHECKING:
+  from score_jax.run.plan import Plan
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
@@ -228,66 +231,28 @@ def get_sampler(s: Settings, sde: sde_lib.SDE, timesteps: Optional[Any] = None) 
   return lambda rng, score_fn, shape, **extra: fn(rng, sde, score_fn, shape, **kwargs, **extra)
 
 
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What a run builds once from its settings."""
-  settings: Settings
-  sde: sde_lib.SDE
-  model: nn.Module
-  tx: optax.GradientTransformation
-  mesh: jax.sharding.Mesh
+def make_setup(s: Settings, need_data: bool = True):
+  """The run plan of settings (`score_jax.run.plan.make_plan`; the name of earlier versions)."""
+  from score_jax.run import plan  # pylint: disable=g-import-not-at-top  # plan imports programs
 
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
-
-  @property
-  def batch_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P("data"))
+  return plan.make_plan(s, need_data)
 
 
-def check_network(s: Settings, model: nn.Module) -> None:
-  """The network maps data of the settings' shape to that shape (shapes only: no compile)."""
-  shape = s.data.shape(2)
-  try:
-    out = jax.eval_shape(lambda r: model.apply(models.init_model(r, model, shape),
-                                               jnp.zeros(shape), jnp.ones((2,))),
-                         jax.random.PRNGKey(0))
-  except Exception as e:  # noqa: BLE001 - re-raised with the config context
-    raise ConfigError(f"The network {s.model.name!r} cannot take data of shape {shape[1:]} "
-                      f"(data.image_size / data.num_channels): {e}") from e
-  if out.shape != shape:
-    raise ConfigError(f"The network {s.model.name!r} maps data of shape {shape[1:]} to "
-                      f"{out.shape[1:]}; check data.image_size and data.num_channels.")
+def Setup(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],  # pylint: disable=invalid-name
+          tx: Optional[optax.GradientTransformation], mesh: Optional[jax.sharding.Mesh]):
+  """The plan of settings with these objects and no checks (`score_jax.run.plan.assemble`;
+  the constructor of earlier versions)."""
+  from score_jax.run import plan  # pylint: disable=g-import-not-at-top
+
+  return plan.assemble(s, sde, model, tx, mesh)
 
 
-def make_setup(s: Settings, need_data: bool = True) -> Setup:
-  """Checks the settings against the devices and data, then builds SDE, model, optimizer, mesh.
-
-  need_data=False skips the dataset check: sampling from a checkpoint, e.g.
-  one converted from the reference, needs no data.
-  """
-  from score_jax.data import datasets  # pylint: disable=g-import-not-at-top
-
-  check_devices(s, jax.device_count(), jax.process_count())
-  sde, model = get_sde(s), get_model(s)
-  get_loss_fn(s, sde, model, train=True)  # refuses discrete training without a chain
-  if need_data:
-    datasets.num_examples(s.data, "train")  # unknown or missing dataset: clear error here
-  check_network(s, model)
-  # Auto axes: XLA propagates the batch sharding through the step (explicit
-  # sharding-in-types would need annotations inside every loss and sampler).
-  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  return Setup(s, sde, model, get_optimizer(s), mesh)
-
-
-def network_score_factory(setup: Setup) -> ScoreFactory:
-  """make(params, y) -> score_fn(x, t) of the settings' network (labels y [B] or None)."""
-  continuous = setup.settings.training.continuous
+def network_score_factory(plan: "Plan") -> ScoreFactory:
+  """make(params, y) -> score_fn(x, t) of the plan's network (labels y [B] or None)."""
+  kwargs = plan.score.kwargs()
 
   def make(params: Any, y: Optional[Array]) -> ScoreFn:
-    base = models.get_score_fn(setup.sde, setup.model, {"params": params}, continuous=continuous,
-                               **parameterization_kwargs(setup.settings))
+    base = models.get_score_fn(plan.sde, plan.model, {"params": params}, **kwargs)
     return lambda x, t: base(x, t, y)
 
   return make
@@ -311,17 +276,17 @@ class GuidedParams(NamedTuple):
 class Programs:
   """The jitted programs of one run, each built on first use and kept.
 
-  factory: make(params, y) -> score_fn(x, t); default: the settings' network
+  factory: make(params, y) -> score_fn(x, t); default: the plan's network
   (`network_score_factory`). Another factory (a closed-form score in tests)
   runs through the same programs; the loss always uses the network.
   guide: an autoguidance guide; programs given `guided(params)` sample with it.
   """
 
-  def __init__(self, setup: Setup, factory: Optional[ScoreFactory] = None,
+  def __init__(self, plan: "Plan", factory: Optional[ScoreFactory] = None,
                guide: Optional[Guide] = None):
-    self.setup = setup
-    self.settings = setup.settings
-    self.factory = factory or network_score_factory(setup)
+    self.plan = plan
+    self.setup = plan  # the name of earlier versions
+    self.factory = factory or network_score_factory(plan)
     self.guide = guide
     self._cache: Dict[Tuple, Any] = {}
 
@@ -331,11 +296,11 @@ class Programs:
 
   @property
   def rep(self) -> NamedSharding:
-    return self.setup.replicated
+    return self.plan.replicated
 
   @property
   def bat(self) -> NamedSharding:
-    return self.setup.batch_sharding
+    return self.plan.batch_sharding
 
   def _cached(self, key: Tuple, build: Callable[[], Any]) -> Any:
     if key not in self._cache:
@@ -358,21 +323,20 @@ class Programs:
       main = self.score_fn(params.main, y)
       if weight == 0.0 or self.guide is None:
         return main
-      labels = y if self.guide.conditional and self.settings.model.num_classes > 0 else None
-      interval = tuple(self.settings.sampling.guidance_interval)
+      labels = y if self.guide.conditional and self.plan.score.num_classes > 0 else None
       return controllable.autoguidance(
-          main, self.guide.factory(params.guide, labels), weight, sde=self.setup.sde,
-          interval=None if interval == (0.0, 0.0) else interval)
-    if self.settings.model.num_classes == 0:
+          main, self.guide.factory(params.guide, labels), weight, sde=self.plan.sde,
+          interval=self.plan.sampling.guidance_interval)
+    if self.plan.score.num_classes == 0:
       return self.factory(params, None)
     if weight == 0.0:
       return self.factory(params, y)
     from score_jax.samplers import controllable  # pylint: disable=g-import-not-at-top
     conditional = lambda x, t, yy: self.factory(params, yy)(x, t)
-    interval = tuple(self.settings.sampling.guidance_interval)
-    if interval == (0.0, 0.0):
+    interval = self.plan.sampling.guidance_interval
+    if interval is None:
       return controllable.classifier_free_guidance(conditional, y, weight)
-    return controllable.classifier_free_guidance_interval(conditional, y, weight, self.setup.sde,
+    return controllable.classifier_free_guidance_interval(conditional, y, weight, self.plan.sde,
                                                           interval)
 
   def _batch_out(self, batch: int) -> NamedSharding:
@@ -391,8 +355,9 @@ class Programs:
     explicit grid for unipc, see `get_sampler`)."""
 
     def build():
-      sampler = get_sampler(self.settings, self.setup.sde, timesteps)
-      shape = self.settings.data.shape(batch)
+      sampler = (self.plan.sampler if timesteps is None
+                 else self.plan.sampler_on_grid(timesteps))
+      shape = self.plan.data.shape(batch)
 
       def run(params, rng, y):
         x, nfe = sampler(rng, self.score_fn(params, y, weight), shape)
@@ -413,9 +378,8 @@ class Programs:
     from score_jax.samplers import controllable  # pylint: disable=g-import-not-at-top
 
     def build():
-      sampler = get_sampler(self.settings, self.setup.sde)
-      shape = self.settings.data.shape(batch)
-      sde = self.setup.sde
+      sampler, sde = self.plan.sampler, self.plan.sde
+      shape = self.plan.data.shape(batch)
 
       def run(params, rng, y, images, mask):
         if task == "inpaint":
@@ -435,9 +399,8 @@ class Programs:
     from score_jax import samplers as sampling  # pylint: disable=g-import-not-at-top
 
     def build():
-      c, sde = self.settings.sampling, self.setup.sde
-      tol = dict(rtol=c.rtol, atol=c.atol, eps=c.eps)
-      shape = self.settings.data.shape(batch)
+      sde, tol = self.plan.sde, dict(self.plan.sampling.ode_tolerances)
+      shape = self.plan.data.shape(batch)
 
       def encode(params, y, x):
         return sampling.ode_encode(sde, self.score_fn(params, y, weight), x, **tol)
@@ -456,7 +419,7 @@ class Programs:
     """(params, rng, x [B, ...], y [B]) -> per-example loss [B] of the training objective."""
 
     def build():
-      loss_fn = get_loss_fn(self.settings, self.setup.sde, self.setup.model, train=False)
+      loss_fn = self.plan.eval_loss
 
       def per_example(params, rng, x, y):
         return loss_fn(params, rng, x, y)[1].per_example
@@ -476,15 +439,13 @@ class Programs:
     from score_jax import likelihood  # pylint: disable=g-import-not-at-top
 
     def build():
-      e, s = self.settings.eval, self.settings
-      kw = dict(hutchinson=e.hutchinson, rtol=e.likelihood_rtol, atol=e.likelihood_atol,
-                eps=e.likelihood_eps)
-      sde = self.setup.sde
+      kw, sde, data_spec = self.plan.eval.likelihood_kwargs(), self.plan.sde, self.plan.data
 
       def run(params, rng, data, y):
         score_fn = self.score_fn(params, y)
-        if s.data.is_images:  # uint8 in, dequantized with rng inside: same key, same noise
-          value, _, nfe = likelihood.bits_per_dim(rng, sde, score_fn, data, s.data.centered, **kw)
+        if data_spec.is_images:  # uint8 in, dequantized with rng inside: same key, same noise
+          value, _, nfe = likelihood.bits_per_dim(rng, sde, score_fn, data, data_spec.centered,
+                                                  **kw)
         else:
           logp, _, nfe = likelihood.log_likelihood(rng, sde, score_fn, data, **kw)
           value = -logp / math.prod(data.shape[1:])

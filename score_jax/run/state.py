@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from score_jax import files
 from score_jax.models import init_model
 from score_jax.run import checkpoints
-from score_jax.run.programs import Setup
+from score_jax.run.plan import Plan
 from score_jax.run.settings import Settings
 
 Array = jax.Array
@@ -36,38 +36,38 @@ class PhemaTrainState(TrainState):
   phema: Tuple[Any, ...]  # one parameter tree per profile, float32 like ema_params
 
 
-def init_state(setup: Setup, rng: Array) -> TrainState:
-  """A fresh train state, replicated over the mesh."""
-  shape = setup.settings.data.shape(1)
+def init_state(plan: Plan, rng: Array) -> TrainState:
+  """A fresh train state, replicated over the mesh (with the post-hoc EMA profiles of
+  plan.phema_gammas, if any)."""
+  shape = plan.data.shape(1)
 
   @jax.jit
   def init(rng):
-    params = init_model(rng, setup.model, shape)["params"]
-    common = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
+    params = init_model(rng, plan.model, shape)["params"]
+    common = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=plan.tx.init(params),
                   ema_params=params)
-    profiles = setup.settings.model.phema_sigma_rels
-    if profiles:
-      return PhemaTrainState(**common, phema=tuple(params for _ in profiles))
+    if plan.phema_gammas:
+      return PhemaTrainState(**common, phema=tuple(params for _ in plan.phema_gammas))
     return TrainState(**common)
 
-  return jax.device_put(init(rng), setup.replicated)
+  return jax.device_put(init(rng), plan.replicated)
 
 
-def abstract_state(setup: Setup) -> TrainState:
+def abstract_state(plan: Plan) -> TrainState:
   """The train state's shapes, replicated over the mesh, without allocating it."""
-  shapes = jax.eval_shape(lambda r: init_state(setup, r), jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(lambda r: init_state(plan, r), jax.random.PRNGKey(0))
   # Shardings on the target let a checkpoint written on N devices load on M.
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=setup.replicated),
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=plan.replicated),
                       shapes)
 
 
-def restore_ema_params(setup: Setup, ckpt_dir: str, step: int) -> Any:
-  """The EMA parameters of checkpoint `step`, replicated over setup.mesh.
+def restore_ema_params(plan: Plan, ckpt_dir: str, step: int) -> Any:
+  """The EMA parameters of checkpoint `step`, replicated over plan.mesh.
 
   A checkpoint with or without post-hoc EMA profiles (model.phema_sigma_rels)
   loads whether or not the settings track them: only ema_params is used.
   """
-  template = abstract_state(setup)
+  template = abstract_state(plan)
   saved = checkpoints.saved_tree(ckpt_dir, step)
   count = len(saved["phema"]) if isinstance(saved, dict) and "phema" in saved else 0
   if count != len(getattr(template, "phema", ())):

@@ -31,9 +31,9 @@ from score_jax.data import datasets
 from score_jax.run import distributed
 from score_jax.run import phema
 from score_jax.run import programs
+from score_jax.run.plan import Plan, make_plan
 from score_jax.run.state import PhemaTrainState, TrainState, init_state, save_config
 from score_jax.errors import UserError, WorkdirError
-from score_jax.run.programs import Setup
 from score_jax.data.scaling import data_scaler
 from score_jax.run.settings import Settings
 
@@ -44,16 +44,16 @@ class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a non-finite loss or gradient."""
 
 
-def apply_update(setup: Setup, state: TrainState, grads) -> TrainState:
-  """The state after one optimizer step with grads: the config's optimizer, then the EMA."""
-  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+def apply_update(plan: Plan, state: TrainState, grads) -> TrainState:
+  """The state after one optimizer step with grads: the plan's optimizer, then the EMA (and
+  the post-hoc EMA profiles)."""
+  updates, opt_state = plan.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  rate = programs.get_ema_decay(setup.settings)(state.step)
+  rate = plan.ema_decay(state.step)
   ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, params)
   new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
   if isinstance(state, PhemaTrainState):
-    exponents = phema.gammas(setup.settings)
-    new = new.replace(phema=phema.update(state.phema, params, new.step, exponents))
+    new = new.replace(phema=phema.update(state.phema, params, new.step, plan.phema_gammas))
   return new
 
 
@@ -63,7 +63,7 @@ def zero_nonfinite(grads):
   return jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
 
 
-def make_train_step(setup: Setup):
+def make_train_step(plan: Plan):
   """The jitted step (state, x, y, root_key) -> (state, metrics); `state` is donated.
 
   Keys come from fold_in(root_key, step): nothing random lives in the state.
@@ -78,12 +78,10 @@ def make_train_step(setup: Setup):
   With EDM's augmentation on (data.augment_*), the batch is augmented here, on
   the device, and the network gets its labels.
   """
-  loss_fn = programs.get_loss_fn(setup.settings, setup.sde, setup.model, train=True)
-  schedule = programs.get_lr_schedule(setup.settings)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  microbatches = setup.settings.training.microbatches
-  aug = programs.get_augment(setup.settings)
-  zero_mode = setup.settings.optim.nonfinite_grads == "zero"
+  schedule, aug = plan.lr_schedule, plan.augment
+  grad_fn = jax.value_and_grad(plan.train_loss, has_aux=True)
+  microbatches = plan.loop.microbatches
+  zero_mode = plan.loop.zero_nonfinite_grads
 
   def loss_and_grads(params, rng: Array, x: Array, y: Optional[Array]):
     """Mean loss over the batch and its gradient, accumulated over micro-batches."""
@@ -115,24 +113,24 @@ def make_train_step(setup: Setup):
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if zero_mode:
-      new, finite = apply_update(setup, state, zero_nonfinite(grads)), jnp.ones((), bool)
+      new, finite = apply_update(plan, state, zero_nonfinite(grads)), jnp.ones((), bool)
     else:
       # A branch rather than a where over every array of the state: the update
       # then writes in place into the donated state (less memory, a faster step).
-      new = jax.lax.cond(finite, functools.partial(apply_update, setup), lambda s, _: s, state,
+      new = jax.lax.cond(finite, functools.partial(apply_update, plan), lambda s, _: s, state,
                          grads)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
     return new, metrics
 
-  rep, bat = setup.replicated, setup.batch_sharding
+  rep, bat = plan.replicated, plan.batch_sharding
   return jax.jit(step_fn, in_shardings=(rep, bat, bat, rep), out_shardings=(rep, rep),
                  donate_argnums=(0,))
 
 
-def make_eval_step(setup: Setup):
+def make_eval_step(plan: Plan):
   """(state, x, y, rng) -> loss of the EMA parameters without dropout."""
-  loss_fn = programs.get_loss_fn(setup.settings, setup.sde, setup.model, train=False)
-  rep, bat = setup.replicated, setup.batch_sharding
+  loss_fn = plan.eval_loss
+  rep, bat = plan.replicated, plan.batch_sharding
 
   def eval_fn(state: TrainState, x: Array, y: Array, rng: Array):
     return loss_fn(state.ema_params, rng, x, y)[0]
@@ -140,9 +138,9 @@ def make_eval_step(setup: Setup):
   return jax.jit(eval_fn, in_shardings=(rep, bat, bat, rep), out_shardings=rep)
 
 
-def global_batch(setup: Setup, batch: Dict[str, np.ndarray]) -> Tuple[Array, Array]:
+def global_batch(plan: Plan, batch: Dict[str, np.ndarray]) -> Tuple[Array, Array]:
   """Process-local numpy batch -> globally sharded arrays."""
-  make = lambda a: jax.make_array_from_process_local_data(setup.batch_sharding, a)
+  make = lambda a: jax.make_array_from_process_local_data(plan.batch_sharding, a)
   return make(np.asarray(batch["image"], np.float32)), make(np.asarray(batch["label"], np.int32))
 
 
@@ -188,21 +186,25 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
   phema/ (post-hoc EMA snapshots, score_jax.run.phema). Returns the final state.
   """
   prepare_workdir(workdir)
-  setup = programs.make_setup(settings)
-  is_main = jax.process_index() == 0
-  if is_main:
+  plan = make_plan(settings)
+  if jax.process_index() == 0:
     save_config(settings, workdir)
-  t_cfg = settings.training
-  n_iters = t_cfg.n_iters
+  return train(plan, workdir)
+
+
+def train(plan: Plan, workdir: str) -> TrainState:
+  """The training loop of a plan (`train_and_evaluate` is the entry); returns the final state."""
+  is_main = jax.process_index() == 0
+  loop = plan.loop
+  n_iters = loop.n_iters
 
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                  keep_period=t_cfg.snapshot_freq)
-  phema_writer = (phema.SnapshotWriter(workdir, settings.model.phema_sigma_rels,
-                                       t_cfg.batch_size, is_main)
-                  if settings.model.phema_sigma_rels else None)
-  root_key = jax.random.PRNGKey(settings.seed)
+                                  keep_period=loop.snapshot_freq)
+  phema_writer = (phema.SnapshotWriter(workdir, loop.phema_sigma_rels, loop.batch_size, is_main)
+                  if loop.phema_sigma_rels else None)
+  root_key = jax.random.PRNGKey(loop.seed)
   init_key, train_key, sample_key, eval_key = jax.random.split(root_key, 4)
-  state = init_state(setup, init_key)
+  state = init_state(plan, init_key)
   state = ckpt.restore_latest(state)
   start = int(state.step)
   if start > 0:
@@ -210,17 +212,17 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
 
   # Batches are read, transformed and put on the devices in a background thread,
   # ahead of the step that takes them (the same batches in the same order).
-  train_iter = datasets.Prefetch(programs.get_dataset(settings, "train", start_step=start),
-                                 put=lambda batch: global_batch(setup, batch))
+  train_iter = datasets.Prefetch(plan.data.batches("train", start_step=start),
+                                 put=lambda batch: global_batch(plan, batch))
   eval_iter = None
-  train_step = make_train_step(setup)
-  eval_step = make_eval_step(setup)
-  num_samples = settings.sampling.batch_size
-  progs = programs.Programs(setup)
+  train_step = make_train_step(plan)
+  eval_step = make_eval_step(plan)
+  num_samples = loop.sample_batch_size
+  progs = programs.Programs(plan)
   sample_fn = progs.sampler(num_samples)
   writer = writers.MetricWriter(workdir) if is_main else None
-  train_key = jax.device_put(train_key, setup.replicated)
-  images_per_step = t_cfg.batch_size
+  train_key = jax.device_put(train_key, plan.replicated)
+  images_per_step = loop.batch_size
 
   from tqdm.auto import tqdm
   bar = tqdm(total=n_iters, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
@@ -244,15 +246,15 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
         step += 1  # the step this iteration completes
         x, y = next(train_iter)
         state, metrics = train_step(state, x, y, train_key)
-        if phema_writer is not None and (step % t_cfg.phema_snapshot_freq == 0 or step == n_iters):
+        if phema_writer is not None and (step % loop.phema_snapshot_freq == 0 or step == n_iters):
           phema_writer.save(step, state)  # before the next step donates the state
         pending = metrics
         # Sticky on the device (no sync): any non-finite step since the start
         # stops the run at the next check, before a checkpoint is written.
         all_finite = metrics["finite"] if all_finite is None else all_finite & metrics["finite"]
-        snapshot = step % t_cfg.snapshot_freq == 0 or step == n_iters
-        preempt = step % t_cfg.snapshot_freq_for_preemption == 0
-        if step % t_cfg.log_freq == 0 or snapshot or preempt or stop.requested:
+        snapshot = step % loop.snapshot_freq == 0 or step == n_iters
+        preempt = step % loop.snapshot_freq_for_preemption == 0
+        if step % loop.log_freq == 0 or snapshot or preempt or stop.requested:
           metrics = jax.device_get(metrics)
           check_finite(all_finite, metrics, step)
           now = time.perf_counter()
@@ -266,17 +268,17 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
             _append_jsonl(os.path.join(workdir, "metrics.jsonl"), record)
             bar.set_postfix(loss=f"{record['loss']:.4g}", it_s=f"{steps_per_s:.2f}",
                             img_s=f"{record['images_per_s']:.1f}")
-        if step % t_cfg.eval_freq == 0 and settings.eval.enable_loss:
+        if step % loop.eval_freq == 0 and loop.eval_loss:
           if eval_iter is None:
-            eval_iter = programs.get_dataset(settings, "test", start_step=step // t_cfg.eval_freq)
-          ex, ey = global_batch(setup, next(eval_iter))
+            eval_iter = plan.data.batches("test", start_step=step // loop.eval_freq)
+          ex, ey = global_batch(plan, next(eval_iter))
           eval_loss = float(eval_step(state, ex, ey, jax.random.fold_in(eval_key, step)))
           if is_main:
             writer.scalars(step, {"eval_loss": eval_loss})
         bar.update(1)
         if snapshot or preempt or stop.requested:
           ckpt.save(step, state)
-        if snapshot and t_cfg.snapshot_sampling:
+        if snapshot and loop.snapshot_sampling:
           _write_samples(progs, state, sample_fn, num_samples,
                          jax.random.fold_in(sample_key, step), workdir, step, is_main)
         if stop.requested:
@@ -301,8 +303,8 @@ def _write_samples(progs: programs.Programs, state: TrainState, sample_fn, num_s
 
   Class-conditional models get the labels 0, 1, 2, ... in turn.
   """
-  s = progs.settings
-  y = np.arange(num_samples, dtype=np.int32) % max(s.model.num_classes, 1)
+  data = progs.plan.data
+  y = np.arange(num_samples, dtype=np.int32) % max(data.num_classes, 1)
   x, nfe = sample_fn(state.ema_params, rng, progs.put(y))
   x = distributed.to_host(x)
   if not is_main:
@@ -312,9 +314,9 @@ def _write_samples(progs: programs.Programs, state: TrainState, sample_fn, num_s
   base = os.path.join(out_dir, f"step_{step}")
   title = f"step {step}, {int(nfe)} score evaluations"
   if x.ndim == 2:
-    data = next(iter(programs.get_dataset(s, "test", evaluation=True, batch_size=1024,
-                                          process_index=0, process_count=1)))["image"]
-    plotting.save_scatter(base + ".png", x, np.asarray(data), title=title)
+    points = next(iter(data.batches("test", evaluation=True, batch_size=1024, process_index=0,
+                                    process_count=1)))["image"]
+    plotting.save_scatter(base + ".png", x, np.asarray(points), title=title)
   else:
-    plotting.save_image_grid(base + ".png", data_scaler(s.data.centered).inverse(x))
+    plotting.save_image_grid(base + ".png", data_scaler(data.centered).inverse(x))
   plotting.save_arrays(base + ".npz", samples=x, nfe=np.asarray(nfe))

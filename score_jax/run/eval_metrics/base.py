@@ -1,0 +1,105 @@
+"""The interface of an eval metric unit, and what the units share.
+
+A unit is a `Metric`: what it needs (other units whose values it reads, a
+random stream), whether the plan enables it, the value that marks it done in
+WORKDIR/eval/ckpt_<k>.json, its TensorBoard scalars, and `compute(inputs)`
+yielding its named values. `score_jax.run.eval_metrics.METRICS` lists the
+units in the order they run; `score_jax.run.evaluate` runs the enabled ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from score_jax import files
+from score_jax.run import distributed
+from score_jax.run.distributed import global_array, local_rows, to_host
+from score_jax.run.plan import Plan
+from score_jax.run.programs import Programs
+
+Array = jax.Array
+
+__all__ = ["Metric", "Inputs", "Progress", "shard_path", "shard_count", "batched"]
+
+
+class Progress:
+  """progress.json of one checkpoint: finished units of work, rewritten atomically."""
+
+  def __init__(self, path: str, is_main: bool):
+    self.path = path
+    self.is_main = is_main
+    self.data: Dict[str, Any] = files.read_json(path) or {}
+
+  def save(self) -> None:
+    if self.is_main:
+      files.write_json(self.path, self.data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What a unit may take to evaluate one checkpoint."""
+  plan: Plan
+  progs: Programs
+  params: Any  # the (EMA) parameters, replicated; GuidedParams are made where sampled
+  rng: Optional[Array]  # the unit's own key, fold_in(checkpoint key, stream); None: no stream
+  workdir: str
+  out_dir: str  # WORKDIR/eval/ckpt_<k>: the checkpoint's files (sample shards, features)
+  progress: Progress  # finished units of work, for resuming within a unit
+  index: int  # checkpoint index k
+  step: int  # its training step
+  results: Mapping[str, Any]  # the values the units before it yielded
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """One eval metric.
+
+  enabled(plan): whether the plan asks for it (the units it needs must be on too).
+  done_key(plan): the value whose presence in ckpt_<k>.json marks it computed.
+  compute(inputs) -> {name: value}: its values (JSON-able; scalars named in `scalars`).
+  needs: units whose values it reads from inputs.results (they run before it).
+  stream: its random stream (fold_in of the checkpoint key); None: no randomness.
+  scalars: the values that go to TensorBoard as eval/<name>.
+  check(plan): fails early (before hours of sampling) on a missing input file.
+  why_off(plan): a line logged when it is off while the units it needs ran.
+  """
+  enabled: Callable[[Plan], bool]
+  done_key: Callable[[Plan], str]
+  compute: Callable[[Inputs], Dict[str, Any]]
+  needs: Tuple[str, ...] = ()
+  stream: Optional[int] = None
+  scalars: Tuple[str, ...] = ()
+  check: Optional[Callable[[Plan], None]] = None
+  why_off: Optional[Callable[[Plan], str]] = None
+
+
+def shard_path(out_dir: str, kind: str, r: int) -> str:
+  return os.path.join(out_dir, f"{kind}_{r}.npz")
+
+
+def shard_count(path: str) -> int:
+  """Samples in a shard file, -1 if absent or unreadable."""
+  try:
+    with np.load(path) as f:
+      return int(f["samples"].shape[0])
+  except (OSError, KeyError, ValueError):
+    return -1
+
+
+def batched(fn: Callable[[Array], Dict[str, Array]], data: np.ndarray, batch: int,
+            sharding: NamedSharding) -> Dict[str, np.ndarray]:
+  """fn over data [N, ...] in fixed-size batches (the last one padded: one compilation)."""
+  outs: Dict[str, List[np.ndarray]] = {}
+  for start in range(0, data.shape[0], batch):
+    chunk = data[start:start + batch]
+    n = chunk.shape[0]
+    res = fn(global_array(sharding, local_rows(distributed.pad_rows(chunk, batch))))
+    for k, v in res.items():
+      outs.setdefault(k, []).append(to_host(v)[:n])
+  return {k: np.concatenate(v) for k, v in outs.items()}

@@ -1,0 +1,145 @@
+"""FID, Inception Score and KID of the generated samples against the training set's Inception
+statistics, when eval.inception_path names an Inception weight file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Dict
+
+import jax
+import numpy as np
+
+from score_jax import plotting
+from score_jax.run import distributed
+from score_jax.run.distributed import sync
+from score_jax.run.eval_metrics.base import Inputs, Metric, batched, shard_count, shard_path
+from score_jax.run.plan import Plan
+from score_jax.run.programs import Programs
+
+
+def _stats_path(plan: Plan, workdir: str) -> str:
+  e = plan.eval
+  if e.stats_path:
+    return e.stats_path
+  name = re.sub(r"[^A-Za-z0-9_.-]+", "_", plan.data.name)
+  return os.path.join(workdir, "eval",
+                      f"stats_{name}_{plan.data.image_size}_{e.inception_resize}.npz")
+
+
+def _dataset_stats(plan: Plan, progs: Programs, workdir: str, feature_fn, batch: int):
+  """The cached Inception statistics of the training images, computed on first use."""
+  from score_jax.metrics import stats as metrics  # pylint: disable=g-import-not-at-top
+
+  stats_path = _stats_path(plan, workdir)
+  exists = os.path.exists(stats_path)
+  sync("stats_exists")  # every process must take the same branch: computing is collective
+  if exists:
+    return metrics.load_stats(stats_path)
+  logging.info("Computing Inception statistics of the %s training images -> %s (once).",
+               plan.data.name, stats_path)
+  # Every process reads whole global batches; `batched` gives the devices their rows.
+  train_images = (b["image"][b["mask"]] for b in plan.data.batches(
+      "train", evaluation=True, raw=True, batch_size=batch, process_index=0, process_count=1))
+  # Only process 0 writes the cache; the others keep theirs in a private file.
+  path = stats_path if distributed.is_main() else f"{stats_path}.process{jax.process_index()}"
+  stats = metrics.dataset_stats(
+      path, train_images, lambda images: batched(feature_fn, images, batch, progs.bat)["pool"],
+      recompute=True, num_features_kept=plan.eval.kid_dataset_features,
+      max_images=plan.eval.stats_num_images or None)
+  if not distributed.is_main():
+    os.remove(path)
+  return stats
+
+
+def compute(inputs: Inputs) -> Dict[str, Any]:
+  """FID, IS and KID of the shards' samples against the training set's Inception statistics.
+
+  Features of each shard are saved beside it (features_<r>.npz), so an
+  interrupted run computes only the missing ones. The dataset statistics
+  are computed once (all training images as uint8, eval.stats_num_images
+  to cap) and cached in eval.stats_path (default WORKDIR/eval/stats_*.npz).
+  """
+  from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  from score_jax.metrics import stats as metrics  # pylint: disable=g-import-not-at-top
+
+  plan, progs, out_dir = inputs.plan, inputs.progs, inputs.out_dir
+  e, rounds = plan.eval, inputs.results["sampling_rounds"]
+  params = jax.device_put(inception.load_inception_params(e.inception_path), progs.rep)
+  resize, precision = e.inception_resize, e.inception_precision
+  batch = distributed.padded(e.inception_batch_size)
+  raw_fn = progs.inception(resize, precision)
+  feature_fn = lambda images: raw_fn(params, images)
+
+  def features_done(r: int) -> bool:  # present and made from the shard as it is now
+    path = shard_path(out_dir, "features", r)
+    if not os.path.exists(path):
+      return False
+    with np.load(path) as f:
+      return f["pool"].shape[0] == shard_count(shard_path(out_dir, "samples", r))
+
+  todo = {r for r in range(rounds) if not features_done(r)}
+  sync(f"features_todo_{out_dir}")  # decided alike on every process: Inception is collective
+  pools, logits = [], []
+  for r in range(rounds):
+    path = shard_path(out_dir, "features", r)
+    if r in todo:
+      with np.load(shard_path(out_dir, "samples", r)) as f:
+        feats = batched(feature_fn, f["samples"], batch, progs.bat)
+      pool, logit = feats["pool"], feats["logits"]
+      if distributed.is_main():
+        plotting.save_arrays(path, pool=pool, logits=logit)
+    else:
+      with np.load(path) as f:
+        pool, logit = f["pool"], f["logits"]
+    pools.append(pool)
+    logits.append(logit)
+  pool, logit = np.concatenate(pools), np.concatenate(logits)
+
+  stats = _dataset_stats(plan, progs, inputs.workdir, feature_fn, batch)
+  result: Dict[str, Any] = {
+      "fid": metrics.fid_from_stats(*metrics.stats_from_features(pool), stats.mu, stats.sigma),
+      "inception_score": metrics.inception_score(logit)[0],
+      "fid_dataset_images": int(stats.num_images), "fid_resize": resize,
+      "fid_precision": precision}
+  if stats.features is not None and stats.features.shape[0] >= 2:
+    result["kid"], result["kid_std"] = metrics.kid(pool, stats.features)
+  else:
+    logging.info("%s holds no feature rows: KID skipped.", _stats_path(plan, inputs.workdir))
+  result["fid_quantization"] = e.quantization
+  logging.info("ckpt %d (step %d): FID %.3f, IS %.3f, KID %s (samples quantized by %s)",
+               inputs.index, inputs.step, result["fid"], result["inception_score"],
+               result.get("kid"), e.quantization)
+  _warn_if_not_the_reference_network(plan)
+  return result
+
+
+def _warn_if_not_the_reference_network(plan: Plan) -> None:
+  """For 256 px and up the reference measured FID with another network (docs/evaluation.md)."""
+  if plan.data.image_size >= 256:
+    logging.warning(
+        "FID at %d px: the 2021 reference computed FID for image_size >= 256 with TF-Hub's "
+        "imagenet/inception_v3/feature_vector/4 on x / 255 inputs, not the 2015 FID Inception "
+        "used here, so this FID is not comparable with the paper's 256 / 1024 px FIDs.",
+        plan.data.image_size)
+
+
+def _check(plan: Plan) -> None:
+  """A missing or malformed weight file fails before hours of sampling, not after."""
+  from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  inception.load_inception_params(plan.eval.inception_path)
+
+
+def _why_off(plan: Plan) -> str:
+  if not plan.data.is_images:
+    return "2-D data: no FID / IS / KID (they need images); see samples.png."
+  return ("eval.inception_path is not set: FID / IS / KID skipped. Convert the published weights "
+          "once with `python -m score_jax.metrics.inception convert "
+          "pt_inception-2015-12-05-6726825d.pth inception_fid.npz` and pass "
+          "--config.eval.inception_path=inception_fid.npz.")
+
+
+METRIC = Metric(enabled=lambda plan: plan.data.is_images and bool(plan.eval.inception_path),
+                done_key=lambda plan: "fid", compute=compute, needs=("samples",),
+                scalars=("fid", "inception_score", "kid"), check=_check, why_off=_why_off)

@@ -1,0 +1,343 @@
+"""Settings -> the run plan: every object a run uses, built once at the entry.
+
+`make_plan(settings)` (the modes' entries and `load_run` call it) checks the
+settings against the devices and the data, then builds the SDE, the network,
+the optimizer, the loss functions (training and evaluation), the EMA decay
+and post-hoc EMA exponents, the augmentation, the configured sampler and the
+device mesh, and copies the numbers the loops need (batch sizes, n_iters,
+frequencies, seeds, eval and sample options) into small frozen specs. Train,
+evaluate and sample take the plan and never read settings; `Plan.settings`
+is kept only to write config.json and for `load_run(...).settings`.
+
+    plan = make_plan(settings)
+    plan.train_loss(params, rng, x, y)          # built here, once
+    plan.loop.n_iters, plan.data.shape(8), plan.eval.num_samples
+    programs.Programs(plan).sampler(64)         # the jitted programs over the plan
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from score_jax import models
+from score_jax import sde as sde_lib
+from score_jax.data import augment as augment_lib
+from score_jax.errors import ConfigError
+from score_jax.run import phema, programs
+from score_jax.run.settings import Data, Eval, Sample, Settings, check_devices
+
+Array = jax.Array
+
+__all__ = ["Plan", "DataSpec", "ScoreSpec", "SamplingSpec", "TimeGridSpec", "TrainLoop",
+           "EvalSpec", "SampleSpec", "make_plan", "assemble", "check_network", "checkpoint_range", "fingerprint"]
+
+
+def fingerprint(obj: Any) -> str:
+  """A short stable hash of a JSON-able object (what results were made with)."""
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _take(cls: type, section: Any, **extra: Any) -> Any:
+  """cls with the fields of the same names from a settings section, plus `extra`."""
+  names = [f.name for f in dataclasses.fields(cls) if f.name not in extra]
+  return cls(**{n: getattr(section, n) for n in names}, **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """The data of a run: its shape and where batches come from."""
+  source: Data  # what score_jax.data.datasets reads (dataset name, folder, size, scaling)
+  num_classes: int  # the model's classes, checked against the dataset's
+  seed: int
+  train_batch_size: int
+  eval_batch_size: int
+
+  @property
+  def is_images(self) -> bool:
+    return self.source.is_images
+
+  @property
+  def centered(self) -> bool:
+    return self.source.centered
+
+  @property
+  def name(self) -> str:
+    return self.source.dataset
+
+  @property
+  def image_size(self) -> int:
+    return self.source.image_size
+
+  @property
+  def num_channels(self) -> int:
+    return self.source.num_channels
+
+  def shape(self, batch: int) -> Tuple[int, ...]:
+    """[B, 2] for 2-D toy data, else [B, H, W, C]."""
+    return self.source.shape(batch)
+
+  def batches(self, split: str = "train", *, evaluation: bool = False,
+              batch_size: Optional[int] = None, seed: Optional[int] = None, **kwargs: Any):
+    """`datasets.get_dataset` with the run's batch size (training or eval), seed and classes."""
+    from score_jax.data import datasets  # pylint: disable=g-import-not-at-top
+
+    if batch_size is None:
+      batch_size = self.eval_batch_size if evaluation else self.train_batch_size
+    return datasets.get_dataset(self.source, split, batch_size=batch_size,
+                                seed=self.seed if seed is None else seed,
+                                num_classes=self.num_classes, evaluation=evaluation, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSpec:
+  """How the network becomes a score (models.get_score_fn's options)."""
+  continuous: bool
+  parameterization: str
+  sigma_data: float
+  num_classes: int  # 0: unconditional, labels ignored
+
+  def kwargs(self) -> Dict[str, Any]:
+    return {"continuous": self.continuous, "parameterization": self.parameterization,
+            "sigma_data": self.sigma_data}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSpec:
+  """The options of the configured sampler that the programs around it need."""
+  method: str
+  guidance_weight: float
+  guidance_interval: Optional[Tuple[float, float]]  # None: guidance at every noise level
+  ode_tolerances: Tuple[Tuple[str, float], ...]  # rtol, atol, eps of the probability-flow ODE
+  controllable: bool  # projections per step (inpaint, colorize): every sampler but 'ode'
+  time_grid: Optional[TimeGridSpec]  # a grid fitted to the model; None: the sampler's own
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeGridSpec:
+  """sampling.schedule = 'optimized' with unipc: the grid to fit (score_jax.samplers.time_grids)."""
+  order: int
+  variant: str
+  num_steps: int  # 0: the sampler's default
+  eps: float
+  guidance_interval: Tuple[float, float]
+  guide: Optional[Tuple[str, int]]  # the autoguidance guide's workdir and step
+  batch_size: int
+  iters: int
+  seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoop:
+  """The training loop's numbers."""
+  n_iters: int
+  batch_size: int
+  microbatches: int
+  snapshot_freq: int
+  snapshot_freq_for_preemption: int
+  snapshot_sampling: bool
+  log_freq: int
+  eval_freq: int
+  phema_snapshot_freq: int
+  phema_sigma_rels: Tuple[float, ...]  # () : post-hoc EMA off
+  eval_loss: bool  # the eval split's loss every eval_freq steps
+  sample_batch_size: int  # the snapshot grids' samples
+  zero_nonfinite_grads: bool  # EDM: non-finite gradients zeroed, else the step is skipped
+  seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec(Eval):
+  """The eval mode's options (the eval section's keys) with what they are resolved against:
+  the checkpoint numbering of training, the seed, and the fingerprints of the results."""
+  snapshot_freq: int  # of training: checkpoint index k is step k * snapshot_freq
+  n_iters: int
+  seed: int
+  fingerprint: str  # of everything that changes a checkpoint's results
+  sampling_fingerprint: str  # of what fixes a sampling round's samples
+
+  def likelihood_kwargs(self) -> Dict[str, Any]:
+    return {"hutchinson": self.hutchinson, "rtol": self.likelihood_rtol,
+            "atol": self.likelihood_atol, "eps": self.likelihood_eps}
+
+  def checkpoints(self) -> List[Tuple[int, int]]:
+    """[(index k, training step)] of begin_ckpt..end_ckpt (see score_jax.run.evaluate).
+
+    Raises:
+      ConfigError: begin_ckpt < 1 (no checkpoint precedes the first step), an
+        empty range, or a range that starts after the end of training.
+    """
+    return checkpoint_range(self.begin_ckpt, self.end_ckpt, self.snapshot_freq, self.n_iters)
+
+
+def checkpoint_range(begin: int, end: int, freq: int, n_iters: int) -> List[Tuple[int, int]]:
+  """[(index k, training step)] of checkpoint indices begin..end: k is step k * freq, and the
+  index past the last multiple the final step n_iters (score_jax.run.evaluate's numbering)."""
+  last = math.ceil(n_iters / freq)  # index of the final step
+  if begin < 1:
+    raise ConfigError(f"eval.begin_ckpt must be >= 1 (index k is step k * snapshot_freq = "
+                      f"k * {freq}; training writes no checkpoint at step 0), got {begin}.")
+  if end < begin:
+    raise ConfigError(f"eval.end_ckpt ({end}) is smaller than eval.begin_ckpt ({begin}).")
+  if begin > last:
+    raise ConfigError(
+        f"eval.begin_ckpt = {begin} is step {begin * freq}, after the end of training "
+        f"(n_iters = {n_iters}, snapshot_freq = {freq}: indices 1..{last}). Use e.g. "
+        f"--config.eval.begin_ckpt=1 --config.eval.end_ckpt={last}.")
+  if end > last:
+    logging.info("eval.end_ckpt = %d is past the end of training; evaluating up to index %d "
+                 "(step %d).", end, last, n_iters)
+  return [(k, min(k * freq, n_iters)) for k in range(begin, min(end, last) + 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec(Sample):
+  """The sample mode's options (the sample section's keys) with the seed and quantization."""
+  quantization: str  # how samples become uint8 images (eval.quantization)
+  seed: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+  """Everything a run builds once from its settings; the modes consume it."""
+  settings: Settings  # for config.json and load_run(...).settings; nothing below reads it
+  sde: sde_lib.SDE
+  model: nn.Module
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  data: DataSpec
+  score: ScoreSpec
+  train_loss: programs.LossFn  # loss_fn(params, rng, x, y, augment_labels) with dropout
+  eval_loss: programs.LossFn  # the same objective without dropout or label dropout
+  lr_schedule: optax.Schedule
+  ema_decay: Callable[[Array], Any]  # decay(step) of the parameters' EMA
+  phema_gammas: Tuple[float, ...]  # exponents of the post-hoc EMA profiles (empty: off)
+  augment: Optional[augment_lib.Augment]  # None: off
+  sampler: programs.SamplerFn  # the configured sampler
+  sampler_on_grid: Callable[[Any], programs.SamplerFn]  # the same on an explicit time grid
+  sampling: SamplingSpec
+  loop: TrainLoop
+  eval: EvalSpec
+  sample: SampleSpec
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P("data"))
+
+
+def _sampling_fingerprint(s: Settings) -> Dict[str, Any]:
+  """What fixes an eval sampling round's samples: a change makes existing shards stale."""
+  out = {"sampling": s.raw["sampling"], "batch_size": s.eval.batch_size,
+         "model": s.raw["model"], "seed": s.seed, "sde": s.training.sde,
+         "continuous": s.training.continuous}
+  if s.data.is_images and s.eval.quantization != "round":  # older shards were rounded
+    out["quantization"] = s.eval.quantization
+  if s.sample.guide_workdir:  # autoguidance
+    out["guide"] = [s.sample.guide_workdir, s.sample.guide_step]
+  return out
+
+
+def _eval_fingerprint(s: Settings) -> str:
+  """Everything that changes a checkpoint's results (not the waiting options)."""
+  ev = {k: v for k, v in s.raw["eval"].items()
+        if k not in ("begin_ckpt", "end_ckpt", "wait_timeout_s", "poll_interval_s")}
+  return fingerprint({"eval": ev, "sampling": _sampling_fingerprint(s), "data": s.raw["data"]})
+
+
+def _time_grid(s: Settings) -> Optional[TimeGridSpec]:
+  from score_jax.run import grids
+
+  if not grids.wanted(s):
+    return None
+  c = s.sampling
+  return TimeGridSpec(order=c.order, variant=c.unipc_variant, num_steps=c.num_steps, eps=c.eps,
+                      guidance_interval=tuple(c.guidance_interval),
+                      guide=(s.sample.guide_workdir, s.sample.guide_step),
+                      batch_size=c.grid_batch_size, iters=c.grid_iters, seed=s.seed)
+
+
+def assemble(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],
+             tx: Optional[optax.GradientTransformation],
+             mesh: Optional[jax.sharding.Mesh]) -> Plan:
+  """The plan of settings with these objects, without checks (`make_plan` checks and builds
+  them; tests pass None for what they do not use)."""
+  t, smp = s.training, s.sampling
+  interval = tuple(smp.guidance_interval)
+  return Plan(
+      settings=s, sde=sde, model=model, tx=tx, mesh=mesh,
+      data=DataSpec(s.data, s.model.num_classes, s.seed, t.batch_size, s.eval.batch_size),
+      score=ScoreSpec(t.continuous, s.model.parameterization, s.model.sigma_data,
+                      s.model.num_classes),
+      train_loss=programs.get_loss_fn(s, sde, model, train=True),
+      eval_loss=programs.get_loss_fn(s, sde, model, train=False),
+      lr_schedule=programs.get_lr_schedule(s),
+      ema_decay=programs.get_ema_decay(s),
+      phema_gammas=phema.gammas(s),
+      augment=programs.get_augment(s),
+      sampler=programs.get_sampler(s, sde),
+      sampler_on_grid=lambda timesteps: programs.get_sampler(s, sde, timesteps),
+      sampling=SamplingSpec(
+          method=smp.method.lower(), guidance_weight=smp.guidance_weight,
+          guidance_interval=None if interval == (0.0, 0.0) else interval,
+          ode_tolerances=(("rtol", smp.rtol), ("atol", smp.atol), ("eps", smp.eps)),
+          controllable=smp.method.lower() != "ode", time_grid=_time_grid(s)),
+      loop=_take(TrainLoop, t, phema_sigma_rels=s.model.phema_sigma_rels,
+                 eval_loss=s.eval.enable_loss, sample_batch_size=smp.batch_size,
+                 zero_nonfinite_grads=s.optim.nonfinite_grads == "zero", seed=s.seed),
+      eval=_take(EvalSpec, s.eval, snapshot_freq=t.snapshot_freq, n_iters=t.n_iters, seed=s.seed,
+                 fingerprint=_eval_fingerprint(s),
+                 sampling_fingerprint=fingerprint(_sampling_fingerprint(s))),
+      sample=_take(SampleSpec, s.sample, quantization=s.eval.quantization, seed=s.seed))
+
+
+def check_network(s: Settings, model: nn.Module) -> None:
+  """The network maps data of the settings' shape to that shape (shapes only: no compile)."""
+  shape = s.data.shape(2)
+  try:
+    out = jax.eval_shape(lambda r: model.apply(models.init_model(r, model, shape),
+                                               jnp.zeros(shape), jnp.ones((2,))),
+                         jax.random.PRNGKey(0))
+  except Exception as e:  # noqa: BLE001 - re-raised with the config context
+    raise ConfigError(f"The network {s.model.name!r} cannot take data of shape {shape[1:]} "
+                      f"(data.image_size / data.num_channels): {e}") from e
+  if out.shape != shape:
+    raise ConfigError(f"The network {s.model.name!r} maps data of shape {shape[1:]} to "
+                      f"{out.shape[1:]}; check data.image_size and data.num_channels.")
+
+
+def make_plan(s: Settings, need_data: bool = True, *,
+              model: Optional[nn.Module] = None,
+              mesh: Optional[jax.sharding.Mesh] = None) -> Plan:
+  """Checks the settings against the devices and data, then builds the plan.
+
+  need_data=False skips the dataset check: sampling from a checkpoint, e.g.
+  one converted from the reference, needs no data. model, mesh: reuse these
+  (another plan's, e.g. other sampling settings for the same network).
+  """
+  from score_jax.data import datasets  # pylint: disable=g-import-not-at-top
+
+  check_devices(s, jax.device_count(), jax.process_count())
+  sde, model = programs.get_sde(s), model or programs.get_model(s)
+  # Auto axes: XLA propagates the batch sharding through the step (explicit
+  # sharding-in-types would need annotations inside every loss and sampler).
+  mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
+                               axis_types=(jax.sharding.AxisType.Auto,))
+  plan = assemble(s, sde, model, programs.get_optimizer(s), mesh)  # refuses discrete training
+  if need_data:                                                     # without a chain (the loss)
+    datasets.num_examples(s.data, "train")  # unknown or missing dataset: clear error here
+  check_network(s, model)
+  return plan
