@@ -150,7 +150,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.augment_aniso = 0.0  # anisotropic, log2 std 0.2
   data.augment_translate_frac = 0.0  # std 1/8 of the size
 
-  # Model. Family-specific keys are set by the model configs.
+  # Model: the keys every network shares. The architecture keys are model.name's network's
+  # constructor arguments (score_jax.models.network_arguments), whose defaults hold where a
+  # config does not set them; the model configs set them, and a key of another network is an
+  # error. dropout, embedding_type, num_classes and remat reach the networks that take them.
   config.model = model = ml_collections.ConfigDict()
   model.name = "ddpmpp"
   model.sigma_min = 0.01

@@ -1,5 +1,6 @@
 """The running layer: settings read once, unknown keys refused, clear user errors, load_run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -54,16 +55,81 @@ def test_an_unread_key_in_any_section_is_an_error_that_names_it(section, key):
   assert f"Valid keys of config.{section}: {first_valid}" in str(err.value)
 
 
-def test_keys_of_other_families_stay_allowed_and_reach_only_their_network():
-  """An NCSNv2 key on a DDPM++ config is allowed (another family reads it); the DDPM++
-  network is built from its own constructor's keys only."""
+def test_a_key_of_another_network_is_an_error_that_names_its_family():
+  """An NCSNv2 key on a DDPM++ config is refused, naming the network that takes it; the
+  DDPM++ network is built from its own constructor's keys."""
   config = vp_cifar.get_config()
   with config.unlocked():
     config.model.interpolation = "bilinear"  # an NCSNv2 argument
-  s = settings.from_config(config)
-  assert dict(s.model.arch)["interpolation"] == "bilinear"
+  with pytest.raises(ConfigError, match=r"model\.interpolation belongs to 'ncsnv2'/.*, not to "
+                     r"'ddpmpp' \(model\.name\); remove it\.") as err:
+    settings.from_config(config)
+  assert "song_unet" not in str(err.value)
+  config = vp_cifar.get_config()
+  config.model.name = "song_unet"  # keeps DDPM++'s fir, progressive, ... keys
+  with pytest.raises(ConfigError, match=r"model\.fir, .* belong to 'ncsnpp'/'ddpmpp'/'ddpm';"
+                     r".*, not to 'song_unet' \(model\.name\); remove them\."):
+    settings.from_config(config)
+  s = settings.from_config(vp_cifar.get_config())
+  assert set(dict(s.model.arch)) <= set(models.network_arguments("ddpmpp"))
   model = programs.get_model(s)
-  assert isinstance(model, models.NCSNpp) and model.nf == config.model.nf
+  assert isinstance(model, models.NCSNpp) and model.nf == vp_cifar.get_config().model.nf
+
+
+def test_a_workdir_written_with_keys_of_another_network_still_loads(tmp_path, caplog):
+  """Such keys were allowed before and never reached the network: a workdir's config.json
+  that holds them loads, without them."""
+  raw = vp_cifar.get_config().to_dict()
+  raw["model"]["interpolation"] = "bilinear"
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(raw, default=list))
+  s = settings.from_json(str(path))
+  assert "interpolation" not in dict(s.model.arch) and "model.interpolation" in caplog.text
+  assert s.model.arch == settings.from_config(vp_cifar.get_config()).model.arch
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"method": "dpm_solver", "order": 1},
+     r"sampling\.order must be 2 or 3 for dpm_solver, got 1 \(1 is made for "
+     r"sampling\.method='unipc'\)\."),
+    ({"method": "unipc", "order": 0}, r"sampling\.order must be 1, 2 or 3 for unipc, got 0\."),
+    ({"method": "heun", "s_churn": -1.0}, r"sampling\.s_churn must be >= 0 for heun"),
+    ({"method": "ddim", "eta": -0.5}, r"sampling\.eta must be >= 0 for ddim"),
+    ({"method": "ddim", "num_steps": -1}, r"sampling\.num_steps must be >= 0"),
+    ({"method": "ode", "rtol": 0.0}, r"sampling\.rtol must be > 0 for ode"),
+    ({"method": "pc", "corrector": "hmc"},
+     r"sampling\.corrector must be 'langevin', 'ald' or 'none' for pc, got 'hmc'"),
+    ({"method": "pc", "snr": 0.0}, r"sampling\.snr must be > 0 for pc"),
+    ({"method": "heun", "eps": 1.5}, r"sampling\.eps must be in \(0, 1\) for heun"),
+    # The interpolate task encodes and decodes along the ODE: its tolerances are the run's.
+    ({"method": "pc", "atol": -1.0, "sample.task": "interpolate"},
+     r"sampling\.atol must be > 0 for ode"),
+])
+def test_sampler_options_are_checked_against_the_chosen_samplers_declaration(changes, match):
+  changes = {k if "." in k else f"sampling.{k}": v for k, v in changes.items()}
+  with pytest.raises(ConfigError, match=match):
+    settings.from_config(_toy(**changes))
+
+
+def test_sampler_declarations_name_real_settings_and_arguments():
+  import inspect  # pylint: disable=g-import-not-at-top
+  from score_jax.run import sampler_specs  # pylint: disable=g-import-not-at-top
+  fields = set(settings._field_names(settings.Sampling))
+  for method, spec in sampler_specs.SAMPLERS.items():
+    params = inspect.signature(spec.function).parameters
+    for option in spec.options:
+      assert option.key in fields and option.arg in params, (method, option)
+    assert spec.grid_arg is None or spec.grid_arg in params
+  assert settings.SAMPLING_METHODS == tuple(sampler_specs.SAMPLERS)
+  # Options of a sampler not in use are not the run's: ddim takes no order.
+  s = settings.from_config(_toy(**{"sampling.method": "ddim", "sampling.order": 7,
+                                   "sampling.num_steps": 9, "sampling.eta": 0.5}))
+  assert sampler_specs.arguments(s.sampling) == {"num_steps": 9, "eta": 0.5, "eps": 1e-3,
+                                                 "denoise": True}
+  s = s.replace(sampling={"method": "unipc", "order": 3, "schedule": "optimized"})
+  assert sampler_specs.arguments(s.sampling) == {"num_steps": 9, "schedule": "logSNR",
+                                                 "order": 3, "variant": "bh2", "eps": 1e-3,
+                                                 "denoise": True}
 
 
 def test_every_shipped_config_has_only_read_keys_and_wrong_types_are_refused():

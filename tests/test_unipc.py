@@ -187,6 +187,38 @@ def test_unipc_settings_and_arguments_are_checked():
     fast_samplers.unipc_sample(KEY, sde, score_fn, (4, 2), num_steps=0)
 
 
+def test_a_fixed_grid_combines_with_the_other_settings_or_is_refused():
+  """A fixed grid replaces num_steps, schedule and eps, which must agree with it or be unset;
+  order, variant and the final denoising still apply; samplers without grids refuse one."""
+  s = _toy_settings(method="unipc", order=3, unipc_variant="bh1", num_steps=12,
+                    schedule="optimized", noise_removal=False)
+  sde = programs.get_sde(s)
+  score_fn = jax.tree_util.Partial(analytic.score_fn(analytic.example_mixture_2d(), sde))
+  ts = fast_samplers.time_grid(sde, 12, "edm", eps=s.sampling.eps)
+  direct, _ = fast_samplers.unipc_sample(KEY, sde, score_fn, (64, 2), order=3, variant="bh1",
+                                         timesteps=ts)
+  unset = _toy_settings(method="unipc", order=3, unipc_variant="bh1", noise_removal=False)
+  for agreeing in (s, unset):  # num_steps 0 and schedule '': the grid decides
+    x, nfe = programs.get_sampler(agreeing, sde, ts)(KEY, score_fn, (64, 2))
+    assert nfe == 12
+    np.testing.assert_array_equal(x, direct)
+  _, nfe = programs.get_sampler(_toy_settings(method="unipc"), sde, ts)(KEY, score_fn, (64, 2))
+  assert nfe == 13  # + the denoising step of sampling.noise_removal
+  for changes, match in (({"num_steps": 10}, r"sampling\.num_steps = 10 \(the grid's: 12; set "
+                                             r"12 or 0\)"),
+                         ({"eps": 1e-2}, r"sampling\.eps = 0\.01 \(the grid's: 0\.001"),
+                         ({"schedule": "edm"}, r"sampling\.schedule = 'edm' \(the grid's: "
+                                              r"'optimized'; set 'optimized' or ''\)")):
+    with pytest.raises(ConfigError, match=r"fixed time grid \(timesteps: 12 steps from 1 to "
+                       r"0\.001\) replaces sampling\.num_steps, sampling\.schedule, "
+                       r"sampling\.eps, and disagrees with " + match):
+      programs.get_sampler(_toy_settings(method="unipc", **changes), sde, ts)
+  for method in ("pc", "ode", "ddim", "heun", "dpm_solver"):
+    with pytest.raises(ConfigError, match=f"sampling.method = '{method}' takes no fixed time "
+                       "grid \\(timesteps\\); 'unipc' does"):
+      programs.get_sampler(_toy_settings(method=method), sde, ts)
+
+
 def test_explicit_timesteps_are_the_schedules_grid_and_do_not_recompile():
   sde, mix, score_fn = mixture_setup("ve")
   z = sde.prior_sampling(KEY, (512, 2))

@@ -5,7 +5,8 @@
 - `NCSNv2`: RefineNet of NCSNv2 ('ncsnv2').
 - `MLPScore`: MLP for low-dimensional data ('mlp').
 - `SongUNet`: EDM's (Karras et al. 2022) DDPM++ / NCSN++ ('song_unet').
-- `build_model(name, **kwargs)`: explicit arguments -> module; `get_score_fn(sde, model, variables,
+- `build_model(name, **kwargs)`: explicit arguments -> module (`network_arguments(name)`: the
+  arguments the network takes, its family's keys); `get_score_fn(sde, model, variables,
   continuous=...)`
   (`models/score.py`, the one place that parameterizes a score): network -> score_fn(x, t, y=None).
 
@@ -18,7 +19,8 @@ from score_jax.models.mlp import MLPScore
 from score_jax.models.ncsnpp import NCSNpp
 from score_jax.models.ncsnv2 import NCSNv2
 from score_jax.models.song_unet import SongUNet
-from score_jax.models.build import DTYPES, MODELS, build_model, count_params, init_model
+from score_jax.models.build import (DTYPES, MODELS, build_model, count_params, init_model,
+                                    network_arguments)
 from score_jax.models.score import PARAMETERIZATIONS, get_score_fn
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "count_params",
     "DTYPES",
     "build_model",
+    "network_arguments",
     "get_score_fn",
     "PARAMETERIZATIONS",
     "init_model",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -19,7 +19,7 @@ from score_jax.models.song_unet import SongUNet
 
 Array = jax.Array
 
-__all__ = ["MODELS", "DTYPES", "build_model", "init_model", "count_params"]
+__all__ = ["MODELS", "DTYPES", "network_arguments", "build_model", "init_model", "count_params"]
 
 # Model name in config.model.name -> module class. DDPM++ is NCSN++ with
 # other settings (the reference called both 'ncsnpp').
@@ -38,6 +38,15 @@ MODELS: Mapping[str, type] = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def network_arguments(name: str) -> Tuple[str, ...]:
+  """The keyword arguments `build_model(name, ...)` takes besides dtype: the network's
+  constructor arguments (less Flax's name and parent), the declaration of its family's keys.
+  Those not given keep the constructor's defaults."""
+  cls = MODELS[name.lower()]
+  return tuple(f.name for f in dataclasses.fields(cls)
+               if f.init and f.name not in ("name", "parent", "dtype"))
+
+
 def build_model(name: str, *, dtype: str = "float32", **kwargs: Any) -> nn.Module:
   """The network `name` (a key of MODELS) from explicit constructor arguments.
 
@@ -53,13 +62,12 @@ def build_model(name: str, *, dtype: str = "float32", **kwargs: Any) -> nn.Modul
     raise ValueError(f"Unknown model {name!r}; choose from {sorted(MODELS)}.")
   if dtype not in DTYPES:
     raise ValueError(f"Unknown model dtype {dtype!r}; choose from {sorted(DTYPES)}.")
-  cls = MODELS[key]
-  fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"name", "parent", "dtype"}
-  unknown = sorted(set(kwargs) - fields)
+  fields = network_arguments(key)
+  unknown = sorted(set(kwargs) - set(fields))
   if unknown:
     raise ValueError(f"The {name!r} network takes no argument(s) {unknown}; it takes "
                      f"{sorted(fields)}.")
-  return cls(dtype=DTYPES[dtype], **kwargs)
+  return MODELS[key](dtype=DTYPES[dtype], **kwargs)
 
 
 def _dummy_inputs(shape: Sequence[int]):

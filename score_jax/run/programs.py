@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding
 
 from score_jax import losses, models
 from score_jax.data import augment
-from score_jax.run import distributed
+from score_jax.run import distributed, sampler_specs
 from score_jax import sde as sde_lib
 from score_jax.errors import ConfigError
 from score_jax.run.settings import Settings
@@ -51,7 +51,7 @@ SamplerFn = Callable[..., Tuple[Array, Array]]
 __all__ = ["Setup", "Programs", "make_setup", "get_sde", "get_model", "get_optimizer",
            "get_lr_schedule", "get_loss_fn", "get_sampler", "get_dataset", "network_score_factory",
            "parameterization_kwargs", "get_time_distribution", "get_ema_decay", "get_augment",
-           "FAST_SAMPLERS", "Guide", "GuidedParams"]
+           "Guide", "GuidedParams"]
 
 
 def get_sde(s: Settings) -> sde_lib.SDE:
@@ -67,14 +67,14 @@ def get_sde(s: Settings) -> sde_lib.SDE:
 
 
 def get_model(s: Settings) -> nn.Module:
-  """The network of model.name, from the model section's keys its constructor takes."""
-  cls = models.MODELS[s.model.name.lower()]
-  fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"name", "parent", "dtype"}
-  values = {**{k: getattr(s.model, k) for k in ("dropout", "embedding_type", "num_classes",
-                                                 "remat")},
-            **dict(s.model.arch), "centered": s.data.centered}
-  return models.build_model(s.model.name, dtype=s.model.dtype,
-                            **{k: v for k, v in values.items() if k in fields})
+  """The network of model.name from the model section: its architecture keys (settings
+  refuses keys of another network), and the generic keys and data.centered where its
+  constructor takes them (dropout, embedding_type, num_classes, remat)."""
+  takes = set(models.network_arguments(s.model.name))
+  generic = {**{k: getattr(s.model, k) for k in ("dropout", "embedding_type", "num_classes",
+                                                  "remat")}, "centered": s.data.centered}
+  return models.build_model(s.model.name, dtype=s.model.dtype, **dict(s.model.arch),
+                            **{k: v for k, v in generic.items() if k in takes})
 
 
 def get_lr_schedule(s: Settings) -> optax.Schedule:
@@ -184,50 +184,20 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
   return loss_fn
 
 
-# sampling.method -> (function in score_jax.samplers.fast, Sampling fields it takes);
-# a field <method>_<arg> is passed as <arg> (unipc_variant -> variant).
-FAST_SAMPLERS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    "ddim": ("ddim_sample", ("eta",)),
-    "heun": ("heun_sample", ("s_churn",)),
-    "dpm_solver": ("dpm_solver_pp_sample", ("order",)),
-    "unipc": ("unipc_sample", ("order", "unipc_variant")),
-}
-
-
 def get_sampler(s: Settings, sde: sde_lib.SDE, timesteps: Optional[Any] = None) -> SamplerFn:
   """sampler(rng, score_fn, shape, **extra) -> (x, nfe) for sampling.method.
 
-  `extra` goes to the sampler function as is: z (a start state), and
-  constraint (controllable.py; pc and the fast samplers, not ode). 'ddim',
-  'heun' (EDM), 'dpm_solver' (DPM-Solver++ multistep) and 'unipc' take
-  sampling.num_steps score evaluations (0: the sampler's default) on
-  sampling.schedule ('' = default). timesteps (unipc): an explicit grid, from
-  `score_jax.samplers.time_grids` for schedule 'optimized' (which without one is logSNR).
+  The sampler and its arguments come from its declaration in
+  `sampler_specs.SAMPLERS`: the sampling.* settings it takes, each passed as
+  its argument. `extra` goes to the sampler function as is: z (a start
+  state), and constraint (controllable.py; pc and the fast samplers, not
+  ode). timesteps: a fixed time grid for the samplers that take one (unipc),
+  from `score_jax.samplers.time_grids` for schedule 'optimized' (which without
+  one is the logSNR grid); it replaces sampling.num_steps, schedule and eps,
+  which must agree with it or be unset (else a ConfigError).
   """
-  from score_jax.samplers import fast as fast_samplers
-  from score_jax import samplers as sampling  # leaves of the library; imported on use
-
-  c = s.sampling
-  method = c.method.lower()
-  if method == "pc":
-    return lambda rng, score_fn, shape, **extra: sampling.pc_sample(
-        rng, sde, score_fn, shape, predictor=c.predictor, corrector=c.corrector, snr=c.snr,
-        n_steps=c.n_steps_each, probability_flow=c.probability_flow, denoise=c.noise_removal,
-        eps=c.eps, **extra)
-  if method == "ode":
-    return lambda rng, score_fn, shape, **extra: sampling.ode_sample(
-        rng, sde, score_fn, shape, rtol=c.rtol, atol=c.atol, denoise=c.noise_removal, eps=c.eps,
-        **extra)
-  fn_name, options = FAST_SAMPLERS[method]
-  kwargs: Dict[str, Any] = {"eps": c.eps, "denoise": c.noise_removal}
-  if c.num_steps > 0:
-    kwargs["num_steps"] = c.num_steps
-  if c.schedule:
-    kwargs["schedule"] = "logSNR" if c.schedule == "optimized" else c.schedule
-  if timesteps is not None:
-    kwargs = {"denoise": c.noise_removal, "timesteps": np.asarray(timesteps)}
-  kwargs.update({key.removeprefix(method + "_"): getattr(c, key) for key in options})
-  fn = getattr(fast_samplers, fn_name)
+  fn = sampler_specs.SAMPLERS[s.sampling.method.lower()].function
+  kwargs = sampler_specs.arguments(s.sampling, timesteps)
   return lambda rng, score_fn, shape, **extra: fn(rng, sde, score_fn, shape, **kwargs, **extra)
 
 

@@ -9,9 +9,12 @@ takes settings, never a ConfigDict. Here, before anything compiles:
 - every key of every section is checked against the keys something reads: an
   unknown key (`model.nff = 64`) is a `ConfigError` that names it and the
   section's valid keys. The model section also takes the architecture keys of
-  any network family (`models.MODELS`); the chosen network receives those of
-  its own constructor.
-- every value is checked for its type and range.
+  model.name's network, its constructor's arguments (`models.network_arguments`,
+  whose defaults hold for the keys not given); a key of another network is a
+  `ConfigError` that names the network it belongs to.
+- every value is checked for its type and range, section by section; the
+  sampling options against the chosen sampler's declaration
+  (`sampler_specs.SAMPLERS`: the settings each sampler takes and their values).
 
 Every default lives in configs/default.py. A config that lacks keys (one
 written by an older version into a workdir) is completed from that file
@@ -23,21 +26,22 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple, get_type_hints
 
 from score_jax.errors import ConfigError
+from score_jax.run import sampler_specs
 
 __all__ = ["Settings", "Training", "Sampling", "Eval", "Sample", "Data", "Model", "Optim",
            "from_config", "from_json", "default_config", "SDE_NAMES", "SAMPLING_METHODS"]
 
 SDE_NAMES = ("vpsde", "subvpsde", "vesde", "rectified_flow")
-SAMPLING_METHODS = ("pc", "ode", "ddim", "heun", "dpm_solver", "unipc")
-UNIPC_VARIANTS = ("bh1", "bh2")
-PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none")
-CORRECTORS = ("langevin", "ald", "none")
-SCHEDULES = ("", "uniform_t", "logSNR", "edm", "optimized")
+# The samplers and the settings each takes: sampler_specs.SAMPLERS, which the sampling
+# section is checked against.
+SAMPLING_METHODS = tuple(sampler_specs.SAMPLERS)
+UNIPC_VARIANTS = sampler_specs.SAMPLERS["unipc"].option("unipc_variant").choices
 TASKS = ("generate", "inpaint", "colorize", "interpolate")
 QUANTIZATIONS = ("truncate", "round")
 NONFINITE_GRADS = ("skip", "zero")
@@ -204,11 +208,13 @@ class Model:
   remat: bool
   parameterization: str
   sigma_data: float
-  # Architecture keys of the network families, as given (tuples for lists).
+  # Architecture keys of model.name's network, as given (tuples for lists): arguments of its
+  # constructor (models.network_arguments), whose defaults hold for the keys not given. A key
+  # of another network is an error.
   arch: Tuple[Tuple[str, Any], ...] = ()
 
   def get(self, key: str, default: Any = None) -> Any:
-    """An architecture or generic key's value (default when the config does not set it)."""
+    """A generic or architecture key's value (default when the config does not set it)."""
     if key in _field_names(Model):
       return getattr(self, key)
     return dict(self.arch).get(key, default)
@@ -276,11 +282,11 @@ def _json_default(value: Any) -> Any:
 
 
 def _family_keys() -> Dict[str, Tuple[str, ...]]:
-  """model.name -> the constructor arguments its network reads from the model section."""
-  from score_jax.models import MODELS  # pylint: disable=g-import-not-at-top
-  skip = {"name", "parent", "dtype", "centered"}
-  return {name: tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name not in skip)
-          for name, cls in MODELS.items()}
+  """model.name -> the model-section keys its network takes: its constructor's arguments
+  (`models.network_arguments`) less `centered`, which data.centered sets."""
+  from score_jax import models  # pylint: disable=g-import-not-at-top
+  return {name: tuple(k for k in models.network_arguments(name) if k != "centered")
+          for name in models.MODELS}
 
 
 def _as_static(value: Any) -> Any:
@@ -348,9 +354,35 @@ def from_config(config: Any) -> Settings:
 
 
 def from_json(path: str) -> Settings:
-  """Settings of a workdir's config.json."""
+  """Settings of a workdir's config.json.
+
+  A run written before keys of another network were refused may hold some: its
+  network never received them, so they are dropped here (with a warning) and
+  the run loads as it was trained.
+  """
   with open(path) as f:
-    return _from_dict(json.load(f))
+    raw = json.load(f)
+  model = raw.get("model") if isinstance(raw, dict) else None
+  if isinstance(model, dict):
+    foreign = _keys_of_other_networks(model, _family_keys())
+    if foreign:
+      logging.warning("%s: %s belong to other networks than model.name = %r, which never "
+                      "read them; ignored.", path, ", ".join(f"model.{k}" for k in foreign),
+                      model["name"])
+      raw["model"] = {k: v for k, v in model.items() if k not in foreign}
+  return _from_dict(raw)
+
+
+def _keys_of_other_networks(model: Mapping[str, Any],
+                            families: Mapping[str, Tuple[str, ...]]) -> Tuple[str, ...]:
+  """The keys of a model section that other networks than model.name's take (none where
+  model.name is not a network)."""
+  own = families.get(str(model.get("name", "")).lower())
+  if own is None:
+    return ()
+  generic = set(_field_names(Model))
+  return tuple(k for k in model if k not in own and k not in generic
+               and any(k in keys for keys in families.values()))
 
 
 def _complete(raw: Dict[str, Any]) -> Dict[str, Any]:
@@ -388,8 +420,12 @@ def _from_dict(raw: Dict[str, Any]) -> Settings:
     allowed = set(names) | (set(arch_keys) if cls is Model else set())
     unknown = sorted(set(values) - allowed)
     if unknown:
-      extra = (" and the architecture keys of the network families: " + ", ".join(arch_keys)
-               if cls is Model else "")
+      extra = ""
+      if cls is Model:
+        name = str(values.get("name", "")).lower()
+        whose, keys = ((f"{name!r} (model.name)", [k for k in families[name] if k in arch_keys])
+                       if name in families else ("the networks", arch_keys))
+        extra = f" and the architecture keys of {whose}: {', '.join(keys)}"
       raise ConfigError(f"Unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}: nothing "
                         f"reads them. Valid keys of config.{section}: {', '.join(names)}{extra}.")
     missing = [k for k in names if k not in values]
@@ -419,8 +455,24 @@ def _at_least(where: str, value: float, low: float) -> None:
 
 
 def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
-  """Value checks that need no devices, no data and no network."""
-  t, m, smp, e, d = s.training, s.model, s.sampling, s.eval, s.data
+  """Value checks that need no devices, no data and no network, section by section."""
+  _check_training(s.training)
+  _check_objective(s.training, s.model)
+  _check_model(s.model, families)
+  _check_sde(s.training, s.model)
+  _check_optim(s.optim)
+  _check_phema(s.training, s.model)
+  _check_sampling(s.sampling, s.sample)
+  _check_eval(s.eval)
+  _check_sample(s.sample, s.model)
+  _check_data(s.data, s.model, families)
+  _check_augment(s.data, s.model)
+  # Last: a network that cannot take the data or its augmentation is the error to show
+  # first when model.name changes; the keys of the former network follow from it.
+  _check_network_keys(s.model, families)
+
+
+def _check_training(t: Training) -> None:
   _choice("training.sde", t.sde, SDE_NAMES, lower=True)
   for key in ("batch_size", "microbatches", "n_iters", "snapshot_freq",
               "snapshot_freq_for_preemption", "log_freq", "eval_freq"):
@@ -435,7 +487,10 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   if t.importance_weighting and not t.likelihood_weighting:
     raise ConfigError("training.importance_weighting samples times for the likelihood-weighted "
                       "loss; set training.likelihood_weighting = True too.")
-  _check_families(t, m)
+
+
+def _check_model(m: Model, families: Mapping[str, Tuple[str, ...]]) -> None:
+  """The network's name, dtype and generic options; the EMA; the noise levels' counts."""
   _choice("model", m.name, families, lower=True)  # "Unknown model ..." (model.name)
   _choice("model.dtype", m.dtype, DTYPES)
   if m.remat and "remat" not in families[m.name.lower()]:
@@ -443,49 +498,65 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
                       f"ddpm, not by {m.name!r}; set model.remat = False.")
   if not 0.0 <= m.ema_rate < 1.0:
     raise ConfigError(f"model.ema_rate must lie in [0, 1), got {m.ema_rate}.")
-  for where, value in (("model.ema_halflife_kimg", m.ema_halflife_kimg),
-                       ("model.ema_rampup_ratio", m.ema_rampup_ratio),
-                       ("optim.lr_rampup_kimg", s.optim.lr_rampup_kimg)):
-    _at_least(where, value, 0.0)
-  if s.optim.lr_rampup_kimg > 0 and s.optim.warmup > 0:
-    raise ConfigError("optim.lr_rampup_kimg (a ramp-up in images) and optim.warmup (in steps) "
-                      "are two ramps of the learning rate; set optim.warmup = 0.")
-  _check_phema(t, m)
+  _at_least("model.ema_halflife_kimg", m.ema_halflife_kimg, 0.0)
+  _at_least("model.ema_rampup_ratio", m.ema_rampup_ratio, 0.0)
   _at_least("model.num_classes", m.num_classes, 0)
   _at_least("model.num_scales", m.num_scales, 1)
+
+
+def _check_sde(t: Training, m: Model) -> None:
+  """The noise schedule of training.sde (model.sigma_* for VE, model.beta_* for VP)."""
   if t.sde.lower() == "vesde" and not 0 < m.sigma_min < m.sigma_max:
     raise ConfigError(f"vesde needs 0 < model.sigma_min < model.sigma_max, got {m.sigma_min}, "
                       f"{m.sigma_max}.")
   if t.sde.lower() in ("vpsde", "subvpsde") and not 0 <= m.beta_min < m.beta_max:
     raise ConfigError(f"{t.sde} needs 0 <= model.beta_min < model.beta_max, got {m.beta_min}, "
                       f"{m.beta_max}.")
-  _choice("optim.optimizer", s.optim.optimizer, ("adam", "adamw"), lower=True)
-  _choice("optim.nonfinite_grads", s.optim.nonfinite_grads, NONFINITE_GRADS)
-  _choice("sampling.method", smp.method, SAMPLING_METHODS, lower=True)
-  _choice("sampling.predictor", smp.predictor, PREDICTORS)
-  _choice("sampling.corrector", smp.corrector, CORRECTORS)
-  _choice("sampling.schedule", smp.schedule, SCHEDULES)
-  _at_least("sampling.batch_size", smp.batch_size, 1)
-  _at_least("sampling.num_steps", smp.num_steps, 0)
-  _at_least("sampling.n_steps_each", smp.n_steps_each, 1 if smp.corrector != "none" else 0)
-  if not 0.0 < smp.eps < 1.0:
-    raise ConfigError(f"sampling.eps must lie in (0, 1), got {smp.eps}.")
-  if smp.method.lower() == "dpm_solver" and smp.order not in (2, 3):
-    raise ConfigError(f"sampling.order must be 2 or 3 for dpm_solver, got {smp.order}.")
-  if smp.method.lower() == "unipc" and smp.order not in (1, 2, 3):
-    raise ConfigError(f"sampling.order must be 1, 2 or 3 for unipc, got {smp.order}.")
-  _choice("sampling.unipc_variant", smp.unipc_variant, UNIPC_VARIANTS)
-  if smp.schedule == "optimized" and smp.method.lower() != "unipc":
-    raise ConfigError("sampling.schedule='optimized' (a grid fitted to the model) is made for "
-                      f"sampling.method='unipc', not {smp.method!r}.")
-  _at_least("sampling.grid_batch_size", smp.grid_batch_size, 1)
-  _at_least("sampling.grid_iters", smp.grid_iters, 0)
-  interval = smp.guidance_interval
+
+
+def _check_optim(o: Optim) -> None:
+  _choice("optim.optimizer", o.optimizer, ("adam", "adamw"), lower=True)
+  _choice("optim.nonfinite_grads", o.nonfinite_grads, NONFINITE_GRADS)
+  _at_least("optim.lr_rampup_kimg", o.lr_rampup_kimg, 0.0)
+  if o.lr_rampup_kimg > 0 and o.warmup > 0:
+    raise ConfigError("optim.lr_rampup_kimg (a ramp-up in images) and optim.warmup (in steps) "
+                      "are two ramps of the learning rate; set optim.warmup = 0.")
+
+
+def _check_sampling(c: Sampling, sample: Sample) -> None:
+  """The keys every sampler shares, then the options of the samplers the run uses, each
+  against its declaration (sampler_specs.SAMPLERS): sampling.method's, and the ODE's when
+  sample.task = 'interpolate' (which encodes and decodes along it)."""
+  _choice("sampling.method", c.method, sampler_specs.SAMPLERS, lower=True)
+  _at_least("sampling.batch_size", c.batch_size, 1)
+  _at_least("sampling.grid_batch_size", c.grid_batch_size, 1)
+  _at_least("sampling.grid_iters", c.grid_iters, 0)
+  interval = c.guidance_interval
   if not (isinstance(interval, tuple) and len(interval) == 2 and all(
       isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in interval)):
     raise ConfigError("sampling.guidance_interval must be two numbers >= 0, (lo, hi) of sigma^ = "
                       f"std / alpha where guidance applies, or (0, 0) for everywhere; got "
                       f"{interval!r}.")
+  used = [c.method.lower()] + (["ode"] if sample.task == "interpolate" else [])
+  for method in dict.fromkeys(used):
+    for option in sampler_specs.SAMPLERS[method].options:
+      _check_sampler_option(c, method, option)
+
+
+def _check_sampler_option(c: Sampling, method: str, option: sampler_specs.Option) -> None:
+  value = getattr(c, option.key)
+  if option.allows(value):
+    return
+  takers = tuple(m for m, spec in sampler_specs.SAMPLERS.items()
+                 if m != method and spec.option(option.key) is not None
+                 and spec.option(option.key).allows(value))
+  hint = (f" ({value!r} is made for sampling.method={sampler_specs.spoken(takers)})"
+          if takers else "")
+  raise ConfigError(f"sampling.{option.key} must be {option.says} for {method}, got "
+                    f"{value!r}{hint}.")
+
+
+def _check_eval(e: Eval) -> None:
   _choice("eval.hutchinson", e.hutchinson, ("rademacher", "gaussian", "exact"))
   _choice("eval.quantization", e.quantization, QUANTIZATIONS)
   _choice("eval.inception_resize", e.inception_resize, ("tf1", "pytorch"))
@@ -495,13 +566,20 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
     _at_least(f"eval.{key}", getattr(e, key), 1)
   _at_least("eval.wait_timeout_s", e.wait_timeout_s, 0.0)
   _at_least("eval.poll_interval_s", e.poll_interval_s, 0.0)
-  _choice("sample.task", s.sample.task, TASKS)
-  _at_least("sample.num", s.sample.num, 1)
-  _at_least("sample.interpolation_steps", s.sample.interpolation_steps, 2)
-  _at_least("sample.guide_step", s.sample.guide_step, -1)
-  if s.sample.class_label >= max(m.num_classes, 1) and m.num_classes > 0:
-    raise ConfigError(f"sample.class_label {s.sample.class_label} is not a class of this model "
+
+
+def _check_sample(sample: Sample, m: Model) -> None:
+  _choice("sample.task", sample.task, TASKS)
+  _at_least("sample.num", sample.num, 1)
+  _at_least("sample.interpolation_steps", sample.interpolation_steps, 2)
+  _at_least("sample.guide_step", sample.guide_step, -1)
+  if sample.class_label >= max(m.num_classes, 1) and m.num_classes > 0:
+    raise ConfigError(f"sample.class_label {sample.class_label} is not a class of this model "
                       f"(0..{m.num_classes - 1}).")
+
+
+def _check_data(d: Data, m: Model, families: Mapping[str, Tuple[str, ...]]) -> None:
+  """The data fit the network: 2-D points for the MLP, images it halves evenly for the rest."""
   if d.is_toy != (m.name.lower() == "mlp"):
     raise ConfigError(f"model.name {m.name!r} does not fit data.dataset {d.dataset!r}: 2-D toy "
                       "data needs model.name='mlp', image data a convolutional network "
@@ -516,7 +594,22 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
         raise ConfigError(f"data.image_size = {d.image_size} must be divisible by {factor}, since "
                           f"the network halves the resolution {len(ch_mult) - 1} times "
                           f"(model.ch_mult = {tuple(ch_mult)}).")
-  _check_augment(d, m)
+
+
+def _check_network_keys(m: Model, families: Mapping[str, Tuple[str, ...]]) -> None:
+  """Every architecture key is one model.name's network takes: a key of another network
+  would otherwise be set and silently unused."""
+  foreign = _keys_of_other_networks(dict(m.arch, name=m.name), families)
+  if not foreign:
+    return
+  by_owner: Dict[str, list] = {}
+  for key in foreign:
+    owner = "/".join(repr(name) for name, keys in families.items() if key in keys)
+    by_owner.setdefault(owner, []).append(f"model.{key}")
+  parts = [f"{', '.join(keys)} belong{'s' if len(keys) == 1 else ''} to {owner}"
+           for owner, keys in by_owner.items()]
+  raise ConfigError(f"{'; '.join(parts)}, not to {m.name!r} (model.name); remove "
+                    f"{'it' if len(foreign) == 1 else 'them'}.")
 
 
 def _check_augment(d: Data, m: Model) -> None:
@@ -544,7 +637,7 @@ def _check_augment(d: Data, m: Model) -> None:
                       f"{aug.label_dim}.")
 
 
-def _check_families(t: Training, m: Model) -> None:
+def _check_objective(t: Training, m: Model) -> None:
   """The network parameterization and the DSM loss's time distribution and weighting."""
   _choice("model.parameterization", m.parameterization, PARAMETERIZATIONS)
   _choice("training.time_distribution", t.time_distribution, TIME_DISTRIBUTIONS)
