@@ -7,10 +7,10 @@ import os
 from typing import Any, Optional, Tuple
 
 from score_jax.run import checkpoints
-from score_jax.run import plan
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.run import programs
 from score_jax.run import settings
-from score_jax.run import train
 from score_jax.run import state as run_state
 
 
@@ -29,17 +29,17 @@ def load_settings(workdir: str, config_file: str = "") -> settings.Settings:
 
 
 def load_run(workdir: str, s: settings.Settings,
-             step: int = -1) -> Tuple[plan.Plan, Any, int]:
-  """(setup, EMA params replicated over the mesh, step) of checkpoint `step` (-1: the newest)."""
-  setup = programs.make_setup(s)
+             step: int = -1) -> Tuple[plan_lib.Plan, Any, int]:
+  """(plan, EMA params replicated over the mesh, step) of checkpoint `step` (-1: the newest)."""
+  setup = plan_lib.make_plan(s)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   step = checkpoints.existing_step(ckpt_dir, step)
   return setup, run_state.restore_ema_params(setup, ckpt_dir, step), step
 
 
-def with_settings(setup: plan.Plan, s: settings.Settings,
+def with_settings(setup: plan_lib.Plan, s: settings.Settings,
                   guide: Optional[programs.Guide] = None) -> programs.Programs:
   """The run's programs for settings `s` (and an autoguidance guide): other sampling settings
   (model.num_scales: the PC sampler's N) get their own SDE; the network and mesh stay."""
-  return programs.Programs(plan.assemble(s, programs.get_sde(s), setup.model, setup.tx, setup.mesh),
+  return programs.Programs(plan_lib.assemble(s, builders.get_sde(s), setup.model, setup.tx, setup.mesh),
                            guide=guide)

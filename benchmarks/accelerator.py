@@ -193,23 +193,12 @@ def plan(kinds: List[str], tiny: bool) -> List[Dict[str, Any]]:
 
 
 def library_train_step(config):
-  """(setup, jitted train step, TrainState) as score_jax's training loop builds them.
-
-  The only function here that touches score_jax's running layer (its API is
-  being refactored): the settings/programs layer if present, else the
-  config-reading train.make_setup of earlier versions. `setup` has .model,
-  .sde, .tx, .batch_sharding and .replicated in both.
-  """
-  from score_jax.run import train  # pylint: disable=g-import-not-at-top
-  from score_jax.run import state as run_state
-  try:
-    from score_jax.run import programs
-    from score_jax.run import settings  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    setup = train.make_setup(config, need_data=False)
-  else:
-    setup = programs.make_setup(settings.from_config(config), need_data=False)
-  return setup, train.make_train_step(setup), run_state.TrainState
+  """(plan, jitted train step, TrainState) as score_jax's training loop builds them."""
+  from score_jax.run import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from score_jax.run import settings, train  # pylint: disable=g-import-not-at-top
+  from score_jax.run import state as run_state  # pylint: disable=g-import-not-at-top
+  plan = plan_lib.make_plan(settings.from_config(config), need_data=False)
+  return plan, train.make_train_step(plan), run_state.TrainState
 
 
 def network_config(network: str, tiny: bool, dtype: str = "float32", batch: int = 8,

@@ -31,8 +31,8 @@ from score_jax.run import checkpoints
 from score_jax.data import datasets
 from score_jax.run import distributed
 from score_jax.run import programs
+from score_jax.run import plan as plan_lib
 from score_jax.run import settings
-from score_jax.run import train  # noqa: E402
 from score_jax.run import state as run_state
 
 FLAGS = flags.FLAGS
@@ -66,7 +66,7 @@ def _hms(seconds: float) -> str:
 def main(argv):
   del argv
   config = settings.from_config(FLAGS.config)
-  setup = programs.make_setup(config)
+  setup = plan_lib.make_plan(config)
   progs = programs.Programs(setup)
   if FLAGS.workdir:
     ckdir = os.path.join(FLAGS.workdir, "checkpoints")
@@ -110,7 +110,7 @@ def main(argv):
 
   if FLAGS.likelihood:
     fn = progs.likelihood()
-    batch_data = next(iter(programs.get_dataset(config, config.eval.bpd_dataset, evaluation=True,
+    batch_data = next(iter(plan_lib.get_dataset(config, config.eval.bpd_dataset, evaluation=True,
                                                 raw=images, batch_size=batch)))
     data = batch_data["image"] if images else batch_data["image"].astype(np.float32)
     compile_s, step_s, (_, nfe) = _timed(fn, params, jax.random.PRNGKey(2), progs.put(data), y,

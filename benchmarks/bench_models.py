@@ -69,7 +69,8 @@ import numpy as np  # noqa: E402
 from configs import ve_cifar, vp_cifar  # noqa: E402
 from score_jax import models
 from score_jax.run import xla_flags as _xla_flags
-from score_jax.run import programs
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.run import entry as run
 from score_jax.run import settings
 from score_jax.run import train  # noqa: E402
@@ -102,7 +103,7 @@ def _host_params(model, shape, seed=0):
 
 def _model_and_params(config):
   """The config's network and host-drawn parameters for it."""
-  model = programs.get_model(settings.from_config(config))
+  model = builders.get_model(settings.from_config(config))
   size, ch = config.data.image_size, config.data.num_channels
   return model, _host_params(model, (1, size, size, ch))["params"]
 
@@ -110,7 +111,7 @@ def _model_and_params(config):
 def _train_step(config, params, batch: int):
   """The library's training step (train.make_train_step, as main.py runs it) and its inputs."""
   config.training.batch_size = batch
-  setup = programs.make_setup(settings.from_config(config), need_data=False)
+  setup = plan_lib.make_plan(settings.from_config(config), need_data=False)
   size, ch = config.data.image_size, config.data.num_channels
   x = jnp.asarray(np.random.default_rng(1).uniform(size=(batch, size, size, ch)), jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
@@ -137,7 +138,7 @@ def bench_one(name: str, steps: int, dtype: str, remat: bool = False,
   config.model.remat = remat
   config.training.microbatches = microbatches
   model, params = _model_and_params(config)
-  sde = programs.get_sde(settings.from_config(config))
+  sde = builders.get_sde(settings.from_config(config))
   size, ch = config.data.image_size, config.data.num_channels
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   result: Dict[str, float] = {"params_M": n_params / 1e6}
@@ -237,7 +238,7 @@ def breakdown(name: str, reps: int) -> Dict[str, float]:
   config = CONFIGS[name]()
   _, params = _model_and_params(config)
   step_fn, (state, x, y) = _train_step(config, params, 8)
-  setup = programs.make_setup(settings.from_config(config), need_data=False)
+  setup = plan_lib.make_plan(settings.from_config(config), need_data=False)
   loss_fn = setup.train_loss
   key = jax.random.PRNGKey(0)
   result: Dict[str, float] = {}

@@ -176,7 +176,7 @@ def load_network(directory):
   import os
 
   from score_jax.convert import reference as convert
-  from score_jax.run import programs
+  from score_jax.run import builders
   from score_jax.models import get_score_fn
   from score_jax.run.settings import from_config
 
@@ -193,7 +193,7 @@ def load_network(directory):
   settings = from_config(config)
   spec = convert.reference_spec(config, "pytorch")
   tensors, _, _ = convert.load_reference(os.path.join(directory, entry["checkpoint"]), spec)
-  model, sde = programs.get_model(settings), programs.get_sde(settings)
+  model, sde = builders.get_model(settings), builders.get_sde(settings)
   variables = {"params": convert.tensors_to_params(tensors, spec)}
   score_fn = get_score_fn(sde, model, variables, continuous=bool(config.training.continuous))
   shape = (config.data.image_size, config.data.image_size, config.data.num_channels)

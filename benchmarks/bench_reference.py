@@ -69,7 +69,7 @@ import numpy as np  # noqa: E402
 import bench_models  # noqa: E402
 from configs import digits, ve_cifar, vp_cifar  # noqa: E402
 from score_jax import files
-from score_jax.run import programs
+from score_jax.run import plan as plan_lib
 from score_jax.run import settings  # noqa: E402
 from score_jax.errors import UserError  # noqa: E402
 
@@ -173,7 +173,7 @@ class ScoreJaxStep:
     self.flops = float(self.compiled.cost_analysis().get("flops", math.nan))
     for _ in range(warmup):
       self._step()
-    setup = programs.make_setup(settings.from_config(config), need_data=False)
+    setup = plan_lib.make_plan(settings.from_config(config), need_data=False)
     self.loss_fn = setup.train_loss
     self.parts = {}
 

@@ -52,6 +52,8 @@ from score_jax import likelihood, plotting
 from score_jax.data import datasets
 from score_jax.samplers import fast as fast_samplers
 from score_jax.run import programs  # noqa: E402
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.samplers import probability_flow  # noqa: E402
 from score_jax.sde import SDE  # noqa: E402
 
@@ -272,7 +274,7 @@ def _network(workdir: str, step: int):
 
     return score_fn
 
-  sampler = programs.get_sampler(config, sde)
+  sampler = builders.get_sampler(config, sde)
 
   def sample(rng, n: int) -> np.ndarray:
     shape = config.data.shape(n)
@@ -283,7 +285,7 @@ def _network(workdir: str, step: int):
 
 
 def _test_data(config, n: int) -> np.ndarray:
-  return np.asarray(next(iter(programs.get_dataset(
+  return np.asarray(next(iter(plan_lib.get_dataset(
       config, "test", evaluation=True, batch_size=n, process_index=0, process_count=1)))["image"])
 
 

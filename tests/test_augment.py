@@ -16,6 +16,8 @@ from scipy import stats
 from score_jax.data import augment as A
 from score_jax import models
 from score_jax.run import programs
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.run import train
 from score_jax.run import state as run_state
 from score_jax.errors import ConfigError
@@ -66,10 +68,10 @@ def test_off_returns_the_images_and_zero_labels():
 def test_edm_configs_augment_as_edm_and_settings_refuse_what_cannot_work():
   for config in (edm_cifar_vp, edm_cifar_ve):
     s = S(config.get_config())
-    assert programs.get_augment(s) == A.EDM_CIFAR10
+    assert builders.get_augment(s) == A.EDM_CIFAR10
     assert s.optim.nonfinite_grads == "zero" and not s.data.random_flip
   s = S(default.get_config())
-  assert programs.get_augment(s) is None and s.optim.nonfinite_grads == "skip"
+  assert builders.get_augment(s) is None and s.optim.nonfinite_grads == "skip"
   config = edm_cifar_vp.get_config()
   config.data.augment_p = 0.0
   assert S(config).model.get("augment_dim") == 9  # labels stay zero: fine
@@ -404,14 +406,14 @@ def test_loss_passes_the_augmentation_labels_to_the_network():
       return jnp.zeros_like(x)
 
   s = S(edm_cifar_vp.get_config())
-  loss_fn = programs.get_loss_fn(s, programs.get_sde(s), Probe(), train=True)
+  loss_fn = builders.get_loss_fn(s, builders.get_sde(s), Probe(), train=True)
   x = jnp.zeros((4, 8, 8, 3))
   labels = jnp.arange(36.0).reshape(4, 9)
   loss_fn({}, jax.random.PRNGKey(0), x, None, labels)
   loss_fn({}, jax.random.PRNGKey(0), x, None)
   assert seen[0] is labels and seen[1] is None
-  score = models.get_score_fn(programs.get_sde(s), Probe(), {"params": {}}, continuous=True,
-                              **programs.parameterization_kwargs(s))
+  score = models.get_score_fn(builders.get_sde(s), Probe(), {"params": {}}, continuous=True,
+                              **builders.parameterization_kwargs(s))
   score(x, jnp.ones(4))
   assert seen[2] is None  # sampling: zero labels
 
@@ -460,7 +462,7 @@ def test_augmented_train_step_traces_with_microbatches():
   config.data.image_size, config.training.batch_size, config.training.microbatches = 8, 8, 2
   config.model.nf, config.model.ch_mult, config.model.num_res_blocks = 8, (1, 2), 1
   config.model.attn_resolutions = ()
-  setup = programs.make_setup(S(config), need_data=False)
+  setup = plan_lib.make_plan(S(config), need_data=False)
   state = jax.eval_shape(lambda r: run_state.init_state(setup, r), jax.random.PRNGKey(0))
   x = jax.ShapeDtypeStruct((8, 8, 8, 3), jnp.float32)
   y = jax.ShapeDtypeStruct((8,), jnp.int32)

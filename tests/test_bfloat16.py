@@ -77,11 +77,12 @@ def library_training(dtype: str, seed: int):
   config.model.ema_rate = 0.99  # digits' 0.999 would still weigh the initialization 0.74 at the end
   try:
     from score_jax.run import programs
+    from score_jax.run import plan as plan_lib
     from score_jax.run import settings
   except ImportError:
     setup = train.make_setup(config, need_data=False)
   else:
-    setup = programs.make_setup(settings.from_config(config), need_data=False)
+    setup = plan_lib.make_plan(settings.from_config(config), need_data=False)
   import jax
   return setup, run_state.init_state(setup, jax.random.PRNGKey(seed)), train.make_train_step(setup)
 

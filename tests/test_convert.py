@@ -30,6 +30,8 @@ import score_jax
 from score_jax.convert import cli as convert_cli
 from score_jax.convert import reference as convert
 from score_jax.run import programs
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.convert import torch_pickle
 from score_jax.run import train
 from score_jax.run import state as run_state
@@ -62,7 +64,7 @@ def _our_shapes(name):
   """score_jax's parameter shapes for a paper config, from jax.eval_shape."""
   config = _config(name)
   shape = (1, config.data.image_size, config.data.image_size, config.data.num_channels)
-  return _param_shapes(programs.get_model(S(config)), shape)
+  return _param_shapes(builders.get_model(S(config)), shape)
 
 
 @functools.lru_cache(maxsize=None)
@@ -344,7 +346,7 @@ def _outputs(name, params, ref):
   get_score_fn does: the network output is divided here to compare.
   """
   config = _genuine(name)[0]
-  model, sde = programs.get_model(S(config)), programs.get_sde(S(config))
+  model, sde = builders.get_model(S(config)), builders.get_sde(S(config))
   continuous = bool(config.training.continuous)
   labels = ref["labels"]
   labels = labels.astype(np.int32) if np.issubdtype(labels.dtype, np.integer) else labels
@@ -419,8 +421,8 @@ def test_command_line_converts_a_genuine_checkpoint_the_eval_and_sample_modes_lo
   assert os.listdir(tmp_path) == ["run"]  # no temp folder left
   # What --mode=eval / --mode=sample restore (make_setup without its dataset checks).
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  setup = programs.Setup(S(config), programs.get_sde(S(config)), programs.get_model(S(config)),
-                      programs.get_optimizer(S(config)), mesh)
+  setup = plan_lib.assemble(S(config), builders.get_sde(S(config)), builders.get_model(S(config)),
+                      builders.get_optimizer(S(config)), mesh)
   restored = jax.device_get(run_state.restore_ema_params(setup, os.path.join(dst, "checkpoints"),
                                                         2 * freq))
   _, score = _outputs(name, restored, ref)
@@ -560,8 +562,8 @@ def test_sample_setup_needs_no_dataset_on_disk(tmp_path):
   """A converted CIFAR-10 checkpoint samples without CIFAR-10 prepared; training still checks."""
   config = _config("digits", **{"data.dataset": "cifar10", "data.data_dir": str(tmp_path / "none")})
   with pytest.raises(Exception, match="cifar10"):
-    programs.make_setup(S(config))
-  setup = programs.make_setup(S(config), need_data=False)
+    plan_lib.make_plan(S(config))
+  setup = plan_lib.make_plan(S(config), need_data=False)
   assert setup.model is not None and setup.sde.N == config.model.num_scales
 
 

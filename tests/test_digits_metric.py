@@ -16,6 +16,8 @@ from score_jax.metrics import stats as metrics
 from score_jax.run import checkpoints
 from score_jax.run import evaluate
 from score_jax.run import programs
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.run import train
 from score_jax.run import sample as sample_mode
 from score_jax.run.settings import from_config as S
@@ -167,14 +169,14 @@ def test_digits_eval_reports_fd_in_json_and_tensorboard_scalars(tmp_path, metric
       section, key = k.split(".")
       config[section][key] = v
   assert config.eval.enable_sampling  # the digits config samples in --mode=eval
-  setup = programs.make_setup(S(config))
+  setup = plan_lib.make_plan(S(config))
   x = load_digits("train")[0].reshape(-1, 64).astype(np.float64) / 255.0 * 2.0 - 1.0  # centered
   gauss = analytic.GaussianMixture.create(np.ones(1), x.mean(0)[None], stds=x.std(0)[None] + 0.05)
   workdir = str(tmp_path)
   # The classifier the eval finds in its cache: the fixture's (no second training).
   os.makedirs(os.path.join(workdir, "eval"))
   shutil.copy(cache, os.path.join(workdir, "eval", "digits_classifier.npz"))
-  result = evaluate.evaluate_params(S(config), workdir, gauss, index=1, step=10, setup=setup,
+  result = evaluate.evaluate_params(S(config), workdir, gauss, index=1, step=10, plan=setup,
                                     score_factory=lambda params, y: analytic.score_fn(params,
                                                                                       setup.sde))
   saved = json.load(open(os.path.join(workdir, "eval", "ckpt_1.json")))
@@ -218,7 +220,7 @@ def test_benchmark_rows_override_existing_config_keys():
     for key, value in overrides.items():
       section, name = key.split(".")
       assert changed[section][name] == value
-    programs.get_sampler(S(changed), programs.get_sde(S(changed)))
+    builders.get_sampler(S(changed), builders.get_sde(S(changed)))
   assert len(labels) == len(rows)  # rows are told apart
   args.guided_only = True
   assert digits_fd._variants(args) == rows[base:]

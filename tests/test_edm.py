@@ -13,6 +13,8 @@ from scipy import stats
 
 from score_jax import analytic, losses, models
 from score_jax.run import programs
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.run import train
 from score_jax.run import state as run_state
 from score_jax import sde as sde_lib
@@ -229,7 +231,7 @@ def _toy(**changes):
 ])
 def test_settings_check_the_family_keys(changes, match):
   with pytest.raises(ValueError, match=match):
-    programs.make_setup(S(_toy(**changes)))
+    plan_lib.make_plan(S(_toy(**changes)))
 
 
 def test_default_keys_keep_the_2021_loss_bit_for_bit():
@@ -237,11 +239,11 @@ def test_default_keys_keep_the_2021_loss_bit_for_bit():
   program's loss equals dsm_loss called without any of the new arguments."""
   config = _toy(model__hidden_sizes=(32,))
   s = S(config)
-  setup = programs.make_setup(s)
+  setup = plan_lib.make_plan(s)
   params = run_state.init_state(setup, jax.random.PRNGKey(0)).params
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 2)), jnp.float32)
   rng = jax.random.PRNGKey(3)
-  got = programs.get_loss_fn(s, setup.sde, setup.model, train=False)(params, rng, x)[1]
+  got = builders.get_loss_fn(s, setup.sde, setup.model, train=False)(params, rng, x)[1]
   rng_loss = jax.random.split(rng, 3)[0]
   base = models.get_score_fn(setup.sde, setup.model, {"params": params}, continuous=True)
   want = losses.dsm_loss(rng_loss, setup.sde, lambda xx, tt: base(xx, tt, None), x,
@@ -253,14 +255,14 @@ def test_default_keys_keep_the_2021_loss_bit_for_bit():
 def test_programs_use_the_parameterization_and_loss_of_the_settings():
   from configs import toy_edm
   s = S(toy_edm.get_config())
-  setup = programs.make_setup(s)
+  setup = plan_lib.make_plan(s)
   assert isinstance(setup.sde, sde_lib.VESDE) and setup.sde.sigma_max == 80.0
-  assert programs.get_time_distribution(s) == losses.TimeDistribution("lognormal_sigma", 0.54,
+  assert builders.get_time_distribution(s) == losses.TimeDistribution("lognormal_sigma", 0.54,
                                                                       1.2)
   params = run_state.init_state(setup, jax.random.PRNGKey(0)).params
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 2)), jnp.float32)
   rng = jax.random.PRNGKey(3)
-  got = programs.get_loss_fn(s, setup.sde, setup.model, train=False)(params, rng, x)[1]
+  got = builders.get_loss_fn(s, setup.sde, setup.model, train=False)(params, rng, x)[1]
   base = models.get_score_fn(setup.sde, setup.model, {"params": params}, continuous=True,
                              parameterization="edm", sigma_data=2.86)
   want = losses.dsm_loss(jax.random.split(rng, 3)[0], setup.sde,
@@ -284,7 +286,7 @@ def test_ema_halflife_and_lr_rampup_in_images_follow_edm(key):
                 model__ema_halflife_kimg=halflife / 1000, model__ema_rampup_ratio=ratio,
                 optim__lr_rampup_kimg=ramp / 1000, optim__warmup=0, optim__lr=lr)
   s = S(config)
-  decay, schedule = programs.get_ema_decay(s), programs.get_lr_schedule(s)
+  decay, schedule = builders.get_ema_decay(s), builders.get_lr_schedule(s)
   betas = []
   for k in range(8):
     nimg = k * batch
@@ -294,13 +296,13 @@ def test_ema_halflife_and_lr_rampup_in_images_follow_edm(key):
                                lr * min(nimg / ramp, 1.0), rtol=1e-6)
   assert betas[0] == 0.0 and 0.0 < betas[2] < betas[4] == betas[7]  # ramp-up, then constant
   # Off (the default): the constant ema_rate, exactly.
-  assert programs.get_ema_decay(S(_toy()))(jnp.asarray(5)) == _toy().model.ema_rate
+  assert builders.get_ema_decay(S(_toy()))(jnp.asarray(5)) == _toy().model.ema_rate
 
-  setup = programs.make_setup(s)
+  setup = plan_lib.make_plan(s)
   step = train.make_train_step(setup)
   state = run_state.init_state(setup, jax.random.PRNGKey(0))
   want = jax.device_get(state)
-  loss_fn = programs.get_loss_fn(s, setup.sde, setup.model, train=True)
+  loss_fn = builders.get_loss_fn(s, setup.sde, setup.model, train=True)
   x = np.random.default_rng(0).normal(size=(batch, 2)).astype(np.float32)
   y = np.zeros((batch,), np.int32)
   xs, ys = train.global_batch(setup, {"image": x, "label": y})
@@ -335,7 +337,7 @@ def toy_mode_weights(config, steps, tmp_path):
     config.training.log_freq = 1
     config.model.ema_rate = 0.99
   state = train.train_and_evaluate(S(config), str(tmp_path / "run"))
-  progs = programs.Programs(programs.make_setup(S(config)))
+  progs = programs.Programs(plan_lib.make_plan(S(config)))
   x, _ = progs.sampler(2048)(state.ema_params, jax.random.PRNGKey(7),
                              progs.put(np.zeros((2048,), np.int32)))
   d = np.linalg.norm(np.asarray(x, np.float64)[:, None, :] - mix.means[None], axis=-1)
@@ -368,7 +370,7 @@ def test_digits_family_configs_trace_a_train_step(name):
   """The digits configs of EDM and rectified flow build, and their train step traces with
   the state's shapes (jax.eval_shape: no compile; compiling the small DDPM++ step takes a
   minute on 2 loaded cores, so the real steps are the slow test below)."""
-  setup = programs.make_setup(S(_digits(name)))
+  setup = plan_lib.make_plan(S(_digits(name)))
   state = run_state.abstract_state(setup)
   x = jax.ShapeDtypeStruct((8, 8, 8, 1), jnp.float32)
   y = jax.ShapeDtypeStruct((8,), jnp.int32)

@@ -29,6 +29,8 @@ from score_jax.convert import reference as convert
 from score_jax.convert import edm as edm_convert
 from score_jax.convert import edm_pickle
 from score_jax.run import programs
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.run import train
 from score_jax.run import state as run_state
 from score_jax.models import song_unet
@@ -57,7 +59,7 @@ def test_edm_cifar_parameter_counts_match_edm(arch, classes):
   config = CONFIGS[arch].get_config()
   config.model.num_classes = classes
   s = S(config)
-  model = programs.get_model(s)
+  model = builders.get_model(s)
   assert isinstance(model, song_unet.SongUNet)
   total = models.count_params(model, s.data.shape(1))
   freqs = 128 if arch == "ve" else 0  # the NCSN++ frequencies: a parameter here, no gradient
@@ -100,11 +102,11 @@ def test_edm_config_builds_and_a_training_step_runs(arch):
                                                             "edm", 512)
   assert (s.optim.lr, s.optim.beta1, s.optim.eps, s.optim.grad_clip) == (1e-3, 0.9, 1e-8, 0.0)
   assert (s.sampling.method, s.sampling.schedule, s.sampling.num_steps) == ("heun", "edm", 17)
-  sde = programs.get_sde(s)
+  sde = builders.get_sde(s)
   assert float(sde.marginal_std(jnp.ones(1))[0]) == pytest.approx(80.0)
   assert float(sde.marginal_std(jnp.full((1,), s.sampling.eps))[0]) == pytest.approx(0.002, rel=2e-5)
 
-  setup = programs.make_setup(S(_tiny(CONFIGS[arch].get_config())), need_data=False)
+  setup = plan_lib.make_plan(S(_tiny(CONFIGS[arch].get_config())), need_data=False)
   params = _host_params(setup.model, setup.settings.data.shape(1))
   state = jax.device_put(run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                           opt_state=setup.tx.init(params), ema_params=params),
@@ -128,15 +130,15 @@ def test_edm_configs_train_on_edm_schedules_in_images():
   s = S(edm_cifar_vp.get_config())
   assert (s.model.ema_halflife_kimg, s.model.ema_rampup_ratio) == (500.0, 0.05)
   assert (s.optim.lr_rampup_kimg, s.optim.warmup, s.training.batch_size) == (10_000.0, 0, 512)
-  lr = programs.get_lr_schedule(s)
+  lr = builders.get_lr_schedule(s)
   np.testing.assert_allclose(float(lr(9_765)), 1e-3 * 9_765 * 512 / 1e7, rtol=1e-5)
   np.testing.assert_allclose(float(lr(100_000)), 1e-3, rtol=1e-6)
 
 
 def test_heun_config_spends_edm_35_evaluations():
   s = S(edm_cifar_vp.get_config())
-  sde = programs.get_sde(s)
-  sampler = programs.get_sampler(s, sde)
+  sde = builders.get_sde(s)
+  sampler = builders.get_sampler(s, sde)
   score = lambda x, t, y=None: -x / (sde.marginal_std(t)[:, None, None, None] ** 2 + 0.25)
   x, nfe = sampler(jax.random.PRNGKey(0), score, (2, 4, 4, 3))
   assert nfe == 35 and bool(jnp.all(jnp.isfinite(x)))
@@ -198,7 +200,7 @@ def _overrides(name: str):
 def _converted(name: str):
   """(settings, model, params) of fixture `name`, through the converter's steps."""
   s = S(_config(name))
-  model = programs.get_model(s)
+  model = builders.get_model(s)
   shape = s.data.shape(1)
   entries, buffers = edm_convert.edm_spec(model, shape[1], shape[3])
   edm_convert.check_spec(entries, model, shape)
@@ -272,13 +274,13 @@ def _denoiser_fn(name: str):
   """EDM's D(x; sigma) from score_jax's score under the config's SDE and parameterization:
   D = (x + std^2 score) / alpha at the time whose sigma^ = std / alpha is sigma."""
   s, model, _ = _converted(name)
-  sde = programs.get_sde(s)
+  sde = builders.get_sde(s)
   assert isinstance(sde, VESDE)
 
   @jax.jit
   def denoise(params, x, sigma, y):
     score_fn = models.get_score_fn(sde, model, {"params": params}, continuous=True,
-                                   **programs.parameterization_kwargs(s))
+                                   **builders.parameterization_kwargs(s))
     t = sde.t_from_log_snr(-jnp.log(sigma))
     std, alpha = sde.marginal_std(t), sde.mean_coef(t)
     score = score_fn(x, t, y)

@@ -20,6 +20,8 @@ from score_jax.data import datasets
 from score_jax.run import checkpoints
 from score_jax.run import evaluate
 from score_jax.run import programs
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.run import train
 from score_jax.run import state as run_state
 from score_jax.run import sample as sample_mode
@@ -191,7 +193,7 @@ def test_sample_mode_generate_and_interpolate_toy(toy_run, tmp_path):
   out = np.load(sample_mode.run(S(config), workdir)["npz"])
   assert out["samples"].shape == (5, 2) and out["latents"].shape == (5, 2)
   # slerp keeps the endpoints: the path starts and ends at the two prior draws.
-  z = np.asarray(programs.get_sde(S(config)).prior_sampling(
+  z = np.asarray(builders.get_sde(S(config)).prior_sampling(
       jax.random.fold_in(jax.random.PRNGKey(config.seed), 20), (2, 2)))
   np.testing.assert_allclose(out["latents"][[0, -1]], z, rtol=1e-5, atol=1e-6)
 
@@ -241,7 +243,7 @@ def _digits_config(**changes):
 def _save_initial_checkpoint(config, workdir, step):
   """A checkpoint of freshly initialized parameters (no training: the network's values do not matter)."""
   from score_jax.run import checkpoints
-  setup = programs.make_setup(S(config))
+  setup = plan_lib.make_plan(S(config))
   ck = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
   ck.save(step, run_state.init_state(setup, jax.random.PRNGKey(0)))
   ck.close()
@@ -274,7 +276,7 @@ def test_digits_eval_fid_with_random_inception(tmp_path):
   assert any(e.startswith("events.out.tfevents") for e in events)
   # Sample mode on the same checkpoint: inpainting keeps the known (right) half of given digits.
   from score_jax.data import datasets
-  given = next(iter(programs.get_dataset(S(config), "test", evaluation=True, raw=True,
+  given = next(iter(plan_lib.get_dataset(S(config), "test", evaluation=True, raw=True,
                                          batch_size=4)))["image"]
   np.savez(str(tmp_path / "given.npz"), images=given)
   sample_config = _digits_config(**{"sample.task": "inpaint", "sample.num": 4,
@@ -306,12 +308,12 @@ def test_toy_nll_through_eval_matches_closed_form(tmp_path):
   """-log p(x) / D of the exact toy-mixture score, through the eval path, vs the mixture's density."""
   config = _config(**{"eval.enable_sampling": False, "eval.enable_bpd": True, "eval.bpd_passes": 2,
                       "eval.batch_size": 1024, "eval.hutchinson": "exact"})
-  setup = programs.make_setup(S(config))
+  setup = plan_lib.make_plan(S(config))
   mix = _mixture(toy_data.GAUSSIAN_MIXTURE)
-  result = evaluate.evaluate_params(S(config), str(tmp_path), mix, index=1, step=10, setup=setup,
+  result = evaluate.evaluate_params(S(config), str(tmp_path), mix, index=1, step=10, plan=setup,
                                     score_factory=_analytic_factory(setup.sde))
   from score_jax.data import datasets
-  x = np.concatenate([b["image"] for b in programs.get_dataset(S(config), "test", evaluation=True,
+  x = np.concatenate([b["image"] for b in plan_lib.get_dataset(S(config), "test", evaluation=True,
                                                                 batch_size=8192)])
   eps = float(config.eval.likelihood_eps)
   exact = -np.asarray(analytic.log_prob(mix, setup.sde, jnp.asarray(x), jnp.full((len(x),), eps))) / 2
@@ -328,7 +330,7 @@ def test_toy_nll_through_eval_matches_closed_form(tmp_path):
 def _digits_gaussian(config):
   """A diagonal Gaussian model of the centered digits (mean and std per pixel, fitted)."""
   from score_jax.data import datasets
-  train_images = np.concatenate([b["image"] for b in programs.get_dataset(S(
+  train_images = np.concatenate([b["image"] for b in plan_lib.get_dataset(S(
       config), "train", evaluation=True, raw=True, batch_size=1442)]).astype(np.float64)
   y = datasets.data_scaler(True)((train_images + 0.5) / 256.0).reshape(len(train_images), -1)
   mean, std = y.mean(0), y.std(0) + 0.05
@@ -347,12 +349,12 @@ def test_digits_bits_per_dim_through_eval_matches_closed_form(tmp_path):
   """
   config = _digits_config(**{"eval.enable_loss": False, "eval.enable_sampling": False,
                              "eval.enable_bpd": True, "eval.bpd_passes": 2, "eval.batch_size": 128})
-  setup = programs.make_setup(S(config))
+  setup = plan_lib.make_plan(S(config))
   gauss, m, s = _digits_gaussian(config)
-  result = evaluate.evaluate_params(S(config), str(tmp_path), gauss, index=1, step=10, setup=setup,
+  result = evaluate.evaluate_params(S(config), str(tmp_path), gauss, index=1, step=10, plan=setup,
                                     score_factory=_analytic_factory(setup.sde))
   from score_jax.data import datasets
-  v = np.concatenate([b["image"][b["mask"]] for b in programs.get_dataset(S(
+  v = np.concatenate([b["image"][b["mask"]] for b in plan_lib.get_dataset(S(
       config), "test", evaluation=True, raw=True, batch_size=128)]).astype(np.float64)
   v = v.reshape(len(v), -1)
   t = jnp.full((1,), float(config.eval.likelihood_eps))
@@ -374,10 +376,10 @@ def test_interrupted_likelihood_resumes_per_batch_with_identical_result(tmp_path
   config = _config(**{"eval.enable_sampling": False, "eval.enable_bpd": True, "eval.bpd_passes": 2,
                       "eval.batch_size": 1024, "eval.hutchinson": "rademacher",
                       "eval.likelihood_rtol": 1e-3, "eval.likelihood_atol": 1e-3})
-  setup = programs.make_setup(S(config))
+  setup = plan_lib.make_plan(S(config))
   mix = _mixture(toy_data.GAUSSIAN_MIXTURE)
   factory = _analytic_factory(setup.sde)
-  run = lambda workdir: evaluate.evaluate_params(S(config), workdir, mix, index=1, step=10, setup=setup,
+  run = lambda workdir: evaluate.evaluate_params(S(config), workdir, mix, index=1, step=10, plan=setup,
                                                  score_factory=factory)
   reference = run(str(tmp_path / "straight"))
 
@@ -410,9 +412,9 @@ def test_interrupted_likelihood_resumes_per_batch_with_identical_result(tmp_path
 
 
 def _image_setup(config):
-  """A Setup without the dataset checks of make_setup (for RGB shapes with no RGB data here)."""
+  """A plan without the dataset checks of make_plan (for RGB shapes with no RGB data here)."""
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  return programs.Setup(S(config), programs.get_sde(S(config)), None, None, mesh)
+  return plan_lib.assemble(S(config), builders.get_sde(S(config)), None, None, mesh)
 
 
 @pytest.mark.parametrize("task", ["inpaint", "colorize"])

@@ -14,6 +14,8 @@ from score_jax import analytic
 from score_jax.samplers import controllable
 from score_jax.samplers import fast as fast_samplers
 from score_jax.run import programs
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.run import sample
 from score_jax.run import settings
 from score_jax.run import train
@@ -109,9 +111,9 @@ def _toy_settings(**changes):
 
 def test_programs_apply_the_configured_guidance_interval():
   s = _toy_settings(**{"model.num_classes": 3, "sampling.guidance_interval": (0.3, 3.0)})
-  sde = programs.get_sde(s)
+  sde = builders.get_sde(s)
   mix = analytic.example_mixture_2d()
-  setup = programs.Setup(s, sde, None, None, None)
+  setup = plan_lib.assemble(s, sde, None, None, None)
   cond = analytic.conditional_score_fn(mix, sde)
   progs = programs.Programs(setup, lambda params, y: (lambda x, t: cond(x, t, y)))
   y = jnp.arange(8, dtype=jnp.int32) % 3
@@ -123,7 +125,7 @@ def test_programs_apply_the_configured_guidance_interval():
             controllable.condition_on(cond, y))(x, tt)
     np.testing.assert_allclose(score(x, tt), want, rtol=1e-5, atol=1e-4)
   # (0, 0) is guidance everywhere.
-  progs = programs.Programs(programs.Setup(s.replace(sampling={"guidance_interval": (0, 0)}), sde,
+  progs = programs.Programs(plan_lib.assemble(s.replace(sampling={"guidance_interval": (0, 0)}), sde,
                                            None, None, None),
                             lambda params, y: (lambda x, t: cond(x, t, y)))
   tt = jnp.full((8,), 0.05)
@@ -218,7 +220,7 @@ def test_autoguidance_from_the_sample_and_eval_modes(tmp_path):
   os.makedirs(other)
   run_state.save_config(ve, other)
   ck = checkpoints.Checkpointer(os.path.join(other, "checkpoints"))
-  ck.save(10, run_state.init_state(programs.make_setup(ve), jax.random.PRNGKey(0)))
+  ck.save(10, run_state.init_state(plan_lib.make_plan(ve), jax.random.PRNGKey(0)))
   ck.close()
   with pytest.raises(ConfigError, match="another SDE"):
     sample.run(s.replace(sampling={"guidance_weight": 1.0}, sample={"guide_workdir": other}),

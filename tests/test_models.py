@@ -20,6 +20,7 @@ import pytest
 
 from score_jax import models
 from score_jax.run import programs
+from score_jax.run import builders
 from score_jax.run.settings import from_config as S
 from score_jax.models import layers
 from score_jax.models import up_or_down_sampling as fir
@@ -248,7 +249,7 @@ def _image_shape(config):
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
 def test_paper_config_parameter_count(name):
   config = _config(name)
-  model = programs.get_model(S(config))
+  model = builders.get_model(S(config))
   n = _num_params(model, _image_shape(config))
   if name == "ve_cifar":  # the public helper agrees
     assert models.count_params(model, _image_shape(config)) == n
@@ -262,14 +263,14 @@ def test_ddpm_256px_parameter_count():
   config = _config("ddpm_cifar")
   config.data.image_size = 256
   config.model.ch_mult = (1, 1, 2, 2, 4, 4)
-  n = models.count_params(programs.get_model(S(config)), _image_shape(config))
+  n = models.count_params(builders.get_model(S(config)), _image_shape(config))
   assert abs(n - 111.57e6) <= 0.005e6 + 1
 
 
 def test_fourier_projection_is_counted_like_the_reference():
   """The fixed W of the Fourier features (nf values) is a parameter."""
   config = _config("ve_cifar")
-  shapes = _param_shapes(programs.get_model(S(config)), _image_shape(config))
+  shapes = _param_shapes(builders.get_model(S(config)), _image_shape(config))
   assert shapes["GaussianFourierProjection_0"]["W"].shape == (128,)
 
 
@@ -437,7 +438,7 @@ def test_remat_is_refused_by_networks_without_it():
     with config.unlocked():
       config.model.remat = True
     with pytest.raises(ValueError, match="model.remat"):
-      programs.get_model(S(config))
+      builders.get_model(S(config))
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -503,7 +504,7 @@ def test_missing_class_label_is_the_null_label(key):
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
 def test_get_model_reads_the_config(name):
   config = _config(name)
-  model = programs.get_model(S(config))
+  model = builders.get_model(S(config))
   assert type(model) is models.MODELS[config.model.name]
   for field in ("nf", "ch_mult", "num_res_blocks", "fir", "embedding_type", "scale_by_sigma"):
     if hasattr(model, field) and field in config.model:
@@ -516,16 +517,16 @@ def test_get_model_dtype_and_errors():
   config = _config("vp_cifar")
   config.model.dtype = "bfloat16"
   config.model.fir_kernel = [1, 3, 3, 1]  # lists become hashable tuples
-  model = programs.get_model(S(config))
+  model = builders.get_model(S(config))
   assert model.dtype == jnp.bfloat16 and model.fir_kernel == (1, 3, 3, 1)
   hash(model)
   config.model.dtype = "float64x"
   with pytest.raises(ValueError, match="dtype"):
-    programs.get_model(S(config))
+    builders.get_model(S(config))
   config.model.dtype = "float32"
   config.model.name = "unet9000"
   with pytest.raises(ValueError, match="Unknown model"):
-    programs.get_model(S(config))
+    builders.get_model(S(config))
 
 
 # ---------------------------------------------------------------------------

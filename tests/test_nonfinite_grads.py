@@ -8,6 +8,8 @@ import numpy as np
 import optax
 
 from score_jax.run import programs
+
+from score_jax.run import plan as plan_lib
 from score_jax.run import train
 from score_jax.run import state as run_state
 from score_jax.run.settings import from_config as S
@@ -32,7 +34,7 @@ def _step_after_a_good_one(mode):
     config.training.batch_size = 8
     config.optim.warmup = 0
     config.optim.nonfinite_grads = mode
-  setup = programs.make_setup(S(config))
+  setup = plan_lib.make_plan(S(config))
   step = train.make_train_step(setup)
   key = jax.device_put(jax.random.PRNGKey(5), setup.replicated)
   x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)

@@ -14,6 +14,7 @@ from configs import toy
 from score_jax.convert import phema as phema_recon
 from score_jax.run import phema
 from score_jax.run import programs
+from score_jax.run import plan as plan_lib
 from score_jax.run import train
 from score_jax.run import state as run_state
 from score_jax.errors import ConfigError
@@ -219,7 +220,7 @@ def test_command_line_writes_a_workdir_that_load_run_reads(toy_run, tmp_path, ca
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
   # A config without the post-hoc EMA keys (eval or sample with the base config) reads it too.
-  plain = programs.make_setup(run.settings.replace(model={"phema_sigma_rels": ()}),
+  plain = plan_lib.make_plan(run.settings.replace(model={"phema_sigma_rels": ()}),
                               need_data=False)
   got = phema._leaves(run_state.restore_ema_params(plain, os.path.join(out, "checkpoints"), T))
   for k in want:

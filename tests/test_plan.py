@@ -8,6 +8,7 @@ import pytest
 from configs import toy
 from score_jax.errors import ConfigError
 from score_jax.run import eval_metrics, evaluate, plan as plan_lib, programs, sample_tasks
+from score_jax.run import builders
 from score_jax.run import settings, train
 
 
@@ -24,8 +25,8 @@ def _settings(**changes):
 
 def test_the_plan_builds_each_loss_once_and_the_steps_take_it(monkeypatch):
   built = []
-  original = programs.get_loss_fn
-  monkeypatch.setattr(programs, "get_loss_fn",
+  original = builders.get_loss_fn
+  monkeypatch.setattr(builders, "get_loss_fn",
                       lambda *a, **k: built.append(k["train"]) or original(*a, **k))
   plan = plan_lib.make_plan(_settings(**{"model.phema_sigma_rels": (0.05, 0.1)}))
   assert sorted(built) == [False, True]

@@ -19,6 +19,8 @@ from score_jax.data.scaling import to_uint8
 from score_jax.run import checkpoints
 from score_jax.run import evaluate
 from score_jax.run import programs
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.run import settings
 from score_jax.run import train
 from score_jax.errors import ConfigError, UserError, WorkdirError
@@ -72,7 +74,7 @@ def test_a_key_of_another_network_is_an_error_that_names_its_family():
     settings.from_config(config)
   s = settings.from_config(vp_cifar.get_config())
   assert set(dict(s.model.arch)) <= set(models.network_arguments("ddpmpp"))
-  model = programs.get_model(s)
+  model = builders.get_model(s)
   assert isinstance(model, models.NCSNpp) and model.nf == vp_cifar.get_config().model.nf
 
 
@@ -239,7 +241,7 @@ def test_load_run_on_a_trained_workdir(trained_toy):
 def test_programs_guidance_is_decided_in_one_place():
   """Unconditional models ignore labels and guidance; w = 0 is the conditional score."""
   s = settings.from_config(_toy(**{"model.num_classes": 0}))
-  setup = programs.Setup(s, programs.get_sde(s), None, None, None)
+  setup = plan_lib.assemble(s, builders.get_sde(s), None, None, None)
   mix = analytic.example_mixture_2d()
   calls = []
 

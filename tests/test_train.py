@@ -19,6 +19,8 @@ from configs import toy
 from score_jax.run import checkpoints
 from score_jax.run import evaluate
 from score_jax.run import programs
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax.run import train
 from score_jax.run import state as run_state
 from score_jax.run import sample as sample_mode
@@ -60,7 +62,7 @@ def _run(workdir, *overrides, devices=4):
 def _final_params(workdir):
   """The newest checkpoint, restored with the config the run saved."""
   config = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
-  setup = programs.make_setup(S(config))
+  setup = plan_lib.make_plan(S(config))
   template = run_state.init_state(setup, jax.random.PRNGKey(1))
   ck = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
   state = ck.restore(ck.latest_step(), template)
@@ -235,7 +237,7 @@ def test_bad_config_fails_before_compiling(tmp_path, change, match):
       section, key = k.split(".")
       config[section][key] = v
   with pytest.raises(ValueError, match=match):
-    programs.make_setup(S(config))
+    plan_lib.make_plan(S(config))
 
 
 def test_image_size_must_match_the_network():
@@ -244,7 +246,7 @@ def test_image_size_must_match_the_network():
   with config.unlocked():
     config.data.image_size = 12
   with pytest.raises(ValueError, match="image_size"):
-    programs.make_setup(S(config))
+    plan_lib.make_plan(S(config))
 
 
 def test_train_step_is_data_parallel_and_matches_single_device():
@@ -253,7 +255,7 @@ def test_train_step_is_data_parallel_and_matches_single_device():
   with config.unlocked():
     config.model.hidden_sizes = (32,)
     config.training.batch_size = 8
-  setup = programs.make_setup(S(config))
+  setup = plan_lib.make_plan(S(config))
   assert setup.mesh.devices.size == jax.device_count() == 4
   state = run_state.init_state(setup, jax.random.PRNGKey(0))
   x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
@@ -261,7 +263,7 @@ def test_train_step_is_data_parallel_and_matches_single_device():
   xs, ys = train.global_batch(setup, {"image": x, "label": y})
   assert len(xs.sharding.device_set) == 4
   key = jax.random.PRNGKey(5)
-  loss_fn = programs.get_loss_fn(S(config), setup.sde, setup.model, train=True)
+  loss_fn = builders.get_loss_fn(S(config), setup.sde, setup.model, train=True)
   expected = loss_fn(jax.device_get(state.params), jax.random.fold_in(key, 0), jnp.asarray(x), None)[0]
   step = train.make_train_step(setup)
   new_state, metrics = step(state, xs, ys, jax.device_put(key, setup.replicated))
@@ -277,14 +279,14 @@ def test_train_step_applies_adam_and_ema_and_skips_a_non_finite_step():
     config.model.hidden_sizes = (32,)
     config.training.batch_size = 8
     config.optim.warmup = 0  # so that the first step moves the parameters
-  setup = programs.make_setup(S(config))
+  setup = plan_lib.make_plan(S(config))
   step = train.make_train_step(setup)
   state = run_state.init_state(setup, jax.random.PRNGKey(0))
   before = jax.device_get(state)  # the step donates its state
   x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
   y = np.zeros((8,), np.int32)
   key = jax.random.PRNGKey(5)
-  loss_fn = programs.get_loss_fn(S(config), setup.sde, setup.model, train=True)
+  loss_fn = builders.get_loss_fn(S(config), setup.sde, setup.model, train=True)
   grads = jax.grad(lambda p: loss_fn(p, jax.random.fold_in(key, 0), jnp.asarray(x), None)[0])(
       before.params)
   updates, opt_state = setup.tx.update(grads, before.opt_state, before.params)
@@ -317,7 +319,7 @@ def _toy_setup(batch, microbatches, hidden=(32,)):
     config.model.hidden_sizes = hidden
     config.training.batch_size = batch
     config.training.microbatches = microbatches
-  return config, programs.make_setup(S(config))
+  return config, plan_lib.make_plan(S(config))
 
 
 def test_microbatches_accumulate_the_gradient_of_the_batch_mean_loss():
@@ -331,7 +333,7 @@ def test_microbatches_accumulate_the_gradient_of_the_batch_mean_loss():
   xs, ys = train.global_batch(setup, {"image": x, "label": np.zeros((b,), np.int32)})
   key = jax.random.PRNGKey(5)
   params = jax.device_get(state.params)
-  grad_fn = jax.value_and_grad(programs.get_loss_fn(S(config), setup.sde, setup.model, train=True),
+  grad_fn = jax.value_and_grad(builders.get_loss_fn(S(config), setup.sde, setup.model, train=True),
                                has_aux=True)
   keys = jax.random.split(jax.random.fold_in(key, 0), m)
   parts = [grad_fn(params, keys[j], jnp.asarray(x[j::m]), None) for j in range(m)]
@@ -362,7 +364,7 @@ def test_microbatches_lower_the_step_memory_and_are_checked():
     with config.unlocked():
       config.training.batch_size, config.training.microbatches = b, m
     with pytest.raises(ValueError, match="training.microbatches"):
-      programs.make_setup(S(config))
+      plan_lib.make_plan(S(config))
 
 
 @pytest.mark.slow  # ~2 minutes on 2 idle cores
@@ -384,7 +386,7 @@ def test_toy_quickstart_learns_the_mode_weights(tmp_path):
     config.model.ema_rate = 0.99
     config.model.num_scales = 200
   state = train.train_and_evaluate(S(config), str(tmp_path / "run"))
-  setup = programs.make_setup(S(config))
+  setup = plan_lib.make_plan(S(config))
   progs = programs.Programs(setup)
   x, _ = progs.sampler(2048)(state.ema_params, jax.random.PRNGKey(7),
                              progs.put(np.zeros((2048,), np.int32)))

@@ -14,6 +14,8 @@ from score_jax import analytic
 from score_jax.samplers import controllable
 from score_jax.samplers import fast as fast_samplers
 from score_jax.run import programs
+from score_jax.run import builders
+from score_jax.run import plan as plan_lib
 from score_jax import samplers as sampling
 from score_jax.run import settings
 from score_jax.samplers import time_grids
@@ -155,16 +157,16 @@ def _toy_settings(**sampling):
 def test_unipc_through_the_config_path():
   s = _toy_settings(method="unipc", order=3, unipc_variant="bh1", num_steps=12, schedule="edm",
                     noise_removal=False)
-  sde = programs.get_sde(s)
+  sde = builders.get_sde(s)
   score_fn = jax.tree_util.Partial(analytic.score_fn(analytic.example_mixture_2d(), sde))
-  sampler = programs.get_sampler(s, sde)
+  sampler = builders.get_sampler(s, sde)
   x, nfe = sampler(KEY, score_fn, (256, 2))
   assert nfe == 12
   direct, _ = fast_samplers.unipc_sample(KEY, sde, score_fn, (256, 2), 12, order=3,
                                          variant="bh1", schedule="edm", eps=s.sampling.eps)
   np.testing.assert_array_equal(x, direct)
   # The running layer's programs, with a closed-form score in place of the network.
-  setup_ = programs.make_setup(s, need_data=False)
+  setup_ = plan_lib.make_plan(s, need_data=False)
   progs = programs.Programs(setup_, lambda params, y: analytic.score_fn(
       analytic.example_mixture_2d(), setup_.sde))
   x, nfe = progs.sampler(256)(None, KEY, jnp.zeros((256,), jnp.int32))
@@ -192,17 +194,17 @@ def test_a_fixed_grid_combines_with_the_other_settings_or_is_refused():
   order, variant and the final denoising still apply; samplers without grids refuse one."""
   s = _toy_settings(method="unipc", order=3, unipc_variant="bh1", num_steps=12,
                     schedule="optimized", noise_removal=False)
-  sde = programs.get_sde(s)
+  sde = builders.get_sde(s)
   score_fn = jax.tree_util.Partial(analytic.score_fn(analytic.example_mixture_2d(), sde))
   ts = fast_samplers.time_grid(sde, 12, "edm", eps=s.sampling.eps)
   direct, _ = fast_samplers.unipc_sample(KEY, sde, score_fn, (64, 2), order=3, variant="bh1",
                                          timesteps=ts)
   unset = _toy_settings(method="unipc", order=3, unipc_variant="bh1", noise_removal=False)
   for agreeing in (s, unset):  # num_steps 0 and schedule '': the grid decides
-    x, nfe = programs.get_sampler(agreeing, sde, ts)(KEY, score_fn, (64, 2))
+    x, nfe = builders.get_sampler(agreeing, sde, ts)(KEY, score_fn, (64, 2))
     assert nfe == 12
     np.testing.assert_array_equal(x, direct)
-  _, nfe = programs.get_sampler(_toy_settings(method="unipc"), sde, ts)(KEY, score_fn, (64, 2))
+  _, nfe = builders.get_sampler(_toy_settings(method="unipc"), sde, ts)(KEY, score_fn, (64, 2))
   assert nfe == 13  # + the denoising step of sampling.noise_removal
   for changes, match in (({"num_steps": 10}, r"sampling\.num_steps = 10 \(the grid's: 12; set "
                                              r"12 or 0\)"),
@@ -212,11 +214,11 @@ def test_a_fixed_grid_combines_with_the_other_settings_or_is_refused():
     with pytest.raises(ConfigError, match=r"fixed time grid \(timesteps: 12 steps from 1 to "
                        r"0\.001\) replaces sampling\.num_steps, sampling\.schedule, "
                        r"sampling\.eps, and disagrees with " + match):
-      programs.get_sampler(_toy_settings(method="unipc", **changes), sde, ts)
+      builders.get_sampler(_toy_settings(method="unipc", **changes), sde, ts)
   for method in ("pc", "ode", "ddim", "heun", "dpm_solver"):
     with pytest.raises(ConfigError, match=f"sampling.method = '{method}' takes no fixed time "
                        "grid \\(timesteps\\); 'unipc' does"):
-      programs.get_sampler(_toy_settings(method=method), sde, ts)
+      builders.get_sampler(_toy_settings(method=method), sde, ts)
 
 
 def test_explicit_timesteps_are_the_schedules_grid_and_do_not_recompile():

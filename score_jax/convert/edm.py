@@ -451,12 +451,12 @@ def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
     FileExistsError, FileNotFoundError, edm_pickle.EDMPickleError, EDMLayoutError.
   """
   from score_jax.convert.workdir import write_workdir
-  from score_jax.run import programs
+  from score_jax.run import builders
   from score_jax.run import settings as settings_lib
 
   s = config if isinstance(config, settings_lib.Settings) else settings_lib.from_config(config)
   _check_config(s)
-  model = programs.get_model(s)
+  model = builders.get_model(s)
   shape = s.data.shape(1)
   entries, buffers = edm_spec(model, shape[1], shape[3])
   check_spec(entries, model, shape)

@@ -261,8 +261,8 @@ def write_workdir(workdir: str, result: Reconstruction, out: Optional[str] = Non
   if not os.path.isfile(config_path):
     raise WorkdirError(f"{workdir} has no config.json: not a score_jax run.")
   settings = settings_lib.from_json(config_path)
-  setup = plan_lib.make_plan(settings, need_data=False)
-  template = run_state.abstract_state(setup)
+  plan = plan_lib.make_plan(settings, need_data=False)
+  template = run_state.abstract_state(plan)
   expected = {k: (v.shape, v.dtype) for k, v in _leaves(template.params).items()}
   got = {k: v.shape for k, v in result.params.items()}
   if {k: s for k, (s, _) in expected.items()} != got:
@@ -270,15 +270,15 @@ def write_workdir(workdir: str, result: Reconstruction, out: Optional[str] = Non
                     f"{config_path} (parameters {sorted(set(got) ^ set(expected))[:5]} or their "
                     "shapes differ); were they written by another run?")
   params = files.unflatten({k: result.params[k].astype(expected[k][1]) for k in expected})
-  params = jax.device_put(params, setup.replicated)
+  params = jax.device_put(params, plan.replicated)
   fields = dict(step=jnp.asarray(result.step, jnp.int32), params=params,
-                opt_state=jax.jit(setup.tx.init)(params), ema_params=params)
+                opt_state=jax.jit(plan.tx.init)(params), ema_params=params)
   if isinstance(template, run_state.PhemaTrainState):
     snapshot = next(s for s in list_snapshots(workdir) if s.step == result.step)
     if len(snapshot.sigma_rels) != len(template.phema):
       raise UserError(f"{snapshot.path} holds {len(snapshot.sigma_rels)} profiles, the config "
                       f"{len(template.phema)}; were the snapshots written by another run?")
-    fields["phema"] = tuple(jax.device_put(files.unflatten(snapshot.profile(i)), setup.replicated)
+    fields["phema"] = tuple(jax.device_put(files.unflatten(snapshot.profile(i)), plan.replicated)
                             for i in range(len(template.phema)))
   state = template.replace(**fields)
   record = {"workdir": workdir, "sigma_rel": result.sigma_rel,

@@ -530,8 +530,8 @@ def as_settings(config: Any) -> Any:
 
 
 def _model_and_shape(s: Any):
-  from score_jax.run import programs
-  return programs.get_model(s), s.data.shape(1)
+  from score_jax.run import builders
+  return builders.get_model(s), s.data.shape(1)
 
 
 def reference_spec(config: ml_collections.ConfigDict, fmt: str) -> Spec:

@@ -35,7 +35,7 @@ def write_workdir(dst: str, config: ml_collections.ConfigDict, params: Mapping[s
   """
   import jax.numpy as jnp
   from score_jax.run import checkpoints
-  from score_jax.run import programs
+  from score_jax.run import builders
   from score_jax.run import state as run_state
 
   config = as_settings(config)
@@ -52,7 +52,7 @@ def write_workdir(dst: str, config: ml_collections.ConfigDict, params: Mapping[s
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.converting-", dir=parent)
   try:
     params = jax.device_put(params)
-    tx = programs.get_optimizer(config)
+    tx = builders.get_optimizer(config)
     state = run_state.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                              opt_state=jax.jit(tx.init)(params), ema_params=params)
     ck = checkpoints.Checkpointer(os.path.join(tmp, "checkpoints"), async_save=False)

@@ -51,7 +51,7 @@ def build_model(name: str, *, dtype: str = "float32", **kwargs: Any) -> nn.Modul
   """The network `name` (a key of MODELS) from explicit constructor arguments.
 
   Arguments not given keep the module's defaults, the CIFAR-10 paper settings
-  of that family; `dtype` names the compute dtype. `score_jax.run.programs.get_model`
+  of that family; `dtype` names the compute dtype. `score_jax.run.builders.get_model`
   passes the model section of a run's settings.
 
   Raises:

@@ -86,7 +86,7 @@ def checkpoint_steps(s: Settings) -> List[Tuple[int, int]]:
 
 
 def evaluate_params(settings: Settings, workdir: str, params: Any, *, index: int, step: int,
-                    setup: Optional[Plan] = None,
+                    plan: Optional[Plan] = None,
                     score_factory: Optional[ScoreFactory] = None) -> Dict[str, Any]:
   """Evaluates one set of (EMA) parameters as checkpoint `index`; writes eval/ckpt_<index>.json.
 
@@ -99,14 +99,14 @@ def evaluate_params(settings: Settings, workdir: str, params: Any, *, index: int
     params: network parameters, replicated over the plan's mesh (or, with a
       score_factory, whatever pytree it takes).
     index, step: the checkpoint index and training step (names files, keys randomness).
-    setup: the run plan, `score_jax.run.plan.make_plan(settings)` (built if None).
+    plan: the run plan, `score_jax.run.plan.make_plan(settings)` (built if None).
     score_factory: make(params, y) -> score_fn(x, t); default: the settings'
       network. Lets a closed-form score run through the same path (tests).
       The loss always uses the network.
   Returns:
     The results dict that was written.
   """
-  return evaluate(Programs(setup or make_plan(settings), score_factory), workdir, params, index,
+  return evaluate(Programs(plan or make_plan(settings), score_factory), workdir, params, index,
                   step)
 
 

@@ -37,7 +37,7 @@ class Run:
   """A trained run: its settings, SDE, network, EMA parameters and score function."""
   workdir: str
   settings: settings_lib.Settings
-  setup: Plan  # the run plan (its settings, SDE, network, samplers, ...)
+  plan: Plan  # the run plan (its settings, SDE, network, samplers, ...)
   params: Any  # the EMA parameters, replicated over the devices
   step: int
 
@@ -47,25 +47,21 @@ class Run:
     return self.settings
 
   @property
-  def plan(self) -> Plan:
-    return self.setup
-
-  @property
   def sde(self) -> sde_lib.SDE:
-    return self.setup.sde
+    return self.plan.sde
 
   @property
   def model(self) -> nn.Module:
-    return self.setup.model
+    return self.plan.model
 
   @property
   def programs(self) -> programs.Programs:
     """The run's jitted programs (samplers, likelihood, ...), built on first use."""
-    return programs.Programs(self.setup)
+    return programs.Programs(self.plan)
 
   def score_fn(self, x: Array, t: Array, y: Optional[Array] = None) -> Array:
     """s(x, t) ~ grad_x log p_t(x) of the EMA network; y: class labels [B] (conditional models)."""
-    return programs.network_score_factory(self.setup)(self.params, y)(x, t)
+    return programs.network_score_factory(self.plan)(self.params, y)(x, t)
 
 
 def load_run(workdir: str, step: Optional[int] = None) -> Run:
@@ -84,15 +80,15 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
                        "main.py --mode=train, or convert a checkpoint with python -m "
                        "score_jax.convert.reference).")
   s = settings_lib.from_json(path)
-  setup = make_plan(s, need_data=False)
+  plan = make_plan(s, need_data=False)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   found = checkpoints.existing_step(ckpt_dir, -1 if step is None else step)
-  params = run_state.restore_ema_params(setup, ckpt_dir, found)
-  return Run(workdir=workdir, settings=s, setup=setup, params=params, step=found)
+  params = run_state.restore_ema_params(plan, ckpt_dir, found)
+  return Run(workdir=workdir, settings=s, plan=plan, params=params, step=found)
 
 
 def load_guide(settings: settings_lib.Settings,
-               setup: Plan) -> Optional[programs.Guide]:
+               plan: Plan) -> Optional[programs.Guide]:
   """The autoguidance guide of sample.guide_workdir / sample.guide_step, or None (off).
 
   The guide is any run of the same SDE and data shape (an earlier checkpoint
@@ -109,9 +105,9 @@ def load_guide(settings: settings_lib.Settings,
     logging.warning("sample.guide_workdir is set but sampling.guidance_weight = 0: no guide.")
     return None
   guide = load_run(s.guide_workdir, s.guide_step)
-  t = np.linspace(0.0, 1.0, 11) * (setup.sde.T - 1e-3) + 1e-3
-  same_sde = type(guide.sde) is type(setup.sde) and guide.sde.T == setup.sde.T and all(
-      np.allclose(np.asarray(f(guide.sde)(t)), np.asarray(f(setup.sde)(t)), rtol=1e-6)
+  t = np.linspace(0.0, 1.0, 11) * (plan.sde.T - 1e-3) + 1e-3
+  same_sde = type(guide.sde) is type(plan.sde) and guide.sde.T == plan.sde.T and all(
+      np.allclose(np.asarray(f(guide.sde)(t)), np.asarray(f(plan.sde)(t)), rtol=1e-6)
       for f in (lambda e: e.mean_coef, lambda e: e.marginal_std))
   if not same_sde:
     raise ConfigError(f"The guide {s.guide_workdir} has another SDE "
@@ -122,5 +118,5 @@ def load_guide(settings: settings_lib.Settings,
                       f"{guide.settings.data.shape(1)[1:]}, this run {settings.data.shape(1)[1:]}.")
   logging.info("Autoguidance: guide %s at step %d, weight %g.", s.guide_workdir, guide.step,
                settings.sampling.guidance_weight)
-  return programs.Guide(programs.network_score_factory(guide.setup), guide.params,
+  return programs.Guide(programs.network_score_factory(guide.plan), guide.params,
                         guide.settings.model.num_classes > 0)

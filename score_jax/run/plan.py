@@ -34,13 +34,14 @@ from score_jax import models
 from score_jax import sde as sde_lib
 from score_jax.data import augment as augment_lib
 from score_jax.errors import ConfigError
-from score_jax.run import phema, programs
+from score_jax.run import builders, phema
 from score_jax.run.settings import Data, Eval, Sample, Settings, check_devices
 
 Array = jax.Array
 
 __all__ = ["Plan", "DataSpec", "ScoreSpec", "SamplingSpec", "TimeGridSpec", "TrainLoop",
-           "EvalSpec", "SampleSpec", "make_plan", "assemble", "check_network", "checkpoint_range", "fingerprint"]
+           "EvalSpec", "SampleSpec", "make_plan", "assemble", "data_spec", "get_dataset",
+           "check_network", "checkpoint_range", "fingerprint"]
 
 
 def fingerprint(obj: Any) -> str:
@@ -217,14 +218,14 @@ class Plan:
   mesh: jax.sharding.Mesh
   data: DataSpec
   score: ScoreSpec
-  train_loss: programs.LossFn  # loss_fn(params, rng, x, y, augment_labels) with dropout
-  eval_loss: programs.LossFn  # the same objective without dropout or label dropout
+  train_loss: builders.LossFn  # loss_fn(params, rng, x, y, augment_labels) with dropout
+  eval_loss: builders.LossFn  # the same objective without dropout or label dropout
   lr_schedule: optax.Schedule
   ema_decay: Callable[[Array], Any]  # decay(step) of the parameters' EMA
   phema_gammas: Tuple[float, ...]  # exponents of the post-hoc EMA profiles (empty: off)
   augment: Optional[augment_lib.Augment]  # None: off
-  sampler: programs.SamplerFn  # the configured sampler
-  sampler_on_grid: Callable[[Any], programs.SamplerFn]  # the same on an explicit time grid
+  sampler: builders.SamplerFn  # the configured sampler
+  sampler_on_grid: Callable[[Any], builders.SamplerFn]  # the same on an explicit time grid
   sampling: SamplingSpec
   loop: TrainLoop
   eval: EvalSpec
@@ -258,6 +259,16 @@ def _eval_fingerprint(s: Settings) -> str:
   return fingerprint({"eval": ev, "sampling": _sampling_fingerprint(s), "data": s.raw["data"]})
 
 
+def data_spec(s: Settings) -> DataSpec:
+  """The data of a run (a plan's `data`; also alone, for its batches)."""
+  return DataSpec(s.data, s.model.num_classes, s.seed, s.training.batch_size, s.eval.batch_size)
+
+
+def get_dataset(s: Settings, split: str = "train", **kwargs: Any):
+  """The run's batches of split: `data_spec(s).batches(split, ...)`."""
+  return data_spec(s).batches(split, **kwargs)
+
+
 def _time_grid(s: Settings) -> Optional[TimeGridSpec]:
   from score_jax.run import grids
 
@@ -279,17 +290,17 @@ def assemble(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],
   interval = tuple(smp.guidance_interval)
   return Plan(
       settings=s, sde=sde, model=model, tx=tx, mesh=mesh,
-      data=DataSpec(s.data, s.model.num_classes, s.seed, t.batch_size, s.eval.batch_size),
+      data=data_spec(s),
       score=ScoreSpec(t.continuous, s.model.parameterization, s.model.sigma_data,
                       s.model.num_classes),
-      train_loss=programs.get_loss_fn(s, sde, model, train=True),
-      eval_loss=programs.get_loss_fn(s, sde, model, train=False),
-      lr_schedule=programs.get_lr_schedule(s),
-      ema_decay=programs.get_ema_decay(s),
+      train_loss=builders.get_loss_fn(s, sde, model, train=True),
+      eval_loss=builders.get_loss_fn(s, sde, model, train=False),
+      lr_schedule=builders.get_lr_schedule(s),
+      ema_decay=builders.get_ema_decay(s),
       phema_gammas=phema.gammas(s),
-      augment=programs.get_augment(s),
-      sampler=programs.get_sampler(s, sde),
-      sampler_on_grid=lambda timesteps: programs.get_sampler(s, sde, timesteps),
+      augment=builders.get_augment(s),
+      sampler=builders.get_sampler(s, sde),
+      sampler_on_grid=lambda timesteps: builders.get_sampler(s, sde, timesteps),
       sampling=SamplingSpec(
           method=smp.method.lower(), guidance_weight=smp.guidance_weight,
           guidance_interval=None if interval == (0.0, 0.0) else interval,
@@ -331,12 +342,12 @@ def make_plan(s: Settings, need_data: bool = True, *,
   from score_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   check_devices(s, jax.device_count(), jax.process_count())
-  sde, model = programs.get_sde(s), model or programs.get_model(s)
+  sde, model = builders.get_sde(s), model or builders.get_model(s)
   # Auto axes: XLA propagates the batch sharding through the step (explicit
   # sharding-in-types would need annotations inside every loss and sampler).
   mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
                                axis_types=(jax.sharding.AxisType.Auto,))
-  plan = assemble(s, sde, model, programs.get_optimizer(s), mesh)  # refuses discrete training
+  plan = assemble(s, sde, model, builders.get_optimizer(s), mesh)  # refuses discrete training
   if need_data:                                                     # without a chain (the loss)
     datasets.num_examples(s.data, "train")  # unknown or missing dataset: clear error here
   check_network(s, model)

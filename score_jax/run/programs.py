@@ -1,9 +1,7 @@
-"""The builders a run plan is made of, and the jitted, sharded programs over a plan.
+"""The jitted, sharded programs over a run plan.
 
-`get_sde`, `get_model`, `get_optimizer`, `get_loss_fn`, `get_sampler`, ... turn
-settings into one object each; `score_jax.run.plan.make_plan` calls them once
-at a mode's entry. `Programs(plan)` then hands out the jitted computations,
-each built once and cached (they read the plan, never settings):
+`Programs(plan)` hands out the jitted computations, each built once and
+cached (they read the plan, never settings):
 
 - `score_fn(params, y, weight)`: the network's score with class labels and
   classifier-free guidance (the one place labels and guidance are decided);
@@ -20,23 +18,16 @@ XLA partition the whole sampling loop over the devices.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 
-from score_jax import losses, models
-from score_jax.data import augment
-from score_jax.run import distributed, sampler_specs
-from score_jax import sde as sde_lib
-from score_jax.errors import ConfigError
-from score_jax.run.settings import Settings
+from score_jax import models
+from score_jax.run import distributed
 
 if TYPE_CHECKING:
   from score_jax.run.plan import Plan
@@ -45,176 +36,8 @@ Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 # (params, labels [B] or None) -> score_fn(x [B, ...], t [B]) -> [B, ...]
 ScoreFactory = Callable[[Any, Optional[Array]], ScoreFn]
-LossFn = Callable[..., Tuple[Array, losses.LossAux]]
-SamplerFn = Callable[..., Tuple[Array, Array]]
 
-__all__ = ["Setup", "Programs", "make_setup", "get_sde", "get_model", "get_optimizer",
-           "get_lr_schedule", "get_loss_fn", "get_sampler", "get_dataset", "network_score_factory",
-           "parameterization_kwargs", "get_time_distribution", "get_ema_decay", "get_augment",
-           "Guide", "GuidedParams"]
-
-
-def get_sde(s: Settings) -> sde_lib.SDE:
-  """The SDE named by training.sde, with the model section's schedule."""
-  m, name = s.model, s.training.sde.lower()
-  if name == "vpsde":
-    return sde_lib.VPSDE(m.beta_min, m.beta_max, m.num_scales)
-  if name == "subvpsde":
-    return sde_lib.subVPSDE(m.beta_min, m.beta_max, m.num_scales)
-  if name == "rectified_flow":
-    return sde_lib.RectifiedFlow(N=m.num_scales)
-  return sde_lib.VESDE(m.sigma_min, m.sigma_max, m.num_scales)
-
-
-def get_model(s: Settings) -> nn.Module:
-  """The network of model.name from the model section: its architecture keys (settings
-  refuses keys of another network), and the generic keys and data.centered where its
-  constructor takes them (dropout, embedding_type, num_classes, remat)."""
-  takes = set(models.network_arguments(s.model.name))
-  generic = {**{k: getattr(s.model, k) for k in ("dropout", "embedding_type", "num_classes",
-                                                  "remat")}, "centered": s.data.centered}
-  return models.build_model(s.model.name, dtype=s.model.dtype, **dict(s.model.arch),
-                            **{k: v for k, v in generic.items() if k in takes})
-
-
-def get_lr_schedule(s: Settings) -> optax.Schedule:
-  """lr * min(step / warmup, 1), the reference's linear warmup; or EDM's ramp-up in
-  images, lr * min(nimg / (1000 lr_rampup_kimg), 1) with nimg = step * batch_size the
-  images seen before the step."""
-  if s.optim.lr_rampup_kimg > 0:
-    lr, batch, ramp = s.optim.lr, s.training.batch_size, 1000.0 * s.optim.lr_rampup_kimg
-    return lambda count: lr * jnp.minimum(jnp.asarray(count, jnp.float32) * batch / ramp, 1.0)
-  if s.optim.warmup > 0:
-    return optax.linear_schedule(0.0, s.optim.lr, s.optim.warmup)
-  return optax.constant_schedule(s.optim.lr)
-
-
-def get_ema_decay(s: Settings) -> Callable[[Array], Any]:
-  """decay(step) of the parameters' EMA, e <- decay e + (1 - decay) p, at the update of
-  step `step` (0-based): model.ema_rate, or with model.ema_halflife_kimg > 0 EDM's
-  0.5 ** (batch / max(h, 1e-8)), h = min(1000 halflife_kimg, ema_rampup_ratio * nimg)
-  (ratio 0: no ramp-up), nimg = step * batch_size the images seen before the step."""
-  m, batch = s.model, s.training.batch_size
-  if m.ema_halflife_kimg <= 0:
-    return lambda step: m.ema_rate
-  halflife = 1000.0 * m.ema_halflife_kimg
-
-  def decay(step):
-    h = halflife
-    if m.ema_rampup_ratio > 0:
-      h = jnp.minimum(h, m.ema_rampup_ratio * step.astype(jnp.float32) * batch)
-    return 0.5 ** (batch / jnp.maximum(h, 1e-8))
-
-  return decay
-
-
-def get_optimizer(s: Settings) -> optax.GradientTransformation:
-  """Adam (or AdamW with weight decay) with warmup and global-norm clipping."""
-  o = s.optim
-  schedule = get_lr_schedule(s)
-  kw = dict(b1=o.beta1, b2=0.999, eps=o.eps)
-  if o.weight_decay > 0:
-    opt = optax.adamw(schedule, weight_decay=o.weight_decay, **kw)
-  else:
-    opt = optax.adam(schedule, **kw)
-  chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  return optax.chain(*chain, opt)
-
-
-def parameterization_kwargs(s: Settings) -> Dict[str, Any]:
-  """models.get_score_fn's parameterization arguments from the model section."""
-  return {"parameterization": s.model.parameterization, "sigma_data": s.model.sigma_data}
-
-
-def get_time_distribution(s: Settings) -> losses.TimeDistribution:
-  """The DSM loss's time distribution of training.time_distribution and its parameters."""
-  t = s.training
-  loc, scale = {"lognormal_sigma": (t.p_mean, t.p_std),
-                "logit_normal": (t.logit_mean, t.logit_std)}.get(t.time_distribution, (None, None))
-  return losses.TimeDistribution(t.time_distribution, loc, scale)
-
-
-def get_augment(s: Settings) -> Optional[augment.Augment]:
-  """EDM's augmentation of the data.augment_* keys, or None when it is off."""
-  aug = augment.Augment(**s.data.augment_kwargs())
-  return aug if aug.enabled else None
-
-
-def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool) -> LossFn:
-  """loss_fn(params, rng, x [B, ...], y [B] or None, augment_labels=None) -> (loss, LossAux).
-
-  augment_labels [B, L]: the labels of the augmentation applied to x
-  (`get_augment`; the train step augments), the network's conditioning; None:
-  zero labels.
-
-  Continuous training uses denoising score matching with the configured
-  weighting; discrete training the loss of the SDE's chain (DDPM for VP, SMLD
-  for VE). With model.num_classes > 0 and training.class_dropout > 0, labels
-  are replaced by the null label (num_classes) at that rate, which trains the
-  unconditional model used by classifier-free guidance. Labels are ignored by
-  unconditional models.
-  """
-  t = s.training
-  num_classes = s.model.num_classes
-  if not t.continuous and sde.chain is None:
-    raise ConfigError(f"Discrete training (training.continuous=False) needs an SDE with a "
-                      f"discrete chain: vpsde (DDPM) or vesde (SMLD), not {t.sde!r}.")
-  time_distribution = get_time_distribution(s)
-
-  def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
-              augment_labels: Optional[Array] = None):
-    rng_loss, rng_drop, rng_label = jax.random.split(rng, 3)
-    y = y if num_classes > 0 else None
-    if y is not None and t.class_dropout > 0 and train:
-      drop = jax.random.bernoulli(rng_label, t.class_dropout, y.shape)
-      y = jnp.where(drop, num_classes, y)
-    base = models.get_score_fn(sde, model, {"params": params}, continuous=t.continuous,
-                               train=train, rng=rng_drop if train else None,
-                               augment_labels=augment_labels, **parameterization_kwargs(s))
-    score_fn = lambda xx, tt: base(xx, tt, y)
-    if t.continuous:
-      return losses.dsm_loss(rng_loss, sde, score_fn, x, eps=t.eps, reduce_mean=t.reduce_mean,
-                             likelihood_weighting=t.likelihood_weighting,
-                             importance_weighting=t.importance_weighting,
-                             time_distribution=time_distribution, weighting=t.weighting,
-                             sigma_data=s.model.sigma_data)
-    discrete = losses.smld_loss if sde.chain == "smld" else losses.ddpm_loss
-    return discrete(rng_loss, sde, score_fn, x, reduce_mean=t.reduce_mean)
-
-  return loss_fn
-
-
-def get_sampler(s: Settings, sde: sde_lib.SDE, timesteps: Optional[Any] = None) -> SamplerFn:
-  """sampler(rng, score_fn, shape, **extra) -> (x, nfe) for sampling.method.
-
-  The sampler and its arguments come from its declaration in
-  `sampler_specs.SAMPLERS`: the sampling.* settings it takes, each passed as
-  its argument. `extra` goes to the sampler function as is: z (a start
-  state), and constraint (controllable.py; pc and the fast samplers, not
-  ode). timesteps: a fixed time grid for the samplers that take one (unipc),
-  from `score_jax.samplers.time_grids` for schedule 'optimized' (which without
-  one is the logSNR grid); it replaces sampling.num_steps, schedule and eps,
-  which must agree with it or be unset (else a ConfigError).
-  """
-  fn = sampler_specs.SAMPLERS[s.sampling.method.lower()].function
-  kwargs = sampler_specs.arguments(s.sampling, timesteps)
-  return lambda rng, score_fn, shape, **extra: fn(rng, sde, score_fn, shape, **kwargs, **extra)
-
-
-def make_setup(s: Settings, need_data: bool = True):
-  """The run plan of settings (`score_jax.run.plan.make_plan`; the name of earlier versions)."""
-  from score_jax.run import plan  # pylint: disable=g-import-not-at-top  # plan imports programs
-
-  return plan.make_plan(s, need_data)
-
-
-def Setup(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],  # pylint: disable=invalid-name
-          tx: Optional[optax.GradientTransformation], mesh: Optional[jax.sharding.Mesh]):
-  """The plan of settings with these objects and no checks (`score_jax.run.plan.assemble`;
-  the constructor of earlier versions)."""
-  from score_jax.run import plan  # pylint: disable=g-import-not-at-top
-
-  return plan.assemble(s, sde, model, tx, mesh)
+__all__ = ["Programs", "network_score_factory", "Guide", "GuidedParams"]
 
 
 def network_score_factory(plan: "Plan") -> ScoreFactory:
@@ -255,7 +78,6 @@ class Programs:
   def __init__(self, plan: "Plan", factory: Optional[ScoreFactory] = None,
                guide: Optional[Guide] = None):
     self.plan = plan
-    self.setup = plan  # the name of earlier versions
     self.factory = factory or network_score_factory(plan)
     self.guide = guide
     self._cache: Dict[Tuple, Any] = {}
@@ -439,15 +261,3 @@ class Programs:
       return jax.jit(run, in_shardings=(self.rep, self.bat), out_shardings=self.bat)
 
     return self._cached(("inception", resize, precision), build)
-
-
-def get_dataset(s: Settings, split: str = "train", *, evaluation: bool = False,
-                batch_size: Optional[int] = None, seed: Optional[int] = None, **kwargs: Any):
-  """`datasets.get_dataset` with the run's batch size (training or eval), seed and classes."""
-  from score_jax.data import datasets  # pylint: disable=g-import-not-at-top
-
-  if batch_size is None:
-    batch_size = s.eval.batch_size if evaluation else s.training.batch_size
-  return datasets.get_dataset(s.data, split, batch_size=batch_size,
-                              seed=s.seed if seed is None else seed,
-                              num_classes=s.model.num_classes, evaluation=evaluation, **kwargs)

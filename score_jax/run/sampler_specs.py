@@ -4,7 +4,7 @@ One declaration per sampler, `SAMPLERS` (sampling.method -> `Sampler`): the
 sampler function and the settings it takes, each an `Option` (the field of
 `settings.Sampling`, the function's argument, the values a config may give
 it). `settings` checks a config's sampling section against the chosen
-sampler's declaration; `programs.get_sampler` makes the function's arguments
+sampler's declaration; `builders.get_sampler` makes the function's arguments
 from the same declaration. A new sampler is a math-layer function plus one
 entry here.
 
