@@ -34,5 +34,19 @@ NUM_DEVICES = 4
 
 
 @pytest.fixture
+def fast_compile():
+  """Compiles with most XLA optimizations off (jax_disable_most_optimizations) for the test:
+  for tests whose programs are large and run briefly, where neither precision beyond
+  float32 round-off nor bitwise agreement with optimized programs matters. JAX's compiled
+  programs are dropped after the test, so later tests compile their own optimized ones."""
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", False)
+    jax.clear_caches()
+
+
+@pytest.fixture
 def key():
   return jax.random.PRNGKey(0)

@@ -20,9 +20,8 @@ from score_jax.samplers import time_grids
 from score_jax import sde as sde_lib
 from score_jax.errors import ConfigError
 
-from test_controllable import conditional_residuals, two_modes
-from test_sampling import Bias, EPS, SDES, assert_reproduces
-from test_sampling import setup as mixture_setup
+from helpers import (EPS, SDES, Bias, assert_reproduces, conditional_residuals, mixture_setup,
+                     two_modes)
 
 KEY = jax.random.PRNGKey(0)
 CASES = [(order, variant) for order in (1, 2, 3) for variant in fast_samplers.UNIPC_VARIANTS]
