@@ -33,6 +33,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 NUM_DEVICES = 4
 
 
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+  """(workdir, final state) of helpers.TINY_TOY trained by the real training loop, once per
+  session (per worker under pytest-xdist): 20 steps, checkpoints at 10 and 20. Read-only:
+  a test that writes into a workdir works on a copy (helpers.copy_run)."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  from score_jax.run import train  # pylint: disable=g-import-not-at-top
+  from score_jax.run.settings import from_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("toy") / "run")
+  state = train.train_and_evaluate(from_config(helpers.config("toy", helpers.TINY_TOY)), workdir)
+  return workdir, state
+
+
 @pytest.fixture
 def fast_compile():
   """Compiles with most XLA optimizations off (jax_disable_most_optimizations) for the test:

@@ -1,7 +1,8 @@
 """Helpers shared by the tests (no test file imports another).
 
-- configs: `config` (a configs/*.py with "section.key" changes), TINY_TOY, `env`
-  (the environment of a main.py subprocess) and ROOT;
+- configs and runs: `config` (a configs/*.py with "section.key" changes), TINY_TOY (the
+  session's shared toy run, conftest.py: toy_run), `copy_run`, `env` (the environment
+  of a main.py subprocess) and ROOT;
 - closed-form checks of samplers: SDES, EPS, Bias, PC_BIAS, ODE_BIAS,
   assert_reproduces, mixture_setup, two_modes, conditional_residuals;
 - the irreducible residual of the denoising loss (irreducible_residual);
@@ -11,6 +12,7 @@
 import functools
 import importlib
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,15 @@ def config(name="toy", base=None, **changes):
       section, key = k.split("__") if "__" in k else k.split(".")
       cfg[section][key] = v
   return cfg
+
+
+def copy_run(workdir, dst, checkpoints_only=False):
+  """A copy of a trained workdir at dst (only its checkpoints/ with checkpoints_only)."""
+  if checkpoints_only:
+    shutil.copytree(os.path.join(workdir, "checkpoints"), os.path.join(dst, "checkpoints"))
+  else:
+    shutil.copytree(workdir, dst)
+  return dst
 
 
 def env(devices=4):
