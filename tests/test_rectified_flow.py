@@ -314,7 +314,7 @@ def test_toy_rf_learns_the_mode_weights(distribution, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["toy_rf", "toy_edm"])
-def test_family_configs_train_and_sample(name, tmp_path):
+def test_family_configs_train_and_sample(name, tmp_path, fast_compile):
   """The config trains 4 steps through the training loop, with a snapshot's samples."""
   import os
   from score_jax.run import train

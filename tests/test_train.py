@@ -185,7 +185,8 @@ def test_compilation_cache_settings(tmp_path, monkeypatch, caplog):
   assert "cannot create" in caplog.text and blocked.read_text() == "not a folder"
 
 
-def test_non_finite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path,
+                                                                               fast_compile):
   config = toy.get_config()
   workdir = str(tmp_path / "run")
   with config.unlocked():
