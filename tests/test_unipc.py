@@ -223,7 +223,8 @@ def test_optimized_grid_beats_the_uniform_log_snr_grid_on_the_exact_flow():
   assert rms[1] < rms[0] / 1.8, rms
 
 
-def test_optimized_grid_is_fitted_once_and_stored_with_the_run(toy_run, tmp_path, monkeypatch):
+def test_optimized_grid_is_fitted_once_and_stored_with_the_run(toy_run, tmp_path, monkeypatch,
+                                                              fast_compile):
   from score_jax.run import evaluate
   from score_jax.run import sample
   changes = {"sampling.method": "unipc", "sampling.schedule": "optimized",
