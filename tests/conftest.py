@@ -14,6 +14,13 @@ from score_jax.run import xla_flags  # noqa: E402  # the CPU compiler settings m
 
 xla_flags.apply_defaults()
 
+# The 4 simulated devices meet in XLA:CPU's in-process collectives; on 2 busy cores a device's
+# thread can arrive after XLA's default limit, and XLA then aborts the process. Tests wait.
+for _name in ("xla_cpu_collective_timeout_seconds",
+              "xla_cpu_collective_call_terminate_timeout_seconds"):
+  if _name not in os.environ["XLA_FLAGS"] and xla_flags._jaxlib_knows(_name):  # pylint: disable=protected-access
+    os.environ["XLA_FLAGS"] += f" --{_name}=3600"
+
 import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -31,6 +38,33 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 NUM_DEVICES = 4
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+  """(workdir, final state) of helpers.TINY_TOY trained by the real training loop, once per
+  session (per worker under pytest-xdist): 20 steps, checkpoints at 10 and 20. Read-only:
+  a test that writes into a workdir works on a copy (helpers.copy_run)."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  from score_jax.run import train  # pylint: disable=g-import-not-at-top
+  from score_jax.run.settings import from_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("toy") / "run")
+  state = train.train_and_evaluate(from_config(helpers.config("toy", helpers.TINY_TOY)), workdir)
+  return workdir, state
+
+
+@pytest.fixture
+def fast_compile():
+  """Compiles with most XLA optimizations off (jax_disable_most_optimizations) for the test:
+  for tests whose programs are large and run briefly, where neither precision beyond
+  float32 round-off nor bitwise agreement with optimized programs matters. JAX's compiled
+  programs are dropped after the test, so later tests compile their own optimized ones."""
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", False)
+    jax.clear_caches()
 
 
 @pytest.fixture

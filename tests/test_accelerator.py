@@ -1,4 +1,9 @@
-"""benchmarks/accelerator.py: its --tiny run leaves complete, consistent records and a table."""
+"""benchmarks/accelerator.py: its --tiny run leaves complete, consistent records and a table.
+
+The full --tiny run compiles every network of the plan (minutes on 2 CPU cores): `slow`.
+The default tier starts the script on its cheapest units (the input pipeline) and reads its
+records and table.
+"""
 
 import importlib.util
 import json
@@ -33,12 +38,26 @@ def _rows(table):
   return [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
 
 
+def test_tiny_pipeline_run_records_and_prints_its_table(tmp_path):
+  records, table, stdout = _run(tmp_path, "--only", "pipeline")
+  assert [r["unit"] for r in records] == ["pipeline-32", "pipeline-32", "pipeline-256",
+                                          "pipeline-256"]
+  assert {r["mode"] for r in records} == {"prefetch", "host"}
+  for r in records:
+    assert r["device_kind"] == "cpu" and r["tiny"] is True and not r.get("error"), r
+    assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0, r
+  assert len(_rows(table)) == len(records)
+  assert "unknown device (no MFU)" in table
+  assert table in stdout  # printed as well
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   # Batches from 8 on "run out of memory" (simulated): the 8 -> 4 fallback path runs too.
   return _run(tmp_path_factory.mktemp("acc"), "--simulate-oom-batch", "8")
 
 
+@pytest.mark.slow
 def test_tiny_run_measures_everything_with_positive_finite_rates(tiny_run):
   records, _, _ = tiny_run
   by_unit = {}
@@ -60,6 +79,7 @@ def test_tiny_run_measures_everything_with_positive_finite_rates(tiny_run):
   assert {r["mode"] for r in by_unit["pipeline-32"]} == {"prefetch", "host"}
 
 
+@pytest.mark.slow
 def test_tiny_run_figures_are_consistent(tiny_run):
   records, _, _ = tiny_run
   for r in records:
@@ -84,6 +104,7 @@ def test_tiny_run_figures_are_consistent(tiny_run):
       assert r["nfe"] > 0 and 0 < r["mean_bpd"] < 100
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_the_table(tiny_run):
   records, table, stdout = tiny_run
   rows = _rows(table)
@@ -94,6 +115,7 @@ def test_tiny_run_writes_the_table(tiny_run):
   assert table in stdout  # printed as well
 
 
+@pytest.mark.slow
 def test_one_process_per_measurement(tmp_path):
   # The accelerator default: every measurement in its own process.
   records, table, _ = _run(tmp_path, "--no-one-process", "--only", "inception,pipeline")

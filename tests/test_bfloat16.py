@@ -3,7 +3,7 @@
 A tiny DDPM++ (configs/digits.py's network with one resolution: nf 16, one
 residual block, attention at 8x8; VP SDE, continuous DSM) is trained
 STEPS steps on the 8x8 digits at batch 32 through score_jax's training path
-(make_setup, init_state, make_train_step), in float32 with two seeds and in
+(make_plan, init_state, make_train_step), in float32 with two seeds and in
 bfloat16 with the first seed (same init, same data order, same noise keys).
 
 Tolerances, from the measurement in the comment at LOSS_TOL and SAMPLE_TOL:
@@ -22,7 +22,9 @@ Tolerances, from the measurement in the comment at LOSS_TOL and SAMPLE_TOL:
 
 The training runs in a child process with one CPU device: the suite's four
 simulated devices would add an all-reduce to every step for nothing here
-and double the time.
+and double the time. It takes minutes, so those checks are `slow`; the default
+tier runs the same code paths for STEPS_FAST steps in-process
+(test_bfloat16_train_steps_checkpoint_and_sampler_paths).
 """
 
 import json
@@ -58,8 +60,9 @@ NET_TOL = (1e-4, 0.02)
 SAMPLE_STEPS = 100
 
 
-def library_training(dtype: str, seed: int):
-  """(setup, train state, jitted step) from score_jax's training path for the tiny DDPM++.
+def library_training(dtype: str, seed: int, init: bool = True):
+  """(setup, train state (None without init), jitted step) from score_jax's training path
+  for the tiny DDPM++.
 
   The only function here that touches score_jax's running layer (being
   refactored): settings/programs if present, else the config-based train API.
@@ -75,16 +78,12 @@ def library_training(dtype: str, seed: int):
   config.training.batch_size = BATCH
   config.optim.warmup = 50
   config.model.ema_rate = 0.99  # digits' 0.999 would still weigh the initialization 0.74 at the end
-  try:
-    from score_jax.run import programs
-    from score_jax.run import plan as plan_lib
-    from score_jax.run import settings
-  except ImportError:
-    setup = train.make_setup(config, need_data=False)
-  else:
-    setup = plan_lib.make_plan(settings.from_config(config), need_data=False)
+  from score_jax.run import plan as plan_lib
+  from score_jax.run import settings
+  setup = plan_lib.make_plan(settings.from_config(config), need_data=False)
   import jax
-  return setup, run_state.init_state(setup, jax.random.PRNGKey(seed)), train.make_train_step(setup)
+  state = run_state.init_state(setup, jax.random.PRNGKey(seed)) if init else None
+  return setup, state, train.make_train_step(setup)
 
 
 def _train(dtype, seed, step_fn=None):
@@ -113,14 +112,14 @@ def _float_dtypes(tree):
                  if np.issubdtype(a.dtype, np.floating)})
 
 
-def _sampler(setup):
-  """(params, z) -> samples: Euler-Maruyama, SAMPLE_STEPS steps from z, fixed noise keys."""
+def _sampler(setup, steps=SAMPLE_STEPS):
+  """(params, z) -> samples: Euler-Maruyama, `steps` steps from z, fixed noise keys."""
   import jax
   from score_jax import models, sde as sde_lib
   from score_jax.samplers.pc import pc_sample
 
   sde = setup.sde
-  steps_sde = sde_lib.VPSDE(sde.beta_min, sde.beta_max, SAMPLE_STEPS)  # the same marginals
+  steps_sde = sde_lib.VPSDE(sde.beta_min, sde.beta_max, steps)  # the same marginals
 
   @jax.jit
   def sample(params, z):
@@ -180,6 +179,67 @@ def worker(out_dir: str) -> None:
     json.dump(results, f)
 
 
+STEPS_FAST = 2
+SAMPLE_STEPS_FAST = 5
+
+
+def test_bfloat16_train_steps_checkpoint_and_sampler_paths(tmp_path, fast_compile):
+  """The default tier's check of the paths the slow runs below exercise (compiled with
+  most optimizations off): STEPS_FAST bfloat16 training steps from the float32 init, the
+  state's dtypes, the bfloat16 network's output against float32's, the bfloat16-trained
+  state restored into a float32 state, and a few sampling steps with the bfloat16 network."""
+  import jax
+  from score_jax import models
+  from score_jax.data import datasets
+  from score_jax.run import checkpoints
+
+  f32_setup, init, _ = library_training("float32", 0)
+  bf16_setup, _, step_fn = library_training("bfloat16", 0, init=False)
+  assert np.dtype(f32_setup.model.dtype).name == "float32"
+  assert np.dtype(bf16_setup.model.dtype).name == "bfloat16"
+  batches = datasets.make_batches(datasets.open_source("digits", "train", image_size=8,
+                                                       num_channels=1),
+                                  batch_size=BATCH, centered=True, seed=0, process_index=0,
+                                  process_count=1)
+  state, losses = init, []
+  for _ in range(STEPS_FAST):
+    batch = next(batches)
+    x, y = (jax.device_put(batch[k], bf16_setup.batch_sharding) for k in ("image", "label"))
+    state, metrics = step_fn(state, x, y, jax.random.PRNGKey(1000))
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses)) and int(state.step) == STEPS_FAST
+  # The output layer starts at zero: the first loss is E|z|^2 (per dimension) of 32 x 64
+  # standard normals, 1 within a few of its standard errors (sqrt(2 / 2048) = 0.03).
+  assert abs(losses[0] - 1.0) < 0.15, losses
+  assert losses[1] != losses[0]  # the step moved the parameters
+  for part in ("params", "opt_state", "ema_params"):
+    assert _float_dtypes(getattr(state, part)) == ["float32"], part
+  # Same parameters and inputs: the bfloat16 network's float32 output is off by bfloat16
+  # rounding.
+  x_t = jax.random.normal(jax.random.PRNGKey(9), (8, 8, 8, 1))
+  t = jax.numpy.full((8,), 0.3)
+  out = {}
+  for name, setup in (("float32", f32_setup), ("bfloat16", bf16_setup)):
+    score = models.get_score_fn(setup.sde, setup.model, {"params": state.params},
+                                continuous=True)
+    out[name] = np.asarray(jax.jit(lambda x, t: score(x, t))(x_t, t))
+  assert out["float32"].dtype == out["bfloat16"].dtype == np.float32
+  rel = np.sqrt(np.mean((out["bfloat16"] - out["float32"]) ** 2) / np.mean(out["float32"] ** 2))
+  assert NET_TOL[0] < rel < NET_TOL[1], rel
+  # The bfloat16-trained state restores exactly into a float32 run's state ...
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  ckpt.save(STEPS_FAST, state)
+  restored = ckpt.restore(STEPS_FAST, init)
+  ckpt.close()
+  for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # ... and the bfloat16 network samples from it.
+  z = jax.random.normal(jax.random.PRNGKey(7), (4, 8, 8, 1))
+  samples = np.asarray(_sampler(bf16_setup, SAMPLE_STEPS_FAST)(restored.ema_params, z))
+  assert samples.shape == z.shape and samples.dtype == np.float32
+  assert np.all(np.isfinite(samples)) and not np.array_equal(samples, np.asarray(z))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   out = tmp_path_factory.mktemp("bf16")
@@ -199,6 +259,7 @@ def _smooth(v):
   return np.convolve(v, np.ones(SMOOTH) / SMOOTH, mode="valid")
 
 
+@pytest.mark.slow  # the three 300-step trainings: ~3.5 min on 2 CPU cores
 def test_bfloat16_loss_curve_matches_float32_within_seed_noise(runs):
   _, a = runs
   f32, f32_seed1, bf16 = a["f32_loss"], a["f32_seed1_loss"], a["bf16_loss"]
@@ -216,6 +277,7 @@ def test_bfloat16_loss_curve_matches_float32_within_seed_noise(runs):
   assert seeds > 0.1 * LOSS_TOL and curve_seeds > 0.1 * CURVE_TOL
 
 
+@pytest.mark.slow  # the three 300-step trainings: ~3.5 min on 2 CPU cores
 def test_bfloat16_run_keeps_parameters_optimizer_and_ema_in_float32(runs):
   results, a = runs
   assert results["model_dtypes"] == ["float32", "bfloat16"]
@@ -229,6 +291,7 @@ def test_bfloat16_run_keeps_parameters_optimizer_and_ema_in_float32(runs):
   assert NET_TOL[0] < rel < NET_TOL[1], rel
 
 
+@pytest.mark.slow  # the three 300-step trainings: ~3.5 min on 2 CPU cores
 @pytest.mark.parametrize("trained", ["float32", "bfloat16"])
 def test_checkpoint_samples_in_the_other_precision(runs, trained):
   results, a = runs

@@ -13,23 +13,10 @@ from score_jax.samplers import fast as fast_samplers
 from score_jax import samplers as sampling
 from score_jax import sde as sde_lib
 
+from helpers import conditional_residuals, two_modes
+
 Z = 4.5  # standard errors allowed (see tests/test_sampling.py)
 N = 4000
-
-
-def two_modes():
-  """Modes far apart along both axes: x0 determines the mode of x1."""
-  return analytic.GaussianMixture.create(
-      [0.4, 0.6], [[-2.0, -2.0], [2.0, 2.0]],
-      covs=[[[0.09, 0.05], [0.05, 0.09]], [[0.16, -0.06], [-0.06, 0.09]]])
-
-
-def conditional_residuals(mix, x, labels, out):
-  """(out[:, 1] - E[x1 | x0]) / sd[x1 | x0] under each example's component."""
-  c = mix.covs[labels]
-  mean = mix.means[labels, 1] + c[:, 1, 0] / c[:, 0, 0] * (x[:, 0] - mix.means[labels, 0])
-  sd = jnp.sqrt(c[:, 1, 1] - c[:, 1, 0]**2 / c[:, 0, 0])
-  return np.asarray((out[:, 1] - mean) / sd)
 
 
 def _pc(sde, score_fn, con):

@@ -55,7 +55,7 @@ def _config(name, **changes):
 
 
 def _digits_data(**changes):
-  """Data of scikit-learn's digits (8x8x1, on disk), so make_setup's dataset checks pass."""
+  """Data of scikit-learn's digits (8x8x1, on disk), so make_plan's dataset checks pass."""
   return {"data.dataset": "digits", "data.image_size": 8, "data.num_channels": 1,
           "data.random_flip": False, **changes}
 
@@ -419,7 +419,7 @@ def test_command_line_converts_a_genuine_checkpoint_the_eval_and_sample_modes_lo
   assert "--config.eval.begin_ckpt=2 --config.eval.end_ckpt=2" in out
   assert sorted(os.listdir(dst)) == ["checkpoints", "config.json"]
   assert os.listdir(tmp_path) == ["run"]  # no temp folder left
-  # What --mode=eval / --mode=sample restore (make_setup without its dataset checks).
+  # What --mode=eval / --mode=sample restore (make_plan without its dataset checks).
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   setup = plan_lib.assemble(S(config), builders.get_sde(S(config)), builders.get_model(S(config)),
                       builders.get_optimizer(S(config)), mesh)

@@ -19,7 +19,7 @@ from score_jax.run import train
 from score_jax.run import state as run_state
 from score_jax import sde as sde_lib
 from score_jax.run.settings import from_config as S
-from test_rectified_flow import irreducible_residual
+from helpers import irreducible_residual, toy_mode_weights
 
 SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.subVPSDE(), "ve": sde_lib.VESDE(),
         "rf": sde_lib.RectifiedFlow()}
@@ -322,33 +322,13 @@ def test_ema_halflife_and_lr_rampup_in_images_follow_edm(key):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
-def toy_mode_weights(config, steps, tmp_path):
-  """Trains configs/toy*.py for `steps` steps, samples 2048 points with its sampler and
-  returns the fraction nearest to each of the 8 modes and the fraction within 3 std."""
-  from score_jax.data.toy import GAUSSIAN_MIXTURE as mix
-
-  with config.unlocked():
-    config.training.n_iters = steps
-    config.training.snapshot_freq = steps
-    config.training.snapshot_sampling = False
-    # One step in flight at a time: with several queued, XLA:CPU's in-process all-reduce
-    # over the 4 simulated devices can starve on 2 cores (a rendezvous abort, measured on
-    # toy.py at HEAD as well).
-    config.training.log_freq = 1
-    config.model.ema_rate = 0.99
-  state = train.train_and_evaluate(S(config), str(tmp_path / "run"))
-  progs = programs.Programs(plan_lib.make_plan(S(config)))
-  x, _ = progs.sampler(2048)(state.ema_params, jax.random.PRNGKey(7),
-                             progs.put(np.zeros((2048,), np.int32)))
-  d = np.linalg.norm(np.asarray(x, np.float64)[:, None, :] - mix.means[None], axis=-1)
-  weights = np.bincount(d.argmin(1), minlength=len(mix.weights)) / len(d)
-  return weights, mix.weights, np.mean(d.min(1) < 3 * mix.stds[0])
-
-
+@pytest.mark.slow  # 400 training steps: 1-1.5 min on 2 CPU cores
 def test_toy_edm_learns_the_mode_weights(tmp_path):
   """configs/toy_edm.py (EDM preconditioning and loss on VE, Heun 18 steps), 400 steps:
   the 2:1 mode weights within 0.035 as in the quickstart test (uniform weights are off by
-  0.042). Measured on one device: 0.020 at 400 steps (toy.py, VP: 0.017), 0.016 at 800."""
+  0.042). Measured on one device: 0.020 at 400 steps (toy.py, VP: 0.017), 0.016 at 800.
+  (The default tier trains and samples toy_edm for 4 steps:
+  tests/test_rectified_flow.py::test_family_configs_train_and_sample.)"""
   from configs import toy_edm
   weights, want, _ = toy_mode_weights(toy_edm.get_config(), 400, tmp_path)
   np.testing.assert_allclose(weights, want, atol=0.035)

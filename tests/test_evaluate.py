@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import toy
 from score_jax import analytic
 from score_jax.data import datasets
 from score_jax.run import checkpoints
@@ -22,20 +21,19 @@ from score_jax.run import evaluate
 from score_jax.run import programs
 from score_jax.run import builders
 from score_jax.run import plan as plan_lib
-from score_jax.run import train
 from score_jax.run import state as run_state
 from score_jax.run import sample as sample_mode
 from score_jax.run.settings import from_config as S
 from score_jax.data import toy as toy_data
 
+from helpers import TINY_TOY, config, copy_run, env as _env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A tiny toy run: 20 steps, checkpoints at 10 and 20 (indices 1 and 2).
+# The session's tiny toy run (helpers.TINY_TOY: 20 steps, checkpoints at 10 and 20, indices
+# 1 and 2) with these eval settings.
 TOY = {
-    "training.batch_size": 64, "training.n_iters": 20, "training.snapshot_freq": 10,
-    "training.snapshot_freq_for_preemption": 10, "training.log_freq": 10,
-    "training.eval_freq": 10**6, "training.snapshot_sampling": False,
-    "model.hidden_sizes": (32, 32), "model.num_scales": 20,
+    **TINY_TOY,
     "eval.begin_ckpt": 1, "eval.end_ckpt": 2, "eval.batch_size": 64,
     "eval.enable_loss": False, "eval.enable_bpd": False, "eval.enable_sampling": True,
     "eval.num_samples": 100, "eval.wait_timeout_s": 0.0,
@@ -43,12 +41,7 @@ TOY = {
 
 
 def _config(base=TOY, **changes):
-  config = toy.get_config()
-  with config.unlocked():
-    for k, v in {**base, **changes}.items():
-      section, key = k.split(".")
-      config[section][key] = v
-  return config
+  return config("toy", base, **changes)
 
 
 def _flags(overrides):
@@ -59,19 +52,15 @@ def _flags(overrides):
   return out
 
 
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-  """A workdir trained for 20 steps through the real training loop."""
-  workdir = str(tmp_path_factory.mktemp("toy") / "run")
-  train.train_and_evaluate(S(_config()), workdir)
-  return workdir
+@pytest.fixture
+def toy_run(toy_run):
+  """The session's toy run (conftest.py), trained with TOY's training settings: its workdir."""
+  return toy_run[0]
 
 
 def _fresh_copy(toy_run, tmp_path):
   """The trained run's checkpoints in a new workdir (each test evaluates from scratch)."""
-  workdir = str(tmp_path / "run")
-  shutil.copytree(os.path.join(toy_run, "checkpoints"), os.path.join(workdir, "checkpoints"))
-  return workdir
+  return copy_run(toy_run, str(tmp_path / "run"), checkpoints_only=True)
 
 
 def test_checkpoint_indices_map_to_steps():
@@ -110,14 +99,6 @@ def test_wait_for_checkpoint_polls_times_out_and_gives_up_early(toy_run, tmp_pat
   with pytest.raises(evaluate.CheckpointWaitError, match="will not appear"):
     checkpoints.wait_for_checkpoint(ckdir, 5, timeout_s=60, poll_s=0.1, final_step=20)
   assert time.monotonic() - start < 5
-
-
-def _env(devices=4):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 def test_eval_killed_midway_resumes_without_redoing_rounds(toy_run, tmp_path):

@@ -24,6 +24,8 @@ from score_jax.data import toy as toy_data
 from score_jax import sde as sde_lib
 from score_jax.errors import ConfigError
 
+from helpers import TINY_TOY, config, copy_run
+
 N = 2000
 
 
@@ -100,13 +102,7 @@ def test_the_unconditional_evaluation_runs_only_inside_the_interval():
 
 
 def _toy_settings(**changes):
-  config = toy.get_config()
-  with config.unlocked():
-    config.model.hidden_sizes = (16,)
-    for key, value in changes.items():
-      section, name = key.split(".")
-      config[section][name] = value
-  return settings.from_config(config)
+  return settings.from_config(config("toy", {"model.hidden_sizes": (16,)}, **changes))
 
 
 def test_programs_apply_the_configured_guidance_interval():
@@ -169,32 +165,25 @@ def test_autoguidance_with_the_main_model_as_guide_is_unguided():
   np.testing.assert_array_equal(inside(x, t), main(x, t))
 
 
-TINY = {"training.batch_size": 64, "training.n_iters": 20, "training.snapshot_freq": 10,
-        "training.snapshot_freq_for_preemption": 10, "training.log_freq": 10,
-        "training.eval_freq": 10**6, "training.snapshot_sampling": False,
-        "model.hidden_sizes": (32, 32), "model.num_scales": 20, "sampling.method": "unipc",
-        "sampling.num_steps": 8, "sample.num": 64, "eval.begin_ckpt": 2, "eval.end_ckpt": 2,
-        "eval.batch_size": 64, "eval.num_samples": 64, "eval.enable_loss": False,
-        "eval.enable_bpd": False, "eval.enable_sampling": True, "eval.wait_timeout_s": 0.0}
+# The session's toy run (helpers.TINY_TOY: 20 steps, checkpoints at 10 and 20) with these
+# sampling and eval settings.
+TINY = {**TINY_TOY, "sampling.method": "unipc", "sampling.num_steps": 8, "sample.num": 64,
+        "eval.begin_ckpt": 2, "eval.end_ckpt": 2, "eval.batch_size": 64,
+        "eval.num_samples": 64, "eval.enable_loss": False, "eval.enable_bpd": False,
+        "eval.enable_sampling": True, "eval.wait_timeout_s": 0.0}
 
 
 def _config(base, **changes):
-  config = toy.get_config()
-  with config.unlocked():
-    for key, value in {**base, **changes}.items():
-      section, name = key.split(".")
-      config[section][name] = value
-  return settings.from_config(config)
+  return settings.from_config(config("toy", base, **changes))
 
 
-def test_autoguidance_from_the_sample_and_eval_modes(tmp_path):
+def test_autoguidance_from_the_sample_and_eval_modes(toy_run, tmp_path):
   """sample.guide_workdir / guide_step reach the sample and eval modes (a 20-step toy run,
   guided by its step-10 checkpoint); a guide of another SDE is refused."""
   from score_jax.run import checkpoints
   from score_jax.run import evaluate  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path / "run")
+  workdir = copy_run(toy_run[0], str(tmp_path / "run"))  # the session's run, trained as TINY
   s = _config(TINY)
-  train.train_and_evaluate(s, workdir)
   guide = {"guide_workdir": workdir, "guide_step": 10}
   plain = _samples(s, workdir, str(tmp_path / "a"))
   guided = _samples(s, workdir, str(tmp_path / "b"), sampling={"guidance_weight": 1.0},
@@ -236,7 +225,7 @@ def _mode_statistics(x):
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
+def long_toy_run(tmp_path_factory):
   """The toy mixture's MLP trained 4000 steps (checkpoints every 500) by the real loop."""
   config = toy.get_config()
   with config.unlocked():
@@ -262,13 +251,14 @@ def _samples(s, workdir, out, **changes):
 
 
 @pytest.mark.slow  # 60-80 s on 2 CPU cores, mostly the 4000 training steps
-def test_autoguidance_with_an_early_checkpoint_cuts_the_samples_between_modes(toy_run, tmp_path):
+def test_autoguidance_with_an_early_checkpoint_cuts_the_samples_between_modes(long_toy_run,
+                                                                           tmp_path):
   """Measured here (4096 samples, UniPC-2 30 steps + denoise): unguided 5.2% of the samples
   more than 3 std from every mode (the data: 1.1%), mode weights off by 0.009; guided by
   the step-500 checkpoint with w = 1: 1.1%, 0.014. On one device with 8192 samples:
   4.6% -> 1.0% (weights 0.008 -> 0.009); w = 0.5: 1.9%, w = 2: 0.8% but weights off by
   0.024; later guides help less (step 2000, w = 1: 3.6%)."""
-  s, workdir = toy_run
+  s, workdir = long_toy_run
   unguided = _samples(s, workdir, str(tmp_path / "a"))
   guided = _samples(s, workdir, str(tmp_path / "b"), sampling={"guidance_weight": 1.0},
                     sample={"guide_workdir": workdir, "guide_step": 500})

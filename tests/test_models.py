@@ -357,7 +357,7 @@ def test_output_shape_finite_and_per_example(name, key):
 # The NCSN++ variants share their residual blocks (where dropout is) with
 # "ncsnpp" and "ncsnpp_residual"; training-mode compilation is the slowest step.
 @pytest.mark.parametrize("name", ["ncsnpp", "ncsnpp_residual", "ddpm", "ncsnv2", "mlp"])
-def test_dropout_only_in_training_and_deterministic_given_rngs(name):
+def test_dropout_only_in_training_and_deterministic_given_rngs(name, fast_compile):
   variables, x, has_dropout = _small(name)
   y = jnp.array([0, 1])
   # RngBitGenerator keys: dropout masks compile several times faster on CPU
@@ -382,7 +382,7 @@ def test_dropout_only_in_training_and_deterministic_given_rngs(name):
 # DDPM blocks, FIR resampling convolutions, attention, residual pyramids in one network;
 # test_remat_keeps_block_gradients covers each block kind (BigGAN included) alone.
 @pytest.mark.parametrize("name", ["ncsnpp_residual"])
-def test_remat_keeps_parameters_and_outputs(name):
+def test_remat_keeps_parameters_and_outputs(name, fast_compile):
   """Gradient checkpointing changes what is stored, not what is computed.
 
   Same parameter tree (checkpoints stay interchangeable) and the same
@@ -405,7 +405,7 @@ def test_remat_keeps_parameters_and_outputs(name):
 
 
 @pytest.mark.parametrize("block", ["biggan_up", "ddpm", "attn"])
-def test_remat_keeps_block_gradients(block):
+def test_remat_keeps_block_gradients(block, fast_compile):
   """Training-mode gradients (parameters and input) of each block kind, with and without remat."""
   make = {
       "biggan_up": lambda r: layers.ResnetBlockBigGAN(act=nn.swish, up=True, fir=True, out_ch=8,

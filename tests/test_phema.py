@@ -135,7 +135,7 @@ SOURCES, TARGET, T, EVERY = (0.05, 0.1), 0.075, 24, 4
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
+def phema_run(tmp_path_factory):
   """24 steps of the toy MLP with profiles 0.05, 0.10 and (tracked directly) 0.075, snapshots at
   every step; `sparse` holds the run's config.json and only every 4th snapshot."""
   config = toy.get_config()
@@ -164,8 +164,8 @@ def _flat(profile):
   return np.concatenate([np.ravel(profile[k]).astype(np.float64) for k in names])
 
 
-def test_a_real_run_tracks_power_emas_and_their_reconstruction_matches_the_tracked_one(toy_run):
-  workdir, sparse = toy_run
+def test_a_real_run_tracks_power_emas_and_their_reconstruction_matches_the_tracked_one(phema_run):
+  workdir, sparse = phema_run
   snaps = phema.list_snapshots(workdir)
   assert [s.step for s in snaps] == list(range(1, T + 1))
   assert snaps[-1].nimg == T * 64 and snaps[-1].sigma_rels == (*SOURCES, TARGET)
@@ -203,8 +203,8 @@ def test_a_real_run_tracks_power_emas_and_their_reconstruction_matches_the_track
   assert rec.residual < 0.05
 
 
-def test_command_line_writes_a_workdir_that_load_run_reads(toy_run, tmp_path, capsys):
-  _, sparse = toy_run
+def test_command_line_writes_a_workdir_that_load_run_reads(phema_run, tmp_path, capsys):
+  _, sparse = phema_run
   out = str(tmp_path / "out")
   argv = ["phema", f"--workdir={sparse}", f"--sigma_rel={TARGET}", f"--out={out}",
           "--from_sigma_rels=0.05,0.1"]
@@ -236,8 +236,8 @@ def test_command_line_writes_a_workdir_that_load_run_reads(toy_run, tmp_path, ca
   assert sorted(os.listdir(other)) == ["notes.txt"]
 
 
-def test_errors_name_the_problem(toy_run, tmp_path, capsys):
-  _, sparse = toy_run
+def test_errors_name_the_problem(phema_run, tmp_path, capsys):
+  _, sparse = phema_run
   with pytest.raises(phema.NoSnapshotsError, match="phema_sigma_rels"):
     phema_recon.reconstruct(str(tmp_path), 0.1)
   with pytest.raises(phema.NoSnapshotsError, match="No post-hoc EMA snapshot of step 13"):
@@ -256,8 +256,8 @@ def test_errors_name_the_problem(toy_run, tmp_path, capsys):
 
 
 @pytest.mark.slow  # two more toy runs and the sample mode's compilation (~40 s on 2 loaded cores)
-def test_resume_is_exact_and_the_sample_mode_reads_a_reconstruction(toy_run, tmp_path):
-  workdir, sparse = toy_run
+def test_resume_is_exact_and_the_sample_mode_reads_a_reconstruction(phema_run, tmp_path):
+  workdir, sparse = phema_run
   from score_jax.run.settings import from_json
   settings = from_json(os.path.join(workdir, "config.json"))
   resumed = str(tmp_path / "resumed")

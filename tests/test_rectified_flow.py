@@ -13,7 +13,8 @@ from score_jax import analytic, likelihood, losses, models
 from score_jax.samplers import fast as fast_samplers
 from score_jax import samplers as sampling
 from score_jax import sde as sde_lib
-from test_sampling import PC_BIAS, ODE_BIAS, Bias, assert_reproduces
+from helpers import (ODE_BIAS, PC_BIAS, Bias, assert_reproduces, config, irreducible_residual,
+                     toy_mode_weights)
 
 N_SAMPLES = 4000
 EPS = 1e-3  # sampling eps: std(eps) = eps
@@ -250,30 +251,6 @@ def test_velocity_weighting_is_the_flow_matching_loss(name):
 # --- the flow-matching loss at the ideal velocity: its irreducible value ---
 
 
-def _mixture_np(mix):
-  return (np.asarray(mix.weights, np.float64), np.asarray(mix.means, np.float64),
-          np.asarray(mix.covs, np.float64))
-
-
-def irreducible_residual(mix, alpha, std, n_grid=201):
-  """l*(t) = E|std s*(x_t) + z|^2 = D - std^2 E_{x_t}|grad log p_t|^2 (sum over the D = 2
-  dimensions), by a trapezoid rule on a grid that resolves p_t (float64, independent of
-  score_jax.analytic)."""
-  w, mu, cov = _mixture_np(mix)
-  c = alpha**2 * cov + std**2 * np.eye(2)  # [K, 2, 2]
-  half = alpha * np.abs(mu).max() + 9 * np.sqrt(np.linalg.eigvalsh(c).max())
-  g = np.linspace(-half, half, n_grid)
-  xx = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)  # [P, 2]
-  inv = np.linalg.inv(c)
-  diff = xx[:, None, :] - alpha * mu[None]  # [P, K, 2]
-  quad = np.einsum("pki,kij,pkj->pk", diff, inv, diff)
-  dens = w / (2 * np.pi * np.sqrt(np.linalg.det(c))) * np.exp(-0.5 * quad)  # [P, K]
-  p = dens.sum(1)
-  grad = -np.einsum("pk,kij,pkj->pi", dens, inv, diff) / np.maximum(p, 1e-300)[:, None]
-  h = g[1] - g[0]
-  return 2.0 - std**2 * np.sum(p * np.sum(grad**2, -1)) * h * h
-
-
 def test_irreducible_residual_quadrature_is_exact_for_one_gaussian():
   mix = analytic.GaussianMixture.create([1.0], [[0.5, -1.0]], covs=[[[0.2, 0.05], [0.05, 0.1]]])
   lam = np.linalg.eigvalsh(np.asarray(mix.covs[0], np.float64))
@@ -321,14 +298,14 @@ def test_flow_matching_loss_at_the_ideal_velocity_is_its_irreducible_value(distr
 # --- configs ---
 
 
-@pytest.mark.parametrize("distribution", [
-    "logit_normal", pytest.param("uniform", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 400 training steps: 1-1.5 min on 2 CPU cores
+@pytest.mark.parametrize("distribution", ["logit_normal", "uniform"])
 def test_toy_rf_learns_the_mode_weights(distribution, tmp_path):
   """configs/toy_rf.py (flow matching, velocity network, Heun 18 steps), 400 steps: the 2:1
   mode weights within 0.035 as in the quickstart test. Measured on one device: 0.014
-  (logit-normal t) and 0.022 (uniform t, 300 steps of a smaller MLP) at 400 steps."""
+  (logit-normal t) and 0.022 (uniform t, 300 steps of a smaller MLP) at 400 steps.
+  (The default tier trains and samples these configs for 4 steps: the test below.)"""
   from configs import toy_rf
-  from test_edm import toy_mode_weights
   config = toy_rf.get_config()
   with config.unlocked():
     config.training.time_distribution = distribution
@@ -337,20 +314,18 @@ def test_toy_rf_learns_the_mode_weights(distribution, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["toy_rf", "toy_edm"])
-def test_family_configs_train_and_sample_from_main(name, tmp_path):
-  """main.py --mode=train on the config for 4 steps, with a snapshot's samples."""
+def test_family_configs_train_and_sample(name, tmp_path, fast_compile):
+  """The config trains 4 steps through the training loop, with a snapshot's samples."""
   import os
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  cmd = [sys.executable, os.path.join(root, "main.py"), f"--config={root}/configs/{name}.py",
-         f"--workdir={tmp_path}/run", "--mode=train", "--config.training.n_iters=4",
-         "--config.training.snapshot_freq=4", "--config.training.log_freq=1",
-         "--config.training.batch_size=64", "--config.model.hidden_sizes=(64,64)",
-         "--config.sampling.batch_size=64"]
-  proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  from score_jax.run import train
+  from score_jax.run.settings import from_config as S
+  cfg = config(name, **{"training.n_iters": 4, "training.snapshot_freq": 4,
+                        "training.log_freq": 1, "training.batch_size": 64,
+                        "model.hidden_sizes": (64, 64), "sampling.batch_size": 64})
+  state = train.train_and_evaluate(S(cfg), str(tmp_path / "run"))
+  assert int(state.step) == 4
   assert os.path.isdir(os.path.join(tmp_path, "run", "checkpoints", "4"))
-  assert any(f.startswith("step_4") for f in os.listdir(os.path.join(tmp_path, "run", "samples")))
+  files = os.listdir(os.path.join(tmp_path, "run", "samples"))
+  assert any(f.startswith("step_4") for f in files)
+  with np.load(os.path.join(tmp_path, "run", "samples", "step_4.npz")) as f:
+    assert f["samples"].shape == (64, 2) and np.all(np.isfinite(f["samples"]))

@@ -25,21 +25,12 @@ from score_jax.run import settings
 from score_jax.run import train
 from score_jax.errors import ConfigError, UserError, WorkdirError
 
+from helpers import TINY_TOY, config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY_TOY = {"training.batch_size": 64, "training.n_iters": 10, "training.snapshot_freq": 10,
-            "training.snapshot_freq_for_preemption": 10, "training.log_freq": 5,
-            "training.eval_freq": 10**6, "training.snapshot_sampling": False,
-            "model.hidden_sizes": (32, 32), "model.num_scales": 20}
-
-
 def _toy(**changes):
-  config = toy.get_config()
-  with config.unlocked():
-    for k, v in {**TINY_TOY, **changes}.items():
-      section, key = k.split(".")
-      config[section][key] = v
-  return config
+  return config("toy", TINY_TOY, **changes)
 
 
 @pytest.mark.parametrize("section,key", [("model", "nff"), ("training", "n_iter"),
@@ -209,17 +200,10 @@ def test_fid_quantization_truncates_like_the_reference_or_rounds():
   assert to_uint8(x, False, "round")[0, 1] == 128
 
 
-@pytest.fixture(scope="module")
-def trained_toy(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("toy") / "run")
-  state = train.train_and_evaluate(settings.from_config(_toy()), workdir)
-  return workdir, state
-
-
-def test_load_run_on_a_trained_workdir(trained_toy):
-  workdir, state = trained_toy
+def test_load_run_on_a_trained_workdir(toy_run):
+  workdir, state = toy_run  # the session's (conftest.py): checkpoints at steps 10 and 20
   run = score_jax.load_run(workdir)
-  assert run.step == 10 and run.config.model.name == "mlp"
+  assert run.step == 20 and run.config.model.name == "mlp"
   assert isinstance(run.sde, score_jax.VPSDE) and run.sde.N == 20
   for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(state.ema_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -232,7 +216,7 @@ def test_load_run_on_a_trained_workdir(trained_toy):
   samples, nfe = score_jax.dpm_solver_pp_sample(jax.random.PRNGKey(0), run.sde, run.score_fn,
                                                 (64, 2), 10)
   assert samples.shape == (64, 2) and bool(jnp.all(jnp.isfinite(samples))) and int(nfe) == 10
-  with pytest.raises(checkpoints.MissingCheckpointError, match="present: \\[10\\]"):
+  with pytest.raises(checkpoints.MissingCheckpointError, match="present: \\[10, 20\\]"):
     score_jax.load_run(workdir, step=5)
   with pytest.raises(WorkdirError, match="config.json"):
     score_jax.load_run(os.path.join(workdir, "checkpoints"))

@@ -26,6 +26,8 @@ from score_jax.run import state as run_state
 from score_jax.run import sample as sample_mode
 from score_jax.run.settings import from_config as S
 
+from helpers import env as _env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny but not instantaneous toy run: enough work per step that a kill lands mid-run.
@@ -37,14 +39,6 @@ TINY = [
     "--config.model.num_scales=20",
     "--config.sampling.batch_size=64",
 ]
-
-
-def _env(devices=4):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 def _cmd(workdir, *overrides):
@@ -193,7 +187,8 @@ def test_compilation_cache_settings(tmp_path, monkeypatch, caplog):
   assert "cannot create" in caplog.text and blocked.read_text() == "not a folder"
 
 
-def test_non_finite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path,
+                                                                               fast_compile):
   config = toy.get_config()
   workdir = str(tmp_path / "run")
   with config.unlocked():

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import toy
 from score_jax import analytic
 from score_jax.samplers import controllable
 from score_jax.samplers import fast as fast_samplers
@@ -22,9 +21,8 @@ from score_jax.samplers import time_grids
 from score_jax import sde as sde_lib
 from score_jax.errors import ConfigError
 
-from test_controllable import conditional_residuals, two_modes
-from test_sampling import Bias, EPS, SDES, assert_reproduces
-from test_sampling import setup as mixture_setup
+from helpers import (EPS, SDES, TINY_TOY, Bias, assert_reproduces, conditional_residuals, config,
+                     copy_run, mixture_setup, two_modes)
 
 KEY = jax.random.PRNGKey(0)
 CASES = [(order, variant) for order in (1, 2, 3) for variant in fast_samplers.UNIPC_VARIANTS]
@@ -146,12 +144,8 @@ def test_unipc_inpainting_keeps_known_pixels_like_the_other_ode_solvers():
 
 
 def _toy_settings(**sampling):
-  config = toy.get_config()
-  with config.unlocked():
-    config.model.hidden_sizes = (16,)
-    for key, value in sampling.items():
-      config.sampling[key] = value
-  return settings.from_config(config)
+  return settings.from_config(config("toy", {"model.hidden_sizes": (16,)},
+                                     **{f"sampling.{k}": v for k, v in sampling.items()}))
 
 
 def test_unipc_through_the_config_path():
@@ -239,10 +233,12 @@ def test_explicit_timesteps_are_the_schedules_grid_and_do_not_recompile():
       fast_samplers.unipc_sample(KEY, sde, score_fn, z.shape, timesteps=np.asarray(bad))
 
 
+@pytest.mark.slow  # the fit and a 20k-latent ODE solve: over a minute on 2 loaded CPU cores
 def test_optimized_grid_beats_the_uniform_log_snr_grid_on_the_exact_flow():
   """Fitted on 256 latents (50 Adam steps, VP, 10 steps of UniPC-2), judged on 20k others
   against a tight ODE solution: path RMS 0.105 -> 0.045 measured. With 4096 latents and 300
-  steps (bench_samplers.py) the 100k-sample std error at 10 NFE falls from 10.3% to 2.4%."""
+  steps (bench_samplers.py) the 100k-sample std error at 10 NFE falls from 10.3% to 2.4%.
+  (The default tier fits a grid through the config path: the test below.)"""
   sde, mix, score_fn = mixture_setup("vp", 1000)
   ts, info = time_grids.optimize_time_grid(jax.random.PRNGKey(0), sde, score_fn, (256, 2), 10,
                                               iters=50, reference_steps=200)
@@ -261,26 +257,18 @@ def test_optimized_grid_beats_the_uniform_log_snr_grid_on_the_exact_flow():
   assert rms[1] < rms[0] / 1.8, rms
 
 
-def test_optimized_grid_is_fitted_once_and_stored_with_the_run(tmp_path, monkeypatch):
+def test_optimized_grid_is_fitted_once_and_stored_with_the_run(toy_run, tmp_path, monkeypatch,
+                                                              fast_compile):
   from score_jax.run import evaluate
   from score_jax.run import sample
-  from score_jax.run import train  # pylint: disable=g-import-not-at-top
-  changes = {"training.batch_size": 64, "training.n_iters": 10, "training.snapshot_freq": 10,
-             "training.snapshot_freq_for_preemption": 10, "training.eval_freq": 10**6,
-             "training.snapshot_sampling": False, "model.hidden_sizes": (32, 32),
-             "model.num_scales": 20, "sampling.method": "unipc", "sampling.schedule": "optimized",
+  changes = {"sampling.method": "unipc", "sampling.schedule": "optimized",
              "sampling.num_steps": 6, "sampling.grid_batch_size": 64, "sampling.grid_iters": 5,
              "sample.num": 32, "eval.begin_ckpt": 1, "eval.end_ckpt": 1, "eval.batch_size": 32,
              "eval.num_samples": 32, "eval.enable_loss": False, "eval.enable_bpd": False,
              "eval.wait_timeout_s": 0.0}
-  config = toy.get_config()
-  with config.unlocked():
-    for key, value in changes.items():
-      section, name = key.split(".")
-      config[section][name] = value
-  s = settings.from_config(config)
-  workdir = str(tmp_path / "run")
-  train.train_and_evaluate(s, workdir)  # snapshot sampling would use logSNR
+  s = settings.from_config(config("toy", TINY_TOY, **changes))
+  # The session's toy run (trained as TINY_TOY; its snapshot sampling would use logSNR).
+  workdir = copy_run(toy_run[0], str(tmp_path / "run"))
   first = np.load(sample.run(s, workdir)["npz"])
   path = os.path.join(workdir, "time_grids", "time_grid_unipc2_bh2_6steps.json")
   with open(path) as f:
