@@ -31,9 +31,11 @@ score_jax's solve against scipy's RK45 driving the same JAX network.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from score_jax.run import xla_flags  # noqa: E402
 

@@ -160,7 +160,8 @@ def _sample(setup, params, config, num: int, batch: int, seed: int,
 def _row(label: str, nfe: str, s: Dict[str, float], seconds: str) -> str:
   fd355 = s.get("digits_fd_355", s.get("digits_fd_floor"))
   fd = s.get("digits_fd", s.get("digits_fd_floor"))
-  return (f"| {label} | {nfe} | {fd:.3f} | {fd355:.3f} | {s['digits_confident']:.3f} | "
+  fmt = lambda v: "-" if v is None else f"{v:.3f}"  # FD@355 needs >= 355 samples
+  return (f"| {label} | {nfe} | {fmt(fd)} | {fmt(fd355)} | {s['digits_confident']:.3f} | "
           f"{s['digits_classifier_score']:.2f} | {s['digits_class_balance']:.3f} | {seconds} |")
 
 
