@@ -22,9 +22,8 @@ and three ways of consuming the batches:
 consuming thread, or in Prefetch's one thread); each figure is the best
 over --repeats runs of --seconds each.
 
-The training loop has no device prefetch yet (score_jax/run/train.py puts each
-batch on the device after the previous step was dispatched); `prefetch`
-measures what wrapping its iterator in Prefetch(..., to_device(...)) gives.
+The training loop reads its batches through Prefetch (score_jax/run/train.py);
+`prefetch` measures what Prefetch(..., to_device(...)) gives over the plain iterator.
 """
 
 from __future__ import annotations
