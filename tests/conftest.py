@@ -14,13 +14,6 @@ from score_jax.run import xla_flags  # noqa: E402  # the CPU compiler settings m
 
 xla_flags.apply_defaults()
 
-# The 4 simulated devices meet in XLA:CPU's in-process collectives; on 2 busy cores a device's
-# thread can arrive after XLA's default limit, and XLA then aborts the process. Tests wait.
-for _name in ("xla_cpu_collective_timeout_seconds",
-              "xla_cpu_collective_call_terminate_timeout_seconds"):
-  if _name not in os.environ["XLA_FLAGS"] and xla_flags._jaxlib_knows(_name):  # pylint: disable=protected-access
-    os.environ["XLA_FLAGS"] += f" --{_name}=3600"
-
 import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402

@@ -179,10 +179,6 @@ def toy_mode_weights(cfg, steps, tmp_path):
     cfg.training.n_iters = steps
     cfg.training.snapshot_freq = steps
     cfg.training.snapshot_sampling = False
-    # One step in flight at a time: with several queued, XLA:CPU's in-process all-reduce
-    # over the 4 simulated devices can starve on 2 cores (a rendezvous abort, measured on
-    # toy.py at HEAD as well).
-    cfg.training.log_freq = 1
     cfg.model.ema_rate = 0.99
   state = train.train_and_evaluate(S(cfg), str(tmp_path / "run"))
   progs = programs.Programs(plan_lib.make_plan(S(cfg)))

@@ -239,6 +239,12 @@ def train(plan: Plan, workdir: str) -> TrainState:
           f"{ckpt.directory} is untouched; lower optim.lr, check the data scaling, or raise "
           "training.eps.")
 
+  # XLA:CPU runs the simulated devices' all-reduces on a shared thread pool; with several
+  # steps queued, their participants can wait on each other for good (a hang, or XLA's
+  # rendezvous abort). On a CPU mesh each step finishes before the next is dispatched
+  # (the batch is still prepared ahead, in the Prefetch thread); accelerators queue freely.
+  one_in_flight = plan.mesh.devices.flat[0].platform == "cpu" and plan.mesh.size > 1
+
   try:
     with _StopFlag() as stop:
       # Steps are counted on the host: reading state.step would wait for every step.
@@ -246,6 +252,8 @@ def train(plan: Plan, workdir: str) -> TrainState:
         step += 1  # the step this iteration completes
         x, y = next(train_iter)
         state, metrics = train_step(state, x, y, train_key)
+        if one_in_flight:
+          jax.block_until_ready(metrics["loss"])
         if phema_writer is not None and (step % loop.phema_snapshot_freq == 0 or step == n_iters):
           phema_writer.save(step, state)  # before the next step donates the state
         pending = metrics
