@@ -113,3 +113,13 @@ def test_import_plans_memory_depth_first():
 def test_import_after_jax_started_changes_nothing():
   late = _probe("jax_first")
   assert not late["applied"] and FLAG not in late["xla_flags"]
+
+
+def test_importing_the_library_leaves_xla_flags_alone():
+  """Only the entry points apply the defaults: `import score_jax` (and its subpackages) does not."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", _xla_flags.OPT_OUT)}
+  code = ("import os, score_jax, score_jax.run.plan, score_jax.convert.cli; "
+          "print(repr(os.environ.get('XLA_FLAGS')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300, check=True)
+  assert out.stdout.strip().splitlines()[-1] == "None"
