@@ -128,6 +128,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = data = ml_collections.ConfigDict()
   data.dataset = "cifar10"
   data.data_dir = ""  # empty: the tfds default (~/tensorflow_datasets)
+  # dataset 'images': your own folder of images (class subfolders -> labels), EDM dataset_tool
+  # .zip / folder, or .npz (score_jax/data/image_files.py); configs/folder.py uses it.
+  data.path = ""
   data.image_size = 32
   data.num_channels = 3
   data.random_flip = True

@@ -18,10 +18,17 @@ Datasets (config.data.dataset, case-insensitive; reference names accepted):
 - 'ffhq', 'celebahq': ProGAN/StyleGAN dataset_tool TFRecords at
   config.data.tfrecords_path or config.data.data_dir (a file, or a folder
   holding NAME-rXX.tfrecords files: the one for image_size is used).
+- 'images' (also 'folder'): your own images at config.data.path: a folder
+  of image files (one subfolder per class gives labels 0..K-1 in sorted
+  folder-name order), EDM's dataset_tool layout (a folder or .zip with
+  dataset.json labels), or an .npz of uint8 images (key 'images', optional
+  'labels'). Each image is converted to data.num_channels (L / RGB / RGBA),
+  center-cropped to a square and resized to image_size with Pillow's
+  antialiased bicubic filter; see score_jax/data/image_files.py.
 
 Splits are 'train' and 'test'; 'test' is the dataset's evaluation split
 (cifar10/svhn 'test', celeb_a/lsun 'validation' as in the reference,
-ffhq/celebahq: the same records as 'train').
+ffhq/celebahq/images: the same examples as 'train').
 
 Reading never needs TensorFlow and never downloads: tfds datasets prepared
 as array_record are read with tfds's data sources, those prepared in the
@@ -47,6 +54,7 @@ import numpy as np
 from score_jax.data.digits import DIGITS_NUM_CLASSES, load_digits
 from score_jax.errors import ConfigError
 from score_jax.data.scaling import data_scaler
+from score_jax.data.image_files import open_images
 from score_jax.data.images import center_crop, crop_resize, resize, resize_small
 from score_jax.data.pipeline import Batches, Transform
 from score_jax.data.prefetch import Prefetch, to_device
@@ -68,6 +76,8 @@ __all__ = [
     "data_scaler",
     "inverse_scaler",
     "open_source",
+    "open_data",
+    "check_classes",
     "make_batches",
     "to_device",
     "get_dataset",
@@ -75,9 +85,11 @@ __all__ = [
 ]
 
 SPLITS = ("train", "test")
-DATASETS = ("toy", "digits", "cifar10", "svhn_cropped", "celeb_a", "lsun", "ffhq", "celebahq")
+DATASETS = ("toy", "digits", "cifar10", "svhn_cropped", "celeb_a", "lsun", "ffhq", "celebahq",
+            "images")
 # Reference-code and common spellings -> our names.
-_ALIASES = {"svhn": "svhn_cropped", "celeba": "celeb_a", "celeb_a_hq": "celebahq", "celeba_hq": "celebahq"}
+_ALIASES = {"svhn": "svhn_cropped", "celeba": "celeb_a", "celeb_a_hq": "celebahq", "celeba_hq": "celebahq",
+            "folder": "images"}
 # Toy sets are fixed data, not a function of the run's seed: runs with
 # different seeds see the same distribution sample, in different orders.
 _TOY_DATA_SEED = 20210112
@@ -130,7 +142,7 @@ def _tfds_source(name: str, tfds_split: str, *, data_dir: str, image_size: int, 
 
 
 def open_source(dataset: str, split: str, *, image_size: int, num_channels: int, data_dir: str = "",
-                category: str = "", toy_name: str = "gaussian_mixture") -> Source:
+                category: str = "", toy_name: str = "gaussian_mixture", path: str = "") -> Source:
   """Opens one split of a dataset for random access (config-free).
 
   Args:
@@ -141,6 +153,7 @@ def open_source(dataset: str, split: str, *, image_size: int, num_channels: int,
     data_dir: tfds data_dir ('' = tfds default), or the TFRecord file/folder for ffhq/celebahq.
     category: the LSUN category when `dataset` is 'lsun'.
     toy_name: which toy distribution when `dataset` is 'toy'.
+    path: the folder, zip or .npz when `dataset` is 'images'.
 
   Returns:
     A Source: len(), read(indices) -> (data [n, *shape], labels int32 [n]), shape, num_classes.
@@ -164,6 +177,8 @@ def open_source(dataset: str, split: str, *, image_size: int, num_channels: int,
     factor = image_size // 8
     images = np.repeat(np.repeat(images, factor, axis=1), factor, axis=2)  # nearest upsampling
     return ArraySource(images, labels, num_classes=DIGITS_NUM_CLASSES)
+  if name == "images":
+    return open_images(path, image_size=image_size, num_channels=num_channels)
   if name in ("ffhq", "celebahq"):
     return open_tfrecord_images(data_dir, image_size=image_size, num_channels=num_channels, name=name)
   if name in ("cifar10", "svhn_cropped"):
@@ -241,7 +256,28 @@ def _open(data: Any, split: str) -> Source:
     data_dir = data.tfrecords_path or data_dir  # the reference's key
   return open_source(data.dataset, split, image_size=data.image_size,
                      num_channels=data.num_channels, data_dir=data_dir, category=data.category,
-                     toy_name=data.toy_name)
+                     toy_name=data.toy_name, path=data.path)
+
+
+def check_classes(source: Source, num_classes: int, dataset: str) -> None:
+  """A conditional model (num_classes > 0) has a class for every label of the data."""
+  if num_classes <= 0:
+    return
+  if source.num_classes == 0:
+    raise ConfigError(f"model.num_classes is {num_classes} but dataset {dataset!r} has no labels; "
+                      "set model.num_classes = 0 (or give the images class subfolders).")
+  if num_classes < source.num_classes:
+    raise ConfigError(f"model.num_classes is {num_classes} but dataset {dataset!r} has "
+                      f"{source.num_classes} classes; set --config.model.num_classes="
+                      f"{source.num_classes}.")
+
+
+def open_data(data: Any, split: str = "train", num_classes: int = 0) -> Source:
+  """The Source of a split of the dataset `data` (settings) names, checked against the
+  model's classes (`num_classes`, 0: unconditional); see `open_source`."""
+  source = _open(data, split)
+  check_classes(source, num_classes, data.dataset)
+  return source
 
 
 def get_dataset(data: Any, split: str = "train", *, batch_size: int, seed: int,
@@ -250,7 +286,7 @@ def get_dataset(data: Any, split: str = "train", *, batch_size: int, seed: int,
                 process_count: int | None = None, num_threads: int | None = None) -> Batches:
   """Batches of a split of the dataset that data settings (`score_jax.run.settings.Data`) name.
 
-  Reads data.{dataset, data_dir, image_size, num_channels, random_flip,
+  Reads data.{dataset, data_dir, path, image_size, num_channels, random_flip,
   centered, uniform_dequantization, toy_name, category, tfrecords_path}.
   Random flips apply only to split 'train' with evaluation=False.
 
@@ -266,12 +302,7 @@ def get_dataset(data: Any, split: str = "train", *, batch_size: int, seed: int,
     A Batches iterator of dicts {'image', 'label', 'mask', 'index'} (module docstring).
   """
   source = _open(data, split)
-  if num_classes > 0:
-    if source.num_classes == 0:
-      raise ConfigError(f"model.num_classes is {num_classes} but dataset {data.dataset!r} has no labels.")
-    if num_classes < source.num_classes:
-      raise ConfigError(f"model.num_classes is {num_classes} but dataset {data.dataset!r} has "
-                       f"{source.num_classes} classes.")
+  check_classes(source, num_classes, data.dataset)
   return make_batches(
       source, batch_size=batch_size, evaluation=evaluation,
       random_flip=data.random_flip and split == "train" and not evaluation,

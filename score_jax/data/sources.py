@@ -29,11 +29,13 @@ class Source(Protocol):
     shape: per-example data shape, (H, W, C) for images or (2,) for toy points.
     num_classes: number of label classes; 0 when the data has no labels (labels read as 0).
     needs_io: True when reading decodes files (the pipeline then reads in threads).
+    class_names: label k's name where the data names its classes (class folders), else ().
   """
 
   shape: tuple[int, ...]
   num_classes: int
   needs_io: bool
+  class_names: tuple[str, ...]
 
   def __len__(self) -> int:
     ...
@@ -47,6 +49,7 @@ class ArraySource:
   """A split held in memory (toy points, digits)."""
 
   needs_io = False
+  class_names: tuple[str, ...] = ()
 
   def __init__(self, data: np.ndarray, labels: np.ndarray, *, num_classes: int):
     if len(data) != len(labels):
@@ -76,6 +79,7 @@ class RecordSource:
   """
 
   needs_io = True
+  class_names: tuple[str, ...] = ()
 
   def __init__(self, records: Any, to_example: Callable[[Any], tuple[np.ndarray, int]], *,
                shape: Sequence[int], num_classes: int, name: str):

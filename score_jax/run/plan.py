@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import flax.linen as nn
@@ -63,6 +64,9 @@ class DataSpec:
   seed: int
   train_batch_size: int
   eval_batch_size: int
+  # Label k's name where the data names its classes (class subfolders of data.path); filled
+  # by make_plan when it reads the data, else ().
+  class_names: Tuple[str, ...] = ()
 
   @property
   def is_images(self) -> bool:
@@ -74,7 +78,13 @@ class DataSpec:
 
   @property
   def name(self) -> str:
-    return self.source.dataset
+    """The dataset's name; for your own images (data.path) 'images-<base name>-<hash of the
+    absolute path>', so that results and cached FID statistics of two folders never mix."""
+    if self.source.dataset.lower() not in ("images", "folder") or not self.source.path:
+      return self.source.dataset
+    path = os.path.realpath(os.path.expanduser(self.source.path))
+    base = os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0]
+    return f"images-{base}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
 
   @property
   def image_size(self) -> int:
@@ -315,6 +325,20 @@ def assemble(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],
       sample=_take(SampleSpec, s.sample, quantization=s.eval.quantization, seed=s.seed))
 
 
+def _log_data(s: Settings, source: Any) -> None:
+  """What the run trains on: the number of examples and the classes (names where known)."""
+  if not s.data.is_images:
+    return
+  classes = ""
+  if source.num_classes:
+    names = ", ".join(f"{k}={n}" for k, n in enumerate(source.class_names))
+    classes = f", {source.num_classes} classes" + (f" ({names})" if names else "")
+    if not s.model.num_classes:
+      classes += (f"; unconditional training (model.num_classes = 0): set "
+                  f"--config.model.num_classes={source.num_classes} to train on the labels")
+  logging.info("Data: %s, %d images%s.", data_spec(s).name, len(source), classes)
+
+
 def check_network(s: Settings, model: nn.Module) -> None:
   """The network maps data of the settings' shape to that shape (shapes only: no compile)."""
   shape = s.data.shape(2)
@@ -349,6 +373,11 @@ def make_plan(s: Settings, need_data: bool = True, *,
                                axis_types=(jax.sharding.AxisType.Auto,))
   plan = assemble(s, sde, model, builders.get_optimizer(s), mesh)  # refuses discrete training
   if need_data:                                                     # without a chain (the loss)
-    datasets.num_examples(s.data, "train")  # unknown or missing dataset: clear error here
+    # An unknown or missing dataset, or labels the model lacks classes for: a clear error here.
+    source = datasets.open_data(s.data, "train", s.model.num_classes)
+    _log_data(s, source)
+    if source.class_names:
+      plan = dataclasses.replace(plan, data=dataclasses.replace(
+          plan.data, class_names=tuple(source.class_names)))
   check_network(s, model)
   return plan

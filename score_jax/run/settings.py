@@ -150,6 +150,7 @@ class Sample:
 class Data:
   dataset: str
   data_dir: str
+  path: str
   image_size: int
   num_channels: int
   random_flip: bool
@@ -584,6 +585,10 @@ def _check_data(d: Data, m: Model, families: Mapping[str, Tuple[str, ...]]) -> N
     raise ConfigError(f"model.name {m.name!r} does not fit data.dataset {d.dataset!r}: 2-D toy "
                       "data needs model.name='mlp', image data a convolutional network "
                       "(ncsnpp, ddpmpp, ddpm, ncsnv2).")
+  if d.path and d.dataset.lower() not in ("images", "folder"):
+    raise ConfigError(f"data.path is read only by data.dataset='images' (your own folder, zip or "
+                      f".npz), not by {d.dataset!r}: set --config.data.dataset=images, or leave "
+                      "data.path empty.")
   if d.is_images:
     _at_least("data.image_size", d.image_size, 1)
     _at_least("data.num_channels", d.num_channels, 1)
