@@ -17,8 +17,8 @@ Files are taken in sorted order of their relative paths (the same order on
 every machine), so index i names the same image everywhere.
 
 Every image is brought to image_size x image_size x num_channels by one rule:
-converted by Pillow to 'L' (num_channels 1), 'RGB' (3: alpha is dropped) or
-'RGBA' (4), turned upright by its EXIF orientation, center-cropped to a square
+converted by Pillow to 'L' (num_channels 1) or 'RGB' (3; an alpha channel is
+dropped, palette and 16-bit images converted), turned upright by its EXIF orientation, center-cropped to a square
 of side min(H, W) and resized with Pillow's bicubic filter, antialiased when
 shrinking (`images.crop_resize`; a no-op for square images of the right size).
 Decoding happens when a batch is read, in the pipeline's threads.
@@ -47,7 +47,7 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageFilesError", "ImageFiles", "fit_image", "li
            "open_images"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_MODES = {1: "L", 3: "RGB"}
 _HOW = ("data.path names a folder of images (one subfolder per class for labels), a "
         "dataset_tool .zip, or an .npz of uint8 images")
 
@@ -58,7 +58,7 @@ class ImageFilesError(UserError, ValueError):
 
 def _mode(num_channels: int) -> str:
   if num_channels not in _MODES:
-    raise ConfigError(f"data.dataset='images' makes 1 (gray), 3 (RGB) or 4 (RGBA) channels; "
+    raise ConfigError(f"data.dataset='images' makes 1 (gray) or 3 (RGB) channels; "
                       f"data.num_channels is {num_channels}.")
   return _MODES[num_channels]
 
@@ -261,7 +261,7 @@ def open_images(path: str, *, image_size: int, num_channels: int) -> Source:
   The source's `class_names` are the class folders in label order (else ()).
 
   Raises:
-    ConfigError: data.path is empty, or num_channels not 1, 3 or 4.
+    ConfigError: data.path is empty, or num_channels not 1 or 3.
     DatasetNotFoundError: nothing at `path`.
     ImageFilesError: no images, an unreadable file, labels that do not match the images.
   """

@@ -53,6 +53,31 @@ def _dataset_stats(plan: Plan, progs: Programs, workdir: str, feature_fn, batch:
   return stats
 
 
+def _inception(plan: Plan, progs: Programs):
+  """(uint8 images -> {'pool', 'logits'} of eval.inception_path's network, its batch size)."""
+  from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+
+  e = plan.eval
+  params = jax.device_put(inception.load_inception_params(e.inception_path), progs.rep)
+  raw_fn = progs.inception(e.inception_resize, e.inception_precision)
+  return (lambda images: raw_fn(params, images)), distributed.padded(e.inception_batch_size)
+
+
+def reference_stats(plan: Plan, workdir: str, *, progs: Programs | None = None,
+                    feature_fn=None, batch: int = 0):
+  """(path, Stats): the training images' Inception statistics as `--mode=eval` finds them
+  (eval.stats_path, else WORKDIR/eval/stats_<dataset>_<size>_<resize>.npz), computed and
+  cached there unless the file exists.
+
+  feature_fn, batch: another feature network (uint8 images -> {'pool'}) and its batch size,
+  for tests; default the Inception network of eval.inception_path.
+  """
+  progs = progs or Programs(plan)
+  if feature_fn is None:
+    feature_fn, batch = _inception(plan, progs)
+  return _stats_path(plan, workdir), _dataset_stats(plan, progs, workdir, feature_fn, batch)
+
+
 def compute(inputs: Inputs) -> Dict[str, Any]:
   """FID, IS and KID of the shards' samples against the training set's Inception statistics.
 
@@ -61,16 +86,12 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
   are computed once (all training images as uint8, eval.stats_num_images
   to cap) and cached in eval.stats_path (default WORKDIR/eval/stats_*.npz).
   """
-  from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
   from score_jax.metrics import stats as metrics  # pylint: disable=g-import-not-at-top
 
   plan, progs, out_dir = inputs.plan, inputs.progs, inputs.out_dir
   e, rounds = plan.eval, inputs.results["sampling_rounds"]
-  params = jax.device_put(inception.load_inception_params(e.inception_path), progs.rep)
   resize, precision = e.inception_resize, e.inception_precision
-  batch = distributed.padded(e.inception_batch_size)
-  raw_fn = progs.inception(resize, precision)
-  feature_fn = lambda images: raw_fn(params, images)
+  feature_fn, batch = _inception(plan, progs)
 
   def features_done(r: int) -> bool:  # present and made from the shard as it is now
     path = shard_path(out_dir, "features", r)
