@@ -193,3 +193,40 @@ def test_train_on_a_folder_and_its_fid_statistics(tmp_path, fast_compile):
   np.testing.assert_allclose(st.mu, rows.mean(0), rtol=1e-12)
   np.testing.assert_allclose(st.sigma, np.cov(rows, rowvar=False), rtol=1e-9)
   np.testing.assert_allclose(stats_lib.load_stats(path).mu, rows.mean(0), rtol=1e-12)
+
+
+@pytest.mark.slow  # about 3 minutes on 2 CPU cores: four main.py runs, Inception at 299 px
+def test_newcomer_path_train_sample_fid_on_a_folder(tmp_path):
+  """The README's commands on a generated folder: train, sample, FID statistics, eval FID."""
+  import subprocess
+  from score_jax.metrics import inception
+  make_folder(tmp_path / "imgs", n_per_class=8)
+  weights = str(tmp_path / "inception.npz")
+  inception.save_inception_params(weights, inception.random_inception_params(0))
+  workdir = str(tmp_path / "run")
+  overrides = {**TINY, "data.path": str(tmp_path / "imgs"), "eval.inception_path": weights,
+               "eval.begin_ckpt": 1, "eval.end_ckpt": 1, "eval.num_samples": 8,
+               "eval.inception_batch_size": 8, "eval.wait_timeout_s": 0.0,
+               "sample.num": 4, "sampling.num_steps": 2}
+  flags = [f"--config.{k}={v}" for k, v in overrides.items()]  # str((1,)) = '(1,)'
+
+  common = ["--config=" + os.path.join(helpers.ROOT, "configs/folder.py"), f"--workdir={workdir}"]
+
+  def run(*args):
+    proc = subprocess.run([sys.executable, *args, *common, *flags], cwd=helpers.ROOT,
+                          env=helpers.env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+  run("main.py", "--mode=train")
+  run("main.py", "--mode=sample")
+  with np.load(os.path.join(workdir, "sample", "generate_step2.npz")) as f:
+    assert f["images"].shape == (4, 8, 8, 3) and f["images"].dtype == np.uint8
+  out = run("-m", "score_jax.run.fid_stats").stdout
+  stats_path = out.split(":")[0]
+  assert "16 training images" in out and os.path.exists(stats_path)
+  before = os.stat(stats_path).st_mtime_ns
+  run("main.py", "--mode=eval")
+  result = json.load(open(os.path.join(workdir, "eval", "ckpt_1.json")))
+  assert np.isfinite(result["fid"]) and result["fid_dataset_images"] == 16
+  assert os.stat(stats_path).st_mtime_ns == before  # eval found the command's statistics
