@@ -1,5 +1,6 @@
 """Training on your own images: a folder (class subfolders), a dataset_tool zip, an .npz."""
 
+import io
 import json
 import os
 import sys
@@ -79,10 +80,8 @@ def _dataset_tool_zip(path, written, labels):
   with zipfile.ZipFile(path, "w") as z:
     for k, a in enumerate(written):
       name = f"{k // 10:05d}/img{k:08d}.png"
-      im = Image.fromarray(a)
-      import io
       buf = io.BytesIO()
-      im.save(buf, format="png")
+      Image.fromarray(a).save(buf, format="png")
       z.writestr(name, buf.getvalue())
       names.append(name)
     if labels is not False:
