@@ -22,7 +22,7 @@ Datasets (config.data.dataset, case-insensitive; reference names accepted):
   of image files (one subfolder per class gives labels 0..K-1 in sorted
   folder-name order), EDM's dataset_tool layout (a folder or .zip with
   dataset.json labels), or an .npz of uint8 images (key 'images', optional
-  'labels'). Each image is converted to data.num_channels (L / RGB / RGBA),
+  'labels'). Each image is converted to data.num_channels (Pillow's L or RGB),
   center-cropped to a square and resized to image_size with Pillow's
   antialiased bicubic filter; see score_jax/data/image_files.py.
 
@@ -264,8 +264,10 @@ def check_classes(source: Source, num_classes: int, dataset: str) -> None:
   if num_classes <= 0:
     return
   if source.num_classes == 0:
+    own = _ALIASES.get(dataset.lower(), dataset.lower()) == "images"
+    hint = " (or put the images in class subfolders)" if own else ""
     raise ConfigError(f"model.num_classes is {num_classes} but dataset {dataset!r} has no labels; "
-                      "set model.num_classes = 0 (or give the images class subfolders).")
+                      f"set model.num_classes = 0{hint}.")
   if num_classes < source.num_classes:
     raise ConfigError(f"model.num_classes is {num_classes} but dataset {dataset!r} has "
                       f"{source.num_classes} classes; set --config.model.num_classes="
