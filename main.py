@@ -13,7 +13,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py), or a workdir's config.json; override any key "
+    "with --config.<section>.<key>=value.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples, metrics.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
 flags.DEFINE_string("coordinator_address", "",
@@ -37,6 +39,8 @@ def main(argv):
     run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
             compilation_cache=FLAGS.compilation_cache)
+    if FLAGS.mode == "train":
+      run.print_trained_next_steps(FLAGS.workdir)
     return 0
 
   sys.exit(cli.report_user_errors(go))
@@ -45,4 +49,5 @@ def main(argv):
 if __name__ == "__main__":
   from score_jax.run import xla_flags  # before JAX starts: XLA reads its flags once
   xla_flags.apply_defaults()
-  app.run(main)
+  from score_jax.run import cli  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli.parse_main_argv(FLAGS))

@@ -168,7 +168,19 @@ def test_sample_mode_generate_and_interpolate_toy(toy_run, tmp_path):
   paths = sample_mode.run(S(config), workdir)
   out = np.load(paths["npz"])
   assert out["samples"].shape == (10, 2) and np.all(np.isfinite(out["samples"]))
-  assert paths["png"].endswith("generate_step20.png") and os.path.exists(paths["png"])
+  # Named by task, step, sampler and NFE, with the sampler's settings beside them.
+  nfe = int(out["nfe"])
+  assert os.path.basename(paths["png"]) == f"generate_step20_pc_nfe{nfe}.png"
+  assert os.path.exists(paths["png"])
+  with open(paths["json"]) as f:
+    meta = json.load(f)
+  assert (meta["sampler"], meta["nfe"], meta["step"], meta["num"]) == ("pc", nfe, 20, 10)
+  assert meta["sampling"]["method"] == "pc"
+  # Never overwritten: the next name of the same output gets a suffix.
+  out_dir = os.path.dirname(paths["png"])
+  assert sample_mode.output_base(out_dir, "generate", 20, "pc", nfe) == paths["png"][:-4] + "_2"
+  assert sample_mode.output_base(out_dir, "generate", 20, "heun", nfe).endswith(
+      f"generate_step20_heun_nfe{nfe}")
   config = _config(**{"sample.task": "interpolate", "sample.interpolation_steps": 5,
                       "sampling.rtol": 1e-3, "sampling.atol": 1e-3})
   out = np.load(sample_mode.run(S(config), workdir)["npz"])

@@ -61,6 +61,8 @@ __all__ = [
     "POOL_DIM",
     "NUM_LOGITS",
     "PUBLISHED_WEIGHTS",
+    "PUBLISHED_URL",
+    "default_weights_path",
 ]
 
 INCEPTION_SIZE = 299
@@ -68,6 +70,8 @@ POOL_DIM = 2048
 NUM_LOGITS = 1008
 BN_EPS = 1e-3
 PUBLISHED_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+PUBLISHED_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 + PUBLISHED_WEIGHTS)
 RESIZE_METHODS = ("tf1", "pytorch")
 
 Params = Dict[str, Any]
@@ -361,14 +365,20 @@ def _check_flat(flat: Mapping[str, Tuple[int, ...]], source: str) -> None:
     raise ValueError("\n".join(lines))
 
 
+def default_weights_path() -> str:
+  """Where `python -m score_jax.convert.inception SRC` writes the converted weights and where
+  eval looks when eval.inception_path is empty: $XDG_CACHE_HOME (or
+  ~/.cache)/score_jax/inception/inception_fid.npz."""
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "score_jax", "inception", "inception_fid.npz")
+
+
 def _missing_file_message(path: str) -> str:
   return (
       f"FID Inception weights not found at {path!r}. Nothing is downloaded at "
-      f"run time. Get pytorch-fid's published file {PUBLISHED_WEIGHTS} "
-      "(github.com/mseitzer/pytorch-fid, release 'fid_weights') and convert "
-      f"it once:\n  python -m score_jax.convert.inception {PUBLISHED_WEIGHTS} "
-      f"{path}\n(torch is not needed), or point the config's Inception path "
-      "at an existing converted .npz.")
+      f"run time. Download pytorch-fid's published file ({PUBLISHED_URL}) and convert "
+      f"it once (torch is not needed): python -m score_jax.convert.inception "
+      f"{PUBLISHED_WEIGHTS} {path}")
 
 
 def _looks_like_torch(path: str) -> bool:

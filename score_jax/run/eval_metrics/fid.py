@@ -1,5 +1,8 @@
 """FID, Inception Score and KID of the generated samples against the training set's Inception
-statistics, when eval.inception_path names an Inception weight file."""
+statistics, with the Inception weights `weights_path(plan)` finds: eval.inception_path, or
+when it is empty the file `python -m score_jax.convert.inception SRC` writes to its default
+location (`score_jax.metrics.inception.default_weights_path()`; not for the digits, which
+have their own FD)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,19 @@ from score_jax.run.distributed import sync
 from score_jax.run.eval_metrics.base import Inputs, Metric, batched, shard_count, shard_path
 from score_jax.run.plan import Plan
 from score_jax.run.programs import Programs
+
+
+def weights_path(plan: Plan) -> str:
+  """The Inception weight file FID uses: eval.inception_path, else the converter's default
+  location if a file is there (image data other than the digits), else ''."""
+  from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+
+  if plan.eval.inception_path:
+    return plan.eval.inception_path
+  default = inception.default_weights_path()
+  if plan.data.name != "digits" and os.path.isfile(default):
+    return default
+  return ""
 
 
 def _stats_path(plan: Plan, workdir: str) -> str:
@@ -66,7 +82,7 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
 
   plan, progs, out_dir = inputs.plan, inputs.progs, inputs.out_dir
   e, rounds = plan.eval, inputs.results["sampling_rounds"]
-  params = jax.device_put(inception.load_inception_params(e.inception_path), progs.rep)
+  params = jax.device_put(inception.load_inception_params(weights_path(plan)), progs.rep)
   resize, precision = e.inception_resize, e.inception_precision
   batch = distributed.padded(e.inception_batch_size)
   raw_fn = progs.inception(resize, precision)
@@ -128,18 +144,22 @@ def _warn_if_not_the_reference_network(plan: Plan) -> None:
 def _check(plan: Plan) -> None:
   """A missing or malformed weight file fails before hours of sampling, not after."""
   from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
-  inception.load_inception_params(plan.eval.inception_path)
+  inception.load_inception_params(weights_path(plan))
 
 
 def _why_off(plan: Plan) -> str:
+  from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+
   if not plan.data.is_images:
     return "2-D data: no FID / IS / KID (they need images); see samples.png."
-  return ("eval.inception_path is not set: FID / IS / KID skipped. Convert the published weights "
-          "once with `python -m score_jax.metrics.inception convert "
-          "pt_inception-2015-12-05-6726825d.pth inception_fid.npz` and pass "
-          "--config.eval.inception_path=inception_fid.npz.")
+  if plan.data.name == "digits":
+    return "digits: FID / IS / KID only with eval.inception_path (the digits FD is reported)."
+  return (f"No FID Inception weights (eval.inception_path is empty and "
+          f"{inception.default_weights_path()} does not exist): FID / IS / KID skipped. "
+          f"Download {inception.PUBLISHED_URL} and run once: python -m "
+          f"score_jax.convert.inception {inception.PUBLISHED_WEIGHTS}")
 
 
-METRIC = Metric(enabled=lambda plan: plan.data.is_images and bool(plan.eval.inception_path),
+METRIC = Metric(enabled=lambda plan: plan.data.is_images and bool(weights_path(plan)),
                 done_key=lambda plan: "fid", compute=compute, needs=("samples",),
                 scalars=("fid", "inception_score", "kid"), check=_check, why_off=_why_off)
