@@ -132,3 +132,55 @@ def test_fid_finds_the_converted_inception_weights_at_the_default_location(tmp_p
   assert fid.weights_path(plan("cifar10", "mine.npz")) == "mine.npz"  # eval.inception_path wins
   assert fid.weights_path(plan("digits")) == ""  # the digits have their own FD
 
+
+
+def test_digits_fd_at_any_sample_count_compares_with_the_floor_at_equal_n():
+  """benchmarks/digits_fd.py reports FD@M, M = min(samples, 355): at 355 held-out digits it
+  is the metric's own floor; at fewer it lies above (FD's small-N bias), as documented."""
+  from benchmarks import digits_fd  # pylint: disable=g-import-not-at-top
+  from score_jax.data.digits import load_digits  # pylint: disable=g-import-not-at-top
+  from score_jax.metrics import digits  # pylint: disable=g-import-not-at-top
+
+  metric = digits.default_metric()
+  held_out = load_digits("test")[0]
+  assert digits_fd.fd_at(metric, held_out, 355) == pytest.approx(metric.floor, rel=1e-9)
+  fd_100 = digits_fd.fd_at(metric, held_out, 100)  # three disjoint sets of 100
+  assert fd_100 == pytest.approx(sum(metric.fd(held_out[k * 100:(k + 1) * 100])
+                                     for k in range(3)) / 3, rel=1e-9)
+  assert fd_100 > 2 * metric.floor
+
+
+@pytest.mark.slow  # ~4 min on 2 CPU cores: a digits run trained for 20 steps, sampled 3 times
+def test_readme_digits_commands_work_as_printed(tmp_path):
+  """main.py train prints its next commands; the README's inpaint row works without
+  sample.images_path; two samplers give two named outputs; digits_fd runs below 355 samples."""
+  import json as json_lib  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path / "digits")
+  short = ["--config.training.n_iters=20", "--config.training.snapshot_freq=10",
+           "--config.training.snapshot_freq_for_preemption=10", "--config.training.eval_freq=1000",
+           "--config.training.snapshot_sampling=False"]
+  proc = _main("--config=configs/digits.py", f"--workdir={workdir}", *short)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sample = next(ln for ln in proc.stdout.splitlines() if ln.startswith("Sample: "))
+  fast = ["--config.sample.task=inpaint", "--config.sample.num=8",
+          "--config.sampling.method=heun", "--config.sampling.num_steps=4"]
+  for extra in ([], ["--config.sampling.method=ddim"], []):
+    proc = _main(*shlex.split(sample.split(": ", 1)[1])[2:], *fast, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  names = sorted(f for f in os.listdir(os.path.join(workdir, "sample")) if f.endswith(".json"))
+  metas = [json_lib.load(open(os.path.join(workdir, "sample", f))) for f in names]
+  assert [m["sampler"] for m in metas] == ["ddim", "heun", "heun"]
+  assert names[1:] == [f"inpaint_step20_heun_nfe{metas[1]['nfe']}.json",
+                       f"inpaint_step20_heun_nfe{metas[1]['nfe']}_2.json"]  # not overwritten
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from score_jax.data.digits import load_digits  # pylint: disable=g-import-not-at-top
+  out = np.load(os.path.join(workdir, "sample", names[1].replace(".json", ".npz")))
+  np.testing.assert_array_equal(out["inputs"], load_digits("test")[0][:8])  # the test digits
+  proc = subprocess.run([sys.executable, "benchmarks/digits_fd.py", f"--workdir={workdir}",
+                         "--samples=60", "--samplers=ddim", "--nfe=3"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=env(1))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| sampler | NFE | digits FD | FD@60 |" in proc.stdout
+  assert "| DDIM, 3 steps | " in proc.stdout
