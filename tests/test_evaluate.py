@@ -476,3 +476,20 @@ def test_two_process_eval_matches_one_process(toy_run, tmp_path):
     x, y = (np.load(os.path.join(w, "eval", "ckpt_2", f"samples_{r}.npz"))["samples"]
             for w in (single, multi))
     np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6)
+
+
+def test_long_eval_stages_say_how_long_the_rest_takes(caplog, monkeypatch):
+  """A Stage logs, after its first compiled unit, the seconds per unit and the time left."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from score_jax.run.eval_metrics import base  # pylint: disable=g-import-not-at-top
+
+  clock = iter([0.0, 100.0, 140.0, 180.0])  # the first unit compiles: 100 s, then 40 s each
+  monkeypatch.setattr(base.time, "perf_counter", lambda: next(clock))
+  with caplog.at_level(logging.INFO):
+    stage = base.Stage("likelihood (1 x 40 batches)", total=40, done=2)
+    for _ in range(3):
+      stage.step()
+    stage.close()
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("likelihood")]
+  assert lines == ["likelihood (1 x 40 batches): 40.0 s per batch; about 24 min for the 36 left."]
+  assert stage.bar.n == 5

@@ -17,7 +17,8 @@ import numpy as np
 from score_jax import plotting
 from score_jax.run import distributed
 from score_jax.run.distributed import sync
-from score_jax.run.eval_metrics.base import Inputs, Metric, batched, shard_count, shard_path
+from score_jax.run.eval_metrics.base import (Inputs, Metric, Stage, batched, shard_count,
+                                             shard_path)
 from score_jax.run.plan import Plan
 from score_jax.run.programs import Programs
 
@@ -56,12 +57,22 @@ def _dataset_stats(plan: Plan, progs: Programs, workdir: str, feature_fn, batch:
   logging.info("Computing Inception statistics of the %s training images -> %s (once).",
                plan.data.name, stats_path)
   # Every process reads whole global batches; `batched` gives the devices their rows.
-  train_images = (b["image"][b["mask"]] for b in plan.data.batches(
-      "train", evaluation=True, raw=True, batch_size=batch, process_index=0, process_count=1))
+  batches = plan.data.batches("train", evaluation=True, raw=True, batch_size=batch,
+                              process_index=0, process_count=1)
+  cap = plan.eval.stats_num_images
+  stage = Stage("Inception features of the training images",
+                min(len(batches), -(-cap // batch)) if cap else len(batches))
+
+  def train_images():
+    for b in batches:
+      yield b["image"][b["mask"]]
+      stage.step()
+    stage.close()
+
   # Only process 0 writes the cache; the others keep theirs in a private file.
   path = stats_path if distributed.is_main() else f"{stats_path}.process{jax.process_index()}"
   stats = metrics.dataset_stats(
-      path, train_images, lambda images: batched(feature_fn, images, batch, progs.bat)["pool"],
+      path, train_images(), lambda images: batched(feature_fn, images, batch, progs.bat)["pool"],
       recompute=True, num_features_kept=plan.eval.kid_dataset_features,
       max_images=plan.eval.stats_num_images or None)
   if not distributed.is_main():
@@ -98,6 +109,7 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
   todo = {r for r in range(rounds) if not features_done(r)}
   sync(f"features_todo_{out_dir}")  # decided alike on every process: Inception is collective
   pools, logits = [], []
+  stage = Stage("Inception features of the samples", rounds, rounds - len(todo), unit="shard")
   for r in range(rounds):
     path = shard_path(out_dir, "features", r)
     if r in todo:
@@ -106,11 +118,13 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
       pool, logit = feats["pool"], feats["logits"]
       if distributed.is_main():
         plotting.save_arrays(path, pool=pool, logits=logit)
+      stage.step()
     else:
       with np.load(path) as f:
         pool, logit = f["pool"], f["logits"]
     pools.append(pool)
     logits.append(logit)
+  stage.close()
   pool, logit = np.concatenate(pools), np.concatenate(logits)
 
   stats = _dataset_stats(plan, progs, inputs.workdir, feature_fn, batch)
