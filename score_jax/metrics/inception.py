@@ -30,8 +30,9 @@ joined with "/": `<layer>/conv/kernel` [kh, kw, in, out],
 `<layer>/bn/{scale,bias,mean,var}` [out], `fc/kernel` [2048, 1008],
 `fc/bias` [1008], with <layer> the published names (`Conv2d_1a_3x3`,
 `Mixed_5b/branch1x1`, ...): 472 arrays, 23,885,392 numbers. Make it with
-`python -m score_jax.convert.inception pt_inception-2015-12-05-6726825d.pth
-inception_fid.npz` from pytorch-fid's published weights (no torch needed).
+`python -m score_jax.convert.inception pt_inception-2015-12-05-6726825d.pth [DST]`
+from pytorch-fid's published weights (PUBLISHED_URL; no torch needed); without
+DST it goes to `default_weights_path()`, where eval looks.
 """
 
 from __future__ import annotations
