@@ -154,7 +154,7 @@ def _check_workdir(workdir: str, ckpt_dir: str) -> None:
         f"{workdir} holds no training run (no config.json, no checkpoint in {ckpt_dir}), so "
         "there is nothing to evaluate and nothing to wait for. Train first (--mode=train, "
         "eval can run beside it), or convert a released checkpoint (python -m "
-        "score_jax.convert.reference).")
+        "score_jax.convert --help).")
 
 
 def run(settings: Settings, workdir: str) -> List[Dict[str, Any]]:
