@@ -39,8 +39,6 @@ def main(argv):
     run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
             compilation_cache=FLAGS.compilation_cache)
-    if FLAGS.mode == "train":
-      run.print_trained_next_steps(FLAGS.workdir)
     return 0
 
   sys.exit(cli.report_user_errors(go))

@@ -1,5 +1,5 @@
 """The command-line style of every entry point (main.py, score_jax.convert,
-score_jax.convert.phema, score_jax.metrics.inception).
+score_jax.convert.phema, score_jax.convert.inception).
 
 absl flags on a FlagValues of their own (so a library module defines no
 global flags when imported), positional arguments after them, and one line on

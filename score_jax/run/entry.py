@@ -142,6 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str, *,
     if mode == "train":
       from score_jax.run import train  # pylint: disable=g-import-not-at-top
       train.train_and_evaluate(settings, workdir)
+      print_trained_next_steps(workdir)
     elif mode == "eval":
       from score_jax.run import evaluate  # pylint: disable=g-import-not-at-top
       evaluate.run(settings, workdir)
@@ -155,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str, *,
 
 
 def print_trained_next_steps(workdir: str) -> None:
-  """After --mode=train, process 0 prints the commands that sample and evaluate the newest
+  """After --mode=train (`run`), process 0 prints the commands that sample and evaluate the newest
   checkpoint (score_jax.run.cli.next_steps: they name WORKDIR/config.json)."""
   import jax
 
