@@ -13,7 +13,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py), or a workdir's config.json; override any key "
+    "with --config.<section>.<key>=value.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples, metrics.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
 flags.DEFINE_string("coordinator_address", "",
@@ -45,4 +47,5 @@ def main(argv):
 if __name__ == "__main__":
   from score_jax.run import xla_flags  # before JAX starts: XLA reads its flags once
   xla_flags.apply_defaults()
-  app.run(main)
+  from score_jax.run import cli  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli.parse_main_argv(FLAGS))

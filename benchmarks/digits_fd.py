@@ -9,9 +9,11 @@ Loads the run's config (WORKDIR/config.json) and the EMA parameters of its
 newest checkpoint (or --step), draws --samples samples with each sampler at
 each budget, and prints a Markdown table of the digits numbers
 (score_jax/metrics/digits.py), headed by the held-out real digits (the floor).
-digits FD is against the 1442 training images; FD@355 is the mean over
-disjoint sets of 355 samples, the held-out set's size, so it compares with
-the floor at equal N (FD is biased upwards at small N). The classifier is
+digits FD is against the 1442 training images, over all --samples samples.
+FD@M, M = min(--samples, 355), is the mean over disjoint sets of M samples,
+and the floor row gives it for sets of M held-out real digits (at M = 355,
+the held-out set's size, the floor itself), so the two compare at equal N
+(FD is biased upwards at small N; the header names M). The classifier is
 cached in WORKDIR/eval/digits_classifier.npz, as in --mode=eval.
 
 Samplers: config (the run's own config.sampling, unchanged), pc_em (Euler-Maruyama predictor, no corrector: the paper's VP
@@ -52,6 +54,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import _workdir  # noqa: E402
 from score_jax.data import datasets
+from score_jax.data.digits import load_digits
 from score_jax.metrics import digits as digits_metric
 from score_jax.run import load as runs
 from score_jax.run import settings
@@ -157,11 +160,14 @@ def _sample(setup, params, config, num: int, batch: int, seed: int,
   return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8), int(nfe), seconds
 
 
-def _row(label: str, nfe: str, s: Dict[str, float], seconds: str) -> str:
-  fd355 = s.get("digits_fd_355", s.get("digits_fd_floor"))
+def fd_at(metric: digits_metric.DigitsMetric, images: np.ndarray, m: int) -> float:
+  """FD@m: the mean digits FD of the disjoint sets of m images in `images` (m <= len)."""
+  return float(np.mean([metric.fd(images[k * m:(k + 1) * m]) for k in range(len(images) // m)]))
+
+
+def _row(label: str, nfe: str, s: Dict[str, float], fd_m: float, seconds: str) -> str:
   fd = s.get("digits_fd", s.get("digits_fd_floor"))
-  fmt = lambda v: "-" if v is None else f"{v:.3f}"  # FD@355 needs >= 355 samples
-  return (f"| {label} | {nfe} | {fmt(fd)} | {fmt(fd355)} | {s['digits_confident']:.3f} | "
+  return (f"| {label} | {nfe} | {fd:.3f} | {fd_m:.3f} | {s['digits_confident']:.3f} | "
           f"{s['digits_classifier_score']:.2f} | {s['digits_class_balance']:.3f} | {seconds} |")
 
 
@@ -201,10 +207,17 @@ def main() -> None:
   metric = digits_metric.load_or_train(os.path.join(args.workdir, "eval", "digits_classifier.npz"))
   print(f"run {args.workdir}, step {step}; {args.samples} samples per row, batch {batch}, "
         f"{devices} x {jax.devices()[0].device_kind}")
-  print("| sampler | NFE | digits FD | FD@355 | confident | classifier score | class balance | "
+  if args.samples < 2:
+    raise SystemExit("--samples must be at least 2 (an FD needs a covariance).")
+  m = min(args.samples, digits_metric.HELD_OUT_SIZE)
+  held_out = load_digits("test")[0]
+  print(f"digits FD: all {args.samples} samples against the training digits; FD@{m}: the mean "
+        f"over disjoint sets of {m} samples, the floor row's over sets of {m} held-out digits.")
+  print(f"| sampler | NFE | digits FD | FD@{m} | confident | classifier score | class balance | "
         "sampling s |")
   print("|---|---|---|---|---|---|---|---|")
-  print(_row("held-out real digits (floor)", "-", metric.reference, "-"), flush=True)
+  print(_row("held-out real digits (floor)", "-", metric.reference,
+             fd_at(metric, held_out, m), "-"), flush=True)
   for label, overrides in _variants(args):
     try:
       x, nfe, seconds = _sample(setup, params, _with(config, overrides), args.samples, batch,
@@ -212,7 +225,8 @@ def main() -> None:
     except ValueError as e:  # a setting the sampler refuses, e.g. a DDPM chain with N <= beta_max
       print(f"| {label} | n/a: {str(e).split(';')[0]} | | | | | | |", flush=True)
       continue
-    print(_row(label, str(nfe), metric.scores(x), f"{seconds:.1f}"), flush=True)
+    print(_row(label, str(nfe), metric.scores(x), fd_at(metric, x, m), f"{seconds:.1f}"),
+          flush=True)
 
 
 if __name__ == "__main__":

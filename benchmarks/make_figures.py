@@ -1,7 +1,11 @@
-"""Pictures of trained runs, small PNGs for the README and docs/ (default folder docs/figures/).
+"""Pictures of trained runs, small PNGs for the README and docs/.
 
   python benchmarks/make_figures.py --toy_workdir=runs/toy --digits_workdir=runs/digits \
-      [--out=docs/figures] [--grid=48] [--samples=2048] [--seed=0]
+      [--out=DIR] [--grid=48] [--samples=2048] [--seed=0]
+
+--out defaults to a folder outside the repository ($TMPDIR/score_jax_figures);
+--out=docs/figures replaces the figures the README and docs show (the first
+line says which files it replaces). One line per figure with its seconds.
 
 From a toy run (configs/toy.py), newest checkpoint, EMA parameters:
   toy_samples.png       samples of the configured sampler beside the test data
@@ -30,6 +34,7 @@ import glob
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -61,6 +66,7 @@ Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
 MAX_BYTES = 150_000  # a README figure above this is too heavy
+DEFAULT_OUT = os.path.join(tempfile.gettempdir(), "score_jax_figures")  # not the repository
 _COLORS = "viridis"
 
 # ----------------------------------------------------------------------------
@@ -289,6 +295,23 @@ def _test_data(config, n: int) -> np.ndarray:
       config, "test", evaluation=True, batch_size=n, process_index=0, process_count=1)))["image"])
 
 
+TOY_FIGURES = ("toy_samples.png", "toy_score_field.png", "toy_density.png",
+               "toy_trajectories.png", "toy_loss.png")
+DIGITS_FIGURES = ("digits_samples.png", "digits_denoising.png", "digits_loss.png")
+
+
+def _figure(out: str, name: str, draw: Callable[[str], None], files: List[str]) -> None:
+  """draw(path) of out/name, then one line: the path, its seconds, and whether it replaced a
+  file."""
+  path = os.path.join(out, name)
+  existed = os.path.exists(path)
+  start = time.perf_counter()
+  draw(path)
+  files.append(path)
+  print(f"  {path}: {time.perf_counter() - start:.1f} s"
+        + ("  (replaced the file that was there)" if existed else ""), flush=True)
+
+
 def toy_figures(workdir: str, out: str, *, grid: int = 48, samples: int = 2048,
                 trajectories: int = 200, seed: int = 0, step: int = -1,
                 likelihood_tol: float = 1e-5) -> List[str]:
@@ -296,32 +319,28 @@ def toy_figures(workdir: str, out: str, *, grid: int = 48, samples: int = 2048,
   eps = float(config.sampling.eps)
   rng = jax.random.PRNGKey(seed)
   data = _test_data(config, 4096)
-  files = []
-  path = os.path.join(out, "toy_samples.png")
-  plotting.save_scatter(path, sample(jax.random.fold_in(rng, 0), samples)[:samples], data,
-                        title=f"toy: {config.data.toy_name}, step {step}, "
-                              f"{config.sampling.method} sampler")
-  files.append(path)
+  files: List[str] = []
+  _figure(out, "toy_samples.png", lambda path: plotting.save_scatter(
+      path, sample(jax.random.fold_in(rng, 0), samples)[:samples], data,
+      title=f"toy: {config.data.toy_name}, step {step}, {config.sampling.method} sampler"),
+      files)
   times = tuple(sde.T * f for f in (0.01, 0.1, 0.3, 1.0))
-  path = os.path.join(out, "toy_score_field.png")
-  draw_score_field(path, sde, score_for(cycle=False), data, times)
-  files.append(path)
+  _figure(out, "toy_score_field.png",
+          lambda path: draw_score_field(path, sde, score_for(cycle=False), data, times), files)
   lo, hi = plot_range(data)
   axis, points = grid_points(lo, hi, grid)
-  logp = log_density(sde, score_for(cycle=False), points,
-                     eps=config.eval.likelihood_eps, rtol=likelihood_tol,
-                     atol=likelihood_tol)
-  path = os.path.join(out, "toy_density.png")
-  draw_density(path, logp, axis, data, lo, hi)
-  files.append(path)
+
+  def density(path: str) -> None:
+    logp = log_density(sde, score_for(cycle=False), points, eps=config.eval.likelihood_eps,
+                       rtol=likelihood_tol, atol=likelihood_tol)
+    draw_density(path, logp, axis, data, lo, hi)
+
+  _figure(out, "toy_density.png", density, files)
   z = sde.prior_sampling(jax.random.fold_in(rng, 1), (trajectories, 2))
-  paths = pf_trajectories(sde, score_for(), z, np.linspace(sde.T, eps, 64))
-  path = os.path.join(out, "toy_trajectories.png")
-  draw_trajectories(path, paths, data)
-  files.append(path)
-  path = os.path.join(out, "toy_loss.png")
-  draw_loss(path, loss_curve(workdir), f"toy ({config.data.toy_name}) training")
-  files.append(path)
+  _figure(out, "toy_trajectories.png", lambda path: draw_trajectories(
+      path, pf_trajectories(sde, score_for(), z, np.linspace(sde.T, eps, 64)), data), files)
+  _figure(out, "toy_loss.png", lambda path: draw_loss(
+      path, loss_curve(workdir), f"toy ({config.data.toy_name}) training"), files)
   return files
 
 
@@ -331,21 +350,21 @@ def digits_figures(workdir: str, out: str, *, rows: int = 4, snapshots: int = 8,
   eps = float(config.sampling.eps)
   to_unit = datasets.inverse_scaler(config.data.centered)
   rng = jax.random.PRNGKey(seed)
-  files = []
-  path = os.path.join(out, "digits_samples.png")
-  plotting.save_image_grid(path, to_unit(sample(jax.random.fold_in(rng, 0), grid_samples)))
-  files.append(path)
+  files: List[str] = []
+  _figure(out, "digits_samples.png", lambda path: plotting.save_image_grid(
+      path, to_unit(sample(jax.random.fold_in(rng, 0), grid_samples))), files)
   times = denoising_times(sde, snapshots, eps)
   z = sde.prior_sampling(jax.random.fold_in(rng, 1), config.data.shape(rows))
-  score_fn = score_for()
-  states = pf_trajectories(sde, score_fn, z, times)
-  final = tweedie_denoise(sde, score_fn, states[-1], eps)
-  path = os.path.join(out, "digits_denoising.png")
-  draw_denoising(path, times, to_unit(np.concatenate([states, final[None]])))
-  files.append(path)
-  path = os.path.join(out, "digits_loss.png")
-  draw_loss(path, loss_curve(workdir), "digits training")
-  files.append(path)
+
+  def denoising(path: str) -> None:
+    score_fn = score_for()
+    states = pf_trajectories(sde, score_fn, z, times)
+    final = tweedie_denoise(sde, score_fn, states[-1], eps)
+    draw_denoising(path, times, to_unit(np.concatenate([states, final[None]])))
+
+  _figure(out, "digits_denoising.png", denoising, files)
+  _figure(out, "digits_loss.png",
+          lambda path: draw_loss(path, loss_curve(workdir), "digits training"), files)
   return files
 
 
@@ -353,7 +372,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--toy_workdir", default="", help="a configs/toy.py run")
   parser.add_argument("--digits_workdir", default="", help="a configs/digits.py run")
-  parser.add_argument("--out", default="docs/figures")
+  parser.add_argument("--out", default=DEFAULT_OUT,
+                      help="folder to write (the docs' figures: --out=docs/figures)")
   parser.add_argument("--grid", type=int, default=48, help="density grid: grid x grid points")
   parser.add_argument("--samples", type=int, default=2048, help="toy samples in the scatter")
   parser.add_argument("--trajectories", type=int, default=200)
@@ -363,6 +383,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
   args = parser.parse_args(argv)
   if not (args.toy_workdir or args.digits_workdir):
     parser.error("give --toy_workdir and/or --digits_workdir")
+  names = ((TOY_FIGURES if args.toy_workdir else ()) +
+           (DIGITS_FIGURES if args.digits_workdir else ()))
+  existing = [n for n in names if os.path.exists(os.path.join(args.out, n))]
+  print(f"Writing {len(names)} figures to {args.out}"
+        + (f"; this replaces {len(existing)} files there: {', '.join(existing)}" if existing
+           else "") + (". The toy density takes most of the time (minutes on 2 CPU cores)."
+                       if args.toy_workdir else "."), flush=True)
+  os.makedirs(args.out, exist_ok=True)
   files = []
   start = time.perf_counter()
   if args.toy_workdir:

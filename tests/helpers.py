@@ -2,7 +2,7 @@
 
 - configs and runs: `config` (a configs/*.py with "section.key" changes), TINY_TOY (the
   session's shared toy run, conftest.py: toy_run), `copy_run`, `env` (the environment
-  of a main.py subprocess) and ROOT;
+  of a main.py subprocess), ROOT, and `main_command` (a printed main.py line, parsed);
 - closed-form checks of samplers: SDES, EPS, Bias, PC_BIAS, ODE_BIAS,
   assert_reproduces, mixture_setup, two_modes, conditional_residuals;
 - the irreducible residual of the denoising loss (irreducible_residual);
@@ -53,6 +53,26 @@ def copy_run(workdir, dst, checkpoints_only=False):
   else:
     shutil.copytree(workdir, dst)
   return dst
+
+
+def main_command(line):
+  """(settings, workdir, mode) of a printed `python main.py ...` line, parsed the way main.py
+  parses it (score_jax.run.cli.check_config_argv, then absl and ml_collections)."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from score_jax.run import cli, settings  # pylint: disable=g-import-not-at-top
+
+  words = shlex.split(line.split(": ", 1)[1] if line.split(" ", 1)[0].endswith(":") else line)
+  assert words[:2] == ["python", "main.py"], line
+  argv = cli.check_config_argv(words[1:])
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "", flag_values=fv)
+  flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "", flag_values=fv)
+  assert fv(argv) == ["main.py"], line
+  return settings.from_config(fv.config), fv.workdir, fv.mode
 
 
 def env(devices=4):

@@ -39,6 +39,8 @@ from score_jax.run import sample as sample_mode
 from score_jax.models import get_score_fn, init_model
 from score_jax.run.settings import from_config as S
 
+from helpers import main_command
+
 PAPER_CONFIGS = ("vp_cifar", "vp_cifar_deep", "subvp_cifar", "subvp_cifar_deep", "ve_cifar",
                  "ve_cifar_deep", "ve_cifar_discrete", "ddpm_cifar", "ncsn_cifar", "ve_celeba64",
                  "ve_ffhq256", "ve_celebahq256", "ve_church256", "ve_bedroom256", "ve_ffhq1024")
@@ -417,6 +419,10 @@ def test_command_line_converts_a_genuine_checkpoint_the_eval_and_sample_modes_lo
   out = capsys.readouterr().out
   assert "ema weights" in out and f"--workdir={dst} --mode=sample" in out
   assert "--config.eval.begin_ckpt=2 --config.eval.end_ckpt=2" in out
+  # The printed sample command, pasted, gives the conversion's config with its overrides.
+  printed, workdir, mode = main_command(next(ln for ln in out.splitlines()
+                                             if ln.startswith("Sample: ")))
+  assert (printed.raw, workdir, mode) == (S(config).raw, dst, "sample")
   assert sorted(os.listdir(dst)) == ["checkpoints", "config.json"]
   assert os.listdir(tmp_path) == ["run"]  # no temp folder left
   # What --mode=eval / --mode=sample restore (make_plan without its dataset checks).

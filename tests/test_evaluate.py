@@ -168,7 +168,19 @@ def test_sample_mode_generate_and_interpolate_toy(toy_run, tmp_path):
   paths = sample_mode.run(S(config), workdir)
   out = np.load(paths["npz"])
   assert out["samples"].shape == (10, 2) and np.all(np.isfinite(out["samples"]))
-  assert paths["png"].endswith("generate_step20.png") and os.path.exists(paths["png"])
+  # Named by task, step, sampler and NFE, with the sampler's settings beside them.
+  nfe = int(out["nfe"])
+  assert os.path.basename(paths["png"]) == f"generate_step20_pc_nfe{nfe}.png"
+  assert os.path.exists(paths["png"])
+  with open(paths["json"]) as f:
+    meta = json.load(f)
+  assert (meta["sampler"], meta["nfe"], meta["step"], meta["num"]) == ("pc", nfe, 20, 10)
+  assert meta["sampling"]["method"] == "pc"
+  # Never overwritten: the next name of the same output gets a suffix.
+  out_dir = os.path.dirname(paths["png"])
+  assert sample_mode.output_base(out_dir, "generate", 20, "pc", nfe) == paths["png"][:-4] + "_2"
+  assert sample_mode.output_base(out_dir, "generate", 20, "heun", nfe).endswith(
+      f"generate_step20_heun_nfe{nfe}")
   config = _config(**{"sample.task": "interpolate", "sample.interpolation_steps": 5,
                       "sampling.rtol": 1e-3, "sampling.atol": 1e-3})
   out = np.load(sample_mode.run(S(config), workdir)["npz"])
@@ -464,3 +476,20 @@ def test_two_process_eval_matches_one_process(toy_run, tmp_path):
     x, y = (np.load(os.path.join(w, "eval", "ckpt_2", f"samples_{r}.npz"))["samples"]
             for w in (single, multi))
     np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6)
+
+
+def test_long_eval_stages_say_how_long_the_rest_takes(caplog, monkeypatch):
+  """A Stage logs, after its first compiled unit, the seconds per unit and the time left."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from score_jax.run.eval_metrics import base  # pylint: disable=g-import-not-at-top
+
+  clock = iter([0.0, 100.0, 140.0, 180.0])  # the first unit compiles: 100 s, then 40 s each
+  monkeypatch.setattr(base.time, "perf_counter", lambda: next(clock))
+  with caplog.at_level(logging.INFO):
+    stage = base.Stage("likelihood (1 x 40 batches)", total=40, done=2)
+    for _ in range(3):
+      stage.step()
+    stage.close()
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("likelihood")]
+  assert lines == ["likelihood (1 x 40 batches): 40.0 s per batch; about 24 min for the 36 left."]
+  assert stage.bar.n == 5

@@ -153,7 +153,7 @@ def _train_tiny(module, workdir, **changes):
 
 
 @pytest.mark.slow  # ~2 minutes on 2 CPU cores: two tiny trainings, then every figure
-def test_script_draws_every_figure_from_trained_runs(tmp_path):
+def test_script_draws_every_figure_from_trained_runs(tmp_path, capsys):
   from configs import digits, toy
   toy_dir, digits_dir = str(tmp_path / "toy"), str(tmp_path / "digits")
   _train_tiny(toy, toy_dir, **{"model.hidden_sizes": (32, 32), "training.batch_size": 64})
@@ -162,6 +162,11 @@ def test_script_draws_every_figure_from_trained_runs(tmp_path):
   out = str(tmp_path / "figures")
   files = mf.main([f"--toy_workdir={toy_dir}", f"--digits_workdir={digits_dir}", f"--out={out}",
                    "--grid=12", "--samples=256", "--trajectories=32", "--likelihood_tol=1e-3"])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith(f"Writing 8 figures to {out}.")  # nothing there to replace
+  assert [ln.split(":")[0].strip() for ln in lines[1:9]] == files  # one line per figure
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert not os.path.abspath(mf.DEFAULT_OUT).startswith(root)  # outside the repository
   names = sorted(os.path.basename(f) for f in files)
   assert names == sorted(os.listdir(out)) == [
       "digits_denoising.png", "digits_loss.png", "digits_samples.png", "toy_density.png",

@@ -240,8 +240,9 @@ def test_programs_guidance_is_decided_in_one_place():
 
 def test_inception_command_line_usage_and_user_errors(tmp_path, capsys):
   from score_jax.convert import inception  # pylint: disable=g-import-not-at-top
-  assert inception.main(["only_one_path"]) == 2
-  assert "usage: python -m score_jax.convert.inception SRC DST" in capsys.readouterr().err
+  assert inception.main([]) == 2
+  assert "usage: python -m score_jax.convert.inception SRC [DST]" in capsys.readouterr().err
+  assert inception.main(["a", "b", "c"]) == 2 and "usage:" in capsys.readouterr().err
   assert inception.main([str(tmp_path / "missing.pth"), str(tmp_path / "out.npz")]) == 1
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "Traceback" not in err

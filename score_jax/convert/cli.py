@@ -50,11 +50,10 @@ def _define_flags(fv: Any, argv: List[str]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`python -m score_jax.convert ... SRC DST`; returns the exit status (score_jax.run.cli)."""
-  from ml_collections import config_flags
   from score_jax.run import cli
 
   argv = list(sys.argv if argv is None else argv)
-  parsed = cli.parse(argv, _define_flags, _USAGE, 2)
+  parsed = cli.parse(argv, _define_flags, _USAGE, 2, doc=__doc__)
   if parsed is None or parsed[0]["from"].value is None or parsed[0].config is None:
     if parsed is not None:
       print(f"usage: {_USAGE}", file=sys.stderr)
@@ -66,11 +65,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   def run() -> int:
     result = convert(src, dst, config, fv["from"].value, weights=fv.weights, step=fv.step)
-    step, freq = result["step"], int(config.training.snapshot_freq)
-    config_path = config_flags.get_config_filename(fv["config"])
+    freq = int(config.training.snapshot_freq)
     print(f"Wrote {result['checkpoint']} ({result['tensors']} tensors, {result['weights']} "
           "weights).")
-    cli.print_next_steps(f"--config={config_path}", dst, step, freq,
+    cli.print_next_steps(dst, result["step"],
                          f"rerun with --step=<a multiple of {freq}> to evaluate this one")
     return 0
 

@@ -1,7 +1,7 @@
 """Convert NVlabs/edm's networks (EDMPrecond over SongUNet) into score_jax workdirs.
 
   python -m score_jax.convert --from=edm --config=configs/edm_cifar_vp.py edm-cifar10-32x32-uncond-vp.pkl runs/edm_vp
-  python main.py --config=configs/edm_cifar_vp.py --workdir=runs/edm_vp --mode=sample
+  python main.py --config=runs/edm_vp/config.json --workdir=runs/edm_vp --mode=sample
 
 EDM's released CIFAR-10 networks (`edm-cifar10-32x32-{cond,uncond}-{vp,ve}.pkl`;
 vp: DDPM++, configs/edm_cifar_vp.py; ve: NCSN++, configs/edm_cifar_ve.py) and

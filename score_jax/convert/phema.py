@@ -4,7 +4,7 @@ Diffusion Models", EDM2): choose the EMA length after training.
   python main.py --config=configs/toy.py --workdir=runs/toy --mode=train \\
       --config.model.phema_sigma_rels="(0.05,0.1)" --config.training.phema_snapshot_freq=200
   python -m score_jax.convert.phema --workdir=runs/toy --sigma_rel=0.08
-  python main.py --config=configs/toy.py --config.model.phema_sigma_rels="(0.05,0.1)" \\
+  python main.py --config=runs/toy/phema/sigma_rel_0.0800/config.json \\
       --workdir=runs/toy/phema/sigma_rel_0.0800 --mode=sample
 
 Training tracks power-function EMAs (model.phema_sigma_rels; EDM2 tracks
@@ -338,7 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """`python -m score_jax.convert.phema ...`; returns the exit status (score_jax.run.cli)."""
   from score_jax.run import cli  # pylint: disable=g-import-not-at-top
 
-  parsed = cli.parse(argv, _define_flags, _USAGE, 0)
+  parsed = cli.parse(argv, _define_flags, _USAGE, 0, doc="\n\n".join(__doc__.split("\n\n")[:2]))
   if parsed is None or parsed[0].workdir is None or parsed[0].sigma_rel is None:
     if parsed is not None:
       print(f"usage: {_USAGE}", file=sys.stderr)
@@ -364,9 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{len(result.snapshot_steps)} snapshots (steps {result.snapshot_steps[0]}.."
           f"{result.snapshot_steps[-1]}) of the profiles {list(result.source_sigma_rels)}; "
           f"profile residual {result.residual:.3g} (relative L2).")
-    freq = int(files.read_json(os.path.join(out, "config.json"))["training"]["snapshot_freq"])
-    cli.print_next_steps("--config=<the run's config and overrides>", out, result.step, freq,
-                         "sample it or load it with score_jax.load_run")
+    cli.print_next_steps(out, result.step, "sample it or load it with score_jax.load_run")
     return 0
 
   return cli.report_user_errors(run)

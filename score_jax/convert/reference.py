@@ -2,7 +2,7 @@
 
   python -m score_jax.convert --from=pytorch --config=configs/ve_cifar.py checkpoint_24.pth runs/ve_cifar
   python -m score_jax.convert --from=flax --config=configs/vp_cifar.py checkpoint_26 runs/vp_cifar
-  python main.py --config=configs/ve_cifar.py --workdir=runs/ve_cifar --mode=sample
+  python main.py --config=runs/ve_cifar/config.json --workdir=runs/ve_cifar --mode=sample
 
 (`--from=edm` converts NVlabs/edm's network pickles the same way, through
 `score_jax.convert.edm`: `--config=configs/edm_cifar_vp.py` or edm_cifar_ve.py.)

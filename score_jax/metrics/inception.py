@@ -30,8 +30,9 @@ joined with "/": `<layer>/conv/kernel` [kh, kw, in, out],
 `<layer>/bn/{scale,bias,mean,var}` [out], `fc/kernel` [2048, 1008],
 `fc/bias` [1008], with <layer> the published names (`Conv2d_1a_3x3`,
 `Mixed_5b/branch1x1`, ...): 472 arrays, 23,885,392 numbers. Make it with
-`python -m score_jax.convert.inception pt_inception-2015-12-05-6726825d.pth
-inception_fid.npz` from pytorch-fid's published weights (no torch needed).
+`python -m score_jax.convert.inception pt_inception-2015-12-05-6726825d.pth [DST]`
+from pytorch-fid's published weights (PUBLISHED_URL; no torch needed); without
+DST it goes to `default_weights_path()`, where eval looks.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ __all__ = [
     "POOL_DIM",
     "NUM_LOGITS",
     "PUBLISHED_WEIGHTS",
+    "PUBLISHED_URL",
+    "default_weights_path",
 ]
 
 INCEPTION_SIZE = 299
@@ -68,6 +71,8 @@ POOL_DIM = 2048
 NUM_LOGITS = 1008
 BN_EPS = 1e-3
 PUBLISHED_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+PUBLISHED_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 + PUBLISHED_WEIGHTS)
 RESIZE_METHODS = ("tf1", "pytorch")
 
 Params = Dict[str, Any]
@@ -361,14 +366,20 @@ def _check_flat(flat: Mapping[str, Tuple[int, ...]], source: str) -> None:
     raise ValueError("\n".join(lines))
 
 
+def default_weights_path() -> str:
+  """Where `python -m score_jax.convert.inception SRC` writes the converted weights and where
+  eval looks when eval.inception_path is empty: $XDG_CACHE_HOME (or
+  ~/.cache)/score_jax/inception/inception_fid.npz."""
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "score_jax", "inception", "inception_fid.npz")
+
+
 def _missing_file_message(path: str) -> str:
   return (
       f"FID Inception weights not found at {path!r}. Nothing is downloaded at "
-      f"run time. Get pytorch-fid's published file {PUBLISHED_WEIGHTS} "
-      "(github.com/mseitzer/pytorch-fid, release 'fid_weights') and convert "
-      f"it once:\n  python -m score_jax.convert.inception {PUBLISHED_WEIGHTS} "
-      f"{path}\n(torch is not needed), or point the config's Inception path "
-      "at an existing converted .npz.")
+      f"run time. Download pytorch-fid's published file ({PUBLISHED_URL}) and convert "
+      f"it once (torch is not needed): python -m score_jax.convert.inception "
+      f"{PUBLISHED_WEIGHTS} {path}")
 
 
 def _looks_like_torch(path: str) -> bool:

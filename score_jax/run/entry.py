@@ -142,6 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str, *,
     if mode == "train":
       from score_jax.run import train  # pylint: disable=g-import-not-at-top
       train.train_and_evaluate(settings, workdir)
+      print_trained_next_steps(workdir)
     elif mode == "eval":
       from score_jax.run import evaluate  # pylint: disable=g-import-not-at-top
       evaluate.run(settings, workdir)
@@ -152,3 +153,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str, *,
     if stats is not None:
       logging.info("Compilation cache: %d programs loaded (%.1f s of compiling saved), %d stored.",
                    stats.loaded, stats.seconds_saved, stats.written)
+
+
+def print_trained_next_steps(workdir: str) -> None:
+  """After --mode=train (`run`), process 0 prints the commands that sample and evaluate the newest
+  checkpoint (score_jax.run.cli.next_steps: they name WORKDIR/config.json)."""
+  import jax
+
+  from score_jax.run import checkpoints, cli  # pylint: disable=g-import-not-at-top
+
+  steps = checkpoints.finished_steps(os.path.join(workdir, "checkpoints"))
+  if jax.process_index() == 0 and steps and os.path.exists(os.path.join(workdir, "config.json")):
+    cli.print_next_steps(workdir, steps[-1], "evaluate the checkpoints by index "
+                         "(--config.eval.begin_ckpt / end_ckpt)")

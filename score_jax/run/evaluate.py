@@ -13,8 +13,10 @@ the plan enables, in the order of their METRICS table (one module each):
               sampler, in rounds of eval.batch_size, written as array shards,
               plus a PNG grid (a scatter plot beside the data for 2-D data);
   fid         FID, Inception Score and KID of those samples against the
-              dataset's statistics, when eval.inception_path names an Inception
-              weight file;
+              dataset's statistics, with the Inception weights of
+              eval.inception_path, or when it is empty those that
+              `python -m score_jax.convert.inception SRC` put in its default
+              location (~/.cache/score_jax/inception/; not for the digits);
   digits      for data.dataset 'digits', the digits FD, its floor and the
               classifier scores of those samples (score_jax/metrics/digits.py: a
               small classifier trained in seconds, cached in
@@ -152,7 +154,7 @@ def _check_workdir(workdir: str, ckpt_dir: str) -> None:
         f"{workdir} holds no training run (no config.json, no checkpoint in {ckpt_dir}), so "
         "there is nothing to evaluate and nothing to wait for. Train first (--mode=train, "
         "eval can run beside it), or convert a released checkpoint (python -m "
-        "score_jax.convert.reference).")
+        "score_jax.convert --help).")
 
 
 def run(settings: Settings, workdir: str) -> List[Dict[str, Any]]:
@@ -171,6 +173,9 @@ def run(settings: Settings, workdir: str) -> List[Dict[str, Any]]:
     CheckpointWaitError: a checkpoint did not appear in time or never will.
     FileNotFoundError / ValueError: eval.inception_path is set but missing or
       malformed (the message names the converter command).
+
+  Long stages (likelihood batches, sampling rounds, Inception features) show a
+  progress bar with the time left and log the estimate once.
   """
   ckpt_dir = os.path.join(workdir, "checkpoints")
   _check_workdir(workdir, ckpt_dir)

@@ -1,7 +1,7 @@
 """FID reference statistics of a config's training images, in one command.
 
   python -m score_jax.run.fid_stats --config=configs/folder.py --workdir=runs/mine \\
-      --config.data.path=/data/my_images --config.eval.inception_path=inception.npz
+      --config.data.path=/data/my_images
 
 Writes the Inception statistics of every training image (uint8, as read for
 training but without flips or dequantization; eval.stats_num_images caps the
@@ -21,7 +21,7 @@ from typing import Any, List, Optional, Sequence
 __all__ = ["main", "write_stats"]
 
 _USAGE = ("python -m score_jax.run.fid_stats --config=CONFIG --workdir=WORKDIR "
-          "[--config.data.path=DIR] [--config.eval.inception_path=inception.npz]")
+          "[--config.data.path=DIR] [--config.eval.inception_path=FILE]")
 
 
 def write_stats(settings: Any, workdir: str, **kwargs: Any):
@@ -35,11 +35,9 @@ def write_stats(settings: Any, workdir: str, **kwargs: Any):
   if not plan.data.is_images:
     raise ConfigError(f"FID statistics need images; data.dataset {plan.data.name!r} is 2-D data.")
   if "feature_fn" not in kwargs:
-    if not plan.eval.inception_path:
-      raise ConfigError("FID statistics need the FID Inception weights: pass "
-                        "--config.eval.inception_path=inception.npz (converted once, see "
-                        "docs/evaluation.md#fid-inception).")
-    fid.METRIC.check(plan)  # a missing weight file: one line naming the converter
+    if not fid.weights_path(plan):
+      raise ConfigError(fid.METRIC.why_off(plan))
+    fid.METRIC.check(plan)  # a missing or malformed weight file: one line naming the converter
   return fid.reference_stats(plan, workdir, **kwargs)
 
 

@@ -26,7 +26,7 @@ from score_jax.run.programs import Programs
 from score_jax.run import grids
 
 __all__ = ["Task", "TaskInputs", "TaskOutput", "TASKS", "sample_labels", "load_images",
-           "inpainting_mask", "slerp", "MASKS", "ImagesError", "MissingImagesError"]
+           "inpainting_mask", "slerp", "test_images", "MASKS", "ImagesError", "MissingImagesError"]
 
 
 class ImagesError(UserError, ValueError):
@@ -78,6 +78,21 @@ def load_images(path: str, image_size: int, num_channels: int) -> np.ndarray:
       raise ImagesError(f"{path}: images have shape {a.shape}, the model wants [N, *{want}].")
     return a
   return from_pil(Image.open(path))[None]
+
+
+def test_images(plan: Plan, num: int) -> np.ndarray:
+  """The first `num` images of the dataset's test split, uint8 [n <= num, H, W, C]: what
+  inpaint and colorize take when sample.images_path is empty."""
+  logging.info("sample.images_path is empty: using the first %d test images of %s.", num,
+               plan.data.name)
+  out, n = [], 0
+  for b in plan.data.batches("test", evaluation=True, raw=True, batch_size=num, process_index=0,
+                             process_count=1):
+    out.append(np.asarray(b["image"])[np.asarray(b["mask"])])
+    n += len(out[-1])
+    if n >= num:
+      break
+  return np.concatenate(out)[:num]
 
 
 def inpainting_mask(spec: str, image_size: int, num_channels: int) -> np.ndarray:
@@ -191,9 +206,6 @@ def _check_controlled(task: str) -> Callable[[Plan], None]:
       raise ConfigError(f"sample.task={task!r} needs image data; {plan.data.name!r} is 2-D.")
     if task == "colorize" and plan.data.num_channels != 3:
       raise ConfigError("sample.task='colorize' needs an RGB model (data.num_channels = 3).")
-    if not plan.sample.images_path:
-      raise ConfigError(f"sample.task={task!r} needs sample.images_path (.npz, image file or "
-                        "folder).")
     if not plan.sampling.controllable:
       raise ConfigError(f"sample.task={task!r} needs a sampler with per-step projections: "
                         "sampling.method pc, ddim, heun, dpm_solver or unipc, not ode.")
@@ -201,13 +213,17 @@ def _check_controlled(task: str) -> Callable[[Plan], None]:
 
 
 def _controlled(inputs: TaskInputs, task: str, mask: np.ndarray):
-  """Samples of `task` constrained by sample.images_path (repeated up to sample.num) and
+  """Samples of `task` constrained by sample.images_path or the test images (repeated up to
+  sample.num) and
   mask [H, W, C]: (samples [num, ...], nfe, labels [num], the given uint8 images)."""
   plan, progs = inputs.plan, inputs.progs
   num = plan.sample.num
   n = padded(num)
   labels = pad_rows(sample_labels(plan, num), n)
-  imgs = load_images(plan.sample.images_path, plan.data.image_size, plan.data.num_channels)
+  if plan.sample.images_path:
+    imgs = load_images(plan.sample.images_path, plan.data.image_size, plan.data.num_channels)
+  else:
+    imgs = test_images(plan, num)
   imgs = np.resize(imgs, (num,) + imgs.shape[1:])  # repeat the given images up to num
   data = data_scaler(plan.data.centered)(imgs.astype(np.float32) / 255.0)
   masks = np.ascontiguousarray(np.broadcast_to(mask, data.shape))
@@ -218,7 +234,7 @@ def _controlled(inputs: TaskInputs, task: str, mask: np.ndarray):
 
 
 def _inpaint(inputs: TaskInputs) -> TaskOutput:
-  """Fills the unknown part (sample.mask) of sample.images_path."""
+  """Fills the unknown part (sample.mask) of sample.images_path (or the test images)."""
   d = inputs.plan.data
   mask = inpainting_mask(inputs.plan.sample.mask, d.image_size, d.num_channels)
   x, nfe, labels, imgs = _controlled(inputs, "inpaint", mask)
@@ -227,7 +243,7 @@ def _inpaint(inputs: TaskInputs) -> TaskOutput:
 
 
 def _colorize(inputs: TaskInputs) -> TaskOutput:
-  """Colors gray versions of sample.images_path (RGB models)."""
+  """Colors gray versions of sample.images_path or the test images (RGB models)."""
   d = inputs.plan.data
   mask = np.ones((d.image_size, d.image_size, d.num_channels), np.float32)
   x, nfe, labels, imgs = _controlled(inputs, "colorize", mask)

@@ -10,7 +10,9 @@ units in the order they run; `score_jax.run.evaluate` runs the enabled ones.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
@@ -25,7 +27,7 @@ from score_jax.run.programs import Programs
 
 Array = jax.Array
 
-__all__ = ["Metric", "Inputs", "Progress", "shard_path", "shard_count", "batched"]
+__all__ = ["Metric", "Inputs", "Progress", "Stage", "shard_path", "shard_count", "batched"]
 
 
 class Progress:
@@ -39,6 +41,50 @@ class Progress:
   def save(self) -> None:
     if self.is_main:
       files.write_json(self.path, self.data)
+
+
+class Stage:
+  """Progress of a long eval stage (likelihood batches, sampling rounds, Inception features):
+  a tqdm bar on process 0 with the rate and the estimated time left, and one log line with
+  the estimate once a unit has run compiled (the first one includes compiling).
+
+    stage = Stage("likelihood", total=40, done=3)  # 3 done before a restart
+    for ...:
+      ...
+      stage.step()
+    stage.close()
+  """
+
+  def __init__(self, desc: str, total: int, done: int = 0, unit: str = "batch"):
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+    self.desc, self.total, self.done, self.unit = desc, total, done, unit
+    self.bar = tqdm(total=total, initial=done, desc=desc, unit=unit, dynamic_ncols=True,
+                    disable=not distributed.is_main())
+    self.steps, self.last = 0, time.perf_counter()
+
+  def step(self) -> None:
+    """One unit finished."""
+    now = time.perf_counter()
+    seconds, self.last = now - self.last, now
+    self.steps += 1
+    self.done += 1
+    self.bar.update(1)
+    left = self.total - self.done
+    if self.steps == 2 and left > 0 and distributed.is_main():
+      logging.info("%s: %.1f s per %s; about %s for the %d left.", self.desc, seconds, self.unit,
+                   _duration(seconds * left), left)
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+  if seconds < 90:
+    return f"{seconds:.0f} s"
+  if seconds < 5400:
+    return f"{seconds / 60:.0f} min"
+  return f"{seconds / 3600:.1f} h"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """FID, Inception Score and KID of the generated samples against the training set's Inception
-statistics, when eval.inception_path names an Inception weight file."""
+statistics, with the Inception weights `weights_path(plan)` finds: eval.inception_path, or
+when it is empty the file `python -m score_jax.convert.inception SRC` writes to its default
+location (`score_jax.metrics.inception.default_weights_path()`; not for the digits, which
+have their own FD)."""
 
 from __future__ import annotations
 
@@ -14,9 +17,23 @@ import numpy as np
 from score_jax import plotting
 from score_jax.run import distributed
 from score_jax.run.distributed import sync
-from score_jax.run.eval_metrics.base import Inputs, Metric, batched, shard_count, shard_path
+from score_jax.run.eval_metrics.base import (Inputs, Metric, Stage, batched, shard_count,
+                                             shard_path)
 from score_jax.run.plan import Plan
 from score_jax.run.programs import Programs
+
+
+def weights_path(plan: Plan) -> str:
+  """The Inception weight file FID uses: eval.inception_path, else the converter's default
+  location if a file is there (image data other than the digits), else ''."""
+  from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+
+  if plan.eval.inception_path:
+    return plan.eval.inception_path
+  default = inception.default_weights_path()
+  if plan.data.name != "digits" and os.path.isfile(default):
+    return default
+  return ""
 
 
 def _stats_path(plan: Plan, workdir: str) -> str:
@@ -40,12 +57,22 @@ def _dataset_stats(plan: Plan, progs: Programs, workdir: str, feature_fn, batch:
   logging.info("Computing Inception statistics of the %s training images -> %s (once).",
                plan.data.name, stats_path)
   # Every process reads whole global batches; `batched` gives the devices their rows.
-  train_images = (b["image"][b["mask"]] for b in plan.data.batches(
-      "train", evaluation=True, raw=True, batch_size=batch, process_index=0, process_count=1))
+  batches = plan.data.batches("train", evaluation=True, raw=True, batch_size=batch,
+                              process_index=0, process_count=1)
+  cap = plan.eval.stats_num_images
+  stage = Stage("Inception features of the training images",
+                min(len(batches), -(-cap // batch)) if cap else len(batches))
+
+  def train_images():
+    for b in batches:
+      yield b["image"][b["mask"]]
+      stage.step()
+    stage.close()
+
   # Only process 0 writes the cache; the others keep theirs in a private file.
   path = stats_path if distributed.is_main() else f"{stats_path}.process{jax.process_index()}"
   stats = metrics.dataset_stats(
-      path, train_images, lambda images: batched(feature_fn, images, batch, progs.bat)["pool"],
+      path, train_images(), lambda images: batched(feature_fn, images, batch, progs.bat)["pool"],
       recompute=True, num_features_kept=plan.eval.kid_dataset_features,
       max_images=plan.eval.stats_num_images or None)
   if not distributed.is_main():
@@ -54,11 +81,12 @@ def _dataset_stats(plan: Plan, progs: Programs, workdir: str, feature_fn, batch:
 
 
 def _inception(plan: Plan, progs: Programs):
-  """(uint8 images -> {'pool', 'logits'} of eval.inception_path's network, its batch size)."""
+  """(uint8 images -> {'pool', 'logits'} of the Inception network `weights_path` finds, its
+  batch size)."""
   from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
 
   e = plan.eval
-  params = jax.device_put(inception.load_inception_params(e.inception_path), progs.rep)
+  params = jax.device_put(inception.load_inception_params(weights_path(plan)), progs.rep)
   raw_fn = progs.inception(e.inception_resize, e.inception_precision)
   return (lambda images: raw_fn(params, images)), distributed.padded(e.inception_batch_size)
 
@@ -70,7 +98,7 @@ def reference_stats(plan: Plan, workdir: str, *, progs: Programs | None = None,
   cached there unless the file exists.
 
   feature_fn, batch: another feature network (uint8 images -> {'pool'}) and its batch size,
-  for tests; default the Inception network of eval.inception_path.
+  for tests; default the Inception network `weights_path` finds.
   """
   progs = progs or Programs(plan)
   if feature_fn is None:
@@ -103,6 +131,7 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
   todo = {r for r in range(rounds) if not features_done(r)}
   sync(f"features_todo_{out_dir}")  # decided alike on every process: Inception is collective
   pools, logits = [], []
+  stage = Stage("Inception features of the samples", rounds, rounds - len(todo), unit="shard")
   for r in range(rounds):
     path = shard_path(out_dir, "features", r)
     if r in todo:
@@ -111,11 +140,13 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
       pool, logit = feats["pool"], feats["logits"]
       if distributed.is_main():
         plotting.save_arrays(path, pool=pool, logits=logit)
+      stage.step()
     else:
       with np.load(path) as f:
         pool, logit = f["pool"], f["logits"]
     pools.append(pool)
     logits.append(logit)
+  stage.close()
   pool, logit = np.concatenate(pools), np.concatenate(logits)
 
   stats = _dataset_stats(plan, progs, inputs.workdir, feature_fn, batch)
@@ -149,18 +180,22 @@ def _warn_if_not_the_reference_network(plan: Plan) -> None:
 def _check(plan: Plan) -> None:
   """A missing or malformed weight file fails before hours of sampling, not after."""
   from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
-  inception.load_inception_params(plan.eval.inception_path)
+  inception.load_inception_params(weights_path(plan))
 
 
 def _why_off(plan: Plan) -> str:
+  from score_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+
   if not plan.data.is_images:
     return "2-D data: no FID / IS / KID (they need images); see samples.png."
-  return ("eval.inception_path is not set: FID / IS / KID skipped. Convert the published weights "
-          "once with `python -m score_jax.metrics.inception convert "
-          "pt_inception-2015-12-05-6726825d.pth inception_fid.npz` and pass "
-          "--config.eval.inception_path=inception_fid.npz.")
+  if plan.data.name == "digits":
+    return "digits: FID / IS / KID only with eval.inception_path (the digits FD is reported)."
+  return (f"No FID Inception weights (eval.inception_path is empty and "
+          f"{inception.default_weights_path()} does not exist): FID / IS / KID skipped. "
+          f"Download {inception.PUBLISHED_URL} and run once: python -m "
+          f"score_jax.convert.inception {inception.PUBLISHED_WEIGHTS}")
 
 
-METRIC = Metric(enabled=lambda plan: plan.data.is_images and bool(plan.eval.inception_path),
+METRIC = Metric(enabled=lambda plan: plan.data.is_images and bool(weights_path(plan)),
                 done_key=lambda plan: "fid", compute=compute, needs=("samples",),
                 scalars=("fid", "inception_score", "kid"), check=_check, why_off=_why_off)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from score_jax.run.distributed import check_batch, global_array, to_host
-from score_jax.run.eval_metrics.base import Inputs, Metric
+from score_jax.run.eval_metrics.base import Inputs, Metric, Stage
 from score_jax.run.plan import Plan
 
 
@@ -45,6 +45,11 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
       logging.warning("Likelihood settings changed since the last run; starting its passes anew.")
     state = {"settings": options, "passes": []}
     progress.data["likelihood"] = state
+  per_pass_batches = len(plan.data.batches(e.bpd_dataset, evaluation=True, raw=images,
+                                           batch_size=batch))
+  done = sum(r["next_batch"] for r in state["passes"][:num_passes])
+  stage = Stage(f"likelihood ({num_passes} x {per_pass_batches} batches)",
+                num_passes * per_pass_batches, min(done, num_passes * per_pass_batches))
   for p in range(num_passes):
     if p == len(state["passes"]):
       state["passes"].append({"next_batch": 0, "sum": 0.0, "sumsq": 0.0, "count": 0,
@@ -71,10 +76,12 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
                  count=rec["count"] + int(mask.sum()), nfe_sum=rec["nfe_sum"] + float(nfe),
                  batches=rec["batches"] + 1)
       progress.save()
-      logging.info("likelihood pass %d batch %d: running mean %.5f", p, i,
-                   rec["sum"] / rec["count"])
+      stage.step()
+      logging.debug("likelihood pass %d batch %d: running mean %.5f", p, i,
+                    rec["sum"] / rec["count"])
     rec["done"] = True
     progress.save()
+  stage.close()
   passes = state["passes"][:num_passes]
   total = sum(r["sum"] for r in passes)
   sumsq = sum(r["sumsq"] for r in passes)

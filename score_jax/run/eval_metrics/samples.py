@@ -16,7 +16,7 @@ from score_jax import plotting
 from score_jax.data.scaling import to_uint8
 from score_jax.run import distributed
 from score_jax.run.distributed import check_batch, global_array, local_rows, sync, to_host
-from score_jax.run.eval_metrics.base import Inputs, Metric, shard_count, shard_path
+from score_jax.run.eval_metrics.base import Inputs, Metric, Stage, shard_count, shard_path
 from score_jax.run.plan import Plan
 from score_jax.run import grids
 
@@ -59,6 +59,8 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
   sync(f"sampling_todo_{out_dir}")
   sample_fn = None
   new_samples, seconds, compile_s = 0, 0.0, 0.0
+  stage = Stage(f"sampling ({plan.eval.num_samples} samples)", len(sizes),
+                len(sizes) - len(todo), unit="round")
   for r in todo:
     n, path = sizes[r], shard_path(out_dir, "samples", r)
     y = global_array(progs.bat, local_rows(((r * batch + np.arange(batch)) % max(num_classes, 1))
@@ -84,8 +86,10 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
     if distributed.is_main():
       plotting.save_arrays(path, **arrays)  # atomic: a shard on disk is a finished round
     new_samples += n
-    logging.info("sampling round %d/%d: %d samples, %d score evaluations, %.1f s", r + 1,
-                 len(sizes), n, int(nfe), seconds)
+    stage.step()
+    logging.debug("sampling round %d/%d: %d samples, %d score evaluations, %.1f s", r + 1,
+                  len(sizes), n, int(nfe), seconds)
+  stage.close()
   sync("sampling")
   if distributed.is_main():
     _write_picture(plan, out_dir, len(sizes))
