@@ -284,7 +284,8 @@ def test_ema_halflife_and_lr_rampup_in_images_follow_edm(key):
   batch, halflife, ratio, ramp, lr = 8, 16.0, 0.5, 32.0, 1e-3
   config = _toy(model__hidden_sizes=(32,), training__batch_size=batch,
                 model__ema_halflife_kimg=halflife / 1000, model__ema_rampup_ratio=ratio,
-                optim__lr_rampup_kimg=ramp / 1000, optim__warmup=0, optim__lr=lr)
+                optim__lr_rampup_kimg=ramp / 1000, optim__warmup=0, optim__lr=lr,
+                model__ema_warmup=False)  # EDM's own ramp-up alone (the toy config warms up)
   s = S(config)
   decay, schedule = builders.get_ema_decay(s), builders.get_lr_schedule(s)
   betas = []
@@ -295,8 +296,9 @@ def test_ema_halflife_and_lr_rampup_in_images_follow_edm(key):
     np.testing.assert_allclose(float(schedule(jnp.asarray(k, jnp.int32))),
                                lr * min(nimg / ramp, 1.0), rtol=1e-6)
   assert betas[0] == 0.0 and 0.0 < betas[2] < betas[4] == betas[7]  # ramp-up, then constant
-  # Off (the default): the constant ema_rate, exactly.
-  assert builders.get_ema_decay(S(_toy()))(jnp.asarray(5)) == _toy().model.ema_rate
+  # Off (the default) without warm-up: the constant ema_rate, exactly.
+  plain = _toy(model__ema_warmup=False)
+  assert builders.get_ema_decay(S(plain))(jnp.asarray(5)) == plain.model.ema_rate
 
   setup = plan_lib.make_plan(s)
   step = train.make_train_step(setup)
