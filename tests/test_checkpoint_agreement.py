@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import helpers
-from score_jax.run import checkpoints, load, sample, train
+from score_jax.run import checkpoints, evaluate, load, sample, train
 from score_jax.run import plan as plan_lib
 from score_jax.run import state as run_state
 from score_jax.run.checkpoints import CheckpointMismatchError
@@ -22,20 +22,21 @@ def _one_line(excinfo) -> str:
   return message
 
 
-def test_sample_with_another_network_names_the_key(toy_run, tmp_path):
-  """--mode=sample with model.hidden_sizes overridden: the key, both values, the fix."""
-  workdir = toy_run[0]
-  s = S(helpers.config("toy", helpers.TINY_TOY, **{"model.hidden_sizes": (64, 32),
-                                                   "sample.output_dir": str(tmp_path / "out")}))
+@pytest.mark.parametrize("mode", [sample, evaluate])
+def test_sample_and_eval_with_another_network_name_the_key(mode, toy_run, tmp_path):
+  """--mode=sample / eval with model.hidden_sizes overridden: the key, both values, the fix,
+  before anything is written."""
+  workdir = helpers.copy_run(toy_run[0], str(tmp_path / "run"))
+  s = S(helpers.config("toy", helpers.TINY_TOY, **{"model.hidden_sizes": (64, 32)}))
   with pytest.raises(CheckpointMismatchError) as e:
-    sample.run(s, workdir)
+    mode.run(s, workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   assert _one_line(e) == (
       f"model.hidden_sizes=(64,32) but the checkpoints in {ckpt_dir} were trained with "
       f"(32,32) ({os.path.join(workdir, 'config.json')}): use "
       "--config.model.hidden_sizes=(32,32) (or drop the override), or train a new run in "
       "another --workdir.")
-  assert not os.path.exists(tmp_path / "out")
+  assert sorted(os.listdir(workdir)) == sorted(os.listdir(toy_run[0]))
 
 
 def test_load_run_names_the_first_parameter_that_differs(toy_run, tmp_path):

@@ -21,7 +21,7 @@ from score_jax.run.settings import Settings
 Array = jax.Array
 
 __all__ = ["TrainState", "PhemaTrainState", "init_state", "abstract_state", "restore_ema_params",
-           "check_checkpoint", "check_resume", "save_config"]
+           "check_checkpoint", "check_workdir", "save_config"]
 
 # Settings that fix the data's shape or the network's inputs: a checkpoint only fits the
 # values it was trained with, whether or not they change a parameter's shape (a
@@ -87,10 +87,11 @@ def restore_ema_params(plan: Plan, ckpt_dir: str, step: int) -> Any:
   return checkpoints.restore(ckpt_dir, step, template).ema_params
 
 
-def check_resume(plan: Plan, workdir: str) -> None:
-  """Refuses to resume training in WORKDIR with settings its newest checkpoint does not fit
-  (`check_checkpoint`); nothing to check where there is no checkpoint yet. Called before
-  config.json is written, so that the run's own config still names what it was trained with."""
+def check_workdir(plan: Plan, workdir: str) -> None:
+  """Refuses settings that WORKDIR's newest checkpoint does not fit (`check_checkpoint`);
+  nothing to check where there is no checkpoint yet. Training calls it before it writes
+  config.json (which then still names what the checkpoints were trained with), eval before
+  it waits for checkpoints."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   steps = checkpoints.finished_steps(ckpt_dir)
   if steps:
