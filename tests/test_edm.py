@@ -328,7 +328,7 @@ def test_ema_halflife_and_lr_rampup_in_images_follow_edm(key):
 def test_toy_edm_learns_the_mode_weights(tmp_path):
   """configs/toy_edm.py (EDM preconditioning and loss on VE, Heun 18 steps), 400 steps:
   the 2:1 mode weights within 0.035 as in the quickstart test (uniform weights are off by
-  0.042). Measured on one device: 0.020 at 400 steps (toy.py, VP: 0.017), 0.016 at 800.
+  0.042). Measured on one device: 0.015 at 400 steps (toy.py, VP: 0.013), 0.016 at 800.
   (The default tier trains and samples toy_edm for 4 steps:
   tests/test_rectified_flow.py::test_family_configs_train_and_sample.)"""
   from configs import toy_edm
