@@ -394,7 +394,7 @@ def test_microbatches_lower_the_step_memory_and_are_checked():
       plan_lib.make_plan(S(config))
 
 
-@pytest.mark.slow  # 400 steps and 500 PC steps: ~1 minute on 2 cores
+@pytest.mark.slow  # 400 steps and 500 PC steps: 1-2.5 minutes on 2 CPU cores
 def test_toy_quickstart_learns_the_mode_weights(tmp_path):
   """configs/toy.py as shipped (EMA 0.999 with warm-up), 400 steps: the 2:1 alternating mode
   weights, the figure README.md quotes (measured 0.013 on one device; without the EMA
