@@ -167,6 +167,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.dropout = 0.1
   model.embedding_type = "fourier"
   model.ema_rate = 0.9999
+  # EMA warm-up: decay min(ema_rate, (1 + n) / (10 + n)) at the n-th update, as the PyTorch
+  # reference's ExponentialMovingAverage(use_num_updates=True); off: the constant ema_rate
+  # of the JAX reference. On in the toy and digits configs, whose short runs it makes usable.
+  model.ema_warmup = False
   # EMA by half-life in images (EDM): > 0 replaces ema_rate by 0.5 ** (batch /
   # max(min(halflife_kimg * 1000, ramp-up ratio * images seen), 1e-8)); ratio 0:
   # no ramp-up.

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   model = config.model
   model.ema_rate = 0.999
+  model.ema_warmup = True  # a 400-step run samples from its EMA, not from its initialization
   model.nf = 16
   model.ch_mult = (1, 2, 2)
   model.num_res_blocks = 1

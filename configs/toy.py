@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.dropout = 0.0
   model.scale_by_sigma = False
   model.ema_rate = 0.999
+  model.ema_warmup = True  # a 400-step run samples from its EMA, not from its initialization
   model.num_scales = 500  # PC sampler steps
 
   optim = config.optim

@@ -302,8 +302,8 @@ def test_flow_matching_loss_at_the_ideal_velocity_is_its_irreducible_value(distr
 @pytest.mark.parametrize("distribution", ["logit_normal", "uniform"])
 def test_toy_rf_learns_the_mode_weights(distribution, tmp_path):
   """configs/toy_rf.py (flow matching, velocity network, Heun 18 steps), 400 steps: the 2:1
-  mode weights within 0.035 as in the quickstart test. Measured on one device: 0.014
-  (logit-normal t) and 0.022 (uniform t, 300 steps of a smaller MLP) at 400 steps.
+  mode weights within 0.035 as in the quickstart test. Measured on one device: 0.017
+  (logit-normal t) and 0.017 (uniform t) at 400 steps.
   (The default tier trains and samples these configs for 4 steps: the test below.)"""
   from configs import toy_rf
   config = toy_rf.get_config()

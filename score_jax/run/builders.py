@@ -69,17 +69,24 @@ def get_ema_decay(s: Settings) -> Callable[[Array], Any]:
   """decay(step) of the parameters' EMA, e <- decay e + (1 - decay) p, at the update of
   step `step` (0-based): model.ema_rate, or with model.ema_halflife_kimg > 0 EDM's
   0.5 ** (batch / max(h, 1e-8)), h = min(1000 halflife_kimg, ema_rampup_ratio * nimg)
-  (ratio 0: no ramp-up), nimg = step * batch_size the images seen before the step."""
+  (ratio 0: no ramp-up), nimg = step * batch_size the images seen before the step.
+  With model.ema_warmup either is capped by (1 + n) / (10 + n), n = step + 1 the number
+  of updates so far, the PyTorch reference's ExponentialMovingAverage(use_num_updates=True):
+  the EMA of a short run then forgets its random initialization."""
   m, batch = s.model, s.training.batch_size
-  if m.ema_halflife_kimg <= 0:
-    return lambda step: m.ema_rate
-  halflife = 1000.0 * m.ema_halflife_kimg
 
   def decay(step):
-    h = halflife
-    if m.ema_rampup_ratio > 0:
-      h = jnp.minimum(h, m.ema_rampup_ratio * step.astype(jnp.float32) * batch)
-    return 0.5 ** (batch / jnp.maximum(h, 1e-8))
+    if m.ema_halflife_kimg <= 0:
+      rate = m.ema_rate
+    else:
+      h = 1000.0 * m.ema_halflife_kimg
+      if m.ema_rampup_ratio > 0:
+        h = jnp.minimum(h, m.ema_rampup_ratio * step.astype(jnp.float32) * batch)
+      rate = 0.5 ** (batch / jnp.maximum(h, 1e-8))
+    if not m.ema_warmup:
+      return rate
+    n = step.astype(jnp.float32) + 1.0
+    return jnp.minimum(rate, (1.0 + n) / (10.0 + n))
 
   return decay
 

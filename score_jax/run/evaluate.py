@@ -182,6 +182,7 @@ def run(settings: Settings, workdir: str) -> List[Dict[str, Any]]:
   steps = checkpoint_steps(settings)  # a bad range fails before the plan is built
   plan = make_plan(settings)
   check_batch("eval.batch_size", plan.eval.batch_size)
+  run_state.check_workdir(plan, workdir)  # a config the checkpoints do not fit fails at once
   from score_jax.run import load  # pylint: disable=g-import-not-at-top  # load_run's plan and guide
   return evaluate_checkpoints(Programs(plan, guide=load.load_guide(settings, plan)), workdir,
                               steps)

@@ -221,7 +221,7 @@ class SampleSpec(Sample):
 @dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
   """Everything a run builds once from its settings; the modes consume it."""
-  settings: Settings  # for config.json and load_run(...).settings; nothing below reads it
+  settings: Settings  # for config.json, load_run(...).settings and the checkpoint check
   sde: sde_lib.SDE
   model: nn.Module
   tx: optax.GradientTransformation

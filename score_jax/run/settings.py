@@ -201,6 +201,7 @@ class Model:
   dropout: float
   embedding_type: str
   ema_rate: float
+  ema_warmup: bool
   ema_halflife_kimg: float
   ema_rampup_ratio: float
   phema_sigma_rels: Tuple[float, ...]

@@ -3,8 +3,9 @@ post-hoc EMA and the converters share (so no mode imports another)."""
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import flax
 import jax
@@ -14,12 +15,18 @@ from score_jax import files
 from score_jax.models import init_model
 from score_jax.run import checkpoints
 from score_jax.run.plan import Plan
+from score_jax.run import settings as settings_lib
 from score_jax.run.settings import Settings
 
 Array = jax.Array
 
 __all__ = ["TrainState", "PhemaTrainState", "init_state", "abstract_state", "restore_ema_params",
-           "save_config"]
+           "check_checkpoint", "check_workdir", "save_config"]
+
+# Settings that fix the data's shape or the network's inputs: a checkpoint only fits the
+# values it was trained with, whether or not they change a parameter's shape (a
+# convolutional network takes any image size, and samples noise at a size it never saw).
+SHAPE_KEYS = (("data", "image_size"), ("data", "num_channels"), ("model", "num_classes"))
 
 
 @flax.struct.dataclass
@@ -66,15 +73,118 @@ def restore_ema_params(plan: Plan, ckpt_dir: str, step: int) -> Any:
 
   A checkpoint with or without post-hoc EMA profiles (model.phema_sigma_rels)
   loads whether or not the settings track them: only ema_params is used.
+
+  Raises:
+    CheckpointMismatchError: the checkpoint does not fit the settings (`check_checkpoint`).
   """
   template = abstract_state(plan)
-  saved = checkpoints.saved_tree(ckpt_dir, step)
+  saved = check_checkpoint(plan, ckpt_dir, step, template)
   count = len(saved["phema"]) if isinstance(saved, dict) and "phema" in saved else 0
   if count != len(getattr(template, "phema", ())):
     base = {k: getattr(template, k) for k in ("step", "params", "opt_state", "ema_params")}
     template = (PhemaTrainState(**base, phema=(template.ema_params,) * count) if count
                 else TrainState(**base))
   return checkpoints.restore(ckpt_dir, step, template).ema_params
+
+
+def check_workdir(plan: Plan, workdir: str) -> None:
+  """Refuses settings that WORKDIR's newest checkpoint does not fit (`check_checkpoint`);
+  nothing to check where there is no checkpoint yet. Training calls it before it writes
+  config.json (which then still names what the checkpoints were trained with), eval before
+  it waits for checkpoints."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = checkpoints.finished_steps(ckpt_dir)
+  if steps:
+    check_checkpoint(plan, ckpt_dir, steps[-1])
+
+
+def check_checkpoint(plan: Plan, ckpt_dir: str, step: int,
+                     template: Optional[TrainState] = None) -> Any:
+  """Checks that checkpoint `step` fits plan's settings before anything is read; returns
+  the saved tree (`checkpoints.saved_tree`).
+
+  Two comparisons, with the run's own config (the config.json beside ckpt_dir) where
+  there is one: the SHAPE_KEYS (image size, channels, classes), which must agree even
+  where the parameters would fit; and the EMA parameters' shapes against those the
+  settings' network has, whose mismatch names the model keys that differ from the run's
+  config or else the first parameter that differs.
+
+  Raises:
+    CheckpointMismatchError: in one line, with the keys (or parameter) and the fix.
+  """
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  saved = checkpoints.saved_tree(ckpt_dir, step)
+  config_path = os.path.join(os.path.dirname(ckpt_dir), "config.json")
+  trained = _trained_settings(config_path)
+  mine = plan.settings
+  if trained is not None:
+    differ = [(f"{a}.{k}", getattr(getattr(mine, a), k), getattr(getattr(trained, a), k))
+              for a, k in SHAPE_KEYS
+              if getattr(getattr(mine, a), k) != getattr(getattr(trained, a), k)]
+    if mine.data.shape(1) == trained.data.shape(1):  # e.g. 2-D toy data has no image size
+      differ = [d for d in differ if not d[0].startswith("data.")]
+    if differ:
+      raise _keys_error(differ, ckpt_dir, config_path)
+  if template is None:
+    template = abstract_state(plan)
+  wanted = _shapes(template.ema_params)
+  have = _shapes(saved.get("ema_params", {})) if isinstance(saved, dict) else {}
+  if wanted == have:
+    return saved
+  if trained is not None:
+    differ = [(f"model.{k}", mine.model.get(k), trained.model.get(k))
+              for k in _model_keys(mine.model, trained.model)
+              if mine.model.get(k) != trained.model.get(k)]
+    if differ:
+      raise _keys_error(differ, ckpt_dir, config_path)
+  path = next(p for p in sorted(set(wanted) | set(have)) if wanted.get(p) != have.get(p))
+  show = lambda shape: "absent" if shape is None else f"shape {shape}"
+  raise checkpoints.CheckpointMismatchError(
+      f"Checkpoint {step} in {ckpt_dir} does not fit the network these settings build: "
+      f"parameter {path} is {show(have.get(path))} there and {show(wanted.get(path))} here. "
+      "Check model.name, the model's architecture keys (model.nf, model.ch_mult, "
+      "model.hidden_sizes, ...), data.num_channels and model.num_classes against the run's "
+      f"config{'' if trained is None else ' ' + config_path}.")
+
+
+def _trained_settings(path: str) -> Optional[Settings]:
+  """The settings of a run's config.json, or None where there is none (or it does not load)."""
+  if not os.path.isfile(path):
+    return None
+  try:
+    return settings_lib.from_json(path)
+  except (ValueError, OSError) as e:  # a hand-edited file: the parameter check still runs
+    logging.warning("Cannot compare with %s (%s); checking the parameters' shapes only.", path, e)
+    return None
+
+
+def _model_keys(*models: settings_lib.Model) -> List[str]:
+  """The model keys that shape a network: its name, embedding, classes and architecture."""
+  keys = ["name", "embedding_type", "num_classes"]
+  for m in models:
+    keys += [k for k, _ in m.arch if k not in keys]
+  return keys
+
+
+def _keys_error(differ: List[Tuple[str, Any, Any]], ckpt_dir: str,
+                config_path: str) -> checkpoints.CheckpointMismatchError:
+  """'data.image_size=16 but the checkpoints in W/checkpoints were trained with 8 (...)'."""
+  flag = lambda v: "(" + ",".join(map(str, v)) + ")" if isinstance(v, tuple) else str(v)
+  mine = ", ".join(f"{k}={flag(a)}" for k, a, _ in differ)
+  theirs = (flag(differ[0][2]) if len(differ) == 1
+            else ", ".join(f"{k}={flag(b)}" for k, _, b in differ))
+  use = " ".join(f"--config.{k}={flag(b)}" for k, _, b in differ)
+  plural = "s" if len(differ) > 1 else ""
+  return checkpoints.CheckpointMismatchError(
+      f"{mine} but the checkpoints in {ckpt_dir} were trained with {theirs} ({config_path}): "
+      f"use {use} (or drop the override{plural}), or train a new run in another --workdir.")
+
+
+def _shapes(tree: Any) -> Dict[str, Tuple[int, ...]]:
+  """'Dense_0/kernel' -> shape, for every array of a parameter tree (or its saved metadata)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in leaves}
 
 
 def save_config(settings: Settings, workdir: str) -> None:

@@ -32,7 +32,8 @@ from score_jax.run import distributed
 from score_jax.run import phema
 from score_jax.run import programs
 from score_jax.run.plan import Plan, make_plan
-from score_jax.run.state import PhemaTrainState, TrainState, init_state, save_config
+from score_jax.run.state import (PhemaTrainState, TrainState, check_workdir, init_state,
+                                 save_config)
 from score_jax.errors import UserError, WorkdirError
 from score_jax.data.scaling import data_scaler
 from score_jax.run.settings import Settings
@@ -187,6 +188,7 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
   """
   prepare_workdir(workdir)
   plan = make_plan(settings)
+  check_workdir(plan, workdir)  # before config.json is replaced by these settings
   if jax.process_index() == 0:
     save_config(settings, workdir)
   return train(plan, workdir)
