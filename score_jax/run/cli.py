@@ -5,7 +5,9 @@ absl flags on a FlagValues of their own (so a library module defines no
 global flags when imported), positional arguments after them, and one line on
 standard error for a mistake the user can fix: usage errors exit with 2,
 user errors (`score_jax.errors.UserError`, a missing or existing file) with 1;
-anything unexpected keeps its traceback.
+Ctrl-C prints one line (training's says which checkpoint it saved) and exits
+with 130 (128 + SIGINT, the shell's convention); anything unexpected keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from absl import flags
 
 from score_jax.errors import UserError
 
-__all__ = ["parse", "report_user_errors", "USAGE_ERROR", "USER_ERROR"]
+__all__ = ["parse", "report_user_errors", "USAGE_ERROR", "USER_ERROR", "INTERRUPTED"]
 
-USAGE_ERROR, USER_ERROR = 2, 1
+USAGE_ERROR, USER_ERROR, INTERRUPTED = 2, 1, 130
 
 
 def parse(argv: Optional[Sequence[str]], define: Callable[[flags.FlagValues, List[str]], None],
@@ -43,12 +45,16 @@ def parse(argv: Optional[Sequence[str]], define: Callable[[flags.FlagValues, Lis
 
 
 def report_user_errors(fn: Callable[[], int]) -> int:
-  """fn()'s exit status; a user error is printed in one line and gives USER_ERROR."""
+  """fn()'s exit status; a user error is printed in one line and gives USER_ERROR, Ctrl-C
+  (KeyboardInterrupt) gives INTERRUPTED."""
   try:
     return fn()
   except (UserError, FileExistsError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return USER_ERROR
+  except KeyboardInterrupt as e:
+    print(str(e) or "Interrupted (Ctrl-C).", file=sys.stderr)
+    return INTERRUPTED
 
 
 def print_next_steps(config_arg: str, workdir: str, step: int, snapshot_freq: int,
