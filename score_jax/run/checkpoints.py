@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
@@ -51,6 +52,27 @@ class DamagedCheckpointError(UserError, OSError):
 def _first_line(e: BaseException, limit: int = 200) -> str:
   text = (str(e).strip().splitlines() or [type(e).__name__])[0]
   return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _mute_orphaned_reads() -> None:
+  """Silences the callbacks of reads that orbax leaves running after a failed restore.
+
+  Reading a damaged checkpoint fails at the first bad array; orbax then closes its
+  event loop while tensorstore still finishes the other reads, whose callbacks
+  each raise 'Event loop is closed' in a background thread (printed as a
+  traceback per array). Those, and only those, are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "mutes_orphaned_reads", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.mutes_orphaned_reads = True
+  sys.unraisablehook = hook
 
 
 def _leaf_shapes(tree: Any) -> Dict[str, Tuple[int, ...]]:
@@ -96,6 +118,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  # tensorstore raises bare Exception
       if "RESOURCE_EXHAUSTED" in str(e):  # out of memory: not the checkpoint's fault
         raise
+      _mute_orphaned_reads()
       raise self._diagnose(step, template, e) from e
 
   def _diagnose(self, step: int, template: Any, e: Exception) -> UserError:
@@ -270,6 +293,7 @@ def saved_tree(ckpt_dir: str, step: int) -> Any:
   try:
     tree = manager.item_metadata(step)
   except Exception as e:  # pylint: disable=broad-except  # tensorstore raises bare Exception
+    _mute_orphaned_reads()
     raise DamagedCheckpointError(
         f"Checkpoint {step} ({os.path.join(os.path.abspath(ckpt_dir), str(step))}) is damaged: "
         f"its metadata cannot be read ({_first_line(e)})") from e
