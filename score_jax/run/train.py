@@ -162,9 +162,9 @@ class _StopFlag:
   """Set by SIGTERM (preemption) or Ctrl-C (SIGINT): the loop saves a checkpoint and stops.
 
   A second Ctrl-C aborts at once, saving nothing more: under Python's own
-  SIGINT handling (main.py) the process ends by SIGINT at once (even while the
-  accelerator is busy); under another handler (a notebook kernel) that handler
-  is restored and KeyboardInterrupt raised.
+  SIGINT handling (main.py) the process is ended by SIGINT, without waiting
+  for work queued on the accelerator; under another handler (a notebook
+  kernel) that handler is restored and KeyboardInterrupt raised.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
