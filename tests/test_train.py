@@ -147,6 +147,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert proc.returncode == 0, err[-3000:]
   steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 100000
+  # One line of its own (not glued to the progress bar) names the saved step; the lock is gone.
+  assert re.search(rf"(^|\n)W\S* \S+ \d+ train\.py:\d+\] SIGTERM: saved checkpoint {steps[0]} ", err)
+  assert not os.path.exists(os.path.join(workdir, ".lock"))
 
 
 def _cache_report(stderr):

@@ -3,18 +3,27 @@
 One `CheckpointManager` in WORKDIR/checkpoints keeps the newest checkpoint
 plus every checkpoint whose step is a multiple of `keep_period`
 (training.snapshot_freq); saves in between (training.
-snapshot_freq_for_preemption, SIGTERM) replace each other. Orbax writes each
-checkpoint to a temporary folder and renames it when complete, so a process
-killed mid-write leaves the previous checkpoints intact and no half-written
-one that restore would pick.
+snapshot_freq_for_preemption, SIGTERM, Ctrl-C) replace each other. Orbax
+writes each checkpoint to a temporary folder and renames it when complete, so
+a process killed mid-write leaves the previous checkpoints intact and no
+half-written one that restore would pick.
+
+A checkpoint damaged afterwards (a truncated or missing file) is told apart
+from one of another config by its own metadata: restoring the newest
+(`restore_intact`, `Checkpointer.restore_latest`) skips damaged ones with a
+warning naming them and the one used; an explicitly requested damaged one is a
+`DamagedCheckpointError`. Training, the only writer, moves damaged checkpoints
+newer than the one it resumes from to WORKDIR/checkpoints_damaged/ (never
+deleting them), so that its own saves of those steps cannot collide with them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
-from typing import Any, List, Optional, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,8 +33,8 @@ from score_jax.errors import UserError
 T = TypeVar("T")
 
 __all__ = ["Checkpointer", "CheckpointMismatchError", "CheckpointWaitError", "finished_steps",
-           "wait_for_checkpoint", "existing_step", "restore", "saved_tree",
-           "MissingCheckpointError"]
+           "wait_for_checkpoint", "existing_step", "restore", "restore_intact", "saved_tree",
+           "MissingCheckpointError", "DamagedCheckpointError"]
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -34,6 +43,45 @@ class CheckpointMismatchError(UserError, ValueError):
 
 class CheckpointWaitError(UserError, RuntimeError):
   """A checkpoint eval waits for will not appear (or did not within the timeout)."""
+
+
+class DamagedCheckpointError(UserError, OSError):
+  """A checkpoint whose files are incomplete or corrupt (truncated, missing)."""
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _mute_orphaned_reads() -> None:
+  """Silences the callbacks of reads that orbax leaves running after a failed restore.
+
+  Reading a damaged checkpoint fails at the first bad array; orbax then closes its
+  event loop while tensorstore still finishes the other reads, whose callbacks
+  each raise 'Event loop is closed' in a background thread (printed as a
+  traceback per array). Those, and only those, are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "mutes_orphaned_reads", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.mutes_orphaned_reads = True
+  sys.unraisablehook = hook
+
+
+def _leaf_shapes(tree: Any) -> Dict[str, Tuple[int, ...]]:
+  """{'params/Dense_0/kernel': shape} of a state or of its saved metadata (same key names)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    out[name] = tuple(getattr(leaf, "shape", ()))
+  return out
 
 
 class Checkpointer:
@@ -58,23 +106,68 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def restore(self, step: int, template: T) -> T:
-    """Restores checkpoint `step` into the structure, shapes and shardings of `template`."""
+    """Restores checkpoint `step` into the structure, shapes and shardings of `template`.
+
+    Raises:
+      CheckpointMismatchError: the checkpoint holds another structure or shapes.
+      DamagedCheckpointError: its files are incomplete or corrupt.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointMismatchError(
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore raises bare Exception
+      if "RESOURCE_EXHAUSTED" in str(e):  # out of memory: not the checkpoint's fault
+        raise
+      _mute_orphaned_reads()
+      raise self._diagnose(step, template, e) from e
+
+  def _diagnose(self, step: int, template: Any, e: Exception) -> UserError:
+    """Why restoring `step` failed: its own metadata says whether it is another config's
+    checkpoint (a mismatch) or one whose files are damaged."""
+    path = os.path.join(self.directory, str(step))
+    try:
+      saved = saved_tree(self.directory, step)
+    except DamagedCheckpointError as damaged:
+      return damaged
+    if (saved is None and isinstance(e, (ValueError, KeyError, TypeError))) or (
+        saved is not None and _leaf_shapes(saved) != _leaf_shapes(template)):
+      return CheckpointMismatchError(
           f"Checkpoint {step} in {self.directory} does not match the model and optimizer this "
-          f"config builds ({type(e).__name__}: {e}). Use the config the run was trained with "
-          "(WORKDIR/config.json), or a new --workdir.") from e
+          f"config builds ({type(e).__name__}: {_first_line(e)}). Use the config the run was "
+          "trained with (WORKDIR/config.json), or a new --workdir.")
+    return DamagedCheckpointError(f"Checkpoint {step} ({path}) is damaged: {_first_line(e)}")
 
   def restore_latest(self, template: T) -> T:
-    """The newest checkpoint restored into `template`, or `template` if there is none."""
-    step = self.latest_step()
-    if step is None:
+    """The newest intact checkpoint restored into `template`, or `template` if there is none.
+
+    Damaged checkpoints newer than it are moved (process 0) to
+    <directory>_damaged/ so that saves of their steps cannot collide with them.
+    """
+    if self.latest_step() is None:
       return template
-    logging.info("Restoring checkpoint %d from %s", step, self.directory)
-    return self.restore(step, template)
+    step, state, damaged = _restore_newest(self.directory, self.all_steps(),
+                                           lambda s: self.restore(s, template))
+    logging.info("Restored checkpoint %d from %s", step, self.directory)
+    if damaged:
+      self._set_aside(damaged)
+    return state
+
+  def _set_aside(self, steps: List[int]) -> None:
+    """Moves checkpoints `steps` to <directory>_damaged/<step> (process 0), then rereads the
+    directory on every process."""
+    if jax.process_index() == 0:
+      aside = self.directory + "_damaged"
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        dst, n = os.path.join(aside, str(step)), 1
+        while os.path.exists(dst):
+          dst, n = os.path.join(aside, f"{step}.{n}"), n + 1
+        os.replace(os.path.join(self.directory, str(step)), dst)
+        logging.warning("Moved the damaged checkpoint %d to %s (kept, not deleted).", step, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("checkpoints_set_aside")
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -150,12 +243,60 @@ class MissingCheckpointError(UserError, FileNotFoundError):
   """A workdir holds no checkpoint (of the step asked for)."""
 
 
+def _restore_newest(ckpt_dir: str, steps: List[int],
+                    restore_fn: Callable[[int], T]) -> Tuple[int, T, List[int]]:
+  """(step, restore_fn(step), damaged newer steps) of the newest of `steps` that restores."""
+  damaged: List[int] = []
+  for step in reversed(steps):
+    try:
+      out = restore_fn(step)
+    except DamagedCheckpointError as e:
+      logging.warning("%s Trying the one before it.", e)
+      damaged.append(step)
+      continue
+    if damaged:
+      logging.warning("Using checkpoint %d of %s instead of the damaged %s.", step, ckpt_dir,
+                      ", ".join(map(str, damaged)))
+    return step, out, damaged
+  raise DamagedCheckpointError(
+      f"Every checkpoint in {ckpt_dir} is damaged (steps {steps}); move them away to start "
+      "afresh, or use another --workdir.")
+
+
+def restore_intact(ckpt_dir: str, restore_fn: Callable[[int], T], step: int = -1) -> Tuple[int, T]:
+  """(step, restore_fn(step)) for checkpoint `step`, or with step < 0 the newest intact one.
+
+  restore_fn(step) restores one checkpoint, raising DamagedCheckpointError
+  where its files are damaged; with step < 0 those are skipped with a warning
+  naming them and the one used instead.
+
+  Raises:
+    MissingCheckpointError: no checkpoint (of that step).
+    DamagedCheckpointError: the step asked for, or every checkpoint, is damaged.
+  """
+  found = existing_step(ckpt_dir, step)
+  if step >= 0:
+    return found, restore_fn(found)
+  found, out, _ = _restore_newest(ckpt_dir, finished_steps(ckpt_dir), restore_fn)
+  return found, out
+
+
 def saved_tree(ckpt_dir: str, step: int) -> Any:
-  """The structure of checkpoint `step` as saved (nested dicts of array metadata; no array read)."""
+  """The structure of checkpoint `step` as saved (nested dicts of array metadata; no array
+  read); None where the checkpoint holds no tree metadata.
+
+  Raises:
+    DamagedCheckpointError: the metadata cannot be read.
+  """
   manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
                                   item_handlers=ocp.StandardCheckpointHandler())
   try:
     tree = manager.item_metadata(step)
+  except Exception as e:  # pylint: disable=broad-except  # tensorstore raises bare Exception
+    _mute_orphaned_reads()
+    raise DamagedCheckpointError(
+        f"Checkpoint {step} ({os.path.join(os.path.abspath(ckpt_dir), str(step))}) is damaged: "
+        f"its metadata cannot be read ({_first_line(e)})") from e
   finally:
     manager.close()
   return getattr(tree, "tree", tree)

@@ -5,7 +5,9 @@ absl flags on a FlagValues of their own (so a library module defines no
 global flags when imported), positional arguments after them, and one line on
 standard error for a mistake the user can fix: usage errors exit with 2,
 user errors (`score_jax.errors.UserError`, a missing or existing file) with 1;
-anything unexpected keeps its traceback. --help (-h, --helpfull) prints the
+Ctrl-C prints one line (training's says which checkpoint it saved) and exits
+with 130 (128 + SIGINT, the shell's convention); anything unexpected keeps its
+traceback. --help (-h, --helpfull) prints the
 usage line and the flags and exits with 0.
 
 `--config` (ml_collections' config file flag) is checked before absl parses
@@ -30,9 +32,10 @@ from absl import flags
 from score_jax.errors import UserError
 
 __all__ = ["parse", "report_user_errors", "check_config_argv", "parse_main_argv",
-           "print_next_steps", "next_steps", "ConfigArgError", "USAGE_ERROR", "USER_ERROR"]
+           "print_next_steps", "next_steps", "ConfigArgError", "USAGE_ERROR", "USER_ERROR",
+           "INTERRUPTED"]
 
-USAGE_ERROR, USER_ERROR = 2, 1
+USAGE_ERROR, USER_ERROR, INTERRUPTED = 2, 1, 130
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "-helpfull", "--helpshort", "-helpshort")
 WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workdir_config.py")
 _CONFIG_ARG = re.compile(r"^--?config(=|$)")
@@ -159,12 +162,16 @@ def parse(argv: Optional[Sequence[str]], define: Callable[[flags.FlagValues, Lis
 
 
 def report_user_errors(fn: Callable[[], int]) -> int:
-  """fn()'s exit status; a user error is printed in one line and gives USER_ERROR."""
+  """fn()'s exit status; a user error is printed in one line and gives USER_ERROR, Ctrl-C
+  (KeyboardInterrupt) gives INTERRUPTED."""
   try:
     return fn()
   except (UserError, FileExistsError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return USER_ERROR
+  except KeyboardInterrupt as e:
+    print(str(e) or "Interrupted (Ctrl-C).", file=sys.stderr)
+    return INTERRUPTED
 
 
 def next_steps(workdir: str, step: int, snapshot_freq: int, n_iters: int,

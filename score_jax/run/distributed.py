@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 
 from score_jax.errors import ConfigError
 
-__all__ = ["to_host", "sync", "global_array", "local_rows", "pad_rows", "padded", "check_batch",
+__all__ = ["to_host", "sync", "any_process", "global_array", "local_rows", "pad_rows", "padded", "check_batch",
            "is_main"]
 
 
@@ -35,6 +35,14 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def global_array(sharding: NamedSharding, local: np.ndarray) -> jax.Array:

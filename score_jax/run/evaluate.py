@@ -171,6 +171,8 @@ def run(settings: Settings, workdir: str) -> List[Dict[str, Any]]:
   Raises:
     WorkdirError: the workdir was never trained.
     CheckpointWaitError: a checkpoint did not appear in time or never will.
+    DamagedCheckpointError: a checkpoint of the range is damaged (its files cut short or
+      lost); set eval.begin_ckpt / eval.end_ckpt around it.
     FileNotFoundError / ValueError: eval.inception_path is set but missing or
       malformed (the message names the converter command).
 

@@ -65,11 +65,13 @@ class Run:
 
 
 def load_run(workdir: str, step: Optional[int] = None) -> Run:
-  """Loads WORKDIR's config and the EMA parameters of checkpoint `step` (default: the newest).
+  """Loads WORKDIR's config and the EMA parameters of checkpoint `step` (default: the newest
+  intact one; damaged newer ones are skipped with a warning).
 
   Raises:
     WorkdirError: no such folder, or no config.json in it.
     MissingCheckpointError: no checkpoint (of that step).
+    DamagedCheckpointError: checkpoint `step` (or every one) is damaged.
     CheckpointMismatchError: the checkpoint does not fit the config's network.
   """
   from score_jax.run import state as run_state
@@ -82,8 +84,9 @@ def load_run(workdir: str, step: Optional[int] = None) -> Run:
   s = settings_lib.from_json(path)
   plan = make_plan(s, need_data=False)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  found = checkpoints.existing_step(ckpt_dir, -1 if step is None else step)
-  params = run_state.restore_ema_params(plan, ckpt_dir, found)
+  found, params = checkpoints.restore_intact(
+      ckpt_dir, lambda k: run_state.restore_ema_params(plan, ckpt_dir, k),
+      -1 if step is None else step)
   return Run(workdir=workdir, settings=s, plan=plan, params=params, step=found)
 
 

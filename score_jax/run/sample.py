@@ -1,8 +1,8 @@
 """The sample mode: `run(settings, workdir)` writes samples of one checkpoint.
 
-`--mode=sample` loads one checkpoint (sample.ckpt_step, default the newest)
-and writes sample.num samples as PNG, .npz and .json with any sampler, named
-by task, step, sampler and NFE and never overwritten; sample.task
+`--mode=sample` loads one checkpoint (sample.ckpt_step, default the newest
+intact one) and writes sample.num samples as PNG, .npz and .json with any
+sampler, named by task, step, sampler and NFE and never overwritten; sample.task
 picks unconditional generation, inpainting or colorization of given images,
 or interpolation through the probability-flow ODE. Class-conditional models
 take sample.class_label and sampling.guidance_weight (classifier-free
@@ -66,9 +66,10 @@ def run(settings: Settings, workdir: str) -> Dict[str, str]:
   task.check(plan)
   sample_labels(plan, 1)  # a bad class label fails before the checkpoint loads
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = checkpoints.existing_step(ckpt_dir, plan.sample.ckpt_step)
+  step, params = checkpoints.restore_intact(
+      ckpt_dir, lambda k: run_state.restore_ema_params(plan, ckpt_dir, k), plan.sample.ckpt_step)
   progs = programs.Programs(plan, guide=runs.load_guide(settings, plan))
-  params = progs.guided(run_state.restore_ema_params(plan, ckpt_dir, step))
+  params = progs.guided(params)
   rng = jax.random.fold_in(jax.random.PRNGKey(plan.sample.seed), step)
   put = lambda a: global_array(progs.bat, local_rows(a))
   out = task.run(TaskInputs(plan, progs, params, rng, workdir, put))

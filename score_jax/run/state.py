@@ -88,14 +88,17 @@ def restore_ema_params(plan: Plan, ckpt_dir: str, step: int) -> Any:
 
 
 def check_workdir(plan: Plan, workdir: str) -> None:
-  """Refuses settings that WORKDIR's newest checkpoint does not fit (`check_checkpoint`);
-  nothing to check where there is no checkpoint yet. Training calls it before it writes
-  config.json (which then still names what the checkpoints were trained with), eval before
-  it waits for checkpoints."""
+  """Refuses settings that WORKDIR's newest checkpoint with readable metadata does not fit
+  (`check_checkpoint`); nothing to check where there is no checkpoint yet. Training calls it
+  before it writes config.json (which then still names what the checkpoints were trained
+  with), eval before it waits for checkpoints."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = checkpoints.finished_steps(ckpt_dir)
-  if steps:
-    check_checkpoint(plan, ckpt_dir, steps[-1])
+  for step in reversed(checkpoints.finished_steps(ckpt_dir)):
+    try:
+      check_checkpoint(plan, ckpt_dir, step)
+      return
+    except checkpoints.DamagedCheckpointError:
+      continue  # restoring skips it too, with a warning naming it
 
 
 def check_checkpoint(plan: Plan, ckpt_dir: str, step: int,

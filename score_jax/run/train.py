@@ -3,9 +3,17 @@
 One code path from one CPU to a pod: a 1-D device mesh over all devices,
 parameters replicated, the batch sharded along the mesh. Resume order (the
 one place it is decided): the newest complete checkpoint in
-WORKDIR/checkpoints, else a fresh initialization from config.seed. The data
-position is a pure function of the step, so a resumed run reads exactly the
-batches an uninterrupted one would.
+WORKDIR/checkpoints (damaged newer ones are skipped with a warning and moved
+to WORKDIR/checkpoints_damaged/), else a fresh initialization from
+config.seed. The data position is a pure function of the step, so a resumed
+run reads exactly the batches an uninterrupted one would.
+
+Workdir safety: a training holds WORKDIR/.lock while it runs (score_jax.run.
+lock), so a second one on the same workdir stops at once. SIGTERM and Ctrl-C
+(SIGINT) save a checkpoint of the step in progress and stop: SIGTERM returns
+normally (main.py exits with 0), Ctrl-C raises `TrainingInterrupted` (a
+KeyboardInterrupt; main.py exits with 130); a second Ctrl-C aborts at once
+without saving.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ from score_jax.data import augment
 from score_jax.run import checkpoints, writers
 from score_jax.data import datasets
 from score_jax.run import distributed
+from score_jax.run import lock
 from score_jax.run import phema
 from score_jax.run import programs
+from score_jax.run import progress
 from score_jax.run.plan import Plan, make_plan
 from score_jax.run.state import (PhemaTrainState, TrainState, check_workdir, init_state,
                                  save_config)
@@ -43,6 +53,10 @@ Array = jax.Array
 
 class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a non-finite loss or gradient."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """Ctrl-C stopped training after saving a checkpoint (the message says which)."""
 
 
 def apply_update(plan: Plan, state: TrainState, grads) -> TrainState:
@@ -146,23 +160,57 @@ def global_batch(plan: Plan, batch: Dict[str, np.ndarray]) -> Tuple[Array, Array
 
 
 class _StopFlag:
-  """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+  """Set by SIGTERM (preemption) or Ctrl-C (SIGINT): the loop saves a checkpoint and stops.
+
+  A second Ctrl-C aborts at once, saving nothing more: under Python's own
+  SIGINT handling (main.py) the process is ended by SIGINT, without waiting
+  for work queued on the accelerator; under another handler (a notebook
+  kernel) that handler is restored and KeyboardInterrupt raised.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal: Optional[int] = None  # the first stop signal received
+    self._previous: Dict[int, Any] = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signal is not None
+
+  @property
+  def name(self) -> str:
+    return "Ctrl-C" if self.signal == signal.SIGINT else "SIGTERM"
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
+      self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
     return self
 
   def _handler(self, signum, frame):
-    self.requested = True
+    if signum == signal.SIGINT and self.signal == signal.SIGINT:
+      previous = self._previous.pop(signal.SIGINT)
+      if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+      signal.signal(signal.SIGINT, previous)
+      raise KeyboardInterrupt
+    if self.signal is None:
+      self.signal = signum
+
+  def wait(self, x: Array) -> None:
+    """Waits for x to be computed, announcing a stop requested meanwhile at once."""
+    announced = False
+    while not x.is_ready():
+      if self.requested and not announced:
+        logging.warning("%s: stopping once the snapshot sampling in progress ends%s.", self.name,
+                        " (Ctrl-C again aborts at once)" if self.signal == signal.SIGINT else "")
+        announced = True
+      time.sleep(0.05)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
     return False
 
 
@@ -184,14 +232,20 @@ def train_and_evaluate(settings: Settings, workdir: str) -> TrainState:
   Writes WORKDIR/config.json, checkpoints/, samples/ (PNG grids or scatter
   plots and .npz arrays at each snapshot), tensorboard/ event files,
   metrics.jsonl (one line per log step) and, with model.phema_sigma_rels,
-  phema/ (post-hoc EMA snapshots, score_jax.run.phema). Returns the final state.
+  phema/ (post-hoc EMA snapshots, score_jax.run.phema); holds WORKDIR/.lock
+  meanwhile. Returns the final state.
+
+  Raises:
+    WorkdirLockedError: another training runs in the workdir.
+    TrainingInterrupted: Ctrl-C stopped it (after saving a checkpoint).
   """
   prepare_workdir(workdir)
-  plan = make_plan(settings)
-  check_workdir(plan, workdir)  # before config.json is replaced by these settings
-  if jax.process_index() == 0:
-    save_config(settings, workdir)
-  return train(plan, workdir)
+  with lock.hold(workdir):
+    plan = make_plan(settings)
+    check_workdir(plan, workdir)  # before config.json is replaced by these settings
+    if jax.process_index() == 0:
+      save_config(settings, workdir)
+    return train(plan, workdir)
 
 
 def train(plan: Plan, workdir: str) -> TrainState:
@@ -226,8 +280,6 @@ def train(plan: Plan, workdir: str) -> TrainState:
   train_key = jax.device_put(train_key, plan.replicated)
   images_per_step = loop.batch_size
 
-  from tqdm.auto import tqdm
-  bar = tqdm(total=n_iters, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
   last_time, last_step = time.perf_counter(), start
   pending: Optional[Dict[str, Array]] = None
   all_finite: Optional[Array] = None
@@ -247,8 +299,11 @@ def train(plan: Plan, workdir: str) -> TrainState:
   # (the batch is still prepared ahead, in the Prefetch thread); accelerators queue freely.
   one_in_flight = plan.mesh.devices.flat[0].platform == "cpu" and plan.mesh.size > 1
 
+  multi_process = jax.process_count() > 1
+  stopped = None  # the stop signal's name, once honored
+  bar_context = progress.progress_bar(n_iters, start, is_main, "train")
   try:
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, bar_context as bar:
       # Steps are counted on the host: reading state.step would wait for every step.
       while step < n_iters:
         step += 1  # the step this iteration completes
@@ -264,7 +319,11 @@ def train(plan: Plan, workdir: str) -> TrainState:
         all_finite = metrics["finite"] if all_finite is None else all_finite & metrics["finite"]
         snapshot = step % loop.snapshot_freq == 0 or step == n_iters
         preempt = step % loop.snapshot_freq_for_preemption == 0
-        if step % loop.log_freq == 0 or snapshot or preempt or stop.requested:
+        log = step % loop.log_freq == 0 or snapshot or preempt
+        # Several processes agree at log steps, so that all save and stop together.
+        stopping = (log and distributed.any_process(stop.requested) if multi_process
+                    else stop.requested)
+        if log or stopping:
           metrics = jax.device_get(metrics)
           check_finite(all_finite, metrics, step)
           now = time.perf_counter()
@@ -286,29 +345,36 @@ def train(plan: Plan, workdir: str) -> TrainState:
           if is_main:
             writer.scalars(step, {"eval_loss": eval_loss})
         bar.update(1)
-        if snapshot or preempt or stop.requested:
+        if snapshot or preempt or stopping:
           ckpt.save(step, state)
-        if snapshot and loop.snapshot_sampling:
+        if snapshot and loop.snapshot_sampling and not stopping:
           _write_samples(progs, state, sample_fn, num_samples,
-                         jax.random.fold_in(sample_key, step), workdir, step, is_main)
-        if stop.requested:
-          logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
+                         jax.random.fold_in(sample_key, step), workdir, step, is_main, stop)
+          # A stop requested while sampling (its checkpoint is saved already): stop now.
+          stopping = stop.requested and not multi_process
+        if stopping:
+          stopped = stop.name
           break
     if pending is not None:
       check_finite(all_finite, jax.device_get(pending), step)
   finally:
     train_iter.close()
-    bar.close()
     ckpt.close()
     if phema_writer is not None:
       phema_writer.close()
     if writer is not None:
       writer.close()
+  if stopped is not None:
+    message = (f"{stopped}: saved checkpoint {step} in {ckpt.directory}; run the same command "
+               "to resume.")
+    if stopped == "Ctrl-C":
+      raise TrainingInterrupted(message)
+    logging.warning(message)
   return state
 
 
 def _write_samples(progs: programs.Programs, state: TrainState, sample_fn, num_samples: int,
-                   rng: Array, workdir: str, step: int, is_main: bool) -> None:
+                   rng: Array, workdir: str, step: int, is_main: bool, stop: _StopFlag) -> None:
   """Samples with the EMA parameters; writes samples/step_<k>.{png,npz} on process 0.
 
   Class-conditional models get the labels 0, 1, 2, ... in turn.
@@ -316,6 +382,7 @@ def _write_samples(progs: programs.Programs, state: TrainState, sample_fn, num_s
   data = progs.plan.data
   y = np.arange(num_samples, dtype=np.int32) % max(data.num_classes, 1)
   x, nfe = sample_fn(state.ema_params, rng, progs.put(y))
+  stop.wait(x)
   x = distributed.to_host(x)
   if not is_main:
     return
