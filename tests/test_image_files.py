@@ -1,5 +1,6 @@
 """Training on your own images: a folder (class subfolders), a dataset_tool zip, an .npz."""
 
+import glob
 import io
 import json
 import os
@@ -218,8 +219,10 @@ def test_newcomer_path_train_sample_fid_on_a_folder(tmp_path):
     return proc
 
   run("main.py", "--mode=train")
+  common[0] = "--config=" + os.path.join(workdir, "config.json")  # as the README's next lines
   run("main.py", "--mode=sample")
-  with np.load(os.path.join(workdir, "sample", "generate_step2.npz")) as f:
+  (written,) = glob.glob(os.path.join(workdir, "sample", "generate_step2_*_nfe*.npz"))
+  with np.load(written) as f:
     assert f["images"].shape == (4, 8, 8, 3) and f["images"].dtype == np.uint8
   out = run("-m", "score_jax.run.fid_stats").stdout
   stats_path = out.split(":")[0]
