@@ -51,25 +51,37 @@ class DamagedCheckpointError(UserError, OSError):
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
   text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  text = text.split(" See full TensorStore details")[0]  # the rest is the store's whole spec
   return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _mute_orphaned_reads() -> None:
-  """Silences the callbacks of reads that orbax leaves running after a failed restore.
+_DAMAGED_PATHS: set = set()  # checkpoint folders whose orphaned reads are muted
+
+
+def _mute_orphaned_reads(path: str) -> None:
+  """Silences the leftovers of reads that orbax leaves running after a failed restore of the
+  checkpoint folder `path`.
 
   Reading a damaged checkpoint fails at the first bad array; orbax then closes its
-  event loop while tensorstore still finishes the other reads, whose callbacks
-  each raise 'Event loop is closed' in a background thread (printed as a
-  traceback per array). Those, and only those, are dropped.
+  event loop while tensorstore still finishes the other reads. Their callbacks
+  raise 'Event loop is closed' in a background thread, and their coroutines end
+  with errors naming `path` that nobody awaits; Python prints each as a
+  traceback ('Exception ignored in ...'). Those, and only those, are dropped:
+  the damage is reported once, by the caller.
   """
+  _DAMAGED_PATHS.add(os.path.abspath(path))
   previous = sys.unraisablehook
   if getattr(previous, "mutes_orphaned_reads", False):
     return
 
   def hook(unraisable):
     e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-      previous(unraisable)
+    text = str(e)
+    if isinstance(e, RuntimeError) and text == "Event loop is closed":
+      return
+    if any(p in text for p in _DAMAGED_PATHS):
+      return
+    previous(unraisable)
 
   hook.mutes_orphaned_reads = True
   sys.unraisablehook = hook
@@ -118,7 +130,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  # tensorstore raises bare Exception
       if "RESOURCE_EXHAUSTED" in str(e):  # out of memory: not the checkpoint's fault
         raise
-      _mute_orphaned_reads()
+      _mute_orphaned_reads(os.path.join(self.directory, str(step)))
       raise self._diagnose(step, template, e) from e
 
   def _diagnose(self, step: int, template: Any, e: Exception) -> UserError:
@@ -293,7 +305,7 @@ def saved_tree(ckpt_dir: str, step: int) -> Any:
   try:
     tree = manager.item_metadata(step)
   except Exception as e:  # pylint: disable=broad-except  # tensorstore raises bare Exception
-    _mute_orphaned_reads()
+    _mute_orphaned_reads(os.path.join(ckpt_dir, str(step)))
     raise DamagedCheckpointError(
         f"Checkpoint {step} ({os.path.join(os.path.abspath(ckpt_dir), str(step))}) is damaged: "
         f"its metadata cannot be read ({_first_line(e)})") from e
