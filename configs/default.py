@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Training.
   config.training = training = ml_collections.ConfigDict()
-  training.sde = "vpsde"  # vpsde | subvpsde | vesde | rectified_flow
+  training.sde = "vpsde"  # vpsde | subvpsde | vesde | rectified_flow | trigflow
   training.continuous = True
   training.reduce_mean = False
   training.likelihood_weighting = False
@@ -189,7 +189,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.remat = False
   # Network output -> score (score_jax.models.build.get_score_fn): default (noise
   # or score, the 2021 code) | edm (Karras et al. preconditioning, sigma_data) |
-  # velocity (flow matching).
+  # velocity (flow matching) | trigflow (TrigFlow's sigma_d F(x / sigma_d, t), with
+  # training.sde = trigflow, whose sigma_d is model.sigma_data).
   model.parameterization = "default"
   model.sigma_data = 0.5
 

@@ -20,7 +20,7 @@ from score_jax.likelihood import bits_per_dim, log_likelihood
 from score_jax.samplers import (autoguidance, classifier_free_guidance, classifier_guidance,
                                 colorization, ddim_sample, dpm_solver_pp_sample, heun_sample,
                                 inpainting, ode_encode, ode_sample, pc_sample, unipc_sample)
-from score_jax.sde import SDE, RectifiedFlow, TutorialSDE, VESDE, VPSDE, subVPSDE
+from score_jax.sde import SDE, RectifiedFlow, TrigFlow, TutorialSDE, VESDE, VPSDE, subVPSDE
 
 __version__ = "0.1.0"
 
@@ -34,7 +34,7 @@ def load_run(workdir: str, step=None):
 
 __all__ = [
     "analytic", "likelihood", "losses", "samplers", "sde",
-    "SDE", "VPSDE", "subVPSDE", "VESDE", "TutorialSDE", "RectifiedFlow",
+    "SDE", "VPSDE", "subVPSDE", "VESDE", "TutorialSDE", "RectifiedFlow", "TrigFlow",
     "pc_sample", "ode_sample", "ode_encode", "ddim_sample", "heun_sample", "dpm_solver_pp_sample",
     "unipc_sample",
     "log_likelihood", "bits_per_dim",

@@ -103,6 +103,9 @@ def sample_time(rng: Array, sde: SDE, shape, eps: float = 1e-5,
   if dist.name == "uniform":
     return jax.random.uniform(rng, shape, minval=eps, maxval=sde.T)
   loc, scale = dist.params()
+  if dist.name == "logit_normal" and sde.T > 1.0:
+    raise ValueError(f"The logit_normal time distribution draws t in (0, 1); "
+                     f"{type(sde).__name__} runs to T = {sde.T:.4g}. Use 'lognormal_sigma'.")
   if dist.name == "lognormal_sigma":  # u = ln sigma^ = -lambda(t), increasing in t
     lo, hi = -sde.log_snr(lo_t[None])[0], -sde.log_snr(hi_t[None])[0]
     to_t = lambda u: sde.t_from_log_snr(-u)

@@ -32,7 +32,12 @@ __all__ = [
     "VESDE",
     "TutorialSDE",
     "RectifiedFlow",
+    "TrigFlow",
     "ReverseSDE",
+    "trigflow_time",
+    "teacher_time",
+    "trigflow_score_fn",
+    "trigflow_velocity_fn",
     "batch_mul",
     "sum_except_batch",
 ]
@@ -543,3 +548,136 @@ class RectifiedFlow(SDE):
 
   def _iw_inverse(self, c):
     return jax.nn.sigmoid(0.5 * c)
+
+
+class TrigFlow(SDE):
+  """TrigFlow (Lu & Song 2024, sCM): x_t = cos(t) x_0 + sin(t) z, z ~ N(0, sigma_d^2 I).
+
+  alpha(t) = cos t, std(t) = sigma_d sin t on t in [0, pi/2]; the log-SNR is
+  lambda(t) = -log(sigma_d tan t), so EDM's noise level is sigma^ = sigma_d tan t
+  and x_t = cos(t) x_edm (the paper's correspondence). The forward SDE with these
+  marginals is dx = -tan(t) x dt + sigma_d sqrt(2 tan t) dw (f = d log alpha / dt,
+  g^2 = d std^2 / dt - 2 f std^2), and the probability-flow ODE's drift is the
+  velocity dx_t/dt = E[cos(t) z - sin(t) x_0 | x_t] that the paper's network
+  sigma_d F(x_t / sigma_d, t) predicts (models.get_score_fn, 'trigflow').
+
+  The end: as for `RectifiedFlow`, alpha(pi/2) = 0 makes the drift, g and the
+  log-SNR singular there, so the path runs on [eps, T] with T = pi/2 - 1e-3 by
+  default (static; T >= pi/2 is refused; alpha(T) = sin(1e-3), RectifiedFlow's
+  1e-3). The prior is N(0, (sigma_d sin T)^2 I), the marginal at T of data at
+  the origin. `sigma_data` is a float leaf. Its chain is the exact Gaussian
+  transition on the grid.
+  """
+
+  _leaves = ("sigma_data",)
+  _static = ("N", "T")
+
+  def __init__(self, sigma_data: float = 0.5, T: float = 0.5 * math.pi - 1e-3, N: int = 1000):
+    sigma_data = _check_positive("sigma_data", sigma_data)
+    T = float(T)
+    if not (math.isfinite(T) and 0.0 < T < 0.5 * math.pi):
+      raise ValueError(f"T must lie in (0, pi/2), got {T!r}: at t = pi/2 alpha = cos t is 0 and "
+                       "the drift -tan(t) x and the log-SNR are singular; the default "
+                       "T = pi/2 - 1e-3 stops the path just before.")
+    self._set(sigma_data=sigma_data, T=T, N=_check_N(N))
+
+  def sde(self, x, t):
+    tan = jnp.tan(t)
+    return batch_mul(-tan, x), self.sigma_data * jnp.sqrt(2.0 * tan)
+
+  def mean_coef(self, t):
+    return jnp.cos(t)
+
+  def marginal_std(self, t):
+    return self.sigma_data * jnp.sin(t)
+
+  def prior_std(self):
+    return self.sigma_data * jnp.sin(jnp.asarray(self.T))
+
+  def log_snr(self, t):
+    return -jnp.log(jnp.tan(t)) - jnp.log(self.sigma_data)
+
+  def t_from_log_snr(self, lam: Array) -> Array:
+    # sigma_d tan t = e^-lam; arctan2 keeps both ends finite (e^-lam = inf gives pi/2).
+    return jnp.arctan2(jnp.exp(-lam), self.sigma_data)
+
+  def coef_derivatives(self, t):
+    return -jnp.sin(t), self.sigma_data * jnp.cos(t)
+
+  def _iw_cumulative(self, t):
+    # g^2 / std^2 = 2 / (sin t cos t); antiderivative 2 log tan t.
+    return 2.0 * jnp.log(jnp.tan(t))
+
+  def _iw_inverse(self, c):
+    return jnp.arctan(jnp.exp(0.5 * c))
+
+
+# -- teachers in TrigFlow variables --------------------------------------------
+#
+# Any SDE here has x_s = alpha(s) x_0 + std(s) e, e ~ N(0, I). Scaled by
+# 1 / r(s), r = sqrt(alpha^2 + std^2 / sigma_d^2), it is cos(t) x_0 + sin(t)
+# sigma_d e with tan t = std / (alpha sigma_d): the TrigFlow state at t, for
+# every x_0. The two processes therefore have the same marginals up to that
+# scaling, p^trig_t(x) = r^D p_s(r x), and the time map is the one of equal
+# log-SNR. A run trained on VP / VE / EDM / rectified flow becomes a TrigFlow
+# teacher without retraining.
+
+
+def trigflow_time(teacher: SDE, s: Array, sigma_data: float) -> Tuple[Array, Array]:
+  """The TrigFlow time of the teacher's time s and the scale of its states.
+
+  Args:
+    teacher: the teacher's SDE.
+    s: teacher times [B].
+    sigma_data: TrigFlow's sigma_d.
+  Returns:
+    (t [B] = arctan(std(s) / (alpha(s) sigma_d)), r [B]) with x_trig = x_s / r,
+    r = sqrt(alpha^2 + std^2 / sigma_d^2).
+  """
+  alpha, std = teacher.mean_coef(s), teacher.marginal_std(s)
+  return jnp.arctan2(std, alpha * sigma_data), jnp.sqrt(alpha**2 + (std / sigma_data) ** 2)
+
+
+def teacher_time(teacher: SDE, trig: TrigFlow, t: Array) -> Tuple[Array, Array]:
+  """Inverse of `trigflow_time`: the teacher's time s [B] of TrigFlow time t [B] (equal
+  log-SNR) and the scale r [B] = alpha(s) / cos(t) with x_s = r x_trig.
+
+  The times t must map into the teacher's own range [eps, T] (VP's T = 1 reaches
+  t = pi/2 - 3.2e-3 at sigma_d = 0.5; VE's sigma_max = 80, t = pi/2 - 6e-3).
+  """
+  s = teacher.t_from_log_snr(trig.log_snr(t))
+  alpha, std = teacher.mean_coef(s), teacher.marginal_std(s)
+  return s, jnp.sqrt(alpha**2 + (std / trig.sigma_data) ** 2)
+
+
+def trigflow_score_fn(teacher: SDE, score_fn: ScoreFn, trig: TrigFlow) -> ScoreFn:
+  """A teacher's score function in TrigFlow variables: r(s) score_s(r x, s), s = s(t).
+
+  The chain rule of p^trig_t(x) = r^D p_s(r x); samplers, losses and likelihoods
+  on `trig` take it like a TrigFlow network's score.
+  """
+
+  def fn(x: Array, t: Array, *args, **kwargs) -> Array:
+    s, r = teacher_time(teacher, trig, t)
+    return batch_mul(r, score_fn(batch_mul(r, x), s, *args, **kwargs))
+
+  return fn
+
+
+def trigflow_velocity_fn(teacher: SDE, score_fn: ScoreFn, trig: TrigFlow) -> ScoreFn:
+  """The teacher's TrigFlow velocity dx_t/dt = E[cos(t) z - sin(t) x_0 | x_t], [B, ...].
+
+  Written with the teacher's data prediction D = (x_s + std^2 s) / alpha as
+  v = (cos(t) x_t - D) / sin(t), which stays finite as t -> pi/2 (v -> -D), where
+  the PF-ODE drift -tan(t) (x + sigma_d^2 score) cancels two large terms.
+  """
+
+  def fn(x: Array, t: Array, *args, **kwargs) -> Array:
+    s, r = teacher_time(teacher, trig, t)
+    x_s = batch_mul(r, x)
+    std = teacher.marginal_std(s)
+    denoised = batch_mul(1.0 / teacher.mean_coef(s),
+                         x_s + batch_mul(std**2, score_fn(x_s, s, *args, **kwargs)))
+    return batch_mul(1.0 / jnp.sin(t), batch_mul(jnp.cos(t), x) - denoised)
+
+  return fn

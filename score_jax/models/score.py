@@ -39,6 +39,13 @@ The table is `parameterization='default'`. Two more, continuous time, any SDE:
   `RectifiedFlow`); solving for z, score = -(alpha v - alpha' x) / (std det)
   with det = alpha std' - std alpha' (RectifiedFlow: -(x + (1 - t) v) / t).
   Labels as in the table's continuous rows.
+- 'trigflow' (Lu & Song 2024), on `TrigFlow` only: the network F sees x_t / sigma_d
+  and sigma_d F predicts the velocity cos(t) z - sin(t) x_0 (z ~ N(0, sigma_d^2 I)),
+  the drift of the probability-flow ODE; score = -(sin(t) x + cos(t) sigma_d F) /
+  (sigma_d^2 sin t), the 'velocity' formula with det = sigma_d. sigma_d is the SDE's
+  `sigma_data`. The time label is the paper's identity c_noise(t) = t, scaled by
+  999 / (pi / 2) into the [0, 999] range the networks' embeddings expect. The same
+  F gives the consistency function f(x_t, t) = cos(t) x_t - sin(t) sigma_d F.
 """
 
 from __future__ import annotations
@@ -50,14 +57,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from score_jax.sde import SDE, VESDE, VPSDE, batch_mul
+from score_jax.sde import SDE, TrigFlow, VESDE, VPSDE, batch_mul
 
 Array = jax.Array
 ScoreFn = Callable[..., Array]  # (x [B, ...], t [B], y=None) -> score [B, ...]
 
 __all__ = ["PARAMETERIZATIONS", "get_score_fn"]
 
-PARAMETERIZATIONS = ("default", "edm", "velocity")
+PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow")
+
+# TrigFlow time t in [0, pi/2] -> network label in [0, 999].
+TRIGFLOW_LABEL_SCALE = 999.0 / (0.5 * math.pi)
 
 def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, continuous: bool,
                  train: bool = False, rng: Optional[Array] = None,
@@ -73,8 +83,8 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
     continuous: continuous-time training (else the discrete DDPM / SMLD labels).
     train: dropout on (needs `rng`).
     rng: dropout key; the same key gives the same dropout masks.
-    parameterization: 'default' (the table above), 'edm' or 'velocity' (module
-      docstring; continuous time only).
+    parameterization: 'default' (the table above), 'edm', 'velocity' or 'trigflow'
+      (module docstring; continuous time only).
     sigma_data: EDM's sigma_data (standard deviation of the data), for 'edm'.
     augment_labels: [B, augment_dim] labels of the augmentation applied to the
       batch (score_jax.data.augment), passed to networks that take them (SongUNet);
@@ -109,6 +119,8 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
     if parameterization == "edm":
       return _edm_score_fn(sde, net, float(sigma_data),
                            getattr(model, "embedding_type", "positional") == "fourier")
+    if parameterization == "trigflow":
+      return _trigflow_score_fn(sde, net)
     return _velocity_score_fn(sde, net)
 
   if sde.chain == "smld" or isinstance(sde, VESDE):
@@ -178,5 +190,19 @@ def _velocity_score_fn(sde: SDE, net: Callable) -> ScoreFn:
     v = net(x, labels, y)
     det = alpha * d_std - std * d_alpha  # > 0: the log-SNR decreases
     return batch_mul(d_alpha / (std * det), x) - batch_mul(alpha / (std * det), v)
+
+  return score_fn
+
+
+def _trigflow_score_fn(sde: SDE, net: Callable) -> ScoreFn:
+  """TrigFlow's velocity network sigma_d F(x_t / sigma_d, t) (module docstring)."""
+  if not isinstance(sde, TrigFlow):
+    raise ValueError(f"The 'trigflow' parameterization is TrigFlow's (sde.TrigFlow), not "
+                     f"{type(sde).__name__}'s; use 'velocity' for a velocity network on it.")
+  sd = sde.sigma_data
+
+  def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+    v = sd * net(x / sd, t * TRIGFLOW_LABEL_SCALE, y)
+    return batch_mul(-1.0 / (sd**2 * jnp.sin(t)), batch_mul(jnp.sin(t), x) + batch_mul(jnp.cos(t), v))
 
   return score_fn

@@ -39,6 +39,8 @@ def get_sde(s: Settings) -> sde_lib.SDE:
     return sde_lib.subVPSDE(m.beta_min, m.beta_max, m.num_scales)
   if name == "rectified_flow":
     return sde_lib.RectifiedFlow(N=m.num_scales)
+  if name == "trigflow":
+    return sde_lib.TrigFlow(m.sigma_data, N=m.num_scales)
   return sde_lib.VESDE(m.sigma_min, m.sigma_max, m.num_scales)
 
 

@@ -37,7 +37,7 @@ from score_jax.run import sampler_specs
 __all__ = ["Settings", "Training", "Sampling", "Eval", "Sample", "Data", "Model", "Optim",
            "from_config", "from_json", "default_config", "SDE_NAMES", "SAMPLING_METHODS"]
 
-SDE_NAMES = ("vpsde", "subvpsde", "vesde", "rectified_flow")
+SDE_NAMES = ("vpsde", "subvpsde", "vesde", "rectified_flow", "trigflow")
 # The samplers and the settings each takes: sampler_specs.SAMPLERS, which the sampling
 # section is checked against.
 SAMPLING_METHODS = tuple(sampler_specs.SAMPLERS)
@@ -49,7 +49,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Network parameterizations (models.PARAMETERIZATIONS), DSM time distributions and
 # weightings (losses.TIME_DISTRIBUTIONS, losses.WEIGHTINGS), spelled here so that
 # settings import nothing heavy.
-PARAMETERIZATIONS = ("default", "edm", "velocity")
+PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow")
 TIME_DISTRIBUTIONS = ("uniform", "lognormal_sigma", "logit_normal")
 WEIGHTINGS = ("default", "edm", "velocity")
 
@@ -514,6 +514,8 @@ def _check_sde(t: Training, m: Model) -> None:
   if t.sde.lower() in ("vpsde", "subvpsde") and not 0 <= m.beta_min < m.beta_max:
     raise ConfigError(f"{t.sde} needs 0 <= model.beta_min < model.beta_max, got {m.beta_min}, "
                       f"{m.beta_max}.")
+  if t.sde.lower() == "trigflow" and not t.continuous:
+    raise ConfigError("trigflow has no discrete chain; set training.continuous = True.")
 
 
 def _check_optim(o: Optim) -> None:
@@ -658,6 +660,14 @@ def _check_objective(t: Training, m: Model) -> None:
                         "model.scale_by_sigma = False.")
   if not (math.isfinite(m.sigma_data) and m.sigma_data > 0):
     raise ConfigError(f"model.sigma_data must be a finite number > 0, got {m.sigma_data}.")
+  trigflow = t.sde.lower() == "trigflow"
+  if m.parameterization == "trigflow" and not trigflow:
+    raise ConfigError(f"model.parameterization = 'trigflow' is TrigFlow's network; set "
+                      f"training.sde = 'trigflow' (got {t.sde!r}), or use 'velocity'.")
+  if trigflow and t.time_distribution == "logit_normal":
+    raise ConfigError("training.time_distribution = 'logit_normal' draws t in (0, 1), but "
+                      "TrigFlow's t runs to pi/2; use 'lognormal_sigma' (the sCM paper's "
+                      "ln(sigma_d tan t) ~ N(p_mean, p_std^2)) or 'uniform'.")
   if t.likelihood_weighting and t.weighting != "default":
     raise ConfigError(f"training.likelihood_weighting is a weighting of its own; it does not "
                       f"combine with training.weighting = {t.weighting!r}.")
