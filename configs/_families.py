@@ -52,7 +52,8 @@ def trigflow(config: ml_collections.ConfigDict, *, sigma_data: float,
   """TrigFlow (Lu & Song 2024): x_t = cos(t) x_0 + sin(t) z, z ~ N(0, sigma_d^2 I), the network
   sigma_d F(x_t / sigma_d, t) predicting the velocity, the sCM paper's diffusion loss
   |sigma_d F - (cos(t) z - sin(t) x_0)|^2 (weighting 'velocity') at
-  ln(sigma_d tan t) ~ N(p_mean, 1.4^2) (the paper's CIFAR-10 p_mean = -1.0), sampled with EDM's Heun sampler."""
+  ln(sigma_d tan t) ~ N(p_mean, 1.4^2) (the paper's CIFAR-10 p_mean = -1.0), sampled with
+  EDM's Heun sampler."""
   training = config.training
   training.sde = "trigflow"
   training.time_distribution = "lognormal_sigma"

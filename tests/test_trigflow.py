@@ -72,8 +72,8 @@ def test_ends_and_parameters_are_checked_and_sigma_data_is_a_leaf():
     return s.marginal_std(t)
 
   np.testing.assert_allclose(f(trig(), jnp.full((2,), 0.5)), SD * math.sin(0.5), rtol=1e-6)
-  np.testing.assert_allclose(f(sde_lib.TrigFlow(0.5, N=300), jnp.full((2,), 0.5)), 0.5 * math.sin(0.5),
-                             rtol=1e-6)
+  np.testing.assert_allclose(f(sde_lib.TrigFlow(0.5, N=300), jnp.full((2,), 0.5)),
+                             0.5 * math.sin(0.5), rtol=1e-6)
   assert len(traces) == 1 and jax.tree_util.tree_leaves(trig()) == [SD]
 
 

@@ -203,6 +203,7 @@ def _trigflow_score_fn(sde: SDE, net: Callable) -> ScoreFn:
 
   def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
     v = sd * net(x / sd, t * TRIGFLOW_LABEL_SCALE, y)
-    return batch_mul(-1.0 / (sd**2 * jnp.sin(t)), batch_mul(jnp.sin(t), x) + batch_mul(jnp.cos(t), v))
+    sin, cos = jnp.sin(t), jnp.cos(t)  # [B]
+    return batch_mul(-1.0 / (sd**2 * sin), batch_mul(sin, x) + batch_mul(cos, v))
 
   return score_fn
