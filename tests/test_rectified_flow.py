@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from score_jax import analytic, likelihood, losses, models
+from score_jax import analytic, losses, models
 from score_jax.samplers import fast as fast_samplers
 from score_jax import samplers as sampling
 from score_jax import sde as sde_lib
-from helpers import (ODE_BIAS, PC_BIAS, Bias, assert_reproduces, config, irreducible_residual,
-                     toy_mode_weights)
+from helpers import (ODE_BIAS, PC_BIAS, Bias, LinearNet, assert_exact_likelihood,
+                     assert_reproduces, config, irreducible_residual, toy_mode_weights)
 
 N_SAMPLES = 4000
 EPS = 1e-3  # sampling eps: std(eps) = eps
@@ -140,18 +140,8 @@ def test_every_sampler_reproduces_the_mixture(case):
 
 
 def test_exact_likelihood_matches_closed_form():
-  """log p_eps(x) + [prior_logp(z) - log p_T(z)] (the prior's mismatch at T, a property of
-  the SDE) within 0.02 nats; measured 7e-4. The mismatch itself is < 3e-3 nats here."""
-  sde, mix = rf(), analytic.example_mixture_2d()
-  x, _ = mix.sample(jax.random.PRNGKey(5), 64)
-  logp, z, nfe = likelihood.log_likelihood(None, sde, analytic.score_fn(mix, sde), x, "exact")
-  b = x.shape[0]
-  closed = analytic.log_prob(mix, sde, x, jnp.full((b,), 1e-5))
-  mismatch = sde.prior_logp(z) - analytic.log_prob(mix, sde, z, jnp.full((b,), sde.T))
-  err = np.abs(np.asarray(logp - closed - mismatch))
-  assert err.max() < 0.02 and err.mean() < 2e-3, err
-  assert np.abs(np.asarray(mismatch)).max() < 0.01
-  assert 20 < int(nfe) < 1000
+  """Within 0.02 nats; measured 7e-4. The prior's mismatch is < 3e-3 nats here."""
+  assert_exact_likelihood(rf(), analytic.example_mixture_2d())
 
 
 # --- the velocity parameterization ---
@@ -209,16 +199,6 @@ def test_velocity_parameterization_errors():
   model.scale_by_sigma = True
   with pytest.raises(ValueError, match="scale_by_sigma"):
     models.get_score_fn(sde_lib.VESDE(), model, {}, continuous=True, parameterization="velocity")
-
-
-class LinearNet:
-  """An arbitrary (non-ideal) network: out = x W + labels c."""
-
-  scale_by_sigma = False
-  embedding_type = "positional"
-
-  def apply(self, variables, x, labels, y=None, *, train=False, rngs=None):
-    return x @ variables["w"] + 1e-3 * labels[:, None] * variables["c"][None]
 
 
 @pytest.mark.parametrize("name", sorted(SDES))

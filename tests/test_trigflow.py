@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from score_jax import analytic, likelihood, losses, models
+from score_jax import analytic, losses, models
 from score_jax import samplers as sampling
 from score_jax import sde as sde_lib
 from score_jax.samplers import fast as fast_samplers
 from score_jax.run import plan as plan_lib
 from score_jax.run.settings import from_config as S
-from helpers import ODE_BIAS, Bias, assert_reproduces, config, toy_mode_weights
+from helpers import (ODE_BIAS, Bias, LinearNet, assert_exact_likelihood, assert_reproduces,
+                     config, toy_mode_weights)
 
 SD = 2.0  # sigma_d of the tests: about the scale of analytic.example_mixture_2d
 EPS = 1e-3  # sampling eps: std(eps) = SD sin(eps)
@@ -116,18 +117,8 @@ def test_samplers_transport_the_prior_to_the_mixture(case):
 
 
 def test_exact_likelihood_matches_closed_form():
-  """log p_eps(x) + [prior_logp(z) - log p_T(z)] (the prior's mismatch at T) within 0.02
-  nats (RectifiedFlow's allowance; the mismatch itself is < 0.01 nats here)."""
-  sde, mix = trig(), analytic.example_mixture_2d()
-  x, _ = mix.sample(jax.random.PRNGKey(5), 64)
-  logp, z, nfe = likelihood.log_likelihood(None, sde, analytic.score_fn(mix, sde), x, "exact")
-  b = x.shape[0]
-  closed = analytic.log_prob(mix, sde, x, jnp.full((b,), 1e-5))
-  mismatch = sde.prior_logp(z) - analytic.log_prob(mix, sde, z, jnp.full((b,), sde.T))
-  err = np.abs(np.asarray(logp - closed - mismatch))
-  assert err.max() < 0.02 and err.mean() < 2e-3, err
-  assert np.abs(np.asarray(mismatch)).max() < 0.01
-  assert 20 < int(nfe) < 1000
+  """Within 0.02 nats of the closed form (RectifiedFlow's allowance)."""
+  assert_exact_likelihood(trig(), analytic.example_mixture_2d())
 
 
 # --- the 'trigflow' parameterization and its loss ---
@@ -184,16 +175,6 @@ def test_trigflow_parameterization_errors():
     models.get_score_fn(sde_lib.VPSDE(), model, {}, continuous=True, parameterization="trigflow")
   with pytest.raises(ValueError, match="continuous-time"):
     models.get_score_fn(trig(), model, {}, continuous=False, parameterization="trigflow")
-
-
-class LinearNet:
-  """An arbitrary (non-ideal) network: out = x W + labels c."""
-
-  scale_by_sigma = False
-  embedding_type = "positional"
-
-  def apply(self, variables, x, labels, y=None, *, train=False, rngs=None):
-    return x @ variables["w"] + 1e-3 * labels[:, None] * variables["c"][None]
 
 
 def test_velocity_weighting_is_the_papers_diffusion_loss():
