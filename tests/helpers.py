@@ -6,11 +6,13 @@
 - closed-form checks of samplers: SDES, EPS, Bias, PC_BIAS, ODE_BIAS,
   assert_reproduces, mixture_setup, two_modes, conditional_residuals;
 - the irreducible residual of the denoising loss (irreducible_residual);
-- the learning check on the toy mixture (toy_mode_weights).
+- the learning check on the toy mixture (toy_mode_weights);
+- network variables drawn on the host (random_variables).
 """
 
 import functools
 import importlib
+import math
 import os
 import shutil
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from score_jax import analytic
 from score_jax import sde as sde_lib
+from score_jax.models.build import init_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,3 +210,23 @@ def toy_mode_weights(cfg, steps, tmp_path):
   d = np.linalg.norm(np.asarray(x, np.float64)[:, None, :] - mix.means[None], axis=-1)
   weights = np.bincount(d.argmin(1), minlength=len(mix.weights)) / len(d)
   return weights, mix.weights, np.mean(d.min(1) < 3 * mix.stds[0])
+
+
+# --- networks ---
+
+
+def random_variables(model, shape, seed=0):
+  """Variables of `model` for inputs of `shape`, drawn on the host with O(1) activations.
+
+  Unlike init (near-zero last layers, and many RNG calls that compile slowly on CPU), every
+  path then influences the output, so conditioning, dropout and derivative tests can see it.
+  """
+  shapes = jax.eval_shape(lambda r: init_model(r, model, shape), jax.random.PRNGKey(0))
+  rng = np.random.default_rng(seed)
+
+  def draw(s):
+    if len(s.shape) >= 2:
+      return rng.normal(size=s.shape).astype(np.float32) / np.sqrt(math.prod(s.shape[:-1]))
+    return (1.0 + 0.1 * rng.normal(size=s.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map(draw, shapes)

@@ -1,0 +1,141 @@
+"""MeanFlow against closed forms: Gaussian data x ~ N(mu, s^2 I).
+
+With z_t = (1 - t) x + t e the marginal is N(m(t), sig(t)^2 I), m(t) = (1 - t) mu,
+sig(t)^2 = (1 - t)^2 s^2 + t^2, and the probability-flow ODE keeps (z - m(t)) / sig(t)
+fixed, so the flow from t to r is z -> m(r) + sig(r) / sig(t) (z - m(t)) and the true
+average velocity is u*(z, r, t) = (z - flow(z)) / (t - r).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from score_jax import meanflow
+from score_jax import models
+
+
+
+MU, S = 1.5, 0.5
+D = 3
+
+
+def _m(t):
+  return (1 - t) * MU
+
+
+def _sig(t):
+  return jnp.sqrt((1 - t)**2 * S**2 + t**2)
+
+
+def _col(a):
+  return a[:, None]
+
+
+def u_star(z, r, t):
+  """The exact average velocity from t to r (r < t) of the Gaussian flow; [B, D]."""
+  flow = _col(_m(r)) + _col(_sig(r) / _sig(t)) * (z - _col(_m(t)))
+  return (z - flow) / _col(t - r)
+
+
+def v_marginal(z, t):
+  """The flow's velocity v(z, t) = m'(t) + sig'(t) / sig(t) (z - m(t)); [B, D]."""
+  dsig = (-(1 - t) * S**2 + t) / _sig(t)
+  return -MU + _col(dsig / _sig(t)) * (z - _col(_m(t)))
+
+
+def _batch(n=64, seed=0):
+  kx, ke, kt = jax.random.split(jax.random.PRNGKey(seed), 3)
+  x = MU + S * jax.random.normal(kx, (n, D))
+  e = jax.random.normal(ke, (n, D))
+  r, t = meanflow.sample_times(kt, n, ratio=1.0)
+  return x, e, r, t
+
+
+def test_true_average_velocity_satisfies_the_meanflow_identity():
+  x, e, r, t = _batch()
+  assert np.all(np.asarray(t - r) > 1e-4)
+  z = (1 - _col(t)) * x + _col(t) * e
+  u, u_tgt = jax.jit(lambda z, r, t: meanflow.target(u_star, z, r, t, v_marginal(z, t)))(z, r, t)
+  np.testing.assert_allclose(np.asarray(u), np.asarray(u_star(z, r, t)), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(u_tgt), np.asarray(u), rtol=2e-4, atol=2e-4)
+  # The identity is not trivial: dropping the derivative term leaves a large gap.
+  assert np.max(np.abs(np.asarray(v_marginal(z, t) - u))) > 0.1
+  # With the weighting the loss at u* is ~0 (error 1e-8 -> loss 1e-5 at c = 1e-3).
+  terms = jax.jit(lambda x, e, r, t: meanflow.loss(u_star, x, e, r, t, v=v_marginal(z, t)))(
+      x, e, r, t)
+  assert np.max(np.asarray(terms.error)) < 1e-6 and np.max(np.asarray(terms.loss)) < 1e-3
+
+
+def test_loss_weighting_and_stop_gradient():
+  """u = a u*: the loss is err / (err + c)^p with v = e - x, and its gradient in a treats the
+  target as a constant: d/da = sum_B w 2 (u - u_tgt) . u*."""
+  x, e, r, t = _batch(16, seed=1)
+  z = (1 - _col(t)) * x + _col(t) * e
+  power, c = 0.75, 0.01
+
+  @jax.jit
+  def total(a):
+    return meanflow.loss(lambda z, r, t: a * u_star(z, r, t), x, e, r, t, power=power,
+                         c=c).loss.sum()
+
+  a = 1.3
+
+  @jax.jit
+  def reference(z, r, t):
+    u = lambda z, t: a * u_star(z, r, t)
+    _, du_dt = jax.jvp(u, (z, t), (e - x, jnp.ones_like(t)))
+    return u(z, t), (e - x) - _col(t - r) * du_dt, u_star(z, r, t)
+
+  u, u_tgt, us = reference(z, r, t)
+  err = np.sum(np.asarray(u - u_tgt)**2, axis=1)
+  w = 1 / (err + c)**power
+  np.testing.assert_allclose(float(total(a)), np.sum(w * err), rtol=1e-5)
+  grad = np.sum(w * 2 * np.sum(np.asarray((u - u_tgt) * us), axis=1))
+  np.testing.assert_allclose(float(jax.grad(total)(a)), grad, rtol=1e-4)
+
+
+@pytest.mark.parametrize("times", [(1.0, 0.0), (1.0, 0.4, 0.0)])
+def test_few_step_sampling_with_the_true_average_velocity_is_exact(times):
+  e = jax.random.normal(jax.random.PRNGKey(3), (4096, D))
+  out = np.asarray(jax.jit(lambda e: meanflow.sample(u_star, e, times))(e))
+  # The flow from 1 to 0 maps e to mu + s e: each sample exactly, hence the moments too.
+  np.testing.assert_allclose(out, MU + S * np.asarray(e), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.mean(), MU + S * float(e.mean()), atol=1e-5)
+  np.testing.assert_allclose(out.std(), S * float(e.std()), rtol=1e-5)
+
+
+def test_time_sampling_is_sorted_logit_normal_with_the_given_ratio():
+  n = 20000
+  r, t = (np.asarray(a) for a in meanflow.sample_times(jax.random.PRNGKey(4), n, ratio=0.25,
+                                                       p_mean=-0.4, p_std=1.0))
+  assert np.all(r <= t) and np.all((0 < r) & (t < 1))
+  assert np.sum(r != t) == n // 4 and np.all(r[n // 4:] == t[n // 4:])
+  # The distinct pairs are order statistics of two logit-normal draws: pooled, N(-0.4, 1)
+  # in logit space.
+  logit = lambda p: np.log(p / (1 - p))
+  pooled = np.concatenate([logit(r[:n // 4]), logit(t[:n // 4])])
+  assert abs(pooled.mean() + 0.4) < 4.5 / np.sqrt(pooled.size)
+  assert abs(pooled.std() - 1.0) < 4.5 / np.sqrt(2 * pooled.size)
+  # r = t rows: logit(t) is the max of two N(-0.4, 1): mean -0.4 + 1 / sqrt(pi).
+  tail = logit(t[n // 4:])
+  assert abs(tail.mean() - (-0.4 + 1 / np.sqrt(np.pi))) < 4.5 / np.sqrt(tail.size)
+
+
+def test_mlp_takes_a_second_time_input():
+  model = models.MLPScore(hidden_sizes=(16, 16), nf=8, second_time=True)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((2, D)), jnp.ones(2),
+                                           labels2=jnp.ones(2)))(jax.random.PRNGKey(0))
+  z = jnp.ones((2, D))
+  u_fn = jax.jit(meanflow.network_u_fn(model, variables))
+  t = jnp.array([0.9, 0.9])
+  a, b = u_fn(z, jnp.array([0.1, 0.9]), t), u_fn(z, jnp.array([0.5, 0.9]), t)
+  assert not np.allclose(np.asarray(a[0]), np.asarray(b[0]))  # r reaches the output
+  np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]))
+  with pytest.raises(ValueError, match="labels2"):
+    jax.eval_shape(lambda: model.apply(variables, z, t))
+  plain = models.MLPScore(hidden_sizes=(16, 16), nf=8)
+  with pytest.raises(ValueError, match="labels2"):
+    jax.eval_shape(lambda: plain.init(jax.random.PRNGKey(0), z, t, labels2=t))
