@@ -29,8 +29,8 @@ import jax.numpy as jnp
 Array = jax.Array
 UFn = Callable[[Array, Array, Array], Array]
 
-__all__ = ["MeanFlowTerms", "sample_times", "target", "loss", "sample", "network_u_fn",
-           "LABEL_SCALE"]
+__all__ = ["MeanFlowTerms", "sample_times", "target", "loss", "sample", "sampler",
+           "network_u_fn", "LABEL_SCALE"]
 
 # Network time labels are 999 t and 999 (t - r), as for rectified flow (models/score.py).
 LABEL_SCALE = 999.0
@@ -126,6 +126,29 @@ def sample(u_fn: UFn, e: Array, times: Sequence[float] = (1.0, 0.0)) -> Array:
   for t, r in zip(times[:-1], times[1:]):
     z = z - (t - r) * u_fn(z, r * ones, t * ones)
   return z
+
+
+def sampler(rng: Array, sde: Any, u_fn: UFn, shape: Sequence[int], *, num_steps: int = 1,
+            z: Optional[Array] = None) -> Tuple[Array, int]:
+  """The few-step sampler on the running layer's seam (score_jax.run.sampler_specs): `sample`
+  on the uniform grid of num_steps jumps from 1 to 0.
+
+  Args:
+    rng: PRNG key of the noise (unused when z is given).
+    sde: unused (the path is the rectified flow's, whose prior at t = 1 is N(0, I)).
+    u_fn: average velocity u(z, r, t).
+    shape: [B, ...] of the samples.
+    num_steps: network evaluations (0: one).
+    z: [B, ...] the noise to start from; default drawn from rng.
+
+  Returns:
+    (samples [B, ...], nfe = num_steps).
+  """
+  del sde
+  num_steps = max(int(num_steps), 1)
+  e = jax.random.normal(rng, tuple(shape)) if z is None else z
+  times = [1.0 - k / num_steps for k in range(num_steps + 1)]
+  return sample(u_fn, e, times), num_steps
 
 
 def network_u_fn(model: Any, variables: Mapping[str, Any], y: Optional[Array] = None, *,

@@ -8,6 +8,8 @@ average velocity is u*(z, r, t) = (z - flow(z)) / (t - r).
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,8 @@ import pytest
 
 from score_jax import meanflow
 from score_jax import models
+
+import helpers
 
 
 
@@ -134,8 +138,55 @@ def test_mlp_takes_a_second_time_input():
   a, b = u_fn(z, jnp.array([0.1, 0.9]), t), u_fn(z, jnp.array([0.5, 0.9]), t)
   assert not np.allclose(np.asarray(a[0]), np.asarray(b[0]))  # r reaches the output
   np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]))
-  with pytest.raises(ValueError, match="labels2"):
-    jax.eval_shape(lambda: model.apply(variables, z, t))
+  # Without labels2 the network is at r = t: the instantaneous velocity.
+  np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(variables, z, 999 * t)),
+                             np.asarray(u_fn(z, t, t)), rtol=1e-6)
   plain = models.MLPScore(hidden_sizes=(16, 16), nf=8)
   with pytest.raises(ValueError, match="labels2"):
     jax.eval_shape(lambda: plain.init(jax.random.PRNGKey(0), z, t, labels2=t))
+
+
+# --- the running layer: configs/toy_meanflow.py ---
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"training.sde": "vpsde"}, "training.sde = 'rectified_flow'"),
+    ({"model.second_time": False}, "model.second_time = True"),
+    ({"training.time_distribution": "uniform"}, "logit_normal"),
+    ({"training.meanflow_ratio": 1.5}, "meanflow_ratio"),
+    ({"training.objective": "denoising"}, "training.objective = 'meanflow'"),
+    ({"training.objective": "meanflow_v2"}, "training.objective"),
+    ({"sampling.guidance_weight": 1.0}, "guidance_weight"),
+])
+def test_meanflow_settings_are_checked(change, words):
+  from score_jax.errors import ConfigError
+  from score_jax.run.settings import from_config
+  with pytest.raises(ConfigError, match=re.escape(words)):
+    from_config(helpers.config("toy_meanflow", **change))
+
+
+def test_toy_meanflow_trains_and_samples_in_one_and_two_steps(tmp_path, fast_compile):
+  """The config trains 2 steps through the training loop (with snapshot samples), and its
+  sampler makes num_steps network evaluations; without a second label the network gives
+  the instantaneous velocity, so the score-based samplers also run on it."""
+  import os
+  from score_jax.run import plan as plan_lib
+  from score_jax.run import programs, train
+  from score_jax.run.settings import from_config
+  changes = {"training.n_iters": 2, "training.snapshot_freq": 2, "training.log_freq": 1,
+             "training.batch_size": 64, "model.hidden_sizes": (16, 16), "model.nf": 8,
+             "sampling.batch_size": 64}
+  state = train.train_and_evaluate(from_config(helpers.config("toy_meanflow", **changes)),
+                                   str(tmp_path / "run"))
+  with np.load(os.path.join(tmp_path, "run", "samples", "step_2.npz")) as f:
+    assert f["samples"].shape == (64, 2) and np.all(np.isfinite(f["samples"]))
+  params = state.ema_params
+  cfg = helpers.config("toy_meanflow", **changes, **{"sampling.num_steps": 2})
+  progs = programs.Programs(plan_lib.make_plan(from_config(cfg)))
+  x, nfe = progs.sampler(8)(params, jax.random.PRNGKey(0), progs.put(np.zeros(8, np.int32)))
+  assert int(nfe) == 2
+  # The same noise through score_jax.meanflow.sample on the network: the same samples.
+  model = progs.plan.model
+  e = jax.random.normal(jax.random.PRNGKey(0), (8, 2))
+  want = meanflow.sample(meanflow.network_u_fn(model, {"params": params}), e, (1.0, 0.5, 0.0))
+  np.testing.assert_allclose(np.asarray(x), np.asarray(want), rtol=1e-5, atol=1e-5)

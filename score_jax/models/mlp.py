@@ -33,8 +33,8 @@ class MLPScore(nn.Module):
     dropout: dropout rate inside residual layers.
     num_classes: class conditioning (0 = none).
     scale_by_sigma: score = net / sigma; applied by get_score_fn.
-    second_time: take a second label (`labels2`, MeanFlow's t - r) whose own embedding is
-      added to the first's.
+    second_time: take a second label (`labels2`, MeanFlow's t - r; None: 0) whose own
+      embedding is added to the first's.
     dtype: compute dtype.
   """
   hidden_sizes: Tuple[int, ...] = (256, 256, 256)
@@ -58,15 +58,15 @@ class MLPScore(nn.Module):
     if not self.hidden_sizes:
       raise ValueError("hidden_sizes must name at least one layer.")
     layers.check_class_labels(y, self.num_classes)
-    if self.second_time != (labels2 is not None):
-      raise ValueError("labels2 is given exactly when second_time is set; got second_time="
-                       f"{self.second_time} and labels2 {'set' if labels2 is not None else 'None'}.")
+    if labels2 is not None and not self.second_time:
+      raise ValueError("labels2 needs a network built with second_time=True.")
     act = layers.get_act(self.nonlinearity)
     dtype = self.dtype
     width = self.hidden_sizes[0]
     temb = self._embed(labels, width, act)
-    if self.second_time:
-      temb = temb + self._embed(labels2, width, act)
+    if self.second_time:  # None: 0, MeanFlow's r = t, the instantaneous velocity
+      temb = temb + self._embed(jnp.zeros_like(labels) if labels2 is None else labels2, width,
+                                act)
     if self.num_classes > 0:
       temb = temb + layers.ClassEmbedding(self.num_classes, width)(y, x.shape[0]).astype(dtype)
 

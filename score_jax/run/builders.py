@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from score_jax import losses, models
+from score_jax import losses, meanflow, models
 from score_jax import sde as sde_lib
 from score_jax.data import augment
 from score_jax.errors import ConfigError
@@ -142,6 +142,8 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
   if not t.continuous and sde.chain is None:
     raise ConfigError(f"Discrete training (training.continuous=False) needs an SDE with a "
                       f"discrete chain: vpsde (DDPM) or vesde (SMLD), not {t.sde!r}.")
+  if t.objective == "meanflow":
+    return _meanflow_loss_fn(s, model, train=train)
   time_distribution = get_time_distribution(s)
 
   def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
@@ -163,6 +165,29 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
                              sigma_data=s.model.sigma_data)
     discrete = losses.smld_loss if sde.chain == "smld" else losses.ddpm_loss
     return discrete(rng_loss, sde, score_fn, x, reduce_mean=t.reduce_mean)
+
+  return loss_fn
+
+
+def _meanflow_loss_fn(s: Settings, model: nn.Module, *, train: bool) -> LossFn:
+  """get_loss_fn's loss for training.objective = 'meanflow' (score_jax.meanflow.loss)."""
+  t, num_classes = s.training, s.model.num_classes
+
+  def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
+              augment_labels: Optional[Array] = None):
+    del augment_labels  # no network with a second time input takes augmentation labels
+    rng_t, rng_e, rng_drop, rng_label = jax.random.split(rng, 4)
+    y = y if num_classes > 0 else None
+    if y is not None and t.class_dropout > 0 and train:
+      drop = jax.random.bernoulli(rng_label, t.class_dropout, y.shape)
+      y = jnp.where(drop, num_classes, y)
+    u_fn = meanflow.network_u_fn(model, {"params": params}, y, train=train,
+                                 rngs={"dropout": rng_drop} if train else None)
+    r, tt = meanflow.sample_times(rng_t, x.shape[0], ratio=t.meanflow_ratio, p_mean=t.logit_mean,
+                                  p_std=t.logit_std)
+    e = jax.random.normal(rng_e, x.shape, x.dtype)
+    terms = meanflow.loss(u_fn, x, e, r, tt, power=t.meanflow_power, c=t.meanflow_c)
+    return jnp.mean(terms.loss), losses.LossAux(terms.loss, tt)
 
   return loss_fn
 

@@ -52,6 +52,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 PARAMETERIZATIONS = ("default", "edm", "velocity")
 TIME_DISTRIBUTIONS = ("uniform", "lognormal_sigma", "logit_normal")
 WEIGHTINGS = ("default", "edm", "velocity")
+OBJECTIVES = ("denoising", "meanflow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,10 @@ class Training:
   logit_mean: float
   logit_std: float
   weighting: str
+  objective: str
+  meanflow_ratio: float
+  meanflow_power: float
+  meanflow_c: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,6 +465,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   """Value checks that need no devices, no data and no network, section by section."""
   _check_training(s.training)
   _check_objective(s.training, s.model)
+  _check_meanflow(s.training, s.model, s.sampling, families)
   _check_model(s.model, families)
   _check_sde(s.training, s.model)
   _check_optim(s.optim)
@@ -670,6 +676,41 @@ def _check_objective(t: Training, m: Model) -> None:
   for key in ("p_std", "logit_std"):
     if not getattr(t, key) > 0:
       raise ConfigError(f"training.{key} must be > 0, got {getattr(t, key)}.")
+
+
+def _check_meanflow(t: Training, m: Model, c: Sampling,
+                    families: Mapping[str, Tuple[str, ...]]) -> None:
+  """MeanFlow trains an average-velocity network on the rectified-flow path; its sampler
+  needs one."""
+  _choice("training.objective", t.objective, OBJECTIVES)
+  meanflow = t.objective == "meanflow"
+  if c.method.lower() == "meanflow" and not meanflow:
+    raise ConfigError("sampling.method = 'meanflow' samples average-velocity networks; train "
+                      "with training.objective = 'meanflow' or choose another sampler.")
+  if not meanflow:
+    return
+  if t.sde.lower() != "rectified_flow" or not t.continuous:
+    raise ConfigError("training.objective = 'meanflow' is on the rectified-flow path; set "
+                      "training.sde = 'rectified_flow' and training.continuous = True.")
+  if "second_time" not in families.get(m.name.lower(), ()):
+    raise ConfigError(f"training.objective = 'meanflow' needs a network with a second time "
+                      f"input; model.name = {m.name!r} has none (use 'mlp').")
+  if not m.get("second_time"):
+    raise ConfigError("training.objective = 'meanflow' needs the network's second time input; "
+                      "set model.second_time = True.")
+  if t.time_distribution != "logit_normal" or m.parameterization != "default":
+    raise ConfigError("training.objective = 'meanflow' samples logit-normal times with a plain "
+                      "network output; set training.time_distribution = 'logit_normal' and "
+                      "model.parameterization = 'default'.")
+  if not 0.0 <= t.meanflow_ratio <= 1.0:
+    raise ConfigError(f"training.meanflow_ratio is the share of r < t in [0, 1], got "
+                      f"{t.meanflow_ratio}.")
+  _at_least("training.meanflow_power", t.meanflow_power, 0.0)
+  if not t.meanflow_c > 0:
+    raise ConfigError(f"training.meanflow_c must be > 0, got {t.meanflow_c}.")
+  if c.guidance_weight != 0:
+    raise ConfigError("Guidance is not implemented for MeanFlow; set "
+                      "sampling.guidance_weight = 0.")
 
 
 def _check_phema(t: Training, m: Model) -> None:
