@@ -34,10 +34,12 @@ NETWORKS = {
     "ddpmpp": (models.NCSNpp(nf=16, **_ATTN, fir=False, progressive_input="none",
                              embedding_type="positional", scale_by_sigma=False, centered=True),
                (2, 8, 8, 3), (0.5, 3.0)),
-    "song_unet": (models.SongUNet(nf=8, **_ATTN, dropout=0.0), (2, 8, 8, 3), (0.5, 3.0)),
+    # MeanFlow's second time input on: the derivative runs through both embeddings.
+    "song_unet": (models.SongUNet(nf=8, **_ATTN, dropout=0.0, second_time=True), (2, 8, 8, 3),
+                  (0.5, 3.0)),
     "ddpm": (models.DDPM(nf=32, **_ATTN), (2, 8, 8, 3), (0.5, 3.0)),
     "ncsnv2": (models.NCSNv2(nf=8), (2, 8, 8, 3), (0.5, 3.0)),
-    "mlp": (models.MLPScore(hidden_sizes=(32, 32), nf=16), (2, 2), (0.5, 3.0)),
+    "mlp": (models.MLPScore(hidden_sizes=(32, 32), nf=16, second_time=True), (2, 2), (0.5, 3.0)),
 }
 
 H = 1e-3
@@ -57,14 +59,21 @@ def test_jvp_equals_central_difference(name, fast_compile):
   v = rng.normal(size=shape)
   t = np.asarray(labels)
 
-  f = lambda x, t: model.apply(variables, x, t, train=False)
+  second_time = getattr(model, "second_time", False)
+
+  def apply(model, variables, x, t):
+    # A second time input gets labels2 = t / 2 (MeanFlow's t - r at r = t / 2).
+    extra = {"labels2": t / 2} if second_time else {}
+    return model.apply(variables, x, t, train=False, **extra)
+
+  f = lambda x, t: apply(model, variables, x, t)
   jvp_fn = jax.jit(lambda x, t, v, dt: jax.jvp(f, (x, t), (v, dt))[1])
   x32, t32, v32 = (jnp.asarray(a, jnp.float32) for a in (x, t, v))
   jvp = np.asarray(jvp_fn(x32, t32, v32, jnp.ones_like(t32)), np.float64)
 
   with jax.enable_x64(True):
     model64 = model.clone(dtype=jnp.float64)
-    f64 = jax.jit(lambda vs, x, t: model64.apply(vs, x, t, train=False).astype(jnp.float64))
+    f64 = jax.jit(lambda vs, x, t: apply(model64, vs, x, t).astype(jnp.float64))
     vs64, x64, v64, t64 = _to64(variables), _to64(x), _to64(v), _to64(t)
     fd = (f64(vs64, x64 + H * v64, t64 + H) - f64(vs64, x64 - H * v64, t64 - H)) / (2 * H)
     fd = np.asarray(fd)
