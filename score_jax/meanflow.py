@@ -32,8 +32,10 @@ UFn = Callable[[Array, Array, Array], Array]
 __all__ = ["MeanFlowTerms", "sample_times", "target", "loss", "sample", "sampler",
            "network_u_fn", "LABEL_SCALE"]
 
-# Network time labels are 999 t and 999 (t - r), as for rectified flow (models/score.py).
-LABEL_SCALE = 999.0
+# Network time labels are t and t - r themselves, as in the paper's code: the total derivative
+# d/dt u then stays O(1). (Labels 999 t, the rectified-flow convention of models/score.py,
+# multiply it by 999 through the noise embedding, and the unweighted loss diverges.)
+LABEL_SCALE = 1.0
 
 
 class MeanFlowTerms(NamedTuple):
@@ -153,8 +155,8 @@ def sampler(rng: Array, sde: Any, u_fn: UFn, shape: Sequence[int], *, num_steps:
 
 def network_u_fn(model: Any, variables: Mapping[str, Any], y: Optional[Array] = None, *,
                  train: bool = False, rngs: Optional[Mapping[str, Array]] = None) -> UFn:
-  """u(z, r, t) of a network built with `second_time=True`: noise labels 999 t and
-  999 (t - r) (the paper conditions on (t, t - r))."""
+  """u(z, r, t) of a network built with `second_time=True`: noise labels t and t - r (the
+  paper conditions on (t, t - r))."""
 
   def u_fn(z: Array, r: Array, t: Array) -> Array:
     return model.apply(variables, z, LABEL_SCALE * t, y, train=train, rngs=rngs,

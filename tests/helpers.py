@@ -6,7 +6,7 @@
 - closed-form checks of samplers: SDES, EPS, Bias, PC_BIAS, ODE_BIAS,
   assert_reproduces, mixture_setup, two_modes, conditional_residuals;
 - the irreducible residual of the denoising loss (irreducible_residual);
-- the learning check on the toy mixture (toy_mode_weights);
+- the learning check on the toy mixture (toy_mode_weights, sampled_mode_weights);
 - network variables drawn on the host (random_variables).
 """
 
@@ -194,9 +194,7 @@ def toy_mode_weights(cfg, steps, tmp_path):
   """Trains configs/toy*.py as shipped for `steps` steps, samples 2048 points with its
   sampler and returns the fraction nearest to each of the 8 modes, the mixture's weights and
   the fraction within 3 std."""
-  from score_jax.data.toy import GAUSSIAN_MIXTURE as mix
-  from score_jax.run import programs, train
-  from score_jax.run import plan as plan_lib
+  from score_jax.run import train
   from score_jax.run.settings import from_config as S
 
   with cfg.unlocked():
@@ -204,9 +202,18 @@ def toy_mode_weights(cfg, steps, tmp_path):
     cfg.training.snapshot_freq = steps
     cfg.training.snapshot_sampling = False
   state = train.train_and_evaluate(S(cfg), str(tmp_path / "run"))
+  return sampled_mode_weights(cfg, state.ema_params)
+
+
+def sampled_mode_weights(cfg, params):
+  """toy_mode_weights of 2048 samples of `params` with cfg's sampler."""
+  from score_jax.data.toy import GAUSSIAN_MIXTURE as mix
+  from score_jax.run import programs
+  from score_jax.run import plan as plan_lib
+  from score_jax.run.settings import from_config as S
+
   progs = programs.Programs(plan_lib.make_plan(S(cfg)))
-  x, _ = progs.sampler(2048)(state.ema_params, jax.random.PRNGKey(7),
-                             progs.put(np.zeros((2048,), np.int32)))
+  x, _ = progs.sampler(2048)(params, jax.random.PRNGKey(7), progs.put(np.zeros((2048,), np.int32)))
   d = np.linalg.norm(np.asarray(x, np.float64)[:, None, :] - mix.means[None], axis=-1)
   weights = np.bincount(d.argmin(1), minlength=len(mix.weights)) / len(d)
   return weights, mix.weights, np.mean(d.min(1) < 3 * mix.stds[0])

@@ -143,7 +143,7 @@ def test_networks_take_a_second_time_input(name):
   assert not np.allclose(np.asarray(a[0]), np.asarray(b[0]))  # r reaches the output
   np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]))
   # Without labels2 the network is at r = t: the instantaneous velocity.
-  np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(variables, z, 999 * t)),
+  np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(variables, z, t)),
                              np.asarray(u_fn(z, t, t)), rtol=1e-5, atol=1e-6)
   plain = model.clone(second_time=False)
   with pytest.raises(ValueError, match="labels2"):
@@ -161,6 +161,8 @@ def test_networks_take_a_second_time_input(name):
     ({"training.objective": "denoising"}, "training.objective = 'meanflow'"),
     ({"training.objective": "meanflow_v2"}, "training.objective"),
     ({"sampling.guidance_weight": 1.0}, "guidance_weight"),
+    ({"sampling.method": "ode"}, "sampling.method = 'meanflow'"),
+    ({"eval.enable_bpd": True}, "eval.enable_bpd = False"),
 ])
 def test_meanflow_settings_are_checked(change, words):
   from score_jax.errors import ConfigError
@@ -171,8 +173,7 @@ def test_meanflow_settings_are_checked(change, words):
 
 def test_toy_meanflow_trains_and_samples_in_one_and_two_steps(tmp_path, fast_compile):
   """The config trains 2 steps through the training loop (with snapshot samples), and its
-  sampler makes num_steps network evaluations; without a second label the network gives
-  the instantaneous velocity, so the score-based samplers also run on it."""
+  sampler makes num_steps network evaluations, those of score_jax.meanflow.sample."""
   import os
   from score_jax.run import plan as plan_lib
   from score_jax.run import programs, train
@@ -194,3 +195,25 @@ def test_toy_meanflow_trains_and_samples_in_one_and_two_steps(tmp_path, fast_com
   e = jax.random.normal(jax.random.PRNGKey(0), (8, 2))
   want = meanflow.sample(meanflow.network_u_fn(model, {"params": params}), e, (1.0, 0.5, 0.0))
   np.testing.assert_allclose(np.asarray(x), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # 1,000 training steps: 1-2 min on 2 CPU cores
+def test_toy_meanflow_learns_the_mode_weights_in_one_and_two_steps(tmp_path):
+  """configs/toy_meanflow.py, 1,000 steps: 1- and 2-step samples put the 2:1 mode weights
+  within 0.03. Measured on one device: 0.012 (1 step) and 0.009 (2 steps), with 87% and 89%
+  of the samples within 3 std of a mode (the data: 98.9%; the share off every mode is not
+  yet within twice the data's at this budget: 92-93% after 3,000 steps)."""
+  from configs import toy_meanflow
+  from score_jax.run import train
+  from score_jax.run.settings import from_config
+  cfg = toy_meanflow.get_config()
+  with cfg.unlocked():
+    cfg.training.n_iters = cfg.training.snapshot_freq = 1000
+    cfg.training.snapshot_sampling = False
+  state = train.train_and_evaluate(from_config(cfg), str(tmp_path / "run"))
+  for num_steps in (1, 2):
+    with cfg.unlocked():
+      cfg.sampling.num_steps = num_steps
+    weights, want, near = helpers.sampled_mode_weights(cfg, state.ema_params)
+    np.testing.assert_allclose(weights, want, atol=0.03)
+    assert near > 0.8

@@ -138,7 +138,6 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
   unconditional models.
   """
   t = s.training
-  num_classes = s.model.num_classes
   if not t.continuous and sde.chain is None:
     raise ConfigError(f"Discrete training (training.continuous=False) needs an SDE with a "
                       f"discrete chain: vpsde (DDPM) or vesde (SMLD), not {t.sde!r}.")
@@ -149,10 +148,7 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
   def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
               augment_labels: Optional[Array] = None):
     rng_loss, rng_drop, rng_label = jax.random.split(rng, 3)
-    y = y if num_classes > 0 else None
-    if y is not None and t.class_dropout > 0 and train:
-      drop = jax.random.bernoulli(rng_label, t.class_dropout, y.shape)
-      y = jnp.where(drop, num_classes, y)
+    y = _training_labels(s, y, rng_label, train)
     base = models.get_score_fn(sde, model, {"params": params}, continuous=t.continuous,
                                train=train, rng=rng_drop if train else None,
                                augment_labels=augment_labels, **parameterization_kwargs(s))
@@ -169,18 +165,25 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
   return loss_fn
 
 
+def _training_labels(s: Settings, y: Optional[Array], rng: Array, train: bool) -> Optional[Array]:
+  """The class labels a loss conditions on: None for unconditional models; in training, the
+  null label (num_classes) at the rate training.class_dropout."""
+  num_classes, rate = s.model.num_classes, s.training.class_dropout
+  y = y if num_classes > 0 else None
+  if y is not None and rate > 0 and train:
+    y = jnp.where(jax.random.bernoulli(rng, rate, y.shape), num_classes, y)
+  return y
+
+
 def _meanflow_loss_fn(s: Settings, model: nn.Module, *, train: bool) -> LossFn:
   """get_loss_fn's loss for training.objective = 'meanflow' (score_jax.meanflow.loss)."""
-  t, num_classes = s.training, s.model.num_classes
+  t = s.training
 
   def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
               augment_labels: Optional[Array] = None):
     del augment_labels  # no network with a second time input takes augmentation labels
     rng_t, rng_e, rng_drop, rng_label = jax.random.split(rng, 4)
-    y = y if num_classes > 0 else None
-    if y is not None and t.class_dropout > 0 and train:
-      drop = jax.random.bernoulli(rng_label, t.class_dropout, y.shape)
-      y = jnp.where(drop, num_classes, y)
+    y = _training_labels(s, y, rng_label, train)
     u_fn = meanflow.network_u_fn(model, {"params": params}, y, train=train,
                                  rngs={"dropout": rng_drop} if train else None)
     r, tt = meanflow.sample_times(rng_t, x.shape[0], ratio=t.meanflow_ratio, p_mean=t.logit_mean,

@@ -465,7 +465,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   """Value checks that need no devices, no data and no network, section by section."""
   _check_training(s.training)
   _check_objective(s.training, s.model)
-  _check_meanflow(s.training, s.model, s.sampling, families)
+  _check_meanflow(s, families)
   _check_model(s.model, families)
   _check_sde(s.training, s.model)
   _check_optim(s.optim)
@@ -678,10 +678,11 @@ def _check_objective(t: Training, m: Model) -> None:
       raise ConfigError(f"training.{key} must be > 0, got {getattr(t, key)}.")
 
 
-def _check_meanflow(t: Training, m: Model, c: Sampling,
-                    families: Mapping[str, Tuple[str, ...]]) -> None:
+def _check_meanflow(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   """MeanFlow trains an average-velocity network on the rectified-flow path; its sampler
-  needs one."""
+  needs one, and nothing that needs a score (the other samplers, the likelihood, the
+  controllable tasks) runs on it."""
+  t, m, c = s.training, s.model, s.sampling
   _choice("training.objective", t.objective, OBJECTIVES)
   meanflow = t.objective == "meanflow"
   if c.method.lower() == "meanflow" and not meanflow:
@@ -708,9 +709,17 @@ def _check_meanflow(t: Training, m: Model, c: Sampling,
   _at_least("training.meanflow_power", t.meanflow_power, 0.0)
   if not t.meanflow_c > 0:
     raise ConfigError(f"training.meanflow_c must be > 0, got {t.meanflow_c}.")
+  if c.method.lower() not in sampler_specs.AVERAGE_VELOCITY:
+    raise ConfigError(f"A MeanFlow network gives an average velocity, not the score that "
+                      f"sampling.method = {c.method!r} integrates; set sampling.method = "
+                      "'meanflow'.")
   if c.guidance_weight != 0:
     raise ConfigError("Guidance is not implemented for MeanFlow; set "
                       "sampling.guidance_weight = 0.")
+  if s.sample.task != "generate" or s.eval.enable_bpd:
+    raise ConfigError("The controllable tasks and the likelihood need a score, which a MeanFlow "
+                      "network does not give; set sample.task = 'generate' and "
+                      "eval.enable_bpd = False.")
 
 
 def _check_phema(t: Training, m: Model) -> None:
