@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "pc"  # pc | ode | ddim | heun | dpm_solver | unipc
+  sampling.method = "pc"  # pc | ode | ddim | heun | dpm_solver | unipc | meanflow
   sampling.predictor = "reverse_diffusion"
   sampling.corrector = "langevin"
   sampling.snr = 0.16
