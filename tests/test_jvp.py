@@ -32,9 +32,11 @@ _ATTN = dict(ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
 NETWORKS = {
     "ncsnpp": (models.NCSNpp(nf=16, **_ATTN), (2, 8, 8, 3), (0.5, 3.0)),
     "ddpmpp": (models.NCSNpp(nf=16, **_ATTN, fir=False, progressive_input="none",
-                             embedding_type="positional", scale_by_sigma=False, centered=True),
+                             embedding_type="positional", scale_by_sigma=False, centered=True,
+                             second_time=True),
                (2, 8, 8, 3), (0.5, 3.0)),
-    # MeanFlow's second time input on: the derivative runs through both embeddings.
+    # MeanFlow's second time input on (also DDPM++ and the MLP): the derivative runs through
+    # both time embeddings.
     "song_unet": (models.SongUNet(nf=8, **_ATTN, dropout=0.0, second_time=True), (2, 8, 8, 3),
                   (0.5, 3.0)),
     "ddpm": (models.DDPM(nf=32, **_ATTN), (2, 8, 8, 3), (0.5, 3.0)),

@@ -128,12 +128,16 @@ def test_time_sampling_is_sorted_logit_normal_with_the_given_ratio():
   assert abs(tail.mean() - (-0.4 + 1 / np.sqrt(np.pi))) < 4.5 / np.sqrt(tail.size)
 
 
-@pytest.mark.parametrize("name", ["mlp", "song_unet"])
+@pytest.mark.parametrize("name", ["mlp", "song_unet", "ddpmpp"])
 def test_networks_take_a_second_time_input(name):
   model, shape = {
       "mlp": (models.MLPScore(hidden_sizes=(16, 16), nf=8, second_time=True), (2, D)),
       "song_unet": (models.SongUNet(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
                                     dropout=0.0, second_time=True), (2, 4, 4, 1)),
+      "ddpmpp": (models.NCSNpp(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                               fir=False, progressive_input="none", embedding_type="positional",
+                               scale_by_sigma=False, centered=True, second_time=True),
+                 (2, 4, 4, 1)),
   }[name]
   variables = helpers.random_variables(model, shape)
   z = jnp.ones(shape)
