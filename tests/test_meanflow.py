@@ -8,6 +8,7 @@ average velocity is u*(z, r, t) = (z - flow(z)) / (t - r).
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -221,3 +222,39 @@ def test_toy_meanflow_learns_the_mode_weights_in_one_and_two_steps(tmp_path):
     weights, want, near = helpers.sampled_mode_weights(cfg, state.ema_params)
     np.testing.assert_allclose(weights, want, atol=0.03)
     assert near > 0.8
+
+
+def test_loss_and_gradient_equal_the_official_code():
+  """tests/data/meanflow/official.npz: the loss and its gradient in the network's weights on
+  one batch, computed by the paper's JAX code (Gsunshine/meanflow's MeanFlow.forward; how:
+  tests/data/make_meanflow_fixture.py) around the same SongUNet with a second time input.
+  score_jax.meanflow.loss with the recorded (t, r, e) gives the same values."""
+  path = os.path.join(helpers.ROOT, "tests", "data", "meanflow", "official.npz")
+  with np.load(path) as f:
+    data = dict(f)
+  params = {}
+  for key, value in data.items():
+    if key.startswith("param/"):
+      *parents, leaf = key[len("param/"):].split("/")
+      node = params
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = value
+  model = models.SongUNet(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,),
+                          dropout=0.0, augment_dim=0, second_time=True)
+
+  def total(params, power):
+    u_fn = meanflow.network_u_fn(model, {"params": params})
+    return jnp.mean(meanflow.loss(u_fn, data["x"], data["e"], data["r"], data["t"],
+                                  power=power, c=0.01).loss)
+
+  value_and_grad = jax.jit(jax.value_and_grad(total))  # power traced: one compile
+  for tag, power in (("p1/", 1.0), ("p0/", 0.0)):  # the paper's weighting; the plain error
+    value, grads = value_and_grad(params, power)
+    np.testing.assert_allclose(float(value), data[tag + "loss"], rtol=1e-5)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    assert len(flat) == sum(k.startswith(tag + "grad/") for k in data)
+    for keys, g in flat:
+      want = data[tag + "grad/" + "/".join(k.key for k in keys)]
+      np.testing.assert_allclose(np.asarray(g), want, rtol=2e-4,
+                                 atol=2e-4 * np.max(np.abs(want)) + 1e-12)
