@@ -52,7 +52,8 @@ def _bcast(a: Array, like: Array) -> Array:
 def sample_times(key: Array, batch: int, *, ratio: float = 0.25, p_mean: float = -0.4,
                  p_std: float = 1.0) -> Tuple[Array, Array]:
   """The paper's (r, t): two logit-normal times sigmoid(p_mean + p_std n), sorted so r <= t;
-  all but the first round(ratio * batch) examples get r = t (plain flow matching there).
+  the first int((1 - ratio) batch) examples get r = t (plain flow matching there), as the
+  paper's code lays out the batch.
 
   Args:
     key: PRNG key.
@@ -65,7 +66,7 @@ def sample_times(key: Array, batch: int, *, ratio: float = 0.25, p_mean: float =
   """
   a, b = jax.nn.sigmoid(p_mean + p_std * jax.random.normal(key, (2, batch)))
   t, r = jnp.maximum(a, b), jnp.minimum(a, b)
-  distinct = jnp.arange(batch) < round(ratio * batch)
+  distinct = jnp.arange(batch) >= int(batch * (1.0 - ratio))
   return jnp.where(distinct, r, t), t
 
 
