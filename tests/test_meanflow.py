@@ -130,8 +130,25 @@ def test_time_sampling_is_sorted_logit_normal_with_the_given_ratio():
   assert abs(tail.mean() - (-0.4 + 1 / np.sqrt(np.pi))) < 4.5 / np.sqrt(tail.size)
 
 
+def test_the_mlp_takes_a_second_time_input():
+  model = models.MLPScore(hidden_sizes=(16, 16), nf=8, second_time=True)
+  variables = helpers.random_variables(model, (2, D))
+  z = jnp.ones((2, D))
+  u_fn = jax.jit(meanflow.network_u_fn(model, variables))
+  t = jnp.array([0.9, 0.9])
+  a, b = u_fn(z, jnp.array([0.1, 0.9]), t), u_fn(z, jnp.array([0.5, 0.9]), t)
+  assert not np.allclose(np.asarray(a[0]), np.asarray(b[0]))  # r reaches the output
+  np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]))
+  # Without labels2 the network is at r = t: the instantaneous velocity.
+  np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(variables, z, t)),
+                             np.asarray(u_fn(z, t, t)), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["mlp", "song_unet", "ddpmpp"])
-def test_networks_take_a_second_time_input(name):
+def test_second_time_input_is_declared(name):
+  """Shapes only (no compile): with second_time the network has its own layer for the
+  second label, and without it refuses one. (tests/test_jvp.py differentiates SongUNet and
+  DDPM++ through it; the MLP's behaviour is checked above.)"""
   model, shape = {
       "mlp": (models.MLPScore(hidden_sizes=(16, 16), nf=8, second_time=True), (2, D)),
       "song_unet": (models.SongUNet(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
@@ -141,19 +158,14 @@ def test_networks_take_a_second_time_input(name):
                                scale_by_sigma=False, centered=True, second_time=True),
                  (2, 4, 4, 1)),
   }[name]
-  variables = helpers.random_variables(model, shape)
-  z = jnp.ones(shape)
-  u_fn = jax.jit(meanflow.network_u_fn(model, variables))
-  t = jnp.array([0.9, 0.9])
-  a, b = u_fn(z, jnp.array([0.1, 0.9]), t), u_fn(z, jnp.array([0.5, 0.9]), t)
-  assert not np.allclose(np.asarray(a[0]), np.asarray(b[0]))  # r reaches the output
-  np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]))
-  # Without labels2 the network is at r = t: the instantaneous velocity.
-  np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(variables, z, t)),
-                             np.asarray(u_fn(z, t, t)), rtol=1e-5, atol=1e-6)
-  plain = model.clone(second_time=False)
+  z, t = jnp.ones(shape), jnp.ones(2)
+  init = lambda m, **kw: jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), z, t, **kw))
+  with_second = init(model, labels2=t)["params"]
+  without = init(model.clone(second_time=False))["params"]
+  count = lambda p: sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(p))
+  assert count(with_second) > count(without)
   with pytest.raises(ValueError, match="labels2"):
-    jax.eval_shape(lambda: plain.init(jax.random.PRNGKey(0), z, t, labels2=t))
+    init(model.clone(second_time=False), labels2=t)
 
 
 # --- the running layer: configs/toy_meanflow.py ---
