@@ -43,10 +43,18 @@ def get_config() -> ml_collections.ConfigDict:
   training.logit_mean = 0.0
   training.logit_std = 1.0
   training.weighting = "default"
+  # The objective: denoising (the losses above) | meanflow (score_jax.meanflow: an
+  # average-velocity network u(z, r, t), model.second_time = True, on rectified_flow with
+  # time_distribution logit_normal; a share meanflow_ratio of the batch has r < t, the
+  # loss is weighted by 1 / (error + meanflow_c)^meanflow_power).
+  training.objective = "denoising"
+  training.meanflow_ratio = 0.25
+  training.meanflow_power = 1.0
+  training.meanflow_c = 1e-3
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "pc"  # pc | ode | ddim | heun | dpm_solver | unipc
+  sampling.method = "pc"  # pc | ode | ddim | heun | dpm_solver | unipc | meanflow
   sampling.predictor = "reverse_diffusion"
   sampling.corrector = "langevin"
   sampling.snr = 0.16

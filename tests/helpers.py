@@ -6,11 +6,13 @@
 - closed-form checks of samplers: SDES, EPS, Bias, PC_BIAS, ODE_BIAS,
   assert_reproduces, mixture_setup, two_modes, conditional_residuals;
 - the irreducible residual of the denoising loss (irreducible_residual);
-- the learning check on the toy mixture (toy_mode_weights).
+- the learning check on the toy mixture (toy_mode_weights, sampled_mode_weights);
+- network variables drawn on the host (random_variables).
 """
 
 import functools
 import importlib
+import math
 import os
 import shutil
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from score_jax import analytic, likelihood
 from score_jax import sde as sde_lib
+from score_jax.models.build import init_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,9 +219,7 @@ def toy_mode_weights(cfg, steps, tmp_path):
   """Trains configs/toy*.py as shipped for `steps` steps, samples 2048 points with its
   sampler and returns the fraction nearest to each of the 8 modes, the mixture's weights and
   the fraction within 3 std."""
-  from score_jax.data.toy import GAUSSIAN_MIXTURE as mix
-  from score_jax.run import programs, train
-  from score_jax.run import plan as plan_lib
+  from score_jax.run import train
   from score_jax.run.settings import from_config as S
 
   with cfg.unlocked():
@@ -226,9 +227,38 @@ def toy_mode_weights(cfg, steps, tmp_path):
     cfg.training.snapshot_freq = steps
     cfg.training.snapshot_sampling = False
   state = train.train_and_evaluate(S(cfg), str(tmp_path / "run"))
+  return sampled_mode_weights(cfg, state.ema_params)
+
+
+def sampled_mode_weights(cfg, params):
+  """toy_mode_weights of 2048 samples of `params` with cfg's sampler."""
+  from score_jax.data.toy import GAUSSIAN_MIXTURE as mix
+  from score_jax.run import programs
+  from score_jax.run import plan as plan_lib
+  from score_jax.run.settings import from_config as S
+
   progs = programs.Programs(plan_lib.make_plan(S(cfg)))
-  x, _ = progs.sampler(2048)(state.ema_params, jax.random.PRNGKey(7),
-                             progs.put(np.zeros((2048,), np.int32)))
+  x, _ = progs.sampler(2048)(params, jax.random.PRNGKey(7), progs.put(np.zeros((2048,), np.int32)))
   d = np.linalg.norm(np.asarray(x, np.float64)[:, None, :] - mix.means[None], axis=-1)
   weights = np.bincount(d.argmin(1), minlength=len(mix.weights)) / len(d)
   return weights, mix.weights, np.mean(d.min(1) < 3 * mix.stds[0])
+
+
+# --- networks ---
+
+
+def random_variables(model, shape, seed=0):
+  """Variables of `model` for inputs of `shape`, drawn on the host with O(1) activations.
+
+  Unlike init (near-zero last layers, and many RNG calls that compile slowly on CPU), every
+  path then influences the output, so conditioning, dropout and derivative tests can see it.
+  """
+  shapes = jax.eval_shape(lambda r: init_model(r, model, shape), jax.random.PRNGKey(0))
+  rng = np.random.default_rng(seed)
+
+  def draw(s):
+    if len(s.shape) >= 2:
+      return rng.normal(size=s.shape).astype(np.float32) / np.sqrt(math.prod(s.shape[:-1]))
+    return (1.0 + 0.1 * rng.normal(size=s.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map(draw, shapes)

@@ -27,6 +27,8 @@ from score_jax.models import up_or_down_sampling as fir
 from score_jax.models.build import init_model
 from score_jax.sde import TutorialSDE, VESDE, VPSDE, subVPSDE
 
+import helpers
+
 # ---------------------------------------------------------------------------
 # FIR resampling
 # ---------------------------------------------------------------------------
@@ -305,21 +307,7 @@ SMALL = {
 _LABELS = jnp.array([0.5, 3.0])  # positive: the Fourier embedding takes the log
 
 
-def _random_variables(model, shape, seed=0):
-  """Parameters of the right shapes drawn on the host, O(1) activations.
-
-  Unlike init (near-zero last layers), every path then influences the output,
-  so the dropout and conditioning tests can see it.
-  """
-  shapes = jax.eval_shape(lambda r: init_model(r, model, shape), jax.random.PRNGKey(0))
-  rng = np.random.default_rng(seed)
-
-  def draw(s):
-    if len(s.shape) >= 2:
-      return rng.normal(size=s.shape).astype(np.float32) / np.sqrt(math.prod(s.shape[:-1]))
-    return (1.0 + 0.1 * rng.normal(size=s.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map(draw, shapes)
+_random_variables = helpers.random_variables
 
 
 @functools.lru_cache(maxsize=None)

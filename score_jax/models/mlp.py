@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -33,6 +33,8 @@ class MLPScore(nn.Module):
     dropout: dropout rate inside residual layers.
     num_classes: class conditioning (0 = none).
     scale_by_sigma: score = net / sigma; applied by get_score_fn.
+    second_time: take a second label (`labels2`, MeanFlow's t - r; None: 0) whose own
+      embedding is added to the first's.
     dtype: compute dtype.
   """
   hidden_sizes: Tuple[int, ...] = (256, 256, 256)
@@ -43,29 +45,28 @@ class MLPScore(nn.Module):
   dropout: float = 0.0
   num_classes: int = 0
   scale_by_sigma: bool = False
+  second_time: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, *,
-               train: bool = False) -> Array:
-    """x [B, D], labels [B], y [B] int or None -> [B, D] float32."""
+               train: bool = False, labels2: Optional[Array] = None) -> Array:
+    """x [B, D], labels [B], y [B] int or None, labels2 [B] (with second_time) -> [B, D]
+    float32."""
     if x.ndim != 2:
       raise ValueError(f"MLPScore expects x of shape [B, D], got {x.shape}.")
     if not self.hidden_sizes:
       raise ValueError("hidden_sizes must name at least one layer.")
     layers.check_class_labels(y, self.num_classes)
+    if labels2 is not None and not self.second_time:
+      raise ValueError("labels2 needs a network built with second_time=True.")
     act = layers.get_act(self.nonlinearity)
     dtype = self.dtype
-    if self.embedding_type == "fourier":
-      temb = layers.GaussianFourierProjection(self.nf, scale=self.fourier_scale)(
-          jnp.log(labels.astype(jnp.float32)))
-    elif self.embedding_type == "positional":
-      temb = layers.get_timestep_embedding(labels, self.nf)
-    else:
-      raise ValueError(f"embedding_type must be fourier | positional, got {self.embedding_type!r}.")
     width = self.hidden_sizes[0]
-    temb = layers.dense(temb, width, dtype=dtype)
-    temb = layers.dense(act(temb), width, dtype=dtype)
+    temb = self._embed(labels, width, act)
+    if self.second_time:  # None: 0, MeanFlow's r = t, the instantaneous velocity
+      temb = temb + self._embed(jnp.zeros_like(labels) if labels2 is None else labels2, width,
+                                act)
     if self.num_classes > 0:
       temb = temb + layers.ClassEmbedding(self.num_classes, width)(y, x.shape[0]).astype(dtype)
 
@@ -79,3 +80,15 @@ class MLPScore(nn.Module):
       h = h + layers.dense(r, size, dtype=dtype)
     out = layers.dense(act(h), x.shape[-1], dtype=dtype)
     return out.astype(jnp.float32)
+
+  def _embed(self, labels: Array, width: int, act: Callable[[Array], Array]) -> Array:
+    """[B] labels -> [B, width]: the embedding, then two dense layers."""
+    if self.embedding_type == "fourier":
+      temb = layers.GaussianFourierProjection(self.nf, scale=self.fourier_scale)(
+          jnp.log(labels.astype(jnp.float32)))
+    elif self.embedding_type == "positional":
+      temb = layers.get_timestep_embedding(labels, self.nf)
+    else:
+      raise ValueError(f"embedding_type must be fourier | positional, got {self.embedding_type!r}.")
+    temb = layers.dense(temb, width, dtype=self.dtype)
+    return layers.dense(act(temb), width, dtype=self.dtype)

@@ -65,6 +65,9 @@ class NCSNpp(nn.Module):
     augment_dim: width of EDM's augmentation labels (score_jax.data.augment), added
       to the noise embedding through a bias-free dense layer 'map_augment' as
       EDM's networks do (zero labels add nothing); 0 = none (the 2021 network).
+    second_time: take a second label (`labels2`, MeanFlow's t - r; None: 0), whose
+      positional embedding, through a dense layer 'map_noise2', is added to the noise
+      embedding.
     dtype: compute dtype (parameters are float32, the output float32).
   """
   nf: int = 128
@@ -92,6 +95,7 @@ class NCSNpp(nn.Module):
   num_groups: Optional[int] = None
   remat: bool = False
   augment_dim: int = 0
+  second_time: bool = False
   dtype: Any = jnp.float32
 
   def _check(self) -> None:
@@ -110,13 +114,18 @@ class NCSNpp(nn.Module):
       raise ValueError(f"attention_type {self.attention_type!r} not supported (only 'ddpm').")
 
   def _embed(self, labels: Array, y: Optional[Array], act,
-             augment_labels: Optional[Array] = None) -> Optional[Array]:
+             augment_labels: Optional[Array] = None,
+             labels2: Optional[Array] = None) -> Optional[Array]:
     """Noise-level, augmentation and class embedding -> [B, 4 nf] or None."""
     nf = self.nf
     temb = None
     aug = layers.augment_input(augment_labels, self.augment_dim, labels.shape[0])
     if self.augment_dim > 0 and not self.conditional:
       raise ValueError("augment_dim > 0 needs the noise embedding (conditional=True).")
+    if labels2 is not None and not self.second_time:
+      raise ValueError("labels2 needs a network built with second_time=True.")
+    if self.second_time and not self.conditional:
+      raise ValueError("second_time needs the noise embedding (conditional=True).")
     if self.conditional:
       if self.embedding_type == "fourier":
         # Fourier features of log(label): for VE, log sigma spans a range
@@ -128,6 +137,10 @@ class NCSNpp(nn.Module):
       if self.augment_dim > 0:
         temb = temb + nn.Dense(temb.shape[-1], use_bias=False, kernel_init=layers.default_init(),
                                name="map_augment")(aug)
+      if self.second_time:  # None: 0, MeanFlow's r = t
+        labels2 = jnp.zeros_like(labels) if labels2 is None else labels2
+        temb = temb + nn.Dense(temb.shape[-1], kernel_init=layers.default_init(),
+                               name="map_noise2")(layers.get_timestep_embedding(labels2, nf))
       temb = layers.dense(temb, nf * 4, dtype=self.dtype)
       temb = layers.dense(act(temb), nf * 4, dtype=self.dtype)
     if self.num_classes > 0:
@@ -138,7 +151,8 @@ class NCSNpp(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, *,
-               train: bool = False, augment_labels: Optional[Array] = None) -> Array:
+               train: bool = False, augment_labels: Optional[Array] = None,
+               labels2: Optional[Array] = None) -> Array:
     """Score-network output.
 
     Args:
@@ -147,6 +161,7 @@ class NCSNpp(nn.Module):
       y: optional [B] int class labels (num_classes = null label).
       train: enables dropout (needs rngs={'dropout': key}).
       augment_labels: optional [B, augment_dim] augmentation labels; None = zero.
+      labels2: optional [B] second time labels (second_time only); None = zero.
     Returns:
       [B, H, W, C] float32.
     """
@@ -156,7 +171,7 @@ class NCSNpp(nn.Module):
     nf, dtype = self.nf, self.dtype
     num_resolutions = len(self.ch_mult)
     channels = x.shape[-1]
-    temb = self._embed(labels, y, act, augment_labels)
+    temb = self._embed(labels, y, act, augment_labels, labels2)
 
     groups = self.num_groups
     attn = functools.partial(layers.AttnBlock, init_scale=self.init_scale,

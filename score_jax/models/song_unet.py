@@ -231,6 +231,8 @@ class SongUNet(nn.Module):
     fourier_scale: std of the Fourier frequencies at initialization.
     num_classes (label_dim): classes; 0 = unconditional.
     augment_dim: width of the augmentation labels; 0 = none.
+    second_time: take a second label (`labels2`, MeanFlow's t - r; None: 0), whose
+      positional embedding, through its own dense layer, is added to the noise embedding.
     dtype: compute dtype (parameters float32, output float32).
   """
   nf: int = 128
@@ -247,6 +249,7 @@ class SongUNet(nn.Module):
   fourier_scale: float = 16.0
   num_classes: int = 0
   augment_dim: int = 9
+  second_time: bool = False
   dtype: Any = jnp.float32
 
   def _check(self) -> None:
@@ -261,7 +264,7 @@ class SongUNet(nn.Module):
     resample_kernel(self.resample_filter)
 
   def embed(self, labels: Array, y: Optional[Array], augment_labels: Optional[Array],
-            batch: int) -> Array:
+            batch: int, labels2: Optional[Array] = None) -> Array:
     """The mapping network: noise, class and augmentation labels -> emb [B, nf * channel_mult_emb]."""
     noise_ch = self.nf * self.channel_mult_noise
     emb_ch = self.nf * self.channel_mult_emb
@@ -272,6 +275,12 @@ class SongUNet(nn.Module):
           jnp.log(labels.astype(jnp.float32)))
     else:
       emb = positional_embedding(labels, noise_ch)
+    if labels2 is not None and not self.second_time:
+      raise ValueError("labels2 needs a network built with second_time=True.")
+    if self.second_time:  # None: 0, MeanFlow's r = t
+      labels2 = jnp.zeros_like(labels) if labels2 is None else labels2
+      emb = emb + nn.Dense(noise_ch, kernel_init=_xavier(), name="map_noise2")(
+          positional_embedding(labels2, noise_ch))
     layers.check_class_labels(y, self.num_classes)
     if self.num_classes > 0:
       if y is None:
@@ -295,7 +304,8 @@ class SongUNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False,
-               augment_labels: Optional[Array] = None) -> Array:
+               augment_labels: Optional[Array] = None,
+               labels2: Optional[Array] = None) -> Array:
     self._check()
     if x.ndim != 4:
       raise ValueError(f"SongUNet takes images [B, H, W, C], got shape {x.shape}.")
@@ -304,7 +314,7 @@ class SongUNet(nn.Module):
     if res0 % factor:
       raise ValueError(f"image size {res0} must be divisible by {factor} (len(ch_mult) = "
                        f"{len(self.ch_mult)}).")
-    emb = self.embed(labels, y, augment_labels, batch)
+    emb = self.embed(labels, y, augment_labels, batch, labels2)
     dt, nf = self.dtype, self.nf
     block = lambda name, c, **kw: UNetBlock(c, dropout=self.dropout,
                                             resample_filter=self.resample_filter, dtype=dt,

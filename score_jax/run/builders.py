@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from score_jax import losses, models
+from score_jax import losses, meanflow, models
 from score_jax import sde as sde_lib
 from score_jax.data import augment
 from score_jax.errors import ConfigError
@@ -140,19 +140,17 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
   unconditional models.
   """
   t = s.training
-  num_classes = s.model.num_classes
   if not t.continuous and sde.chain is None:
     raise ConfigError(f"Discrete training (training.continuous=False) needs an SDE with a "
                       f"discrete chain: vpsde (DDPM) or vesde (SMLD), not {t.sde!r}.")
+  if t.objective == "meanflow":
+    return _meanflow_loss_fn(s, model, train=train)
   time_distribution = get_time_distribution(s)
 
   def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
               augment_labels: Optional[Array] = None):
     rng_loss, rng_drop, rng_label = jax.random.split(rng, 3)
-    y = y if num_classes > 0 else None
-    if y is not None and t.class_dropout > 0 and train:
-      drop = jax.random.bernoulli(rng_label, t.class_dropout, y.shape)
-      y = jnp.where(drop, num_classes, y)
+    y = _training_labels(s, y, rng_label, train)
     base = models.get_score_fn(sde, model, {"params": params}, continuous=t.continuous,
                                train=train, rng=rng_drop if train else None,
                                augment_labels=augment_labels, **parameterization_kwargs(s))
@@ -165,6 +163,36 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
                              sigma_data=s.model.sigma_data)
     discrete = losses.smld_loss if sde.chain == "smld" else losses.ddpm_loss
     return discrete(rng_loss, sde, score_fn, x, reduce_mean=t.reduce_mean)
+
+  return loss_fn
+
+
+def _training_labels(s: Settings, y: Optional[Array], rng: Array, train: bool) -> Optional[Array]:
+  """The class labels a loss conditions on: None for unconditional models; in training, the
+  null label (num_classes) at the rate training.class_dropout."""
+  num_classes, rate = s.model.num_classes, s.training.class_dropout
+  y = y if num_classes > 0 else None
+  if y is not None and rate > 0 and train:
+    y = jnp.where(jax.random.bernoulli(rng, rate, y.shape), num_classes, y)
+  return y
+
+
+def _meanflow_loss_fn(s: Settings, model: nn.Module, *, train: bool) -> LossFn:
+  """get_loss_fn's loss for training.objective = 'meanflow' (score_jax.meanflow.loss)."""
+  t = s.training
+
+  def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
+              augment_labels: Optional[Array] = None):
+    del augment_labels  # no network with a second time input takes augmentation labels
+    rng_t, rng_e, rng_drop, rng_label = jax.random.split(rng, 4)
+    y = _training_labels(s, y, rng_label, train)
+    u_fn = meanflow.network_u_fn(model, {"params": params}, y, train=train,
+                                 rngs={"dropout": rng_drop} if train else None)
+    r, tt = meanflow.sample_times(rng_t, x.shape[0], ratio=t.meanflow_ratio, p_mean=t.logit_mean,
+                                  p_std=t.logit_std)
+    e = jax.random.normal(rng_e, x.shape, x.dtype)
+    terms = meanflow.loss(u_fn, x, e, r, tt, power=t.meanflow_power, c=t.meanflow_c)
+    return jnp.mean(terms.loss), losses.LossAux(terms.loss, tt)
 
   return loss_fn
 

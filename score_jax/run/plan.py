@@ -35,7 +35,7 @@ from score_jax import models
 from score_jax import sde as sde_lib
 from score_jax.data import augment as augment_lib
 from score_jax.errors import ConfigError
-from score_jax.run import builders, phema
+from score_jax.run import builders, phema, sampler_specs
 from score_jax.run.settings import Data, Eval, Sample, Settings, check_devices
 
 Array = jax.Array
@@ -315,7 +315,8 @@ def assemble(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],
           method=smp.method.lower(), guidance_weight=smp.guidance_weight,
           guidance_interval=None if interval == (0.0, 0.0) else interval,
           ode_tolerances=(("rtol", smp.rtol), ("atol", smp.atol), ("eps", smp.eps)),
-          controllable=smp.method.lower() != "ode", time_grid=_time_grid(s)),
+          controllable=smp.method.lower() not in ("ode",) + sampler_specs.AVERAGE_VELOCITY,
+          time_grid=_time_grid(s)),
       loop=_take(TrainLoop, t, phema_sigma_rels=s.model.phema_sigma_rels,
                  eval_loss=s.eval.enable_loss, sample_batch_size=smp.batch_size,
                  zero_nonfinite_grads=s.optim.nonfinite_grads == "zero", seed=s.seed),

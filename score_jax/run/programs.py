@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from score_jax import models
-from score_jax.run import distributed
+from score_jax import meanflow, models
+from score_jax.run import distributed, sampler_specs
 
 if TYPE_CHECKING:
   from score_jax.run.plan import Plan
@@ -131,6 +131,15 @@ class Programs:
     return controllable.classifier_free_guidance_interval(conditional, y, weight, self.plan.sde,
                                                           interval)
 
+  def _sampler_input(self, params: Any, y: Optional[Array], weight: float) -> Callable:
+    """What the configured sampler integrates: the score, or for the samplers of
+    average-velocity networks (MeanFlow) u(z, r, t) of the plan's network."""
+    if self.plan.sampling.method not in sampler_specs.AVERAGE_VELOCITY:
+      return self.score_fn(params, y, weight)
+    labels = y if self.plan.score.num_classes > 0 else None
+    params = params.main if isinstance(params, GuidedParams) else params  # no guidance here
+    return meanflow.network_u_fn(self.plan.model, {"params": params}, labels)
+
   def _batch_out(self, batch: int) -> NamedSharding:
     """Batch-sharded when the batch splits over the devices, else replicated."""
     return self.bat if batch % jax.device_count() == 0 else self.rep
@@ -152,7 +161,7 @@ class Programs:
       shape = self.plan.data.shape(batch)
 
       def run(params, rng, y):
-        x, nfe = sampler(rng, self.score_fn(params, y, weight), shape)
+        x, nfe = sampler(rng, self._sampler_input(params, y, weight), shape)
         return x, jnp.asarray(nfe, jnp.int32)
 
       out = self._batch_out(batch)

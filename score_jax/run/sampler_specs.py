@@ -28,10 +28,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from score_jax import meanflow
 from score_jax.errors import ConfigError
 from score_jax.samplers import fast, ode, pc
 
-__all__ = ["Option", "Sampler", "SAMPLERS", "arguments", "spoken"]
+__all__ = ["Option", "Sampler", "SAMPLERS", "AVERAGE_VELOCITY", "arguments", "spoken"]
 
 _NOT_SET = object()
 
@@ -148,7 +149,13 @@ SAMPLERS: Mapping[str, Sampler] = {
                        _SCHEDULE, choices=_GRID_SCHEDULES + ("optimized",),
                        as_arg=(("optimized", "logSNR"),), from_grid=lambda ts: "optimized"),
                    grid_arg="timesteps"),
+    # MeanFlow's jumps along an average-velocity network (training.objective = 'meanflow'):
+    # the programs pass u(z, r, t) where the others take a score.
+    "meanflow": Sampler(meanflow.sampler, (dataclasses.replace(
+        _NUM_STEPS, rule=(">= 0 (0: one step)", _non_negative), from_grid=None),)),
 }
+# The samplers that take an average velocity u(z, r, t) instead of a score.
+AVERAGE_VELOCITY = ("meanflow",)
 
 
 def arguments(sampling: Any, timesteps: Optional[Any] = None) -> Dict[str, Any]:

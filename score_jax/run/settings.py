@@ -52,6 +52,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow")
 TIME_DISTRIBUTIONS = ("uniform", "lognormal_sigma", "logit_normal")
 WEIGHTINGS = ("default", "edm", "velocity")
+OBJECTIVES = ("denoising", "meanflow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,10 @@ class Training:
   logit_mean: float
   logit_std: float
   weighting: str
+  objective: str
+  meanflow_ratio: float
+  meanflow_power: float
+  meanflow_c: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,6 +465,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   """Value checks that need no devices, no data and no network, section by section."""
   _check_training(s.training)
   _check_objective(s.training, s.model)
+  _check_meanflow(s, families)
   _check_model(s.model, families)
   _check_sde(s.training, s.model)
   _check_optim(s.optim)
@@ -680,6 +686,50 @@ def _check_objective(t: Training, m: Model) -> None:
   for key in ("p_std", "logit_std"):
     if not getattr(t, key) > 0:
       raise ConfigError(f"training.{key} must be > 0, got {getattr(t, key)}.")
+
+
+def _check_meanflow(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
+  """MeanFlow trains an average-velocity network on the rectified-flow path; its sampler
+  needs one, and nothing that needs a score (the other samplers, the likelihood, the
+  controllable tasks) runs on it."""
+  t, m, c = s.training, s.model, s.sampling
+  _choice("training.objective", t.objective, OBJECTIVES)
+  meanflow = t.objective == "meanflow"
+  if c.method.lower() == "meanflow" and not meanflow:
+    raise ConfigError("sampling.method = 'meanflow' samples average-velocity networks; train "
+                      "with training.objective = 'meanflow' or choose another sampler.")
+  if not meanflow:
+    return
+  if t.sde.lower() != "rectified_flow" or not t.continuous:
+    raise ConfigError("training.objective = 'meanflow' is on the rectified-flow path; set "
+                      "training.sde = 'rectified_flow' and training.continuous = True.")
+  if "second_time" not in families.get(m.name.lower(), ()):
+    raise ConfigError(f"training.objective = 'meanflow' needs a network with a second time "
+                      f"input; model.name = {m.name!r} has none (use 'mlp').")
+  if not m.get("second_time"):
+    raise ConfigError("training.objective = 'meanflow' needs the network's second time input; "
+                      "set model.second_time = True.")
+  if t.time_distribution != "logit_normal" or m.parameterization != "default":
+    raise ConfigError("training.objective = 'meanflow' samples logit-normal times with a plain "
+                      "network output; set training.time_distribution = 'logit_normal' and "
+                      "model.parameterization = 'default'.")
+  if not 0.0 <= t.meanflow_ratio <= 1.0:
+    raise ConfigError(f"training.meanflow_ratio is the share of r < t in [0, 1], got "
+                      f"{t.meanflow_ratio}.")
+  _at_least("training.meanflow_power", t.meanflow_power, 0.0)
+  if not t.meanflow_c > 0:
+    raise ConfigError(f"training.meanflow_c must be > 0, got {t.meanflow_c}.")
+  if c.method.lower() not in sampler_specs.AVERAGE_VELOCITY:
+    raise ConfigError(f"A MeanFlow network gives an average velocity, not the score that "
+                      f"sampling.method = {c.method!r} integrates; set sampling.method = "
+                      "'meanflow'.")
+  if c.guidance_weight != 0:
+    raise ConfigError("Guidance is not implemented for MeanFlow; set "
+                      "sampling.guidance_weight = 0.")
+  if s.sample.task != "generate" or s.eval.enable_bpd:
+    raise ConfigError("The controllable tasks and the likelihood need a score, which a MeanFlow "
+                      "network does not give; set sample.task = 'generate' and "
+                      "eval.enable_bpd = False.")
 
 
 def _check_phema(t: Training, m: Model) -> None:
