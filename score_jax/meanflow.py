@@ -30,12 +30,7 @@ Array = jax.Array
 UFn = Callable[[Array, Array, Array], Array]
 
 __all__ = ["MeanFlowTerms", "sample_times", "target", "loss", "sample", "sampler",
-           "network_u_fn", "LABEL_SCALE"]
-
-# Network time labels are t and t - r themselves, as in the paper's code: the total derivative
-# d/dt u then stays O(1). (Labels 999 t, the rectified-flow convention of models/score.py,
-# multiply it by 999 through the noise embedding, and the unweighted loss diverges.)
-LABEL_SCALE = 1.0
+           "network_u_fn"]
 
 
 class MeanFlowTerms(NamedTuple):
@@ -159,8 +154,10 @@ def network_u_fn(model: Any, variables: Mapping[str, Any], y: Optional[Array] = 
   """u(z, r, t) of a network built with `second_time=True`: noise labels t and t - r (the
   paper conditions on (t, t - r))."""
 
+  # The labels are t and t - r themselves, as in the paper's code: the total derivative
+  # d/dt u then stays O(1). (Labels 999 t, the rectified-flow convention of models/score.py,
+  # multiply it by 999 through the noise embedding, and the unweighted loss diverges.)
   def u_fn(z: Array, r: Array, t: Array) -> Array:
-    return model.apply(variables, z, LABEL_SCALE * t, y, train=train, rngs=rngs,
-                       labels2=LABEL_SCALE * (t - r))
+    return model.apply(variables, z, t, y, train=train, rngs=rngs, labels2=t - r)
 
   return u_fn

@@ -25,6 +25,7 @@ import socket
 from typing import Any, Dict, Iterator, Optional
 
 from score_jax.errors import UserError
+from score_jax.run import distributed
 
 __all__ = ["WorkdirLockedError", "WorkdirLock", "hold"]
 
@@ -152,13 +153,9 @@ def hold(workdir: str) -> Iterator[None]:
       lock = WorkdirLock(workdir).acquire()
     except WorkdirLockedError as e:
       error = e
-  if jax.process_count() > 1:
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    got = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-    if not got and error is None:
-      error = WorkdirLockedError(f"Process 0 could not lock {workdir}: another training uses it "
-                                 "(process 0's message names it).")
+  if distributed.any_process(error is not None) and error is None:  # process 0's failure
+    error = WorkdirLockedError(f"Process 0 could not lock {workdir}: another training uses it "
+                               "(process 0's message names it).")
   if error is not None:
     raise error
   try:
