@@ -6,7 +6,8 @@
 - closed-form checks of samplers: SDES, EPS, Bias, PC_BIAS, ODE_BIAS,
   assert_reproduces, mixture_setup, two_modes, conditional_residuals;
 - the irreducible residual of the denoising loss (irreducible_residual);
-- the learning check on the toy mixture (toy_mode_weights, sampled_mode_weights);
+- the learning check on the toy mixture (toy_mode_weights, sampled_mode_weights,
+  assert_few_step_mixture);
 - network variables drawn on the host (random_variables).
 """
 
@@ -242,6 +243,37 @@ def sampled_mode_weights(cfg, params):
   d = np.linalg.norm(np.asarray(x, np.float64)[:, None, :] - mix.means[None], axis=-1)
   weights = np.bincount(d.argmin(1), minlength=len(mix.weights)) / len(d)
   return weights, mix.weights, np.mean(d.min(1) < 3 * mix.stds[0])
+
+
+def data_off_mode_share(n=200_000, seed=0):
+  """The share of the toy mixture's own points farther than 3 std from every mode (about
+  exp(-9/2) = 1.1%: the modes are 7.6 std apart), from n draws."""
+  from score_jax.data.toy import GAUSSIAN_MIXTURE as mix
+  rng = np.random.default_rng(seed)
+  k = rng.choice(len(mix.weights), size=n, p=mix.weights)
+  x = mix.means[k] + mix.stds[k, None] * rng.normal(size=(n, 2))
+  d = np.linalg.norm(x[:, None, :] - mix.means[None], axis=-1)
+  return float(np.mean(d.min(1) >= 3 * mix.stds[0]))
+
+
+def assert_few_step_mixture(cfg, params, num_steps=(1, 2), weight_tol=0.03):
+  """The few-step generators' check on the toy mixture: with cfg's sampler at each
+  sampling.num_steps, the 2048 samples' mode weights are within weight_tol of the mixture's
+  and the share off every mode (beyond 3 std) is at most twice the data's. Returns
+  {num_steps: (largest weight error, off-mode share)} and the data's share."""
+  data_off = data_off_mode_share()
+  out = {}
+  for n in num_steps:
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+      c.sampling.num_steps = n
+    weights, want, near = sampled_mode_weights(c, params)
+    out[n] = (float(np.max(np.abs(weights - want))), 1.0 - float(near))
+  for n, (err, off) in out.items():
+    assert err <= weight_tol, f"{n}-step mode weights off by {err:.3f} > {weight_tol}: {out}"
+    assert off <= 2 * data_off, (f"{n}-step samples off every mode: {off:.3%} > twice the "
+                                 f"data's {data_off:.3%}: {out}")
+  return out, data_off
 
 
 # --- networks ---
