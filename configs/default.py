@@ -51,10 +51,17 @@ def get_config() -> ml_collections.ConfigDict:
   training.meanflow_ratio = 0.25
   training.meanflow_power = 1.0
   training.meanflow_c = 1e-3
+  # A trained diffusion run the objective learns from (distillation) or starts from: its
+  # workdir (a score_jax run or a converted checkpoint, as load_run opens), its checkpoint
+  # (0: the newest), and whether the network starts from its EMA weights.
+  training.teacher_workdir = ""
+  training.teacher_step = 0
+  training.init_from_teacher = False
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "pc"  # pc | ode | ddim | heun | dpm_solver | unipc | meanflow
+  # pc | ode | ddim | heun | dpm_solver | unipc | meanflow | consistency
+  sampling.method = "pc"
   sampling.predictor = "reverse_diffusion"
   sampling.corrector = "langevin"
   sampling.snr = 0.16
@@ -78,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Guide only where sigma^ = std / alpha lies in [lo, hi] (Kynkaanniemi et al. 2024);
   # (0, 0): at every noise level.
   sampling.guidance_interval = (0.0, 0.0)
+  # consistency: the noise levels sigma = std / alpha where steps 2..num_steps start
+  # (decreasing); (): sigma_d tan(pi/2 sqrt(1 - k / n)), k = 1..n-1 (model.sigma_data).
+  sampling.consistency_sigmas = ()
   sampling.batch_size = 64
 
   # Evaluation.

@@ -7,7 +7,7 @@ each; `score_jax.run.plan.make_plan` calls them once, at a mode's entry.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -23,11 +23,19 @@ from score_jax.run.settings import Settings
 
 Array = jax.Array
 LossFn = Callable[..., Tuple[Array, losses.LossAux]]
+
+
+class LossContext(NamedTuple):
+  """What a loss may need beyond the batch: the training step (curricula and warm-ups;
+  evaluation passes the final one) and the teacher's EMA parameters (objectives that learn
+  from a trained run; None otherwise)."""
+  step: Any  # int32 [] completed optimizer steps
+  teacher: Any = None
 SamplerFn = Callable[..., Tuple[Array, Array]]
 
 __all__ = ["get_sde", "get_model", "get_optimizer", "get_lr_schedule", "get_ema_decay",
            "get_augment", "get_time_distribution", "parameterization_kwargs", "get_loss_fn",
-           "get_sampler", "LossFn", "SamplerFn"]
+           "get_sampler", "LossFn", "LossContext", "SamplerFn"]
 
 
 def get_sde(s: Settings) -> sde_lib.SDE:
@@ -125,12 +133,16 @@ def get_augment(s: Settings) -> Optional[augment.Augment]:
   return aug if aug.enabled else None
 
 
-def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool) -> LossFn:
-  """loss_fn(params, rng, x [B, ...], y [B] or None, augment_labels=None) -> (loss, LossAux).
+def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool,
+                teacher: Any = None) -> LossFn:
+  """loss_fn(params, rng, x [B, ...], y [B] or None, augment_labels=None, context=None)
+  -> (loss, LossAux).
 
   augment_labels [B, L]: the labels of the augmentation applied to x
   (`get_augment`; the train step augments), the network's conditioning; None:
-  zero labels.
+  zero labels. context: a `LossContext` (the step and the teacher's parameters), for the
+  objectives that use them; None: the final step, no teacher. teacher: the teacher's plan
+  (score_jax.run.plan.Teacher.plan) where training.teacher_workdir names one.
 
   Continuous training uses denoising score matching with the configured
   weighting; discrete training the loss of the SDE's chain (DDPM for VP, SMLD
@@ -148,7 +160,8 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool)
   time_distribution = get_time_distribution(s)
 
   def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
-              augment_labels: Optional[Array] = None):
+              augment_labels: Optional[Array] = None, context: Optional[LossContext] = None):
+    del context  # the denoising losses use neither the step nor a teacher
     rng_loss, rng_drop, rng_label = jax.random.split(rng, 3)
     y = _training_labels(s, y, rng_label, train)
     base = models.get_score_fn(sde, model, {"params": params}, continuous=t.continuous,
@@ -182,8 +195,8 @@ def _meanflow_loss_fn(s: Settings, model: nn.Module, *, train: bool) -> LossFn:
   t = s.training
 
   def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
-              augment_labels: Optional[Array] = None):
-    del augment_labels  # no network with a second time input takes augmentation labels
+              augment_labels: Optional[Array] = None, context: Optional[LossContext] = None):
+    del augment_labels, context  # no network with a second time input takes augmentation labels
     rng_t, rng_e, rng_drop, rng_label = jax.random.split(rng, 4)
     y = _training_labels(s, y, rng_label, train)
     u_fn = meanflow.network_u_fn(model, {"params": params}, y, train=train,
@@ -209,6 +222,8 @@ def get_sampler(s: Settings, sde: sde_lib.SDE, timesteps: Optional[Any] = None) 
   one is the logSNR grid); it replaces sampling.num_steps, schedule and eps,
   which must agree with it or be unset (else a ConfigError).
   """
-  fn = sampler_specs.SAMPLERS[s.sampling.method.lower()].function
+  spec = sampler_specs.SAMPLERS[s.sampling.method.lower()]
+  fn = spec.function
   kwargs = sampler_specs.arguments(s.sampling, timesteps)
+  kwargs.update({k: getattr(s.model, k) for k in spec.model_args})
   return lambda rng, score_fn, shape, **extra: fn(rng, sde, score_fn, shape, **kwargs, **extra)

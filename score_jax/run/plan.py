@@ -34,13 +34,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from score_jax import models
 from score_jax import sde as sde_lib
 from score_jax.data import augment as augment_lib
-from score_jax.errors import ConfigError
+from score_jax.errors import ConfigError, WorkdirError
 from score_jax.run import builders, phema, sampler_specs
-from score_jax.run.settings import Data, Eval, Sample, Settings, check_devices
+from score_jax.run.settings import Data, Eval, Sample, Settings, check_devices, from_json
 
 Array = jax.Array
 
-__all__ = ["Plan", "DataSpec", "ScoreSpec", "SamplingSpec", "TimeGridSpec", "TrainLoop",
+__all__ = ["Plan", "Teacher", "DataSpec", "ScoreSpec", "SamplingSpec", "TimeGridSpec", "TrainLoop",
            "EvalSpec", "SampleSpec", "make_plan", "assemble", "data_spec", "get_dataset",
            "check_network", "checkpoint_range", "fingerprint"]
 
@@ -130,7 +130,7 @@ class SamplingSpec:
   guidance_weight: float
   guidance_interval: Optional[Tuple[float, float]]  # None: guidance at every noise level
   ode_tolerances: Tuple[Tuple[str, float], ...]  # rtol, atol, eps of the probability-flow ODE
-  controllable: bool  # projections per step (inpaint, colorize): every sampler but 'ode'
+  controllable: bool  # projections per step (inpaint, colorize): not ode, consistency, meanflow
   time_grid: Optional[TimeGridSpec]  # a grid fitted to the model; None: the sampler's own
 
 
@@ -164,6 +164,7 @@ class TrainLoop:
   eval_loss: bool  # the eval split's loss every eval_freq steps
   sample_batch_size: int  # the snapshot grids' samples
   zero_nonfinite_grads: bool  # EDM: non-finite gradients zeroed, else the step is skipped
+  init_from_teacher: bool  # a fresh run starts from the teacher's EMA weights
   seed: int
 
 
@@ -240,6 +241,7 @@ class Plan:
   loop: TrainLoop
   eval: EvalSpec
   sample: SampleSpec
+  teacher: Optional["Teacher"] = None  # the run training.teacher_workdir names, if any
 
   @property
   def replicated(self) -> NamedSharding:
@@ -248,6 +250,17 @@ class Plan:
   @property
   def batch_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, P("data"))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Teacher:
+  """A trained run an objective learns from (training.teacher_workdir): its workdir, the
+  checkpoint to use (None: the newest intact one) and its own plan (SDE, network,
+  parameterization); its weights are read where a training starts
+  (score_jax.run.state.teacher_params)."""
+  workdir: str
+  step: Optional[int]
+  plan: "Plan"
 
 
 def _sampling_fingerprint(s: Settings) -> Dict[str, Any]:
@@ -293,7 +306,7 @@ def _time_grid(s: Settings) -> Optional[TimeGridSpec]:
 
 def assemble(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],
              tx: Optional[optax.GradientTransformation],
-             mesh: Optional[jax.sharding.Mesh]) -> Plan:
+             mesh: Optional[jax.sharding.Mesh], teacher: Optional[Teacher] = None) -> Plan:
   """The plan of settings with these objects, without checks (`make_plan` checks and builds
   them; tests pass None for what they do not use)."""
   t, smp = s.training, s.sampling
@@ -303,8 +316,10 @@ def assemble(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],
       data=data_spec(s),
       score=ScoreSpec(t.continuous, s.model.parameterization, s.model.sigma_data,
                       s.model.num_classes),
-      train_loss=builders.get_loss_fn(s, sde, model, train=True),
-      eval_loss=builders.get_loss_fn(s, sde, model, train=False),
+      train_loss=builders.get_loss_fn(s, sde, model, train=True,
+                                      teacher=None if teacher is None else teacher.plan),
+      eval_loss=builders.get_loss_fn(s, sde, model, train=False,
+                                     teacher=None if teacher is None else teacher.plan),
       lr_schedule=builders.get_lr_schedule(s),
       ema_decay=builders.get_ema_decay(s),
       phema_gammas=phema.gammas(s),
@@ -315,7 +330,8 @@ def assemble(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],
           method=smp.method.lower(), guidance_weight=smp.guidance_weight,
           guidance_interval=None if interval == (0.0, 0.0) else interval,
           ode_tolerances=(("rtol", smp.rtol), ("atol", smp.atol), ("eps", smp.eps)),
-          controllable=smp.method.lower() not in ("ode",) + sampler_specs.AVERAGE_VELOCITY,
+          controllable=smp.method.lower() not in (
+              ("ode", "consistency") + sampler_specs.AVERAGE_VELOCITY),
           time_grid=_time_grid(s)),
       loop=_take(TrainLoop, t, phema_sigma_rels=s.model.phema_sigma_rels,
                  eval_loss=s.eval.enable_loss, sample_batch_size=smp.batch_size,
@@ -323,7 +339,8 @@ def assemble(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],
       eval=_take(EvalSpec, s.eval, snapshot_freq=t.snapshot_freq, n_iters=t.n_iters, seed=s.seed,
                  fingerprint=_eval_fingerprint(s),
                  sampling_fingerprint=fingerprint(_sampling_fingerprint(s))),
-      sample=_take(SampleSpec, s.sample, quantization=s.eval.quantization, seed=s.seed))
+      sample=_take(SampleSpec, s.sample, quantization=s.eval.quantization, seed=s.seed),
+      teacher=teacher)
 
 
 def _log_data(s: Settings, source: Any) -> None:
@@ -355,6 +372,38 @@ def check_network(s: Settings, model: nn.Module) -> None:
                       f"{out.shape[1:]}; check data.image_size and data.num_channels.")
 
 
+def _teacher(s: Settings, mesh: jax.sharding.Mesh) -> Optional[Teacher]:
+  """The run training.teacher_workdir names, planned on the same mesh (its weights are read
+  later, where a training starts); None where none is named.
+
+  Raises:
+    WorkdirError: the folder holds no config.json.
+    ConfigError: the teacher is not a diffusion run, or models data of another shape.
+  """
+  t = s.training
+  if not t.teacher_workdir:
+    return None
+  path = os.path.join(t.teacher_workdir, "config.json")
+  if not os.path.isfile(path):
+    raise WorkdirError(f"training.teacher_workdir = {t.teacher_workdir} has no config.json: not "
+                       "a score_jax run (train one with main.py --mode=train, or convert a "
+                       "checkpoint with python -m score_jax.convert).")
+  ts = from_json(path)
+  if ts.training.objective != "denoising":
+    raise ConfigError(f"The teacher {t.teacher_workdir} was trained with training.objective = "
+                      f"{ts.training.objective!r}; a teacher is a diffusion run ('denoising').")
+  if ts.data.shape(1) != s.data.shape(1):
+    raise ConfigError(f"The teacher {t.teacher_workdir} models data of shape "
+                      f"{ts.data.shape(1)[1:]}, this run {s.data.shape(1)[1:]}; use a teacher "
+                      "of the same data.")
+  if ts.model.num_classes != s.model.num_classes:
+    raise ConfigError(f"The teacher {t.teacher_workdir} has model.num_classes = "
+                      f"{ts.model.num_classes}, this run {s.model.num_classes}; set the same.")
+  # Its own plan, without data and without a teacher of its own (the same mesh).
+  plan = make_plan(ts, need_data=False, mesh=mesh)
+  return Teacher(t.teacher_workdir, t.teacher_step or None, plan)
+
+
 def make_plan(s: Settings, need_data: bool = True, *,
               model: Optional[nn.Module] = None,
               mesh: Optional[jax.sharding.Mesh] = None) -> Plan:
@@ -372,7 +421,9 @@ def make_plan(s: Settings, need_data: bool = True, *,
   # sharding-in-types would need annotations inside every loss and sampler).
   mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
                                axis_types=(jax.sharding.AxisType.Auto,))
-  plan = assemble(s, sde, model, builders.get_optimizer(s), mesh)  # refuses discrete training
+  teacher = _teacher(s, mesh)
+  plan = assemble(s, sde, model, builders.get_optimizer(s), mesh,  # refuses discrete training
+                  teacher)
   if need_data:                                                     # without a chain (the loss)
     # An unknown or missing dataset, or labels the model lacks classes for: a clear error here.
     source = datasets.open_data(s.data, "train", s.model.num_classes)

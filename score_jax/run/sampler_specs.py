@@ -30,7 +30,7 @@ import numpy as np
 
 from score_jax import meanflow
 from score_jax.errors import ConfigError
-from score_jax.samplers import fast, ode, pc
+from score_jax.samplers import consistency, fast, ode, pc
 
 __all__ = ["Option", "Sampler", "SAMPLERS", "AVERAGE_VELOCITY", "arguments", "spoken"]
 
@@ -93,11 +93,12 @@ class Option:
 @dataclasses.dataclass(frozen=True)
 class Sampler:
   """A sampler: function(rng, sde, score_fn, shape, **arguments, z=..., constraint=...) ->
-  (x, nfe), the settings it takes, and the argument that takes a fixed time grid (None: it
-  takes none)."""
+  (x, nfe), the settings it takes, the argument that takes a fixed time grid (None: it
+  takes none), and the model section's keys it takes as arguments of the same names."""
   function: Callable[..., Tuple[Any, Any]]
   options: Tuple[Option, ...]
   grid_arg: Optional[str] = None
+  model_args: Tuple[str, ...] = ()
 
   def option(self, key: str) -> Optional[Option]:
     return next((o for o in self.options if o.key == key), None)
@@ -153,6 +154,17 @@ SAMPLERS: Mapping[str, Sampler] = {
     # the programs pass u(z, r, t) where the others take a score.
     "meanflow": Sampler(meanflow.sampler, (dataclasses.replace(
         _NUM_STEPS, rule=(">= 0 (0: one step)", _non_negative), from_grid=None),)),
+    # Consistency models' jumps to the data, re-noised between steps (iCT, ECT, sCT, sCD).
+    "consistency": Sampler(consistency.consistency_sample, (
+        dataclasses.replace(_NUM_STEPS, rule=(">= 0 (0: one step)", _non_negative),
+                            from_grid=None),
+        Option("consistency_sigmas", "sigmas",
+               rule=("decreasing noise levels > 0, num_steps - 1 of them ((): the default)",
+                     lambda v: isinstance(v, tuple) and all(
+                         isinstance(a, (int, float)) and a > 0 for a in v) and all(
+                             a > b for a, b in zip(v, v[1:]))),
+               unset=())),
+        model_args=("sigma_data",)),
 }
 # The samplers that take an average velocity u(z, r, t) instead of a score.
 AVERAGE_VELOCITY = ("meanflow",)

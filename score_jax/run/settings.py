@@ -53,6 +53,8 @@ PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow")
 TIME_DISTRIBUTIONS = ("uniform", "lognormal_sigma", "logit_normal")
 WEIGHTINGS = ("default", "edm", "velocity")
 OBJECTIVES = ("denoising", "meanflow")
+# The objectives that learn from a trained diffusion run (training.teacher_workdir).
+TEACHER_OBJECTIVES = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,9 @@ class Training:
   meanflow_ratio: float
   meanflow_power: float
   meanflow_c: float
+  teacher_workdir: str
+  teacher_step: int
+  init_from_teacher: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Sampling:
   eps: float
   guidance_weight: float
   guidance_interval: Tuple[float, float]
+  consistency_sigmas: Tuple[float, ...]
   batch_size: int
 
 
@@ -466,6 +472,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   _check_training(s.training)
   _check_objective(s.training, s.model)
   _check_meanflow(s, families)
+  _check_teacher(s.training)
   _check_model(s.model, families)
   _check_sde(s.training, s.model)
   _check_optim(s.optim)
@@ -730,6 +737,18 @@ def _check_meanflow(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> Non
     raise ConfigError("The controllable tasks and the likelihood need a score, which a MeanFlow "
                       "network does not give; set sample.task = 'generate' and "
                       "eval.enable_bpd = False.")
+
+
+def _check_teacher(t: Training) -> None:
+  """A teacher run is named where the objective learns from one (and only there)."""
+  _at_least("training.teacher_step", t.teacher_step, 0)
+  if t.objective in TEACHER_OBJECTIVES and not t.teacher_workdir:
+    raise ConfigError(f"training.objective = {t.objective!r} learns from a trained diffusion "
+                      "run; set training.teacher_workdir to its workdir (a score_jax run or a "
+                      "converted checkpoint, as load_run opens).")
+  if t.init_from_teacher and not t.teacher_workdir:
+    raise ConfigError("training.init_from_teacher = True needs training.teacher_workdir (the "
+                      "run whose EMA weights start the training).")
 
 
 def _check_phema(t: Training, m: Model) -> None:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from score_jax import files
+from score_jax.errors import ConfigError
 from score_jax.models import init_model
 from score_jax.run import checkpoints
 from score_jax.run.plan import Plan
@@ -21,7 +22,8 @@ from score_jax.run.settings import Settings
 Array = jax.Array
 
 __all__ = ["TrainState", "PhemaTrainState", "init_state", "abstract_state", "restore_ema_params",
-           "check_checkpoint", "check_workdir", "save_config"]
+           "teacher_params", "start_from_teacher", "check_checkpoint", "check_workdir",
+           "save_config"]
 
 # Settings that fix the data's shape or the network's inputs: a checkpoint only fits the
 # values it was trained with, whether or not they change a parameter's shape (a
@@ -85,6 +87,54 @@ def restore_ema_params(plan: Plan, ckpt_dir: str, step: int) -> Any:
     template = (PhemaTrainState(**base, phema=(template.ema_params,) * count) if count
                 else TrainState(**base))
   return checkpoints.restore(ckpt_dir, step, template).ema_params
+
+
+def teacher_params(plan: Plan) -> Optional[Any]:
+  """The EMA parameters of plan's teacher (training.teacher_workdir, at training.teacher_step
+  or its newest intact checkpoint), replicated over plan.mesh; None without a teacher.
+
+  Raises:
+    MissingCheckpointError, DamagedCheckpointError, CheckpointMismatchError: as load_run.
+  """
+  teacher = plan.teacher
+  if teacher is None:
+    return None
+  ckpt_dir = os.path.join(teacher.workdir, "checkpoints")
+  step, params = checkpoints.restore_intact(
+      ckpt_dir, lambda k: restore_ema_params(teacher.plan, ckpt_dir, k),
+      -1 if teacher.step is None else teacher.step)
+  logging.info("Teacher: %s at step %d.", teacher.workdir, step)
+  return params
+
+
+def start_from_teacher(plan: Plan, state: TrainState, teacher: Any) -> TrainState:
+  """A fresh state whose parameters (and EMA, post-hoc EMA profiles) are the teacher's
+  (training.init_from_teacher), with the optimizer state of those parameters.
+
+  The teacher's tree must be the network's, or the network's 'net' subtree (a network
+  with a head of its own around the teacher's, whose other parameters keep their
+  initialization).
+
+  Raises:
+    ConfigError: the teacher's parameters do not fit the network.
+  """
+  params = state.params
+  fits = lambda a, b: _shapes(a) == _shapes(b) and (
+      jax.tree.structure(a) == jax.tree.structure(b))
+  if fits(params, teacher):
+    params = teacher
+  elif isinstance(params, dict) and "net" in params and fits(params["net"], teacher):
+    params = {**params, "net": teacher}
+  else:
+    raise ConfigError(f"training.init_from_teacher: the teacher's network "
+                      f"({type(plan.teacher.plan.model).__name__}) does not fit this run's "
+                      f"({type(plan.model).__name__}); use the teacher's model settings or set "
+                      "training.init_from_teacher = False.")
+  params = jax.tree.map(lambda p, like: jnp.asarray(p, like.dtype), params, state.params)
+  new = state.replace(params=params, opt_state=plan.tx.init(params), ema_params=params)
+  if isinstance(state, PhemaTrainState):
+    new = new.replace(phema=tuple(params for _ in state.phema))
+  return jax.device_put(new, plan.replicated)
 
 
 def check_workdir(plan: Plan, workdir: str) -> None:

@@ -42,8 +42,9 @@ from score_jax.run import phema
 from score_jax.run import programs
 from score_jax.run import progress
 from score_jax.run.plan import Plan, make_plan
+from score_jax.run.builders import LossContext
 from score_jax.run.state import (PhemaTrainState, TrainState, check_workdir, init_state,
-                                 save_config)
+                                 save_config, start_from_teacher, teacher_params)
 from score_jax.errors import UserError, WorkdirError
 from score_jax.data.scaling import data_scaler
 from score_jax.run.settings import Settings
@@ -78,8 +79,11 @@ def zero_nonfinite(grads):
   return jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
 
 
-def make_train_step(plan: Plan):
+def make_train_step(plan: Plan, teacher: Any = None):
   """The jitted step (state, x, y, root_key) -> (state, metrics); `state` is donated.
+
+  teacher: the teacher's EMA parameters (`score_jax.run.state.teacher_params`) where the
+  plan has one; the loss gets them and the step in its `LossContext`.
 
   Keys come from fold_in(root_key, step): nothing random lives in the state.
   With training.microbatches = m > 1 the batch runs as m equal micro-batches
@@ -98,13 +102,13 @@ def make_train_step(plan: Plan):
   microbatches = plan.loop.microbatches
   zero_mode = plan.loop.zero_nonfinite_grads
 
-  def loss_and_grads(params, rng: Array, x: Array, y: Optional[Array]):
+  def loss_and_grads(params, rng: Array, x: Array, y: Optional[Array], context: LossContext):
     """Mean loss over the batch and its gradient, accumulated over micro-batches."""
     a = None
     if aug is not None:
       x, a = augment.augment(jax.random.fold_in(rng, 1), x, aug)
     if microbatches == 1:
-      (loss, _), grads = grad_fn(params, rng, x, y, a)
+      (loss, _), grads = grad_fn(params, rng, x, y, a, context)
       return loss, grads
     # Micro-batch j holds examples j, j + m, j + 2m, ...: each device's
     # contiguous shard of the batch contributes equally to every micro-batch.
@@ -113,7 +117,7 @@ def make_train_step(plan: Plan):
 
     def body(carry, inputs):
       key, xm, ym, am = inputs
-      (loss, _), grads = grad_fn(params, key, xm, ym, am)
+      (loss, _), grads = grad_fn(params, key, xm, ym, am, context)
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -122,9 +126,9 @@ def make_train_step(plan: Plan):
     (loss, grads), _ = jax.lax.scan(body, zeros, (keys, split(x), split(y), jax.tree.map(split, a)))
     return jax.tree.map(lambda a: a / microbatches, (loss, grads))
 
-  def step_fn(state: TrainState, x: Array, y: Array, root_key: Array):
+  def step_fn(state: TrainState, x: Array, y: Array, root_key: Array, teacher: Any):
     rng = jax.random.fold_in(root_key, state.step)
-    loss, grads = loss_and_grads(state.params, rng, x, y)
+    loss, grads = loss_and_grads(state.params, rng, x, y, LossContext(state.step, teacher))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if zero_mode:
@@ -138,19 +142,41 @@ def make_train_step(plan: Plan):
     return new, metrics
 
   rep, bat = plan.replicated, plan.batch_sharding
-  return jax.jit(step_fn, in_shardings=(rep, bat, bat, rep), out_shardings=(rep, rep),
-                 donate_argnums=(0,))
+  if teacher is None:
+    return jax.jit(functools.partial(step_fn, teacher=None), in_shardings=(rep, bat, bat, rep),
+                   out_shardings=(rep, rep), donate_argnums=(0,))
+  return _WithTeacher(jax.jit(step_fn, in_shardings=(rep, bat, bat, rep, rep),
+                              out_shardings=(rep, rep), donate_argnums=(0,)), teacher)
 
 
-def make_eval_step(plan: Plan):
-  """(state, x, y, rng) -> loss of the EMA parameters without dropout."""
+class _WithTeacher:
+  """A jitted function of (..., teacher) called, and lowered, as one of (...): the teacher's
+  parameters are an argument of the compiled step, not constants inside it."""
+
+  def __init__(self, jitted, teacher: Any):
+    self._jitted, self._teacher = jitted, teacher
+
+  def __call__(self, *args):
+    return self._jitted(*args, self._teacher)
+
+  def lower(self, *args):
+    return self._jitted.lower(*args, self._teacher)
+
+
+def make_eval_step(plan: Plan, teacher: Any = None):
+  """(state, x, y, rng) -> loss of the EMA parameters without dropout (teacher: as for
+  `make_train_step`)."""
   loss_fn = plan.eval_loss
   rep, bat = plan.replicated, plan.batch_sharding
 
-  def eval_fn(state: TrainState, x: Array, y: Array, rng: Array):
-    return loss_fn(state.ema_params, rng, x, y)[0]
+  def eval_fn(state: TrainState, x: Array, y: Array, rng: Array, teacher: Any):
+    return loss_fn(state.ema_params, rng, x, y, None, LossContext(state.step, teacher))[0]
 
-  return jax.jit(eval_fn, in_shardings=(rep, bat, bat, rep), out_shardings=rep)
+  if teacher is None:
+    return jax.jit(functools.partial(eval_fn, teacher=None), in_shardings=(rep, bat, bat, rep),
+                   out_shardings=rep)
+  return _WithTeacher(jax.jit(eval_fn, in_shardings=(rep, bat, bat, rep, rep),
+                              out_shardings=rep), teacher)
 
 
 def global_batch(plan: Plan, batch: Dict[str, np.ndarray]) -> Tuple[Array, Array]:
@@ -263,16 +289,19 @@ def train(plan: Plan, workdir: str) -> TrainState:
   state = init_state(plan, init_key)
   state = ckpt.restore_latest(state)
   start = int(state.step)
+  teacher = teacher_params(plan)
   if start > 0:
     logging.info("Resumed from step %d.", start)
+  elif loop.init_from_teacher:
+    state = start_from_teacher(plan, state, teacher)
 
   # Batches are read, transformed and put on the devices in a background thread,
   # ahead of the step that takes them (the same batches in the same order).
   train_iter = datasets.Prefetch(plan.data.batches("train", start_step=start),
                                  put=lambda batch: global_batch(plan, batch))
   eval_iter = None
-  train_step = make_train_step(plan)
-  eval_step = make_eval_step(plan)
+  train_step = make_train_step(plan, teacher)
+  eval_step = make_eval_step(plan, teacher)
   num_samples = loop.sample_batch_size
   progs = programs.Programs(plan)
   sample_fn = progs.sampler(num_samples)
