@@ -61,6 +61,8 @@ Per-example terms are their loss called with one-hot batch masks (their reductio
 nansum(losses * mask * weight / sum(mask))).
 """
 
+from __future__ import annotations
+
 import os
 import sys
 import types
@@ -301,5 +303,6 @@ def main(repo):
 
 if __name__ == "__main__":
   if len(sys.argv) != 2:
-    raise SystemExit("usage: python tests/data/make_openai_cm_fixture.py /path/to/consistency_models_cifar10")
+    raise SystemExit("usage: python tests/data/make_openai_cm_fixture.py "
+                     "/path/to/consistency_models_cifar10")
   main(os.path.abspath(sys.argv[1]))
