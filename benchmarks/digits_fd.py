@@ -4,6 +4,7 @@
       [--samplers=pc_em,pc_langevin,ode,ddim,ddim_eta1,heun,heun_churn,dpm_solver,dpm_solver3]
       [--nfe=10,20,50] [--pc_nfe=50,100,500,1000] [--ode_tol=1e-3,1e-5]
       [--guide_step=1000 --guide_weights=0.5,1] [--cfg_weights=0.5,1] [--guided_only]
+      [--samplers=consistency --few_steps=1,2]  (consistency models; meanflow for MeanFlow)
 
 Loads the run's config (WORKDIR/config.json) and the EMA parameters of its
 newest checkpoint (or --step), draws --samples samples with each sampler at
@@ -25,7 +26,10 @@ probability-flow ODE, one row per tolerance; NFE as measured), ddim
 (3M), unipc / unipc3 (UniPC-2 bh2 / UniPC-3 bh1 on the log-SNR grid), unipc_opt
 (UniPC-3 bh1 on the grid fitted to the model, `time_grids.optimize_time_grid`, stored in
 WORKDIR/time_grids/ as by --mode=sample): NFE score evaluations. Every sampler ends with its
-denoising step when the config says so (sampling.noise_removal), counted in NFE.
+denoising step when the config says so (sampling.noise_removal), counted in NFE. The few-step
+generators: consistency (a consistency model's one- and multistep sampling, with the config's
+sampling.consistency_sigmas) and meanflow (a MeanFlow run's jumps), each at --few_steps
+network evaluations.
 
 Guided rows: --guide_step=S adds, for each sampler x budget and each weight of
 --guide_weights, autoguidance by the same run's checkpoint at step S (D = D_S + w (D -
@@ -98,6 +102,11 @@ def _variants(args) -> List[Tuple[str, Overrides]]:
       for tol in args.ode_tol:
         rows.append((f"probability-flow ODE, tol={tol:g}", {"sampling.method": "ode",
                      "sampling.rtol": tol, "sampling.atol": tol}))
+    elif name in ("consistency", "meanflow"):
+      for n in args.few_steps:
+        label = "consistency sampling" if name == "consistency" else "MeanFlow"
+        rows.append((f"{label}, {n} step{'s' if n > 1 else ''}",
+                     {"sampling.method": name, "sampling.num_steps": n}))
     elif name in _FAST:
       label, method, extra = _FAST[name]
       for n in args.nfe:
@@ -185,6 +194,8 @@ def main() -> None:
                       "dpm_solver,dpm_solver3")
   parser.add_argument("--nfe", type=split(int), default="10,20,50")
   parser.add_argument("--pc_nfe", type=split(int), default="50,100,500,1000")
+  parser.add_argument("--few_steps", type=split(int), default="1,2",
+                      help="network evaluations of the consistency and meanflow rows")
   parser.add_argument("--ode_tol", type=split(float), default="1e-3,1e-5")
   parser.add_argument("--guide_step", type=int, default=-1,
                       help="autoguidance rows: the checkpoint step of this run to guide with")
