@@ -150,14 +150,17 @@ def sampler(rng: Array, sde: Any, u_fn: UFn, shape: Sequence[int], *, num_steps:
 
 
 def network_u_fn(model: Any, variables: Mapping[str, Any], y: Optional[Array] = None, *,
-                 train: bool = False, rngs: Optional[Mapping[str, Array]] = None) -> UFn:
+                 train: bool = False, rngs: Optional[Mapping[str, Array]] = None,
+                 augment_labels: Optional[Array] = None) -> UFn:
   """u(z, r, t) of a network built with `second_time=True`: noise labels t and t - r (the
-  paper conditions on (t, t - r))."""
+  paper conditions on (t, t - r)); augment_labels [B, augment_dim] (EDM's augmentation,
+  constant in the derivative) reach networks that take them, None for the others."""
+  extra = {} if augment_labels is None else {"augment_labels": augment_labels}
 
   # The labels are t and t - r themselves, as in the paper's code: the total derivative
   # d/dt u then stays O(1). (Labels 999 t, the rectified-flow convention of models/score.py,
   # multiply it by 999 through the noise embedding, and the unweighted loss diverges.)
   def u_fn(z: Array, r: Array, t: Array) -> Array:
-    return model.apply(variables, z, t, y, train=train, rngs=rngs, labels2=t - r)
+    return model.apply(variables, z, t, y, train=train, rngs=rngs, labels2=t - r, **extra)
 
   return u_fn

@@ -196,11 +196,12 @@ def _meanflow_loss_fn(s: Settings, model: nn.Module, *, train: bool) -> LossFn:
 
   def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
               augment_labels: Optional[Array] = None, context: Optional[LossContext] = None):
-    del augment_labels, context  # no network with a second time input takes augmentation labels
+    del context
     rng_t, rng_e, rng_drop, rng_label = jax.random.split(rng, 4)
     y = _training_labels(s, y, rng_label, train)
     u_fn = meanflow.network_u_fn(model, {"params": params}, y, train=train,
-                                 rngs={"dropout": rng_drop} if train else None)
+                                 rngs={"dropout": rng_drop} if train else None,
+                                 augment_labels=augment_labels)
     r, tt = meanflow.sample_times(rng_t, x.shape[0], ratio=t.meanflow_ratio, p_mean=t.logit_mean,
                                   p_std=t.logit_std)
     e = jax.random.normal(rng_e, x.shape, x.dtype)
