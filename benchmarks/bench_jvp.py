@@ -11,7 +11,11 @@ Every row is the library's own jitted train step (score_jax.run.plan.make_plan +
 score_jax.run.train.make_train_step, as main.py builds it: loss, backward, clipping,
 Adam, EMA) from the network's config with the objective's overrides (OBJECTIVES below).
   ms/step  median wall time of --steps steps after compiling and one warm-up step (each
-           step blocked on with block_until_ready), and its ratio to 'denoising';
+           step blocked on with block_until_ready), and its ratio ('x') to 'denoising'; the
+           objectives of a table's network and dtype are timed in turns, a step each, so
+           that a change in the machine's load reaches them alike;
+  CPU ms/step  the same steps' median CPU time (all threads of this process): on shared
+           cores it changes less than wall time with the other processes' load;
   temp MB  XLA's temporary buffers of the compiled step (memory_analysis()
            temp_size_in_bytes): the activations kept for the backward pass, the part the
            objective changes;
@@ -39,7 +43,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import subprocess
@@ -48,6 +51,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from score_jax.run import xla_flags  # noqa: E402
 
@@ -65,48 +69,8 @@ from score_jax.run import settings  # noqa: E402
 from score_jax.run import state as run_state  # noqa: E402
 from score_jax.run import train  # noqa: E402
 
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-  """A train step to measure: config overrides (dotted key -> value) on the network's config.
-
-  optional: the settings may not know this objective yet; a ConfigError then skips the row
-  with a printed note instead of stopping the run.
-  """
-  name: str
-  overrides: Dict[str, Any]
-  optional: bool = False
-
-
-# The rows of every table, in order; the first is the baseline of the ratios.
-OBJECTIVES: List[Objective] = [
-    Objective("denoising", {}),
-    Objective("meanflow", {
-        "training.sde": "rectified_flow",
-        "training.objective": "meanflow",
-        "training.time_distribution": "logit_normal",
-        "training.logit_mean": -0.4,
-        "training.logit_std": 1.0,
-        "training.weighting": "default",
-        "model.parameterization": "default",
-        "model.scale_by_sigma": False,
-        "model.second_time": True,
-        "sampling.method": "meanflow",
-        "sampling.num_steps": 1,
-        "eval.enable_bpd": False,
-    }),
-    # sCT (continuous-time consistency training on TrigFlow, Lu & Song 2024). Optional:
-    # skipped with a note while the settings reject training.objective = 'sct'; the row
-    # appears once the objective exists.
-    Objective("sct", {
-        "training.sde": "trigflow",
-        "model.parameterization": "trigflow",
-        "training.time_distribution": "lognormal_sigma",
-        "training.objective": "sct",
-        "model.scale_by_sigma": False,
-        "eval.enable_bpd": False,
-    }, optional=True),
-]
+import _objectives  # noqa: E402
+from _objectives import OBJECTIVES, Objective  # noqa: E402
 
 
 def _small_image_net(config, nf: int = 16):
@@ -147,12 +111,7 @@ def network_config(network: str, size: str, objective: Objective, dtype: str, ba
   """The network's config at `size` with the objective's overrides, dtype and batch."""
   cifar, cpu, _ = NETWORKS[network]
   config = (cifar if size == "cifar" else cpu)()
-  for key, value in objective.overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-      node = getattr(node, part)
-    setattr(node, leaf, value)
+  _objectives.apply(config, objective)
   config.model.dtype = dtype
   config.training.batch_size = batch
   return config
@@ -170,49 +129,74 @@ def _host_params(model, shape, seed=0):
   return jax.tree_util.tree_map(draw, shapes)["params"]
 
 
-def measure(config, steps: int) -> Dict[str, float]:
-  """Compiles the library's train step for `config` and times it.
+class Step:
+  """The library's train step for a config, compiled, with its inputs; call() runs one step."""
 
-  Returns:
-    {'ms': median ms/step, 'temp_mb', 'total_mb', 'compile_s', 'loss'}.
-  Raises:
-    ConfigError: the settings reject the config.
-  """
-  setup = plan_lib.make_plan(settings.from_config(config), need_data=False)
-  step_fn = train.make_train_step(setup)
-  data_shape = tuple(setup.data.shape(1))[1:]  # [2] for the toy data, else [H, W, C]
-  batch = config.training.batch_size
-  params = _host_params(setup.model, (1,) + data_shape)
-  state = run_state.TrainState(step=jnp.int32(0), params=params, opt_state=setup.tx.init(params),
-                               ema_params=jax.tree_util.tree_map(jnp.copy, params))
-  rng = np.random.default_rng(1)
-  x = jax.device_put(rng.uniform(-1, 1, size=(batch,) + data_shape).astype(np.float32),
-                     setup.batch_sharding)
-  y = jax.device_put(np.zeros((batch,), np.int32), setup.batch_sharding)
-  key = jax.random.PRNGKey(0)
-
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(state, x, y, key).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  state, metrics = compiled(state, x, y, key)  # warm-up
-  jax.block_until_ready((state, metrics))
-  times = []
-  for _ in range(steps):
+  def __init__(self, config):
+    """Raises ConfigError where the settings reject the config."""
+    setup = plan_lib.make_plan(settings.from_config(config), need_data=False)
+    step_fn = train.make_train_step(setup)
+    data_shape = tuple(setup.data.shape(1))[1:]  # [2] for the toy data, else [H, W, C]
+    batch = config.training.batch_size
+    params = _host_params(setup.model, (1,) + data_shape)
+    self.state = run_state.TrainState(step=jnp.int32(0), params=params,
+                                      opt_state=setup.tx.init(params),
+                                      ema_params=jax.tree_util.tree_map(jnp.copy, params))
+    rng = np.random.default_rng(1)
+    self.x = jax.device_put(rng.uniform(-1, 1, size=(batch,) + data_shape).astype(np.float32),
+                            setup.batch_sharding)
+    self.y = jax.device_put(np.zeros((batch,), np.int32), setup.batch_sharding)
+    self.key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
-    state, metrics = compiled(state, x, y, key)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t0)
-  loss = float(metrics["loss"])
-  if not (bool(metrics["finite"]) and math.isfinite(loss)):
-    raise FloatingPointError(f"non-finite loss {loss}")
-  out = {"ms": 1e3 * float(np.median(times)), "compile_s": compile_s, "loss": loss,
-         "temp_mb": math.nan, "total_mb": math.nan}
-  if mem is not None:
-    out["temp_mb"] = mem.temp_size_in_bytes / 1e6
-    out["total_mb"] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes +
-                       mem.output_size_in_bytes - mem.alias_size_in_bytes) / 1e6
-  return out
+    self.compiled = step_fn.lower(self.state, self.x, self.y, self.key).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.metrics = None
+    self.wall, self.cpu = [], []
+    self.call()  # warm-up, not recorded
+    self.wall, self.cpu = [], []
+
+  def call(self) -> None:
+    """One step (the state is donated: the next call continues from it), timed."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    self.state, self.metrics = self.compiled(self.state, self.x, self.y, self.key)
+    jax.block_until_ready((self.state, self.metrics))
+    self.wall.append(time.perf_counter() - t0)
+    self.cpu.append(time.process_time() - c0)
+
+  def result(self) -> Dict[str, float]:
+    """{'ms': median wall ms/step, 'cpu_ms': median CPU ms/step (all threads), 'temp_mb',
+    'total_mb', 'compile_s', 'loss'}."""
+    loss = float(self.metrics["loss"])
+    if not (bool(self.metrics["finite"]) and math.isfinite(loss)):
+      raise FloatingPointError(f"non-finite loss {loss}")
+    out = {"ms": 1e3 * float(np.median(self.wall)), "cpu_ms": 1e3 * float(np.median(self.cpu)),
+           "compile_s": self.compile_s, "loss": loss, "temp_mb": math.nan, "total_mb": math.nan}
+    mem = self.compiled.memory_analysis()
+    if mem is not None:
+      out["temp_mb"] = mem.temp_size_in_bytes / 1e6
+      out["total_mb"] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes +
+                         mem.output_size_in_bytes - mem.alias_size_in_bytes) / 1e6
+    return out
+
+
+def measure(configs: Dict[str, Any], steps: int) -> Dict[str, Any]:
+  """{name: Step.result() or the ConfigError} of the configs' train steps.
+
+  All are compiled first, then timed in `steps` rounds of one step each, so that a change
+  in the machine's load (other processes on shared cores) reaches every objective alike
+  and the ratios stay meaningful.
+  """
+  built: Dict[str, Any] = {}
+  for name, config in configs.items():
+    try:
+      built[name] = Step(config)
+    except ConfigError as e:
+      built[name] = e
+  runs = [b for b in built.values() if isinstance(b, Step)]
+  for _ in range(steps):
+    for b in runs:
+      b.call()
+  return {name: b.result() if isinstance(b, Step) else b for name, b in built.items()}
 
 
 def _commit() -> str:
@@ -230,9 +214,10 @@ def _commit() -> str:
 def _row(objective: str, dtype: str, r: Optional[Dict[str, float]],
          base: Optional[Dict[str, float]], note: str = "") -> str:
   if r is None:
-    return f"| {objective} | {dtype} | - | - | - | - | - | - | {note} |"
+    return f"| {objective} | {dtype} | - | - | - | - | - | - | - | - | {note} |"
   ratio = lambda k: f"{r[k] / base[k]:.2f}" if base and base[k] > 0 else "-"
-  return (f"| {objective} | {dtype} | {r['ms']:.1f} | {ratio('ms')} | {r['temp_mb']:.1f} | "
+  return (f"| {objective} | {dtype} | {r['ms']:.1f} | {ratio('ms')} | {r['cpu_ms']:.1f} | "
+          f"{ratio('cpu_ms')} | {r['temp_mb']:.1f} | "
           f"{ratio('temp_mb')} | {r['total_mb']:.1f} | {ratio('total_mb')} | "
           f"compile {r['compile_s']:.0f} s{'; ' + note if note else ''} |")
 
@@ -249,7 +234,7 @@ def main(argv: List[str]) -> None:
   parser.add_argument("--batch", type=int, default=0,
                       help="global batch (default: 8 (MLP 512) at --size=cpu, 128 (MLP 4096) at "
                       "--size=cifar)")
-  parser.add_argument("--steps", type=int, default=10, help="timed steps per row (median)")
+  parser.add_argument("--steps", type=int, default=20, help="timed steps per row (median)")
   args = parser.parse_args(argv)
 
   print(f"commit {_commit()}; jax {jax.__version__}; devices {jax.devices()}; "
@@ -259,24 +244,22 @@ def main(argv: List[str]) -> None:
   for network in args.networks:
     batch = args.batch or NETWORKS[network][2][0 if args.size == "cifar" else 1]
     print(f"\n{network} (batch {batch})\n")
-    print("| objective | dtype | ms/step | x | temp MB | x | total MB | x | |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| objective | dtype | ms/step | x | CPU ms/step | x | temp MB | x | total MB | x | |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
-      base = None
+      results = measure({o.name: network_config(network, args.size, o, dtype, batch)
+                         for o in objectives}, args.steps)
+      base = results.get(OBJECTIVES[0].name)
       for objective in objectives:
-        config = network_config(network, args.size, objective, dtype, batch)
-        try:
-          r = measure(config, args.steps)
-        except ConfigError as e:
+        r = results[objective.name]
+        if isinstance(r, ConfigError):
           if not objective.optional:
-            raise
+            raise r
           print(_row(objective.name, dtype, None, None,
-                     f"skipped: the settings reject it ({str(e).splitlines()[0][:120]})"),
+                     f"skipped: the settings reject it ({str(r).splitlines()[0][:120]})"),
                 flush=True)
           continue
-        base = base or (r if objective is OBJECTIVES[0] else None)
         print(_row(objective.name, dtype, r, base), flush=True)
-
 
 if __name__ == "__main__":
   main(sys.argv[1:])
