@@ -30,8 +30,8 @@ accelerator):
   ddpmpp     configs/vp_cifar.py (NCSN++ code with the DDPM++ settings),
   ncsnpp     configs/ve_cifar.py (NCSN++: FIR resampling, progressive input/output),
   mlp        configs/toy.py (the 2-D toy's MLP).
-The baseline row 'denoising' is each config's own continuous DSM step (model.second_time
-off); the JVP rows switch the objective and what it needs (MeanFlow: the rectified-flow
+The baseline row 'denoising' is each config's own diffusion step (continuous DSM; EDM's
+preconditioning and weighting for SongUNet; model.second_time off); the JVP rows switch the objective and what it needs (MeanFlow: the rectified-flow
 path and the second time input).
 
 Usage:
@@ -75,7 +75,8 @@ from _objectives import OBJECTIVES, Objective  # noqa: E402
 
 def _small_image_net(config, nf: int = 16):
   """A CIFAR-10 config's network at CPU size: 16x16 images, one resolution with one residual
-  block and attention (XLA's CPU compiler takes ~1 minute per step of two resolutions)."""
+  block and attention (with two resolutions XLA's CPU compiler takes about a minute per step
+  on shared cores)."""
   config.data.image_size = 16
   config.model.nf = nf
   config.model.ch_mult = (1,)
