@@ -200,7 +200,7 @@ def test_meanflow_bfloat16_loss_gradient_and_tangent_match_float32(fast_compile)
 CONV_BF16_RTOL = 4 * 8 * 2.0**-9
 
 
-@pytest.mark.slow  # compiles the gradient of each network's JVP twice (~1 min on 2 CPU cores)
+@pytest.mark.slow  # compiles the gradient of each network's JVP twice: ~25 CPU-s each
 @pytest.mark.parametrize("name", ["song_unet", "ddpmpp"])
 def test_meanflow_bfloat16_conv_networks_match_float32(name, fast_compile):
   from score_jax import meanflow  # pylint: disable=g-import-not-at-top
