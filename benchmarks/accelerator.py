@@ -14,6 +14,14 @@ On whatever backend JAX sees it measures, in this order (most informative first)
              of memory); the library's train step (forward, DSM loss, backward,
              clipping, Adam, EMA), compile time, peak device memory, XLA's FLOP
              count of the compiled step and MFU against the chip's peak;
+  jvp        the train steps that differentiate the network with jax.jvp (the
+             few-step generators: MeanFlow, and sCT once training.objective =
+             'sct' exists; benchmarks/_objectives.py) of DDPM++ at per-device batch
+             128, float32 and bfloat16, beside the plain step above: the same
+             figures, and the ratios time_ratio, memory_ratio (XLA's memory plan)
+             and peak_memory_ratio to the plain step's (the goal: at most 2x the
+             time and 1.5x the memory). An objective the settings reject is
+             recorded as skipped;
   sample     DPM-Solver++ (2M, 20 NFE) with DDPM++ and PC (reverse diffusion +
              Langevin, snr 0.16) with NCSN++, batch 1024 per device; PC is timed
              over 100 steps and reported per 1000 steps (the paper's N);
@@ -77,7 +85,7 @@ if ROOT not in sys.path:
 if HERE not in sys.path:
   sys.path.insert(0, HERE)
 
-KINDS = ("pipeline", "train", "sample", "inception", "bpd")
+KINDS = ("pipeline", "train", "jvp", "sample", "inception", "bpd")
 _RECORD = "@@accelerator "  # prefix of the child's machine-readable lines
 
 # ---------------------------------------------------------------------------
@@ -151,6 +159,8 @@ TINY = dict(train_batch=2, train_big=(8, 4), sample_batch=4, pc_steps=5, dpm_nfe
             inception_batch=2, bpd_batch=2, train_steps=2, pipeline_seconds=0.3,
             pipeline_examples={32: 2048, 256: 64})
 NETWORKS = {"ddpmpp": "configs/vp_cifar.py", "ncsnpp": "configs/ve_cifar.py"}
+JVP_NETWORK = "ddpmpp"
+JVP_OBJECTIVES = ("meanflow", "sct")  # entries of benchmarks/_objectives.py
 
 
 def plan(kinds: List[str], tiny: bool) -> List[Dict[str, Any]]:
@@ -158,9 +168,11 @@ def plan(kinds: List[str], tiny: bool) -> List[Dict[str, Any]]:
   p = TINY if tiny else FULL
   units: List[Dict[str, Any]] = []
 
-  def train(network, dtype, batch, if_oom=None):
-    units.append({"id": f"train-{network}-{dtype}-{batch}", "kind": "train", "network": network,
-                  "dtype": dtype, "per_device_batch": batch, "if_oom": if_oom})
+  def train(network, dtype, batch, if_oom=None, objective="denoising"):
+    what = network if objective == "denoising" else f"{network}-{objective}"
+    units.append({"id": f"train-{what}-{dtype}-{batch}", "kind": "train", "network": network,
+                  "dtype": dtype, "per_device_batch": batch, "if_oom": if_oom,
+                  "objective": objective})
 
   if "pipeline" in kinds:
     for size in (32, 256):
@@ -169,6 +181,10 @@ def plan(kinds: List[str], tiny: bool) -> List[Dict[str, Any]]:
     for network in NETWORKS:
       for dtype in ("float32", "bfloat16"):
         train(network, dtype, p["train_batch"])
+  if "jvp" in kinds:  # beside the plain step of the same network, dtype and batch
+    for objective in JVP_OBJECTIVES:
+      for dtype in ("float32", "bfloat16"):
+        train(JVP_NETWORK, dtype, p["train_batch"], objective=objective)
   if "sample" in kinds:
     units.append({"id": "sample-dpm", "kind": "sample", "sampler": "dpm_solver++",
                   "network": "ddpmpp"})
@@ -202,10 +218,13 @@ def library_train_step(config):
 
 
 def network_config(network: str, tiny: bool, dtype: str = "float32", batch: int = 8,
-                   num_scales: Optional[int] = None):
-  """The paper config of `network` (configs/vp_cifar.py or ve_cifar.py), made tiny with --tiny."""
+                   num_scales: Optional[int] = None, objective: str = "denoising"):
+  """The paper config of `network` (configs/vp_cifar.py or ve_cifar.py), made tiny with --tiny,
+  with the train objective's overrides (benchmarks/_objectives.py)."""
+  import _objectives  # pylint: disable=g-import-not-at-top
   from configs import ve_cifar, vp_cifar  # pylint: disable=g-import-not-at-top
   config = {"ddpmpp": vp_cifar, "ncsnpp": ve_cifar}[network].get_config()
+  _objectives.apply(config, _objectives.get(objective))
   config.model.dtype = dtype
   config.training.batch_size = batch
   if num_scales is not None:
@@ -345,8 +364,16 @@ def measure_train(unit: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
   if ctx.simulate_oom_batch and per_dev >= ctx.simulate_oom_batch:
     raise MemoryError(f"RESOURCE_EXHAUSTED: simulated (--simulate-oom-batch "
                       f"{ctx.simulate_oom_batch}) at per-device batch {per_dev}")
-  config = network_config(unit["network"], ctx.tiny, dtype, batch)
-  setup, step_fn, train_state = library_train_step(config)
+  objective = unit.get("objective", "denoising")
+  config = network_config(unit["network"], ctx.tiny, dtype, batch, objective=objective)
+  try:
+    setup, step_fn, train_state = library_train_step(config)
+  except Exception as e:  # noqa: BLE001 - the settings' ConfigError
+    import _objectives  # pylint: disable=g-import-not-at-top
+    if type(e).__name__ != "ConfigError" or not _objectives.get(objective).optional:
+      raise
+    return {"skipped": True, "note": f"skipped: the settings reject training.objective = "
+                                     f"{objective!r} ({str(e).splitlines()[0][:200]})"}
   size, ch = config.data.image_size, config.data.num_channels
   params = _host_params(setup.model, (1, size, size, ch))
   state = train_state(step=jnp.int32(0), params=params, opt_state=setup.tx.init(params),
@@ -533,8 +560,11 @@ def describe(unit: Dict[str, Any]) -> Dict[str, Any]:
   kind = unit["kind"]
   base = {"unit": unit["id"], "name": kind}
   if kind == "train":
+    objective = unit.get("objective", "denoising")
     base.update(network=unit["network"], config=NETWORKS[unit["network"]], dtype=unit["dtype"],
-                per_device_batch=unit["per_device_batch"])
+                per_device_batch=unit["per_device_batch"], objective=objective)
+    if objective != "denoising":
+      base["name"] = f"train {objective}"
   elif kind == "sample":
     base.update(name=f"sample {unit['sampler']}", network=unit["network"],
                 config=NETWORKS[unit["network"]], dtype="float32")
@@ -627,6 +657,30 @@ def _safe(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "device"
 
 
+def jvp_ratios(record: Dict[str, Any], earlier: List[Dict[str, Any]]) -> Dict[str, Any]:
+  """A JVP train step's time_ratio, memory_ratio (XLA's memory plan) and peak_memory_ratio
+  (the device's peak, each measurement in its own process; None where the backend keeps no
+  statistics) to the plain step of the same network, dtype and batch among the earlier
+  records, and a note saying them; {} for other records or without a measured plain step."""
+  if record.get("objective", "denoising") == "denoising" or "step_s" not in record:
+    return {}
+  same = lambda r: (r.get("name") == "train" and not r.get("error") and "step_s" in r and
+                    all(r.get(k) == record.get(k) for k in ("network", "dtype", "batch")))
+  plain = next((r for r in reversed(earlier) if same(r)), None)
+  if plain is None:
+    return {}
+  memory = (record["step_memory_gb"] / plain["step_memory_gb"]
+            if record.get("step_memory_gb") and plain.get("step_memory_gb") else None)
+  peak = (record["peak_memory_gb"] / plain["peak_memory_gb"]
+          if record.get("peak_memory_gb") and plain.get("peak_memory_gb") else None)
+  time_ratio = record["step_s"] / plain["step_s"]
+  note = f"{time_ratio:.2f}x the plain step's time" + (
+      f", {memory:.2f}x its memory plan" if memory is not None else "") + (
+      f", {peak:.2f}x its peak memory" if peak is not None else "")
+  return {"time_ratio": time_ratio, "memory_ratio": memory, "peak_memory_ratio": peak,
+          "note": note}
+
+
 class Results:
   """The records so far, written to OUT/<device_kind>.json and .md after every change."""
 
@@ -650,7 +704,8 @@ class Results:
     if self.json_path is None:  # no process got as far as the device
       self.set_device({"device_kind": "unknown"})
     context = {k: self.header.get(k) for k in ("device_kind", "device_count", "platform", "jax")}
-    self.records.append({**record, **context, "tiny": self.header["tiny"]})
+    self.records.append({**record, **jvp_ratios(record, self.records), **context,
+                         "tiny": self.header["tiny"]})
     self.write()
 
   def write(self) -> None:
@@ -679,6 +734,8 @@ def _summary(record: Dict[str, Any]) -> str:
   what += f" batch {record.get('batch')}"
   if record.get("error"):
     return f"{what}: {'OUT OF MEMORY' if record.get('oom') else 'ERROR'} {record['error'][:200]}"
+  if record.get("skipped"):
+    return f"{what}: {record.get('note', 'skipped')}"
   parts = [f"{record['images_per_s']:,.1f} images/s"]
   if record.get("mfu") is not None:
     parts.append(f"MFU {100 * record['mfu']:.1f}%")
@@ -686,6 +743,9 @@ def _summary(record: Dict[str, Any]) -> str:
     parts.append(f"compile {record['compile_s']:.1f} s")
   if record.get("peak_memory_gb") is not None:
     parts.append(f"peak {record['peak_memory_gb']:.2f} GB")
+  if record.get("time_ratio") is not None:
+    parts.append(f"{record['time_ratio']:.2f}x the plain step's time, "
+                 f"{record['memory_ratio']:.2f}x its memory plan")
   return f"{what}: " + ", ".join(parts)
 
 

@@ -65,10 +65,15 @@ def test_tiny_run_measures_everything_with_positive_finite_rates(tiny_run):
     by_unit.setdefault(r["unit"], []).append(r)
   want = ({"pipeline-32", "pipeline-256", "sample-dpm", "sample-pc", "inception", "bpd"}
           | {f"train-{n}-{d}-{b}" for n in ("ddpmpp", "ncsnpp") for d in ("float32", "bfloat16")
-             for b in (2, 8, 4)})
+             for b in (2, 8, 4)}
+          | {f"train-ddpmpp-{o}-{d}-2" for o in ("meanflow", "sct")
+             for d in ("float32", "bfloat16")})
   assert set(by_unit) == want
   for r in records:
     assert r["device_kind"] == "cpu" and r["tiny"] is True
+    if r.get("skipped"):  # an objective the settings do not know yet (sCT)
+      assert r["objective"] == "sct" and "training.objective = 'sct'" in r["note"], r
+      continue
     if r["unit"].endswith("-8"):  # the simulated out-of-memory batch: recorded, not measured
       assert r["oom"] is True and "RESOURCE_EXHAUSTED" in r["error"] and "images_per_s" not in r
       continue
@@ -85,7 +90,9 @@ def test_tiny_run_figures_are_consistent(tiny_run):
   for r in records:
     if r.get("error"):
       continue
-    if r["name"] == "train":
+    if r.get("skipped"):
+      continue
+    if r["name"].startswith("train"):
       # images/s is the global batch over the mean step time; the FLOP count is XLA's.
       assert r["per_device_batch"] == int(r["unit"].rsplit("-", 1)[1])
       assert r["batch"] == r["per_device_batch"] * r["device_count"]  # conftest: 4 CPU devices
@@ -94,6 +101,12 @@ def test_tiny_run_figures_are_consistent(tiny_run):
       # The optimized and unoptimized programs count the same arithmetic within 2x.
       assert 0.5 < r["flops_per_step"] / r["flops_per_step_lowered"] < 2.0
       assert math.isfinite(r["loss"]) and r["step_memory_gb"] > 0
+    if r["name"] == "train meanflow":  # beside the plain step of the same network and dtype
+      plain = next(p for p in records if p["unit"] == f"train-ddpmpp-{r['dtype']}-2")
+      assert r["time_ratio"] == pytest.approx(r["step_s"] / plain["step_s"], rel=1e-9)
+      assert r["memory_ratio"] == pytest.approx(
+          r["step_memory_gb"] / plain["step_memory_gb"], rel=1e-9)
+      assert r["memory_ratio"] > 1.0  # the tangent's activations come on top
     if r["unit"] == "sample-pc":  # 5 steps timed, reported per 1000 steps
       assert r["steps_timed"] == 5 and r["nfe"] == 10
       assert r["images_per_s"] == pytest.approx(r["batch"] / (r["seconds"] * 200), rel=1e-9)
@@ -122,6 +135,35 @@ def test_one_process_per_measurement(tmp_path):
   assert [r["unit"] for r in records] == ["pipeline-32", "pipeline-32", "pipeline-256",
                                           "pipeline-256", "inception"]
   assert all(r["images_per_s"] > 0 for r in records) and len(_rows(table)) == 5
+
+
+def test_plan_puts_the_jvp_steps_beside_the_plain_step_and_their_ratios():
+  acc = _script()
+  ids = [u["id"] for u in acc.plan(["train", "jvp"], tiny=False)]
+  plain = [f"train-{n}-{d}-128" for n in ("ddpmpp", "ncsnpp") for d in ("float32", "bfloat16")]
+  jvp = [f"train-ddpmpp-{o}-{d}-128" for o in ("meanflow", "sct")
+         for d in ("float32", "bfloat16")]
+  assert ids[:8] == plain + jvp  # batch 128 first, the large batches after
+  assert [u["id"] for u in acc.plan(["jvp"], tiny=True)] == [i[:-4] + "-2" for i in jvp]
+  unit = acc.plan(["jvp"], tiny=False)[1]
+  assert acc.describe(unit)["name"] == "train meanflow"
+  assert acc.describe(unit)["objective"] == "meanflow" and unit["dtype"] == "bfloat16"
+  base = {"network": "ddpmpp", "dtype": "bfloat16", "batch": 128}
+  plain_rec = {**base, "name": "train", "objective": "denoising", "step_s": 0.2,
+               "step_memory_gb": 10.0}
+  other = {**plain_rec, "dtype": "float32", "step_s": 0.4}
+  jvp_rec = {**base, "name": "train meanflow", "objective": "meanflow", "step_s": 0.3,
+             "step_memory_gb": 12.5}
+  ratios = acc.jvp_ratios(jvp_rec, [plain_rec, other])
+  assert ratios["time_ratio"] == pytest.approx(1.5) and ratios["memory_ratio"] == pytest.approx(1.25)
+  assert ratios["peak_memory_ratio"] is None  # no device statistics (CPU)
+  assert ratios["note"] == "1.50x the plain step's time, 1.25x its memory plan"
+  ratios = acc.jvp_ratios({**jvp_rec, "peak_memory_gb": 14.0},
+                          [{**plain_rec, "peak_memory_gb": 10.0}])
+  assert ratios["peak_memory_ratio"] == pytest.approx(1.4)
+  assert ratios["note"].endswith(", 1.40x its peak memory")
+  assert acc.jvp_ratios(jvp_rec, [other]) == {}  # no plain step of that dtype
+  assert acc.jvp_ratios(plain_rec, [plain_rec]) == {}  # the plain step itself
 
 
 def test_peak_table_and_mfu():
