@@ -36,15 +36,11 @@ From cifar10_v0.sh and train_arg_parser.py's defaults:
 The network (the code's models/model_configs.py): EDM's SongUNet with the DDPM++ settings of
 configs/edm_cifar_vp.py (128 channels, multipliers (2, 2, 2), 4 blocks per resolution,
 attention at 16x16, positional embedding) except a 2 x 128 noise embedding
-(channel_mult_noise 2) and the [1, 3, 3, 1] resampling filter, taking t and t - r. It differs
-from the authors' network in how the two times enter: the authors concatenate the
-embeddings of t and t - r (512 wide) before the mapping network's first layer, score_jax adds
-a dense map of the t - r embedding to that of t (256 wide); the augmentation labels' layer
-follows the width. That leaves score_jax with 55,865,603 parameters, the authors' network
-55,932,419 (66,816 more: 262,656 + 3,072 in their first mapping layer and augmentation
-layer, 131,584 + 65,792 + 1,536 in score_jax's; the authors' count is that of their
-class, tests/test_meanflow.py). The authors' released checkpoint therefore does not convert
-to this network.
+(channel_mult_noise 2) and the [1, 3, 3, 1] resampling filter, taking t and t - r as the
+authors' network does (model.second_time_mode = 'concat'): the positional embeddings of t and
+t - r are concatenated in that order (512 wide) before the mapping network's first layer,
+whose input, like the augmentation labels' layer, is that wide. The parameter count is then
+the authors' network's, 55,932,419 (tests/test_meanflow.py counts their class).
 
 Sampling: one jump z_0 = z_1 - u(z_1, 0, 1) (sampling.num_steps = 1; 2 for two jumps).
 """
@@ -92,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   model = config.model
   model.parameterization = "default"  # the network's output is u
   model.second_time = True
+  model.second_time_mode = "concat"  # [emb(t), emb(t - r)], the authors' network
   model.dropout = 0.2
   model.channel_mult_noise = 2
   model.resample_filter = (1, 3, 3, 1)

@@ -284,11 +284,11 @@ EDM_DDPMPP_PARAMS = 55_733_891  # EDM's CIFAR-10 DDPM++ (tests/test_edm_networks
 
 def test_cifar10_meanflow_config_validates_and_has_the_papers_network():
   """The config passes the settings checks with the authors' CIFAR-10 settings, and its
-  network (shapes only) has the authors' U-Net's parameter count up to the one documented
-  difference, counted here in closed form: the authors concatenate the embeddings of t and
-  t - r (2 x 256 wide) before the first mapping layer, score_jax adds a dense map of the
-  second to the first (256 wide), and the augmentation layer follows that width. The same
-  count also follows from EDM's DDPM++ with the config's embedding changes."""
+  network (shapes only) has exactly the authors' U-Net's parameter count: with
+  second_time_mode='concat' the two times' embeddings (2 x 256 wide) enter the first mapping
+  layer as in their network. The same count follows in closed form from EDM's DDPM++ and the
+  config's embedding changes; the 'add' mode (a dense map of the second embedding added to
+  the first, 256 wide) keeps its own count."""
   from configs import cifar10_meanflow
   from score_jax.run import builders
   from score_jax.run.settings import from_config
@@ -299,16 +299,82 @@ def test_cifar10_meanflow_config_validates_and_has_the_papers_network():
   assert (t.logit_mean, t.logit_std, t.meanflow_ratio, t.meanflow_power) == (-2.0, 2.0, 0.75,
                                                                             0.75)
   model = builders.get_model(s)
-  assert (model.second_time, model.augment_dim, model.dropout) == (True, 6, 0.2)
+  assert (model.second_time, model.second_time_mode, model.augment_dim, model.dropout) == (
+      True, "concat", 6, 0.2)
   total = models.count_params(model, s.data.shape(1))
+  assert total == AUTHORS_CIFAR10_PARAMS
   nf, emb, labels = 128, 512, 6
   noise = 2 * nf  # channel_mult_noise = 2
   dense = lambda fan_in, fan_out, bias=True: fan_in * fan_out + (fan_out if bias else 0)
-  authors_only = dense(2 * noise, emb) + dense(labels, 2 * noise, False)
-  ours_only = dense(noise, noise) + dense(noise, emb) + dense(labels, noise, False)
-  assert total == AUTHORS_CIFAR10_PARAMS - authors_only + ours_only == 55_865_603
+  concat_only = dense(2 * noise, emb) + dense(labels, 2 * noise, False)
   edm_only = dense(nf, emb) + dense(9, nf, False)  # channel_mult_noise 1, 9 labels
-  assert total == EDM_DDPMPP_PARAMS - edm_only + ours_only
+  assert total == EDM_DDPMPP_PARAMS - edm_only + concat_only
+  add_only = dense(noise, noise) + dense(noise, emb) + dense(labels, noise, False)
+  add = models.count_params(model.clone(second_time_mode="add"), s.data.shape(1))
+  assert add == AUTHORS_CIFAR10_PARAMS - concat_only + add_only == 55_865_603
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"model.second_time_mode": "cat"}, "Unknown model.second_time_mode 'cat'"),
+    ({"model.second_time_mode": "concat", "model.second_time": False},
+     "model.second_time = True"),
+    ({"model.second_time_mode": "concat", "model.embedding_type": "fourier"},
+     "model.embedding_type = 'positional'"),
+])
+def test_second_time_mode_is_checked(change, words):
+  """A bad second_time_mode is one line naming the key and the fix (settings only, ~0.1 s);
+  the network refuses it too, and the two lists of modes agree."""
+  from score_jax.errors import ConfigError
+  from score_jax.models import song_unet
+  from score_jax.run import settings
+  assert settings.SECOND_TIME_MODES == song_unet.SECOND_TIME_MODES
+  with pytest.raises(ConfigError, match=re.escape(words)) as info:
+    settings.from_config(helpers.config("cifar10_meanflow", **change))
+  assert "\n" not in str(info.value)
+  network = {k.split(".")[1]: v for k, v in change.items()}
+  with pytest.raises(ValueError, match="second_time"):
+    models.count_params(models.SongUNet(nf=8, ch_mult=(1,), num_res_blocks=1,
+                                        attn_resolutions=(), **{"second_time": True, **network}),
+                        (1, 4, 4, 1))
+
+
+def test_song_unet_concat_mode_combines_the_times_as_the_authors_network(fast_compile):
+  """second_time_mode='concat' (the authors' models/unet.py SongUNet.forward): the first
+  mapping layer takes [emb(t), emb(t - r)] in that order plus the augmentation labels' map,
+  recomputed here in numpy from the parameters (float32 sums of 16 terms: rtol 1e-5); the
+  output depends on r through labels2 = t - r; and MeanFlow's jvp in (r, t) runs, r reaching
+  it. One compiled program (~1.5 s)."""
+  model = models.SongUNet(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                          dropout=0.0, augment_dim=2, second_time=True,
+                          second_time_mode="concat")
+  shape = (2, 4, 4, 1)
+  variables = helpers.random_variables(model, shape, seed=3)
+  p = jax.tree_util.tree_map(np.asarray, variables["params"])
+  assert "map_noise2" not in p and p["map_layer0"]["kernel"].shape == (16, 32)
+  z = jnp.asarray(np.random.default_rng(4).normal(size=shape), jnp.float32)
+  t, r = np.array([0.9, 0.3], np.float32), np.array([0.4, 0.25], np.float32)
+  aug = np.array([[1.0, -0.5], [0.0, 2.0]], np.float32)
+
+  def u(r, t):  # u(z, r, t) as meanflow.network_u_fn forms it, the first mapping layer kept
+    return model.apply(variables, z, t, labels2=t - r, augment_labels=aug,
+                       capture_intermediates=lambda m, _: m.name == "map_layer0",
+                       mutable=["intermediates"])
+
+  jvp = jax.jit(lambda r, t, dr, dt: jax.jvp(u, (r, t), (dr, dt)))
+  zero, one = np.zeros(2, np.float32), np.ones(2, np.float32)
+  (out, state), (du_dt, _) = jvp(r, t, zero, one)  # MeanFlow's tangent (dr, dt) = (0, 1)
+  k = np.arange(4) / 3.0  # positional: 8 channels, frequencies 1e-4^(k / 3), [sin, cos]
+  pe = lambda x: np.concatenate([np.sin(x[:, None] * 1e-4**k), np.cos(x[:, None] * 1e-4**k)],
+                                axis=1)
+  a = np.concatenate([pe(t), pe(t - r)], axis=1) + aug @ p["map_augment"]["kernel"]
+  want = a @ p["map_layer0"]["kernel"] + p["map_layer0"]["bias"]
+  got = np.asarray(state["intermediates"]["map_layer0"]["__call__"][0])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  (other, _), (du_dr, _) = jvp(r - 0.2, t, one, zero)
+  out, other, du_dt, du_dr = (np.asarray(v) for v in (out, other, du_dt, du_dr))
+  assert np.abs(other - out).max() > 1e-3 * np.abs(out).max()
+  assert np.all(np.isfinite(du_dt)) and np.all(np.isfinite(du_dr))
+  assert np.abs(du_dr).max() > 1e-3 * np.abs(du_dt).max() > 0
 
 
 def test_meanflow_loss_passes_the_augmentation_labels_to_the_network():

@@ -21,6 +21,11 @@ there); here they are the parameter `map_noise/freqs`, so that checkpoints
 carry them, and receive no gradient (`stop_gradient`), which keeps them
 fixed under Adam and the EMA.
 
+MeanFlow (second_time=True) gives the network a second time label, t - r;
+second_time_mode='concat' combines the two as the MeanFlow authors' CIFAR-10
+network does (configs/cifar10_meanflow.py), 'add' (the default) with a dense
+layer of its own.
+
 Inputs and labels. `net.apply(variables, x, labels, y=None, train=False,
 augment_labels=None)`, x [B, H, W, C] NHWC, returns F [B, H, W, C] (float32).
 The noise label is embedded as given by a positional embedding, and as
@@ -57,13 +62,16 @@ from score_jax.models import layers
 
 Array = jax.Array
 
-__all__ = ["SongUNet", "DDPMPP_CIFAR10", "NCSNPP_CIFAR10"]
+__all__ = ["SongUNet", "DDPMPP_CIFAR10", "NCSNPP_CIFAR10", "SECOND_TIME_MODES"]
 
 # The two CIFAR-10 settings' keys that differ (the rest are the defaults).
 DDPMPP_CIFAR10 = dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
                       resample_filter=(1, 1))
 NCSNPP_CIFAR10 = dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
                       resample_filter=(1, 3, 3, 1))
+
+# How a second time label enters the mapping network (SongUNet.second_time_mode).
+SECOND_TIME_MODES = ("add", "concat")
 
 _SKIP_SCALE = math.sqrt(0.5)
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -231,8 +239,15 @@ class SongUNet(nn.Module):
     fourier_scale: std of the Fourier frequencies at initialization.
     num_classes (label_dim): classes; 0 = unconditional.
     augment_dim: width of the augmentation labels; 0 = none.
-    second_time: take a second label (`labels2`, MeanFlow's t - r; None: 0), whose
-      positional embedding, through its own dense layer, is added to the noise embedding.
+    second_time: take a second label (`labels2`, MeanFlow's t - r; None: 0).
+    second_time_mode: how the second label enters (with second_time): 'add', its
+      positional embedding through a dense layer of its own (`map_noise2`) is added to
+      the noise embedding; 'concat', the MeanFlow authors' CIFAR-10 network
+      (Gsunshine/py-meanflow): the positional embeddings of labels and labels2 are
+      concatenated in that order, [emb(t), emb(t - r)], 2 x nf * channel_mult_noise wide,
+      and the class and augmentation label layers and map_layer0's input follow that
+      width (the blocks see the mapping network's output, unchanged). 'concat' needs
+      the positional embedding.
     dtype: compute dtype (parameters float32, output float32).
   """
   nf: int = 128
@@ -250,6 +265,7 @@ class SongUNet(nn.Module):
   num_classes: int = 0
   augment_dim: int = 9
   second_time: bool = False
+  second_time_mode: str = "add"
   dtype: Any = jnp.float32
 
   def _check(self) -> None:
@@ -262,10 +278,18 @@ class SongUNet(nn.Module):
       raise ValueError(f"decoder_type must be 'standard' (EDM's 'skip' decoder is not "
                        f"implemented), got {self.decoder_type!r}.")
     resample_kernel(self.resample_filter)
+    if self.second_time_mode not in SECOND_TIME_MODES:
+      raise ValueError(f"second_time_mode must be add | concat, got {self.second_time_mode!r}.")
+    if self.second_time_mode == "concat" and not self.second_time:
+      raise ValueError("second_time_mode='concat' combines two times; set second_time=True.")
+    if self.second_time_mode == "concat" and self.embedding_type != "positional":
+      raise ValueError("second_time_mode='concat' embeds both times positionally (the MeanFlow "
+                       "authors' network); set embedding_type='positional'.")
 
   def embed(self, labels: Array, y: Optional[Array], augment_labels: Optional[Array],
             batch: int, labels2: Optional[Array] = None) -> Array:
     """The mapping network: noise, class and augmentation labels -> emb [B, nf * channel_mult_emb]."""
+    self._check()
     noise_ch = self.nf * self.channel_mult_noise
     emb_ch = self.nf * self.channel_mult_emb
     if labels.shape != (batch,):
@@ -279,8 +303,12 @@ class SongUNet(nn.Module):
       raise ValueError("labels2 needs a network built with second_time=True.")
     if self.second_time:  # None: 0, MeanFlow's r = t
       labels2 = jnp.zeros_like(labels) if labels2 is None else labels2
-      emb = emb + nn.Dense(noise_ch, kernel_init=_xavier(), name="map_noise2")(
-          positional_embedding(labels2, noise_ch))
+      emb2 = positional_embedding(labels2, noise_ch)
+      if self.second_time_mode == "concat":
+        emb = jnp.concatenate([emb, emb2], axis=1)
+        noise_ch = 2 * noise_ch  # the width the label layers add to
+      else:
+        emb = emb + nn.Dense(noise_ch, kernel_init=_xavier(), name="map_noise2")(emb2)
     layers.check_class_labels(y, self.num_classes)
     if self.num_classes > 0:
       if y is None:

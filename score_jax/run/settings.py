@@ -53,6 +53,8 @@ PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow")
 TIME_DISTRIBUTIONS = ("uniform", "lognormal_sigma", "logit_normal")
 WEIGHTINGS = ("default", "edm", "velocity")
 OBJECTIVES = ("denoising", "meanflow")
+# SongUNet's ways of combining MeanFlow's two times (models.song_unet.SECOND_TIME_MODES).
+SECOND_TIME_MODES = ("add", "concat")
 # The objectives that learn from a trained diffusion run (training.teacher_workdir).
 TEACHER_OBJECTIVES = ()
 
@@ -505,7 +507,8 @@ def _check_training(t: Training) -> None:
 
 
 def _check_model(m: Model, families: Mapping[str, Tuple[str, ...]]) -> None:
-  """The network's name, dtype and generic options; the EMA; the noise levels' counts."""
+  """The network's name, dtype and generic options; SongUNet's second_time_mode; the EMA; the
+  noise levels' counts."""
   _choice("model", m.name, families, lower=True)  # "Unknown model ..." (model.name)
   _choice("model.dtype", m.dtype, DTYPES)
   if m.remat and "remat" not in families[m.name.lower()]:
@@ -517,6 +520,15 @@ def _check_model(m: Model, families: Mapping[str, Tuple[str, ...]]) -> None:
   _at_least("model.ema_rampup_ratio", m.ema_rampup_ratio, 0.0)
   _at_least("model.num_classes", m.num_classes, 0)
   _at_least("model.num_scales", m.num_scales, 1)
+  mode = m.get("second_time_mode")
+  if mode is not None and "second_time_mode" in families[m.name.lower()]:
+    _choice("model.second_time_mode", mode, SECOND_TIME_MODES)
+    if mode == "concat" and not m.get("second_time"):
+      raise ConfigError("model.second_time_mode = 'concat' combines two times; set "
+                        "model.second_time = True.")
+    if mode == "concat" and m.embedding_type != "positional":
+      raise ConfigError(f"model.second_time_mode = 'concat' embeds both times positionally; "
+                        f"set model.embedding_type = 'positional' (got {m.embedding_type!r}).")
 
 
 def _check_sde(t: Training, m: Model) -> None:
