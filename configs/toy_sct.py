@@ -10,6 +10,12 @@ the tangent g of the consistency function from one JVP, normalized (c = 0.1), wa
 training.scm_warmup_steps, with the learned adaptive weighting. sigma_d = 2.86 and the time
 distribution's P_mean are toy_trigflow.py's (the paper's -1.0 moved by ln(2.86 / 0.5));
 P_std = 1.4 is the paper's. Sampled by the consistency sampler in sampling.num_steps steps.
+
+Measured (2,000 steps, 2048 samples; largest mode-weight error, share off every mode; the
+data's off-mode share is 1.1%): 1 step 0.107, 82%; 2 steps 0.087, 63%; 4 steps 0.078, 58%.
+The mode weights are near, the samples are not yet on the modes: a one-step map onto eight
+narrow modes is hard for a small MLP trained from scratch at this budget. Without tangent
+normalization (training.scm_tangent_c = 1e3) the samples collapse (error 0.92).
 """
 
 import ml_collections
@@ -26,6 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
   training.scm_warmup_steps = 500
   training.scm_tangent_c = 0.1
   training.scm_adaptive_weighting = True
+  # Fourier features of the log label at scale 1 (toy.py: positional features of the label
+  # t * 999 / (pi / 2), whose fast variation in t left the network untrained at t = T: the
+  # one-step samples collapsed to a point).
+  config.model.embedding_type = "fourier"
+  config.model.fourier_scale = 1.0
   config.sampling.method = "consistency"
   config.sampling.num_steps = 1
   config.eval.enable_bpd = False  # the likelihood integrates a score; this network gives f
