@@ -262,7 +262,9 @@ def _continuous_consistency_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Mod
     v = None
     if distill:
       if context is None or context.teacher is None:
-        raise ValueError("The 'scd' loss needs the teacher's parameters in its context.")
+        raise ConfigError("The 'scd' loss needs the teacher's parameters (its LossContext), "
+                          "which the training loop passes; set eval.enable_loss = False for "
+                          "--mode=eval.")
       base = models.get_score_fn(teacher.sde, teacher.model, {"params": context.teacher},
                                  train=False, **teacher.score.kwargs())
       velocity = sde_lib.trigflow_velocity_fn(teacher.sde, base, sde)
