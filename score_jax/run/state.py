@@ -131,9 +131,12 @@ def start_from_teacher(plan: Plan, state: TrainState, teacher: Any) -> TrainStat
                       f"({type(plan.model).__name__}); use the teacher's model settings or set "
                       "training.init_from_teacher = False.")
   params = jax.tree.map(lambda p, like: jnp.asarray(p, like.dtype), params, state.params)
-  new = state.replace(params=params, opt_state=plan.tx.init(params), ema_params=params)
+  # Copies: the train step donates the state, and one buffer in two leaves (the head's
+  # parameters kept from `state`, already on the mesh) cannot be donated twice.
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  new = state.replace(params=params, opt_state=plan.tx.init(params), ema_params=copy(params))
   if isinstance(state, PhemaTrainState):
-    new = new.replace(phema=tuple(params for _ in state.phema))
+    new = new.replace(phema=tuple(copy(params) for _ in state.phema))
   return jax.device_put(new, plan.replicated)
 
 
