@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -342,3 +343,46 @@ def test_toy_scd_distills_a_trained_teacher_in_one_and_two_steps(tmp_path):
   state = _train(cfg, tmp_path / "run", SCD_STEPS)
   out, data_off = helpers.assert_few_step_mixture(cfg, state.ema_params)
   print("toy scd", out, data_off)
+
+
+class _ExactTrigFlowNet(nn.Module):
+  """a F*(u, t) as a network of the 'trigflow' parameterization (labels t * 999 / (pi / 2)),
+  with the scalar a its only parameter."""
+
+  @nn.compact
+  def __call__(self, x, labels, y=None, *, train=False):
+    a = self.param("a", nn.initializers.ones, ())
+    return F_star(x, labels / TRIGFLOW_LABEL_SCALE, a)
+
+
+class _ExactVENet(nn.Module):
+  """The exact score of N(0, S^2 I) data under the VE SDE: labels are sigma ('default')."""
+
+  @nn.compact
+  def __call__(self, x, labels, y=None, *, train=False):
+    return -x / _col(S**2 + labels**2, x)
+
+
+def test_scd_run_layer_loss_vanishes_at_the_exact_student_of_an_exact_edm_teacher():
+  """builders' 'scd' loss end to end: student a F* on TrigFlow (sigma_d = SD), teacher the
+  exact Gaussian score on EDM's VE SDE mapped onto TrigFlow time; the gradient in a is zero
+  at a = 1 (to float32 round-off) and not at a = 1.2."""
+  import types
+  from score_jax.run import builders
+  from score_jax.run.builders import LossContext
+  from score_jax.run.plan import ScoreSpec
+  from score_jax.run.settings import from_config
+
+  s = from_config(helpers.config("toy_sct", **{
+      "training.objective": "scd", "training.teacher_workdir": "unused",
+      "training.scm_adaptive_weighting": False, "model.sigma_data": SD,
+      "training.scm_warmup_steps": 0}))
+  teacher = types.SimpleNamespace(sde=sde_lib.VESDE(0.002, 80.0), model=_ExactVENet(),
+                                  score=ScoreSpec(True, "default", 0.5, 0))
+  loss_fn = builders.get_loss_fn(s, builders.get_sde(s), _ExactTrigFlowNet(), train=True,
+                                 teacher=teacher)
+  x = S * jax.random.normal(jax.random.PRNGKey(8), (512, D))
+  grad = jax.jit(jax.grad(lambda p: loss_fn(p, jax.random.PRNGKey(9), x, None, None,
+                                            LossContext(jnp.int32(0), {}))[0]))
+  assert abs(float(grad({"a": jnp.float32(1.0)})["a"])) < 1e-5
+  assert abs(float(grad({"a": jnp.float32(1.2)})["a"])) > 1e-2
