@@ -227,57 +227,35 @@ def test_time_distribution_is_lognormal_in_sigma_d_tan_t():
 SMALL = {"model.hidden_sizes": (16, 16), "model.nf": 8, "training.batch_size": 8}
 
 
-def _loss_and_grads(cfg, teacher=None, step=3):
-  """The train loss of cfg's settings and its gradient at initialization, on a toy batch
-  (builders only: no plan, no data)."""
+def test_sct_loss_runs_in_bfloat16_through_the_run_layer(fast_compile):
+  """configs/toy_sct.py with model.dtype = 'bfloat16': the network is WithLogvar(net), whose
+  call is net's on params['net'] (so the sampler and the score seam see the bare network)
+  and whose head starts at u = 0; its train loss and gradients are finite (the JVP runs in
+  the network's precision) and the head receives a gradient. (float32: the slow toy runs.)"""
   from score_jax.models import init_model
+  from score_jax.models.logvar import WithLogvar
   from score_jax.run import builders
   from score_jax.run.builders import LossContext
   from score_jax.run.settings import from_config
 
-  s = from_config(cfg)
-  model = builders.get_model(s)
-  loss_fn = builders.get_loss_fn(s, builders.get_sde(s), model, train=True)
-  params = jax.jit(lambda r: init_model(r, model, (8, 2)))(jax.random.PRNGKey(0))["params"]
-  x = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (8, 2))
-  ctx = LossContext(jnp.int32(step), teacher)
-  f = lambda p: loss_fn(p, jax.random.PRNGKey(2), x, None, None, ctx)[0]
-  return params, jax.jit(jax.value_and_grad(f))(params)
-
-
-def test_sct_loss_runs_in_bfloat16_through_the_run_layer(fast_compile):
-  """The train loss of configs/toy_sct.py with model.dtype = 'bfloat16': the network beside
-  its log-variance head ({'net', 'logvar'}), finite loss and gradients (the JVP runs in the
-  network's precision), and the head receives a gradient. (float32: the slow toy runs.)"""
-  cfg = helpers.config("toy_sct", SMALL, **{"model.dtype": "bfloat16"})
-  params, (loss, grads) = _loss_and_grads(cfg)
-  assert set(params) == {"net", "logvar"}
-  assert np.isfinite(float(loss))
-  leaves = jax.tree.leaves(grads)
-  assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in leaves)
-  assert float(jnp.abs(grads["logvar"]["bias"]).max()) > 0
-
-
-def test_the_wrapper_is_the_network_and_sampling_sees_the_network():
-  """WithLogvar(net) gives net's output on params['net'] (so the consistency sampler and
-  the score seam see the bare network), and its head starts at u = 0."""
-  from score_jax.models import init_model
-  from score_jax.models.logvar import WithLogvar
-  from score_jax.run import builders
-  from score_jax.run.settings import from_config
-
-  s = from_config(helpers.config("toy_sct", SMALL))
+  s = from_config(helpers.config("toy_sct", SMALL, **{"model.dtype": "bfloat16"}))
   model = builders.get_model(s)
   assert isinstance(model, WithLogvar)
-  params = helpers.random_variables(model, (4, 2))["params"]
-  x, labels = jax.random.normal(jax.random.PRNGKey(0), (4, 2)), jnp.linspace(1.0, 900.0, 4)
-  np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, x, labels)),
-                                np.asarray(model.net.apply({"params": params["net"]}, x,
-                                                           labels)))
-  fresh = jax.jit(lambda r: init_model(r, model, (4, 2)))(jax.random.PRNGKey(0))
-  u = jax.jit(lambda v, t: model.apply(v, t, method=WithLogvar.log_variance))(
-      fresh, jnp.linspace(0.1, 1.5, 4))
-  np.testing.assert_array_equal(np.asarray(u), np.zeros(4))
+  params = jax.jit(lambda r: init_model(r, model, (8, 2)))(jax.random.PRNGKey(0))["params"]
+  assert set(params) == {"net", "logvar"}
+  x = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (8, 2))
+  labels = jnp.linspace(1.0, 900.0, 8)
+  wrapped, bare, u = jax.jit(lambda p: (
+      model.apply({"params": p}, x, labels), model.net.apply({"params": p["net"]}, x, labels),
+      model.apply({"params": p}, labels / 700.0, method=WithLogvar.log_variance)))(params)
+  np.testing.assert_array_equal(np.asarray(wrapped), np.asarray(bare))
+  np.testing.assert_array_equal(np.asarray(u), np.zeros(8))
+  loss_fn = builders.get_loss_fn(s, builders.get_sde(s), model, train=True)
+  f = lambda p: loss_fn(p, jax.random.PRNGKey(2), x, None, None, LossContext(jnp.int32(3)))[0]
+  loss, grads = jax.jit(jax.value_and_grad(f))(params)
+  assert np.isfinite(float(loss))
+  assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["logvar"]["bias"]).max()) > 0
 
 
 @pytest.mark.parametrize("change, words", [
