@@ -57,6 +57,15 @@ def get_config() -> ml_collections.ConfigDict:
   training.teacher_workdir = ""
   training.teacher_step = 0
   training.init_from_teacher = False
+  # Continuous-time consistency models (score_jax.scm; objectives sct, and scd with a
+  # teacher): ln(sigma_d tan t) ~ N(scm_p_mean, scm_p_std^2), the tangent warm-up over
+  # scm_warmup_steps steps (0: none), the tangent normalization g / (||g|| + scm_tangent_c),
+  # and the learned adaptive weighting (a log-variance head beside the network).
+  training.scm_p_mean = -1.0
+  training.scm_p_std = 1.4
+  training.scm_warmup_steps = 10_000
+  training.scm_tangent_c = 0.1
+  training.scm_adaptive_weighting = True
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()

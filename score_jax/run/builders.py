@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from score_jax import losses, meanflow, models
+from score_jax import losses, meanflow, models, scm
 from score_jax import sde as sde_lib
 from score_jax.data import augment
 from score_jax.errors import ConfigError
+from score_jax.models.logvar import WithLogvar
 from score_jax.run import sampler_specs
 from score_jax.run.settings import Settings
 
@@ -59,8 +60,11 @@ def get_model(s: Settings) -> nn.Module:
   takes = set(models.network_arguments(s.model.name))
   generic = {**{k: getattr(s.model, k) for k in ("dropout", "embedding_type", "num_classes",
                                                   "remat")}, "centered": s.data.centered}
-  return models.build_model(s.model.name, dtype=s.model.dtype, **dict(s.model.arch),
-                            **{k: v for k, v in generic.items() if k in takes})
+  net = models.build_model(s.model.name, dtype=s.model.dtype, **dict(s.model.arch),
+                           **{k: v for k, v in generic.items() if k in takes})
+  if s.training.objective in ("sct", "scd") and s.training.scm_adaptive_weighting:
+    return WithLogvar(net)  # the sCM loss weight's head beside the network
+  return net
 
 
 def get_lr_schedule(s: Settings) -> optax.Schedule:
@@ -157,6 +161,8 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool,
                       f"discrete chain: vpsde (DDPM) or vesde (SMLD), not {t.sde!r}.")
   if t.objective == "meanflow":
     return _meanflow_loss_fn(s, model, train=train)
+  if t.objective in ("sct", "scd"):
+    return _continuous_consistency_loss_fn(s, sde, model, train=train, teacher=teacher)
   time_distribution = get_time_distribution(s)
 
   def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
@@ -206,6 +212,72 @@ def _meanflow_loss_fn(s: Settings, model: nn.Module, *, train: bool) -> LossFn:
                                   p_std=t.logit_std)
     e = jax.random.normal(rng_e, x.shape, x.dtype)
     terms = meanflow.loss(u_fn, x, e, r, tt, power=t.meanflow_power, c=t.meanflow_c)
+    return jnp.mean(terms.loss), losses.LossAux(terms.loss, tt)
+
+  return loss_fn
+
+
+def _continuous_consistency_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *,
+                                    train: bool, teacher: Any = None) -> LossFn:
+  """get_loss_fn's loss for training.objective = 'sct' / 'scd' (score_jax.scm.loss): the
+  step sets the tangent warm-up, and sCD's velocity is the teacher's (its own SDE, network
+  and parameterization, mapped onto TrigFlow time by sde.trigflow_velocity_fn; no dropout,
+  its own precision) at the student's x_t."""
+  t, sd = s.training, s.model.sigma_data
+  label_scale = models.score.TRIGFLOW_LABEL_SCALE
+  distill = t.objective == "scd"
+  t_min, t_max = 0.0, float(sde.T)
+  if distill:
+    if teacher is None:
+      raise ConfigError("training.objective = 'scd' distills a teacher; set "
+                        "training.teacher_workdir.")
+    if t.init_from_teacher and not (isinstance(teacher.sde, sde_lib.TrigFlow)
+                                    and teacher.score.parameterization == "trigflow"
+                                    and float(teacher.sde.sigma_data) == float(sd)):
+      raise ConfigError("training.init_from_teacher with 'scd' needs a TrigFlow teacher "
+                        "(model.parameterization 'trigflow', the same model.sigma_data): "
+                        "another family's network predicts another quantity; set "
+                        "training.init_from_teacher = False.")
+    # The student's times that the teacher's own range [0, T] covers (VE: sigma_min..max).
+    lo, hi = sde_lib.trigflow_time(teacher.sde, jnp.array([0.0, teacher.sde.T]), sd)[0]
+    t_min, t_max = float(lo), min(float(hi), t_max)
+  weighted = isinstance(model, WithLogvar)
+
+  def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
+              augment_labels: Optional[Array] = None, context: Optional[LossContext] = None):
+    rng_t, rng_z, rng_drop, rng_label = jax.random.split(rng, 4)
+    y = _training_labels(s, y, rng_label, train)
+    extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+    # One dropout key for F_theta and F^- (the same masks: the loss's value at theta^- =
+    # theta is then ||g||^2).
+    rngs = {"dropout": rng_drop} if train else None
+
+    def F_fn(u: Array, tt: Array) -> Array:
+      return model.apply({"params": params}, u, tt * label_scale, y, train=train, rngs=rngs,
+                         **extra)
+
+    step = t.n_iters if context is None else context.step
+    tt = scm.sample_times(rng_t, x.shape[0], p_mean=t.scm_p_mean, p_std=t.scm_p_std,
+                          sigma_data=sd, t_min=t_min, t_max=t_max)
+    z = sd * jax.random.normal(rng_z, x.shape, x.dtype)
+    v = None
+    if distill:
+      if context is None or context.teacher is None:
+        raise ConfigError("The 'scd' loss needs the teacher's parameters (its LossContext), "
+                          "which the training loop passes; set eval.enable_loss = False for "
+                          "--mode=eval.")
+      base = models.get_score_fn(teacher.sde, teacher.model, {"params": context.teacher},
+                                 train=False, **teacher.score.kwargs())
+      velocity = sde_lib.trigflow_velocity_fn(teacher.sde, base, sde)
+      x_t = (jnp.cos(tt).reshape((-1,) + (1,) * (x.ndim - 1)) * x
+             + jnp.sin(tt).reshape((-1,) + (1,) * (x.ndim - 1)) * z)
+      v = jax.lax.stop_gradient(velocity(x_t, tt, y if teacher.score.num_classes else None))
+    logvar = None
+    if weighted:
+      logvar = model.apply({"params": params}, tt, method=WithLogvar.log_variance)
+    terms = scm.loss(F_fn, x, z, tt, sigma_data=sd, v=v,
+                     r=scm.tangent_warmup(step, t.scm_warmup_steps), c=t.scm_tangent_c,
+                     logvar=logvar)
     return jnp.mean(terms.loss), losses.LossAux(terms.loss, tt)
 
   return loss_fn

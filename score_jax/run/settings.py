@@ -52,11 +52,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow")
 TIME_DISTRIBUTIONS = ("uniform", "lognormal_sigma", "logit_normal")
 WEIGHTINGS = ("default", "edm", "velocity")
-OBJECTIVES = ("denoising", "meanflow")
+OBJECTIVES = ("denoising", "meanflow", "sct", "scd")
 # SongUNet's ways of combining MeanFlow's two times (models.song_unet.SECOND_TIME_MODES).
 SECOND_TIME_MODES = ("add", "concat")
 # The objectives that learn from a trained diffusion run (training.teacher_workdir).
-TEACHER_OBJECTIVES = ()
+TEACHER_OBJECTIVES = ("scd",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,11 @@ class Training:
   teacher_workdir: str
   teacher_step: int
   init_from_teacher: bool
+  scm_p_mean: float
+  scm_p_std: float
+  scm_warmup_steps: int
+  scm_tangent_c: float
+  scm_adaptive_weighting: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,6 +479,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   _check_training(s.training)
   _check_objective(s.training, s.model)
   _check_meanflow(s, families)
+  _check_scm(s)
   _check_teacher(s.training)
   _check_model(s.model, families)
   _check_sde(s.training, s.model)
@@ -749,6 +755,37 @@ def _check_meanflow(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> Non
     raise ConfigError("The controllable tasks and the likelihood need a score, which a MeanFlow "
                       "network does not give; set sample.task = 'generate' and "
                       "eval.enable_bpd = False.")
+
+
+def _check_scm(s: Settings) -> None:
+  """Continuous-time consistency models (score_jax.scm): a TrigFlow network sampled by the
+  consistency sampler; nothing that needs a score of the whole path (the other samplers,
+  the likelihood, the controllable tasks, guidance) runs on it."""
+  t, m, c = s.training, s.model, s.sampling
+  if t.objective not in ("sct", "scd"):
+    return
+  name = f"training.objective = {t.objective!r}"
+  if t.sde.lower() != "trigflow" or m.parameterization != "trigflow" or not t.continuous:
+    raise ConfigError(f"{name} trains a TrigFlow consistency model; set training.sde = "
+                      "'trigflow', model.parameterization = 'trigflow' and training.continuous "
+                      "= True.")
+  if c.method.lower() != "consistency":
+    raise ConfigError(f"{name} gives a consistency function, not the score that "
+                      f"sampling.method = {c.method!r} integrates; set sampling.method = "
+                      "'consistency'.")
+  if c.guidance_weight != 0:
+    raise ConfigError(f"Guidance is not implemented for {name}; set sampling.guidance_weight "
+                      "= 0.")
+  if s.sample.task != "generate" or s.eval.enable_bpd:
+    raise ConfigError(f"The controllable tasks and the likelihood need a score, which a "
+                      f"consistency model ({name}) does not give; set sample.task = 'generate' "
+                      "and eval.enable_bpd = False.")
+  if not t.scm_p_std > 0:
+    raise ConfigError(f"training.scm_p_std must be > 0, got {t.scm_p_std}.")
+  _at_least("training.scm_warmup_steps", t.scm_warmup_steps, 0)
+  if not t.scm_tangent_c > 0:
+    raise ConfigError(f"training.scm_tangent_c must be > 0 (the paper's 0.1), got "
+                      f"{t.scm_tangent_c}.")
 
 
 def _check_teacher(t: Training) -> None:

@@ -130,10 +130,15 @@ def start_from_teacher(plan: Plan, state: TrainState, teacher: Any) -> TrainStat
                       f"({type(plan.teacher.plan.model).__name__}) does not fit this run's "
                       f"({type(plan.model).__name__}); use the teacher's model settings or set "
                       "training.init_from_teacher = False.")
-  params = jax.tree.map(lambda p, like: jnp.asarray(p, like.dtype), params, state.params)
-  new = state.replace(params=params, opt_state=plan.tx.init(params), ema_params=params)
+  # Copies: the train step donates the state, whose buffers must be neither the teacher's
+  # (the step's argument too) nor shared between leaves (a head's parameters kept from
+  # `state`, already on the mesh, in both params and ema_params).
+  params = jax.tree.map(lambda p, like: jnp.array(p, like.dtype, copy=True), params,
+                        state.params)
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  new = state.replace(params=params, opt_state=plan.tx.init(params), ema_params=copy(params))
   if isinstance(state, PhemaTrainState):
-    new = new.replace(phema=tuple(params for _ in state.phema))
+    new = new.replace(phema=tuple(copy(params) for _ in state.phema))
   return jax.device_put(new, plan.replicated)
 
 

@@ -97,8 +97,10 @@ def consistency_sample(rng: Array, sde: SDE, score_fn: ScoreFn, shape: Tuple[int
     raise ValueError(f"The consistency steps' noise levels must be > 0 and decreasing, got "
                      f"{sigmas}.")
   times = sde.t_from_log_snr(-jnp.log(jnp.asarray(s, jnp.float32)))
-  top = float(jnp.exp(-sde.log_snr(jnp.asarray(sde.T, jnp.float32))))
-  if s.size and s[0] >= top:
+  # The prior's level; unknown on the host where the SDE's leaves are traced (a jitted
+  # program taking the SDE as an argument): then unchecked.
+  top = jnp.exp(-sde.log_snr(jnp.asarray(sde.T, jnp.float32)))
+  if s.size and not isinstance(top, jax.core.Tracer) and s[0] >= float(top):
     raise ValueError(f"The consistency steps' noise levels must lie below the prior's "
-                     f"({top:.4g}); got {sigmas}.")
+                     f"({float(top):.4g}); got {sigmas}.")
   return _sample(rng, sde, as_pytree_fn(score_fn), shape, times, z), num_steps
