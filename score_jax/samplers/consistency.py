@@ -97,7 +97,8 @@ def consistency_sample(rng: Array, sde: SDE, score_fn: ScoreFn, shape: Tuple[int
     raise ValueError(f"The consistency steps' noise levels must be > 0 and decreasing, got "
                      f"{sigmas}.")
   times = sde.t_from_log_snr(-jnp.log(jnp.asarray(s, jnp.float32)))
-  top = float(jnp.exp(-sde.log_snr(jnp.asarray(sde.T, jnp.float32))))
+  with jax.ensure_compile_time_eval():  # a constant of the family, also inside a jit
+    top = float(jnp.exp(-sde.log_snr(jnp.asarray(sde.T, jnp.float32))))
   if s.size and s[0] >= top:
     raise ValueError(f"The consistency steps' noise levels must lie below the prior's "
                      f"({top:.4g}); got {sigmas}.")
