@@ -130,10 +130,13 @@ def start_from_teacher(plan: Plan, state: TrainState, teacher: Any) -> TrainStat
                       f"({type(plan.teacher.plan.model).__name__}) does not fit this run's "
                       f"({type(plan.model).__name__}); use the teacher's model settings or set "
                       "training.init_from_teacher = False.")
-  params = jax.tree.map(lambda p, like: jnp.asarray(p, like.dtype), params, state.params)
-  new = state.replace(params=params, opt_state=plan.tx.init(params), ema_params=params)
+  # Copies: the train step donates the state's buffers, and the teacher's go to it too.
+  params = jax.tree.map(lambda p, like: jnp.array(p, like.dtype, copy=True), params,
+                        state.params)
+  copy = lambda: jax.tree.map(jnp.copy, params)
+  new = state.replace(params=params, opt_state=plan.tx.init(params), ema_params=copy())
   if isinstance(state, PhemaTrainState):
-    new = new.replace(phema=tuple(params for _ in state.phema))
+    new = new.replace(phema=tuple(copy() for _ in state.phema))
   return jax.device_put(new, plan.replicated)
 
 
