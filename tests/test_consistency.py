@@ -64,22 +64,25 @@ def _karras64(n, lo=0.002, hi=80.0, rho=7.0):
 
 def test_karras_grid_and_ict_index_probabilities():
   """The grid is Karras' (float32: 2e-6 relative, the rho-th power of the base's rounding);
-  softmax of the logits is the erf form normalized (float32 erf differences: 1e-5 relative
-  up to the cancellation of two float32 erf values within 1 of each other, 6e-8 each, so
-  atol 2e-7), zero past N - 1, and sums to 1."""
+  softmax of the logits is the erf form on the exact grid, normalized, zero past N - 1, and
+  sums to 1. Tolerance: a level off by 2e-6 moves an interval's mass by 2e-6 / (its width in
+  ln sigma), and the narrowest interval of N = 641 is 0.0085 wide (near sigma_max), so
+  rtol 1e-3; atol 2e-7 for the cancellation of two float32 erf values near 1 (6e-8 each).
+  A wrong P_mean, P_std or index order changes the probabilities by O(1)."""
   math_erf = np.vectorize(math.erf)
+  logits = jax.jit(lambda n: ct.ict_index_logits(n, 1281, 0.002, 80.0, 7.0, -1.1, 2.0))
   for n in (11, 18, 641):
     got = np.asarray(ct.karras_sigmas(jnp.arange(n), n, 0.002, 80.0, 7.0))
     np.testing.assert_allclose(got, _karras64(n), rtol=2e-6)
-    sig = got.astype(np.float64)  # the erf form on the grid's own (float32) levels
+    sig = _karras64(n)
     mass = (math_erf((np.log(sig[1:]) + 1.1) / (math.sqrt(2) * 2.0))
             - math_erf((np.log(sig[:-1]) + 1.1) / (math.sqrt(2) * 2.0)))
     want = mass / mass.sum()
-    p = np.asarray(jax.nn.softmax(ct.ict_index_logits(n, 1281, 0.002, 80.0, 7.0, -1.1, 2.0)))
+    p = np.asarray(jax.nn.softmax(logits(n)))
     assert p.shape == (1280,)
     np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-6)
     assert np.all(p[n - 1:] == 0)
-    np.testing.assert_allclose(p[:n - 1], want, rtol=1e-5, atol=2e-7)
+    np.testing.assert_allclose(p[:n - 1], want, rtol=1e-3, atol=2e-7)
 
 
 def test_pseudo_huber_limits_and_l2():
@@ -137,14 +140,19 @@ def test_consistency_parameterization_boundary_and_score():
   model = models.MLPScore(hidden_sizes=(16,), nf=8)
   variables = {"params": helpers.random_variables(model, (4, 2))["params"]}
   x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 2)) * 3, jnp.float32)
-  f = models.get_consistency_fn(sde, model, variables, sigma_data=0.5)
   sigma = jnp.asarray([0.002, 0.002, 1.0, 80.0])
-  out = np.asarray(f(x, sigma))
-  np.testing.assert_array_equal(out[:2], np.asarray(x)[:2])
-  score_fn = models.get_score_fn(sde, model, variables, continuous=True,
-                                 parameterization="consistency", sigma_data=0.5)
   t = jnp.log(sigma / 0.002) / jnp.log(80.0 / 0.002)
-  s = np.asarray(score_fn(x, t), np.float64)
+
+  @jax.jit
+  def both(x, sigma, t):
+    f = models.get_consistency_fn(sde, model, variables, sigma_data=0.5)
+    score_fn = models.get_score_fn(sde, model, variables, continuous=True,
+                                   parameterization="consistency", sigma_data=0.5)
+    return f(x, sigma), score_fn(x, t)
+
+  out, s = (np.asarray(v) for v in both(x, sigma, t))
+  np.testing.assert_array_equal(out[:2], np.asarray(x)[:2])
+  s = s.astype(np.float64)
   assert np.all(np.isfinite(s))
   sig = np.asarray(sde.marginal_std(t), np.float64)[:, None]
   # x + sigma^2 s in float64 vs f: float32 sigma(t) round trip (~1e-6 relative in sigma).
@@ -319,17 +327,37 @@ def _train(cfg, workdir, steps):
 
 @pytest.mark.slow  # 3,000 training steps: ~6 min on 2 CPU cores
 def test_toy_ict_one_and_two_steps(tmp_path):
-  """configs/toy_ict.py for 3,000 steps (the curriculum over them), sampled in 1 and 2
-  consistency steps. Measured on one device: largest mode-weight errors 0.028 (1 step) and
-  0.019 (2 steps) and 20% / 26% of the samples off every mode (the data: 1.1%): the mode
-  weights pass the few-step check, the off-mode share not at this budget."""
+  """configs/toy_ict.py (3,000 steps, the curriculum over them), sampled in 1 and 2
+  consistency steps: the mode weights within 0.03. Measured on one device: 0.028 (1 step)
+  and 0.019 (2 steps), with 20% and 26% of the samples off every mode (the data: 1.1%), so
+  helpers.assert_few_step_mixture's off-mode part does not hold at this budget; checked
+  here: at least 70% within 3 std of a mode (an untrained or collapsed model: ~0%)."""
   cfg = helpers.config("toy_ict")
   state = _train(cfg, tmp_path / "run", 3000)
-  with pytest.raises(AssertionError, match="off every mode"):
-    helpers.assert_few_step_mixture(cfg, state.ema_params)
   for n in (1, 2):
     c = cfg.copy_and_resolve_references()
     with c.unlocked():
       c.sampling.num_steps = n
-    weights, want, _ = helpers.sampled_mode_weights(c, state.ema_params)
+    weights, want, near = helpers.sampled_mode_weights(c, state.ema_params)
     np.testing.assert_allclose(weights, want, atol=0.03)
+    assert near > 0.7
+
+
+@pytest.mark.slow  # 2,000 EDM steps, then 4,000 ECT steps: ~10 min on 2 CPU cores
+def test_toy_ect_from_an_edm_run_one_and_two_steps(tmp_path):
+  """configs/toy_edm.py for 2,000 steps, then configs/toy_ect.py started from it (its EMA
+  weights) for its 4,000 steps, sampled in 1 and 2 consistency steps: the mode weights within
+  0.03. Measured on one device: 0.021 (1 step) and 0.010 (2 steps), with 35% and 34% of the
+  samples off every mode (the data: 1.1%), so helpers.assert_few_step_mixture's off-mode
+  part does not hold at this budget; checked here: at least 60% within 3 std of a mode."""
+  teacher = tmp_path / "edm"
+  _train(helpers.config("toy_edm"), teacher, 2000)
+  cfg = helpers.config("toy_ect", **{"training.teacher_workdir": str(teacher)})
+  state = _train(cfg, tmp_path / "ect", 4000)
+  for n in (1, 2):
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+      c.sampling.num_steps = n
+    weights, want, near = helpers.sampled_mode_weights(c, state.ema_params)
+    np.testing.assert_allclose(weights, want, atol=0.03)
+    assert near > 0.6
