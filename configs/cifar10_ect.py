@@ -11,11 +11,12 @@ channels, multipliers (2, 2, 2), 4 blocks, attention at 16x16, positional embedd
 `--transfer` from EDM's edm-cifar10-32x32-uncond-vp.pkl (training.init_from_teacher),
 batch 128, 25.6 Mimg = 200,000 iterations, learning rate 1e-4 (their RAdam; Adam here,
 betas 0.9 / 0.999, eps 1e-8, no warm-up, no clipping, non-finite gradient entries set to
-zero), dropout 0.2, no augmentation, EMA decay 0.9999, and ECMLoss's defaults: ln t ~ N(-1.1, 2^2), r = t (1 - 2^-a (1 + 8
-sigmoid(-t))) with the stage a growing every 250 ticks of 12.8 kimg = 25,000 iterations,
-weighting 1 / (t - r), the L2 norm of the difference (c = 0). The network keeps EDM's 9
-augmentation inputs (zero labels: 1,152 weights that never change) so that the teacher's
-weights fit it; ECT's own network drops them (55,732,739 parameters).
+zero), dropout 0.2, no augmentation, EMA decay 0.9999, and ECMLoss's defaults:
+ln t ~ N(-1.1, 2^2), r = t (1 - 2^-a (1 + 8 sigmoid(-t))) with the stage a growing every
+250 ticks of 12.8 kimg = 25,000 iterations, weighting 1 / (t - r), the L2 norm of the
+difference (c = 0). The network keeps EDM's 9 augmentation inputs (zero labels: 1,152
+weights that never change) so that the teacher's weights fit it; ECT's own network drops
+them (55,732,739 parameters).
 
 Differences from their code: their training-time preconditioning has no sigma_min offset
 (EDM's c_skip, c_out, the boundary enforced by the target x at r = 0) and their sampler's

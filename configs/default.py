@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.logit_mean = 0.0
   training.logit_std = 1.0
   training.weighting = "default"
-  # The objective: denoising (the losses above) | ict | ect (below) | meanflow (score_jax.meanflow: an
+  # The objective: denoising (the losses above) | meanflow (score_jax.meanflow: an
   # average-velocity network u(z, r, t), model.second_time = True, on rectified_flow with
   # time_distribution logit_normal; a share meanflow_ratio of the batch has r < t, the
   # loss is weighted by 1 / (error + meanflow_c)^meanflow_power).
