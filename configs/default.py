@@ -66,6 +66,23 @@ def get_config() -> ml_collections.ConfigDict:
   training.scm_warmup_steps = 10_000
   training.scm_tangent_c = 0.1
   training.scm_adaptive_weighting = True
+  # Discrete consistency training (score_jax.consistency), objective ict | ect, on vesde with
+  # model.parameterization = consistency; ln sigma ~ N(p_mean, p_std^2) as above (iCT, ECT:
+  # -1.1, 2.0). ct_metric: pseudo_huber (sqrt(||d||^2 + c^2) - c, c = ct_huber_c
+  # sqrt(dim); ECT's c = 0 is the norm) | l2 (the mean of squares); ct_weighting: ict
+  # (1 / (t - s)) | uniform | snr | snrp1 | truncated_snr. iCT: Karras' grid (ct_rho) with
+  # N(k) = min(ct_s0 2^floor(k / K'), ct_s1) + 1 levels over the n_iters steps. ECT:
+  # r = t (1 - ct_ect_q^-ceil(k / ct_ect_double) (1 + ct_ect_k sigmoid(-ct_ect_b t))).
+  training.ct_metric = "pseudo_huber"
+  training.ct_huber_c = 0.00054
+  training.ct_weighting = "ict"
+  training.ct_rho = 7.0
+  training.ct_s0 = 10
+  training.ct_s1 = 1280
+  training.ct_ect_q = 2.0
+  training.ct_ect_double = 25000
+  training.ct_ect_k = 8.0
+  training.ct_ect_b = 1.0
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()

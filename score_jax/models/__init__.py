@@ -21,7 +21,8 @@ from score_jax.models.ncsnv2 import NCSNv2
 from score_jax.models.song_unet import SongUNet
 from score_jax.models.build import (DTYPES, MODELS, build_model, count_params, init_model,
                                     network_arguments)
-from score_jax.models.score import PARAMETERIZATIONS, get_score_fn
+from score_jax.models.score import (PARAMETERIZATIONS, consistency_coefficients,
+                                    get_consistency_fn, get_score_fn)
 
 __all__ = [
     "DDPM",
@@ -35,6 +36,8 @@ __all__ = [
     "build_model",
     "network_arguments",
     "get_score_fn",
+    "get_consistency_fn",
+    "consistency_coefficients",
     "PARAMETERIZATIONS",
     "init_model",
 ]

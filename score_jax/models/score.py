@@ -46,12 +46,23 @@ The table is `parameterization='default'`. Two more, continuous time, any SDE:
   `sigma_data`. The time label is the paper's identity c_noise(t) = t, scaled by
   999 / (pi / 2) into the [0, 999] range the networks' embeddings expect. The same
   F gives the consistency function f(x_t, t) = cos(t) x_t - sin(t) sigma_d F.
+- 'consistency' (Song et al. 2023, "Consistency Models", eq. 8 and their appendix C; the
+  iCT and ECT models), on `VESDE` only (EDM's x = x_0 + sigma z): the consistency function
+  f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with EDM's coefficients moved by
+  eps = sigma_min so that f(x, sigma_min) = x (the boundary condition):
+  c_skip = sd^2 / ((sigma - eps)^2 + sd^2), c_out = (sigma - eps) sd / sqrt(sigma^2 + sd^2),
+  c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4 (the authors' JAX code,
+  openai/consistency_models_cifar10 jcm/models/utils.py, offsets c_skip and c_out only).
+  Labels as 'edm'. Its data prediction is f, i.e. score = (f - x) / sigma^2, written as
+  (-(sigma - eps)^2 / ((sigma - eps)^2 + sd^2) x + c_out F) / sigma^2 (no cancellation of
+  c_skip x against x; finite for every sigma >= sigma_min > 0). `get_consistency_fn` gives
+  f itself, in sigma, for the consistency losses.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -62,9 +73,9 @@ from score_jax.sde import SDE, TrigFlow, VESDE, VPSDE, batch_mul
 Array = jax.Array
 ScoreFn = Callable[..., Array]  # (x [B, ...], t [B], y=None) -> score [B, ...]
 
-__all__ = ["PARAMETERIZATIONS", "get_score_fn"]
+__all__ = ["PARAMETERIZATIONS", "get_score_fn", "get_consistency_fn", "consistency_coefficients"]
 
-PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow")
+PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow", "consistency")
 
 # TrigFlow time t in [0, pi/2] -> network label in [0, 999].
 TRIGFLOW_LABEL_SCALE = 999.0 / (0.5 * math.pi)
@@ -83,9 +94,10 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
     continuous: continuous-time training (else the discrete DDPM / SMLD labels).
     train: dropout on (needs `rng`).
     rng: dropout key; the same key gives the same dropout masks.
-    parameterization: 'default' (the table above), 'edm', 'velocity' or 'trigflow'
-      (module docstring; continuous time only).
-    sigma_data: EDM's sigma_data (standard deviation of the data), for 'edm'.
+    parameterization: 'default' (the table above), 'edm', 'velocity', 'trigflow' or
+      'consistency' (module docstring; continuous time only).
+    sigma_data: EDM's sigma_data (standard deviation of the data), for 'edm' and
+      'consistency'.
     augment_labels: [B, augment_dim] labels of the augmentation applied to the
       batch (score_jax.data.augment), passed to networks that take them (SongUNet);
       None: not passed (the network's zero labels).
@@ -121,6 +133,9 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
                            getattr(model, "embedding_type", "positional") == "fourier")
     if parameterization == "trigflow":
       return _trigflow_score_fn(sde, net)
+    if parameterization == "consistency":
+      return _consistency_score_fn(sde, net, float(sigma_data),
+                                   getattr(model, "embedding_type", "positional") == "fourier")
     return _velocity_score_fn(sde, net)
 
   if sde.chain == "smld" or isinstance(sde, VESDE):
@@ -207,3 +222,87 @@ def _trigflow_score_fn(sde: SDE, net: Callable) -> ScoreFn:
     return batch_mul(-1.0 / (sd**2 * sin), batch_mul(sin, x) + batch_mul(cos, v))
 
   return score_fn
+
+
+def consistency_coefficients(sigma: Array, sigma_min: float, sigma_data: float
+                             ) -> Tuple[Array, Array, Array, Array]:
+  """(c_skip, c_out, c_in, c_noise) of the consistency function at noise levels sigma.
+
+  c_skip = sd^2 / ((sigma - eps)^2 + sd^2), c_out = (sigma - eps) sd / sqrt(sigma^2 + sd^2),
+  c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4, eps = sigma_min, sd = sigma_data
+  (module docstring): c_skip(eps) = 1 and c_out(eps) = 0.
+  """
+  shifted = sigma - sigma_min
+  r = jnp.sqrt(sigma**2 + sigma_data**2)
+  c_skip = sigma_data**2 / (shifted**2 + sigma_data**2)
+  return c_skip, shifted * sigma_data / r, 1.0 / r, 0.25 * jnp.log(sigma)
+
+
+def _check_consistency(sde: SDE, sigma_data: float) -> None:
+  if not isinstance(sde, VESDE):
+    raise ValueError(f"The 'consistency' parameterization is on EDM's process x_0 + sigma z "
+                     f"(sde.VESDE), not {type(sde).__name__}.")
+  if not (math.isfinite(sigma_data) and sigma_data > 0):
+    raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}.")
+
+
+def _consistency_parts(sde: SDE, net: Callable, sigma_data: float, fourier: bool):
+  """(x, sigma, y) -> (c_skip, c_out, F) of the consistency function."""
+  _check_consistency(sde, sigma_data)
+  eps = sde.sigma_min
+
+  def parts(x: Array, sigma: Array, y: Optional[Array]):
+    c_skip, c_out, c_in, c_noise = consistency_coefficients(sigma, eps, sigma_data)
+    out = net(batch_mul(c_in, x), jnp.exp(c_noise) if fourier else c_noise, y)
+    return c_skip, c_out, out
+
+  return parts
+
+
+def _consistency_score_fn(sde: SDE, net: Callable, sigma_data: float, fourier: bool) -> ScoreFn:
+  """The score whose data prediction x + sigma^2 s is the consistency function."""
+  parts = _consistency_parts(sde, net, sigma_data, fourier)
+  eps = sde.sigma_min
+
+  def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+    sigma = sde.marginal_std(t)  # [B]
+    _, c_out, out = parts(x, sigma, y)
+    shifted2 = (sigma - eps) ** 2
+    skip_m1 = -shifted2 / (shifted2 + sigma_data**2)  # c_skip - 1
+    return batch_mul(1.0 / sigma**2, batch_mul(skip_m1, x) + batch_mul(c_out, out))
+
+  return score_fn
+
+
+def get_consistency_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *,
+                       train: bool = False, rng: Optional[Array] = None, sigma_data: float = 0.5,
+                       augment_labels: Optional[Array] = None
+                       ) -> Callable[..., Array]:
+  """The 'consistency' parameterization's f(x, sigma) itself (module docstring), in sigma.
+
+  Args:
+    sde: a `VESDE`; its sigma_min is the boundary eps, f(x, eps) = x.
+    model, variables, train, rng, augment_labels: as `get_score_fn`.
+    sigma_data: the coefficients' sd.
+  Returns:
+    f(x [B, ...], sigma [B], y=None) -> [B, ...], the consistency function.
+  Raises:
+    ValueError: not a VESDE, or a network with scale_by_sigma.
+  """
+  if getattr(model, "scale_by_sigma", False):
+    raise ValueError("scale_by_sigma does not combine with the 'consistency' "
+                     "parameterization; set model.scale_by_sigma = False.")
+  rngs = {"dropout": rng} if rng is not None else None
+  extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+
+  def net(x: Array, labels: Array, y: Optional[Array]) -> Array:
+    return model.apply(variables, x, labels, y, train=train, rngs=rngs, **extra)
+
+  parts = _consistency_parts(sde, net, float(sigma_data),
+                             getattr(model, "embedding_type", "positional") == "fourier")
+
+  def f(x: Array, sigma: Array, y: Optional[Array] = None) -> Array:
+    c_skip, c_out, out = parts(x, sigma, y)
+    return batch_mul(c_skip, x) + batch_mul(c_out, out)
+
+  return f

@@ -7,6 +7,7 @@ each; `score_jax.run.plan.make_plan` calls them once, at a mode's entry.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from score_jax import losses, meanflow, models, scm
+from score_jax import consistency, losses, meanflow, models, scm
 from score_jax import sde as sde_lib
 from score_jax.data import augment
 from score_jax.errors import ConfigError
@@ -163,6 +164,8 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool,
     return _meanflow_loss_fn(s, model, train=train)
   if t.objective in ("sct", "scd"):
     return _continuous_consistency_loss_fn(s, sde, model, train=train, teacher=teacher)
+  if t.objective in ("ict", "ect"):
+    return _discrete_consistency_loss_fn(s, sde, model, train=train)
   time_distribution = get_time_distribution(s)
 
   def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
@@ -279,6 +282,47 @@ def _continuous_consistency_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Mod
                      r=scm.tangent_warmup(step, t.scm_warmup_steps), c=t.scm_tangent_c,
                      logvar=logvar)
     return jnp.mean(terms.loss), losses.LossAux(terms.loss, tt)
+
+
+def _discrete_consistency_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *,
+                                  train: bool) -> LossFn:
+  """get_loss_fn's loss for training.objective 'ict' and 'ect' (score_jax.consistency).
+
+  iCT draws the pair (sigma_i, sigma_{i+1}) of the curriculum's grid at the context's step
+  (N(k) with K = training.n_iters) from the discretized lognormal; ECT draws ln t ~
+  N(p_mean, p_std^2) and r(t) at that step. The target is the same network with
+  stop-gradient parameters and the same dropout key.
+  """
+  t, m = s.training, s.model
+  metric, weight = t.ct_metric, t.ct_weighting
+  total = t.n_iters
+
+  def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
+              augment_labels: Optional[Array] = None, context: Optional[LossContext] = None):
+    step = jnp.asarray(total if context is None else context.step, jnp.int32)
+    rng_i, rng_z, rng_drop, rng_label = jax.random.split(rng, 4)
+    y = _training_labels(s, y, rng_label, train)
+    b = x.shape[0]
+    kw = dict(train=train, rng=rng_drop if train else None, sigma_data=m.sigma_data,
+              augment_labels=augment_labels)
+    f_on = models.get_consistency_fn(sde, model, {"params": params}, **kw)
+    f_tg = models.get_consistency_fn(sde, model, {"params": jax.lax.stop_gradient(params)}, **kw)
+    if t.objective == "ict":
+      n = consistency.ict_num_scales(step, total, t.ct_s0, t.ct_s1)
+      logits = consistency.ict_index_logits(n, t.ct_s1 + 1, m.sigma_min, m.sigma_max, t.ct_rho,
+                                            t.p_mean, t.p_std)
+      i = jax.random.categorical(rng_i, logits, shape=(b,))
+      lo = consistency.karras_sigmas(i, n, m.sigma_min, m.sigma_max, t.ct_rho)
+      hi = consistency.karras_sigmas(i + 1, n, m.sigma_min, m.sigma_max, t.ct_rho)
+    else:
+      hi = jnp.exp(t.p_mean + t.p_std * jax.random.normal(rng_i, (b,)))
+      lo = consistency.ect_r(hi, step, q=t.ct_ect_q, double=t.ct_ect_double, k=t.ct_ect_k,
+                             b=t.ct_ect_b)
+    z = jax.random.normal(rng_z, x.shape, x.dtype)
+    c = consistency.ict_huber_c(math.prod(x.shape[1:]), t.ct_huber_c)
+    terms = consistency.ct_loss(lambda xx, ss: f_on(xx, ss, y), lambda xx, ss: f_tg(xx, ss, y),
+                                x, z, lo, hi, metric=metric, c=c, weight=weight)
+    return jnp.mean(terms.loss), losses.LossAux(terms.loss, sde.t_from_log_snr(-jnp.log(hi)))
 
   return loss_fn
 

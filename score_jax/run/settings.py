@@ -49,12 +49,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Network parameterizations (models.PARAMETERIZATIONS), DSM time distributions and
 # weightings (losses.TIME_DISTRIBUTIONS, losses.WEIGHTINGS), spelled here so that
 # settings import nothing heavy.
-PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow")
+PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow", "consistency")
 TIME_DISTRIBUTIONS = ("uniform", "lognormal_sigma", "logit_normal")
 WEIGHTINGS = ("default", "edm", "velocity")
-OBJECTIVES = ("denoising", "meanflow", "sct", "scd")
+OBJECTIVES = ("denoising", "meanflow", "ict", "ect", "sct", "scd")
 # SongUNet's ways of combining MeanFlow's two times (models.song_unet.SECOND_TIME_MODES).
 SECOND_TIME_MODES = ("add", "concat")
+# Discrete consistency training (score_jax.consistency.METRICS, WEIGHTINGS).
+CT_OBJECTIVES = ("ict", "ect")
+CT_METRICS = ("l2", "pseudo_huber")
+CT_WEIGHTINGS = ("uniform", "ict", "snr", "snrp1", "truncated_snr")
 # The objectives that learn from a trained diffusion run (training.teacher_workdir).
 TEACHER_OBJECTIVES = ("scd",)
 
@@ -95,6 +99,16 @@ class Training:
   scm_warmup_steps: int
   scm_tangent_c: float
   scm_adaptive_weighting: bool
+  ct_metric: str
+  ct_huber_c: float
+  ct_weighting: str
+  ct_rho: float
+  ct_s0: int
+  ct_s1: int
+  ct_ect_q: float
+  ct_ect_double: int
+  ct_ect_k: float
+  ct_ect_b: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -480,6 +494,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   _check_objective(s.training, s.model)
   _check_meanflow(s, families)
   _check_scm(s)
+  _check_ct(s)
   _check_teacher(s.training)
   _check_model(s.model, families)
   _check_sde(s.training, s.model)
@@ -786,6 +801,43 @@ def _check_scm(s: Settings) -> None:
   if not t.scm_tangent_c > 0:
     raise ConfigError(f"training.scm_tangent_c must be > 0 (the paper's 0.1), got "
                       f"{t.scm_tangent_c}.")
+
+
+def _check_ct(s: Settings) -> None:
+  """iCT / ECT train the 'consistency' parameterization on EDM's VE process; the consistency
+  sampler takes it, and nothing that needs a true score runs on it."""
+  t, m, c = s.training, s.model, s.sampling
+  if t.objective not in CT_OBJECTIVES:
+    return
+  name = f"training.objective = {t.objective!r}"
+  if t.sde.lower() != "vesde" or not t.continuous:
+    raise ConfigError(f"{name} is on EDM's VE process; set training.sde = 'vesde' and "
+                      "training.continuous = True.")
+  if m.parameterization != "consistency":
+    raise ConfigError(f"{name} trains a consistency function; set model.parameterization = "
+                      f"'consistency' (got {m.parameterization!r}).")
+  if c.method.lower() != "consistency":
+    raise ConfigError(f"{name} trains a consistency model; set sampling.method = "
+                      f"'consistency' (got {c.method!r}).")
+  if c.guidance_weight != 0:
+    raise ConfigError(f"Guidance is not implemented for {name}; set "
+                      "sampling.guidance_weight = 0.")
+  if s.sample.task != "generate" or s.eval.enable_bpd:
+    raise ConfigError("The controllable tasks and the likelihood need a true score, which a "
+                      "consistency model does not give; set sample.task = 'generate' and "
+                      "eval.enable_bpd = False.")
+  _choice("training.ct_metric", t.ct_metric, CT_METRICS)
+  _choice("training.ct_weighting", t.ct_weighting, CT_WEIGHTINGS)
+  _at_least("training.ct_huber_c", t.ct_huber_c, 0.0)
+  if not t.ct_rho > 0:
+    raise ConfigError(f"training.ct_rho must be > 0, got {t.ct_rho}.")
+  if not 1 <= t.ct_s0 <= t.ct_s1:
+    raise ConfigError(f"iCT's curriculum needs 1 <= training.ct_s0 <= training.ct_s1, got "
+                      f"{t.ct_s0} and {t.ct_s1}.")
+  if not t.ct_ect_q > 1:
+    raise ConfigError(f"training.ct_ect_q (ECT's dt shrink factor) must be > 1, got "
+                      f"{t.ct_ect_q}.")
+  _at_least("training.ct_ect_double", t.ct_ect_double, 1)
 
 
 def _check_teacher(t: Training) -> None:
