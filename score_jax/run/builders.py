@@ -283,6 +283,8 @@ def _continuous_consistency_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Mod
                      logvar=logvar)
     return jnp.mean(terms.loss), losses.LossAux(terms.loss, tt)
 
+  return loss_fn
+
 
 def _discrete_consistency_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *,
                                   train: bool) -> LossFn:
