@@ -17,9 +17,10 @@ environment and should be verified before a reproduction run:
   c = 0.1 [checked]; adaptive weighting [checked]; tangent warm-up over 10k iterations
   [unchecked].
 - Network: EDM's NCSN++ (score_jax's SongUNet, configs/edm_cifar_ve.py: 56M parameters)
-  with a small Fourier scale, 0.02 (the paper names EDM's Fourier scale 16 as a cause of
-  instability; iCT's 0.02) [unchecked]; dropout 0.20 [unchecked]; no augmentation, random
-  horizontal flips [unchecked].
+  with the time label c_noise(t) = t in a positional embedding (model.trigflow_label_scale
+  = 1; the paper names EDM's Fourier scale 16 as a cause of instability) [unchecked; on the
+  toy data, sCT with the 636 t label of the diffusion configs collapses, with t it learns];
+  dropout 0.20 [unchecked]; no augmentation, random horizontal flips [unchecked].
 - Batch 512, Adam lr 1e-4 with beta1 0.9 (beta2: the paper's 0.99 is not a setting here,
   score_jax's Adam has beta2 = 0.999), EMA rate 0.9999, 400k iterations [unchecked].
 - Two-step sampling from the intermediate time t = 1.1, i.e. sampling.consistency_sigmas =
@@ -63,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.sigma_data = 0.5
   model.augment_dim = 0
   model.dropout = 0.2
-  model.fourier_scale = 0.02
+  model.embedding_type = "positional"
+  model.trigflow_label_scale = 1.0
   model.ema_halflife_kimg = 0.0
   model.ema_rate = 0.9999
 

@@ -237,6 +237,10 @@ def get_config() -> ml_collections.ConfigDict:
   # training.sde = trigflow, whose sigma_d is model.sigma_data).
   model.parameterization = "default"
   model.sigma_data = 0.5
+  # trigflow: the network's time label is trigflow_label_scale t; 999 / (pi / 2) = 636.0 maps
+  # [0, pi/2] onto the other families' [0, 999] (diffusion training), 1.0 is the sCM paper's
+  # c_noise(t) = t, which its consistency models need (a JVP in t through the embedding).
+  model.trigflow_label_scale = 999.0 / (0.5 * 3.141592653589793)
 
   # Optimization.
   config.optim = optim = ml_collections.ConfigDict()

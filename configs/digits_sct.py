@@ -9,9 +9,10 @@ TrigFlow with sigma_d = 0.75 (the centered digits' standard deviation, as
 configs/digits_edm.py), the sCM objective (score_jax.scm) with the paper's P_std = 1.4 and
 P_mean = -1.0 moved by ln(0.75 / 0.5) (the paper's -1.0 is for sigma_d = 0.5), tangent
 normalization c = 0.1, the adaptive weighting, and a tangent warm-up over the first 1,000 of
-the 3,000 steps (the paper warms up over 10k of its 400k). The time embedding is Fourier
-features of the log label with scale 1 (the paper: large Fourier scales, EDM's 16, make
-continuous-time training unstable; its fix is a positional embedding or a small scale).
+the 3,000 steps (the paper warms up over 10k of its 400k). The network's time label is the
+paper's c_noise(t) = t (model.trigflow_label_scale = 1) in digits.py's positional embedding:
+the tangent differentiates the network in t, and a label of 636 t (the label range of the
+diffusion configs) makes that derivative large and the one-step samples collapse.
 """
 
 import math
@@ -31,9 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.scm_warmup_steps = 1000
   training.scm_tangent_c = 0.1
   training.scm_adaptive_weighting = True
-  model = config.model
-  model.embedding_type = "fourier"
-  model.fourier_scale = 1.0
+  config.model.trigflow_label_scale = 1.0
   config.sampling.method = "consistency"
   config.sampling.num_steps = 1
   config.eval.enable_bpd = False

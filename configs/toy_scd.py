@@ -2,14 +2,14 @@
 student of configs/toy_sct.py learns from a trained TrigFlow diffusion run.
 
   python main.py --config=configs/toy_trigflow.py --workdir=runs/toy_trigflow --mode=train \
-      --config.model.embedding_type=fourier --config.model.fourier_scale=1.0
+      --config.model.trigflow_label_scale=1.0
   python main.py --config=configs/toy_scd.py --workdir=runs/toy_scd --mode=train
 
 The velocity dx_t/dt of the sCM tangent is the teacher's (score_jax.sde.trigflow_velocity_fn:
 any teacher family, here TrigFlow itself) instead of sCT's cos(t) z - sin(t) x_0; the
 student starts from the teacher's EMA weights (training.init_from_teacher: the same network,
 its output is the velocity the consistency function starts from; hence the teacher is
-trained with toy_sct.py's time embedding), as the paper initializes sCD. A teacher of
+trained with toy_sct.py's time label, c_noise(t) = t), as the paper initializes sCD. A teacher of
 another family (configs/toy_edm.py) also works with --config.training.init_from_teacher=False
 (the student then starts from scratch).
 """

@@ -83,7 +83,8 @@ TRIGFLOW_LABEL_SCALE = 999.0 / (0.5 * math.pi)
 def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, continuous: bool,
                  train: bool = False, rng: Optional[Array] = None,
                  parameterization: str = "default", sigma_data: float = 0.5,
-                 augment_labels: Optional[Array] = None) -> ScoreFn:
+                 augment_labels: Optional[Array] = None,
+                 trigflow_label_scale: float = TRIGFLOW_LABEL_SCALE) -> ScoreFn:
   """Turns a network into a score function s(x, t) ~ grad_x log p_t(x) for `sde`.
 
   Args:
@@ -132,7 +133,7 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
       return _edm_score_fn(sde, net, float(sigma_data),
                            getattr(model, "embedding_type", "positional") == "fourier")
     if parameterization == "trigflow":
-      return _trigflow_score_fn(sde, net)
+      return _trigflow_score_fn(sde, net, float(trigflow_label_scale))
     if parameterization == "consistency":
       return _consistency_score_fn(sde, net, float(sigma_data),
                                    getattr(model, "embedding_type", "positional") == "fourier")
@@ -209,7 +210,7 @@ def _velocity_score_fn(sde: SDE, net: Callable) -> ScoreFn:
   return score_fn
 
 
-def _trigflow_score_fn(sde: SDE, net: Callable) -> ScoreFn:
+def _trigflow_score_fn(sde: SDE, net: Callable, label_scale: float) -> ScoreFn:
   """TrigFlow's velocity network sigma_d F(x_t / sigma_d, t) (module docstring)."""
   if not isinstance(sde, TrigFlow):
     raise ValueError(f"The 'trigflow' parameterization is TrigFlow's (sde.TrigFlow), not "
@@ -217,7 +218,7 @@ def _trigflow_score_fn(sde: SDE, net: Callable) -> ScoreFn:
   sd = sde.sigma_data
 
   def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
-    v = sd * net(x / sd, t * TRIGFLOW_LABEL_SCALE, y)
+    v = sd * net(x / sd, t * label_scale, y)
     sin, cos = jnp.sin(t), jnp.cos(t)  # [B]
     return batch_mul(-1.0 / (sd**2 * sin), batch_mul(sin, x) + batch_mul(cos, v))
 

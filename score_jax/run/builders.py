@@ -121,7 +121,8 @@ def get_optimizer(s: Settings) -> optax.GradientTransformation:
 
 def parameterization_kwargs(s: Settings) -> Dict[str, Any]:
   """models.get_score_fn's parameterization arguments from the model section."""
-  return {"parameterization": s.model.parameterization, "sigma_data": s.model.sigma_data}
+  return {"parameterization": s.model.parameterization, "sigma_data": s.model.sigma_data,
+          "trigflow_label_scale": s.model.trigflow_label_scale}
 
 
 def get_time_distribution(s: Settings) -> losses.TimeDistribution:
@@ -227,7 +228,7 @@ def _continuous_consistency_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Mod
   and parameterization, mapped onto TrigFlow time by sde.trigflow_velocity_fn; no dropout,
   its own precision) at the student's x_t."""
   t, sd = s.training, s.model.sigma_data
-  label_scale = models.score.TRIGFLOW_LABEL_SCALE
+  label_scale = s.model.trigflow_label_scale
   distill = t.objective == "scd"
   t_min, t_max = 0.0, float(sde.T)
   if distill:

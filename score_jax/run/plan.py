@@ -117,10 +117,11 @@ class ScoreSpec:
   parameterization: str
   sigma_data: float
   num_classes: int  # 0: unconditional, labels ignored
+  trigflow_label_scale: float = 999.0 / (0.5 * math.pi)  # 'trigflow' networks' time label
 
   def kwargs(self) -> Dict[str, Any]:
     return {"continuous": self.continuous, "parameterization": self.parameterization,
-            "sigma_data": self.sigma_data}
+            "sigma_data": self.sigma_data, "trigflow_label_scale": self.trigflow_label_scale}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +316,7 @@ def assemble(s: Settings, sde: sde_lib.SDE, model: Optional[nn.Module],
       settings=s, sde=sde, model=model, tx=tx, mesh=mesh,
       data=data_spec(s),
       score=ScoreSpec(t.continuous, s.model.parameterization, s.model.sigma_data,
-                      s.model.num_classes),
+                      s.model.num_classes, s.model.trigflow_label_scale),
       train_loss=builders.get_loss_fn(s, sde, model, train=True,
                                       teacher=None if teacher is None else teacher.plan),
       eval_loss=builders.get_loss_fn(s, sde, model, train=False,

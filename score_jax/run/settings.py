@@ -242,6 +242,7 @@ class Model:
   remat: bool
   parameterization: str
   sigma_data: float
+  trigflow_label_scale: float
   # Architecture keys of model.name's network, as given (tuples for lists): arguments of its
   # constructor (models.network_arguments), whose defaults hold for the keys not given. A key
   # of another network is an error.
@@ -706,6 +707,10 @@ def _check_objective(t: Training, m: Model) -> None:
                         "model.scale_by_sigma = False.")
   if not (math.isfinite(m.sigma_data) and m.sigma_data > 0):
     raise ConfigError(f"model.sigma_data must be a finite number > 0, got {m.sigma_data}.")
+  if not (math.isfinite(m.trigflow_label_scale) and m.trigflow_label_scale > 0):
+    raise ConfigError(f"model.trigflow_label_scale must be a finite number > 0 (636.0: the "
+                      f"[0, 999] label range; 1.0: the sCM paper's c_noise(t) = t), got "
+                      f"{m.trigflow_label_scale}.")
   trigflow = t.sde.lower() == "trigflow"
   if m.parameterization == "trigflow" and not trigflow:
     raise ConfigError(f"model.parameterization = 'trigflow' is TrigFlow's network; set "
