@@ -1,4 +1,5 @@
-"""The EDM, rectified-flow and TrigFlow families as deltas over any config (data and network kept).
+"""The EDM, rectified-flow and TrigFlow families, consistency models and MeanFlow as deltas
+over any config (data and network kept).
 
 configs/toy_edm.py, digits_edm.py, toy_rf.py and digits_rf.py apply them to the toy and
 digits configs, so the families differ from VP / VE there in these keys only.
@@ -92,4 +93,47 @@ def consistency(config: ml_collections.ConfigDict, *, objective: str, sigma_data
   config.sampling.method = "consistency"
   config.sampling.num_steps = 1
   config.eval.enable_bpd = False  # the likelihood integrates a true score
+  return config
+
+
+def meanflow(config: ml_collections.ConfigDict, *, ratio: float = 0.25, power: float = 1.0,
+             logit_mean: float = -0.4, logit_std: float = 1.0) -> ml_collections.ConfigDict:
+  """MeanFlow (Geng et al. 2025) on the rectified-flow path: a network with a second time
+  input learns the average velocity u(z_t, r, t) (logit-normal times, r != t on a share
+  `ratio` of the batch, the adaptive weight 1 / (error + 1e-3)^power), sampled in
+  sampling.num_steps jumps (1)."""
+  training = config.training
+  training.sde = "rectified_flow"
+  training.objective = "meanflow"
+  training.time_distribution = "logit_normal"
+  training.logit_mean = logit_mean
+  training.logit_std = logit_std
+  training.meanflow_ratio = ratio
+  training.meanflow_power = power
+  training.meanflow_c = 1e-3
+  config.model.second_time = True
+  config.sampling.method = "meanflow"
+  config.sampling.num_steps = 1
+  config.eval.enable_bpd = False  # the likelihood integrates a score; this network gives u
+  return config
+
+
+def sct(config: ml_collections.ConfigDict, *, sigma_data: float, p_mean: float,
+        warmup_steps: int) -> ml_collections.ConfigDict:
+  """Continuous-time consistency training (sCT, Lu & Song 2024) on TrigFlow: the sCM
+  objective with ln(sigma_d tan t) ~ N(p_mean, 1.4^2), the tangent warm-up over warmup_steps,
+  normalization c = 0.1, the adaptive weighting, the paper's time label c_noise(t) = t;
+  sampled by the consistency sampler in sampling.num_steps steps (1)."""
+  config = trigflow(config, sigma_data=sigma_data, p_mean=p_mean)
+  training = config.training
+  training.objective = "sct"
+  training.scm_p_mean = p_mean
+  training.scm_p_std = 1.4
+  training.scm_warmup_steps = warmup_steps
+  training.scm_tangent_c = 0.1
+  training.scm_adaptive_weighting = True
+  config.model.trigflow_label_scale = 1.0
+  config.sampling.method = "consistency"
+  config.sampling.num_steps = 1
+  config.eval.enable_bpd = False  # the likelihood integrates a score; this network gives f
   return config

@@ -13,22 +13,8 @@ weight 1 / (error + 1e-3) (power 1). Sampled in sampling.num_steps jumps (1 or 2
 
 import ml_collections
 
-from configs import digits
+from configs import _families as families, digits
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = digits.get_config()
-  training = config.training
-  training.sde = "rectified_flow"
-  training.objective = "meanflow"
-  training.time_distribution = "logit_normal"
-  training.logit_mean = -0.4
-  training.logit_std = 1.0
-  training.meanflow_ratio = 0.25
-  training.meanflow_power = 1.0
-  training.meanflow_c = 1e-3
-  config.model.second_time = True
-  config.sampling.method = "meanflow"
-  config.sampling.num_steps = 1
-  config.eval.enable_bpd = False  # the likelihood integrates a score; this network gives u
-  return config
+  return families.meanflow(digits.get_config())

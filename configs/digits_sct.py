@@ -23,17 +23,5 @@ from configs import _families as families, digits
 
 
 def get_config() -> ml_collections.ConfigDict:
-  p_mean = -1.0 + math.log(0.75 / 0.5)
-  config = families.trigflow(digits.get_config(), sigma_data=0.75, p_mean=p_mean)
-  training = config.training
-  training.objective = "sct"
-  training.scm_p_mean = p_mean
-  training.scm_p_std = 1.4
-  training.scm_warmup_steps = 1000
-  training.scm_tangent_c = 0.1
-  training.scm_adaptive_weighting = True
-  config.model.trigflow_label_scale = 1.0
-  config.sampling.method = "consistency"
-  config.sampling.num_steps = 1
-  config.eval.enable_bpd = False
-  return config
+  return families.sct(digits.get_config(), sigma_data=0.75,
+                      p_mean=-1.0 + math.log(0.75 / 0.5), warmup_steps=1000)

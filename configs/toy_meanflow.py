@@ -34,22 +34,8 @@ in score_jax.meanflow) with ratio 0.5 and cosine decay: 10.3 / 5.7, and 6.4 / 3.
 
 import ml_collections
 
-from configs import toy
+from configs import _families as families, toy
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = toy.get_config()
-  training = config.training
-  training.sde = "rectified_flow"
-  training.objective = "meanflow"
-  training.time_distribution = "logit_normal"
-  training.logit_mean = -0.4
-  training.logit_std = 1.0
-  training.meanflow_ratio = 0.25
-  training.meanflow_power = 0.0
-  training.meanflow_c = 1e-3
-  config.model.second_time = True
-  config.sampling.method = "meanflow"
-  config.sampling.num_steps = 1
-  config.eval.enable_bpd = False  # the likelihood integrates a score; this network gives u
-  return config
+  return families.meanflow(toy.get_config(), power=0.0)

@@ -27,17 +27,4 @@ from configs import _families as families, toy
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = families.trigflow(toy.get_config(), sigma_data=2.86, p_mean=0.74)
-  training = config.training
-  training.objective = "sct"
-  training.scm_p_mean = 0.74
-  training.scm_p_std = 1.4
-  training.scm_warmup_steps = 500
-  training.scm_tangent_c = 0.1
-  training.scm_adaptive_weighting = True
-  # The sCM paper's time label c_noise(t) = t in toy.py's positional embedding.
-  config.model.trigflow_label_scale = 1.0
-  config.sampling.method = "consistency"
-  config.sampling.num_steps = 1
-  config.eval.enable_bpd = False  # the likelihood integrates a score; this network gives f
-  return config
+  return families.sct(toy.get_config(), sigma_data=2.86, p_mean=0.74, warmup_steps=500)

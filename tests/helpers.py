@@ -277,6 +277,23 @@ def assert_few_step_mixture(cfg, params, num_steps=(1, 2), weight_tol=0.03):
   return out, data_off
 
 
+# --- the consistency models' fixture made by the authors' code ---
+
+OPENAI_CT = os.path.join(ROOT, "tests", "data", "consistency", "openai_ct.npz")
+
+
+@functools.lru_cache(maxsize=None)
+def openai_ct():
+  """tests/data/consistency/openai_ct.npz (README.md beside it) as a dict of arrays."""
+  with np.load(OPENAI_CT) as d:
+    return {k: d[k] for k in d.files}
+
+
+def subtree(d, prefix):
+  """The entries 'prefix/<path>' of a flat dict, keyed by <path>."""
+  return {k[len(prefix) + 1:]: v for k, v in d.items() if k.startswith(prefix + "/")}
+
+
 # --- networks ---
 
 

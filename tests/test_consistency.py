@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +28,7 @@ from score_jax.errors import ConfigError
 from score_jax.run import builders
 from score_jax.run.settings import from_config
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "consistency",
-                       "openai_ct.npz")
+FIXTURE = helpers.OPENAI_CT
 
 
 # --- closed forms ---
@@ -191,16 +189,6 @@ def test_settings_refuse_what_discrete_consistency_training_cannot_do():
 
 
 @functools.lru_cache(maxsize=None)
-def _fixture():
-  with np.load(FIXTURE) as d:
-    return {k: d[k] for k in d.files}
-
-
-def _tree(d, prefix):
-  return {k[len(prefix) + 1:]: v for k, v in d.items() if k.startswith(prefix + "/")}
-
-
-@functools.lru_cache(maxsize=None)
 def _fixture_setup():
   """(model, spec) of the fixture's tiny NCSN++ (as tests/test_consistency_fixture.py), with
   the consistency parameterization's coefficients (no scale_by_sigma)."""
@@ -221,7 +209,7 @@ def _fixture_setup():
 
 def _fixture_params(prefix):
   _, spec = _fixture_setup()
-  return convert.tensors_to_params(_tree(_fixture(), prefix), spec)
+  return convert.tensors_to_params(helpers.subtree(helpers.openai_ct(), prefix), spec)
 
 
 def test_loss_and_gradient_equal_the_authors_code(fast_compile):
@@ -245,7 +233,7 @@ def test_loss_and_gradient_equal_the_authors_code(fast_compile):
   gradient that also flowed through the target would differ by O(1).
   """
   del fast_compile
-  d = _fixture()
+  d = helpers.openai_ct()
   model, _ = _fixture_setup()
   params = _fixture_params("student")
   sde = sde_lib.VESDE(float(d["sigma_min"]), float(d["sigma_max"]))

@@ -15,30 +15,19 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from score_jax.convert import reference as convert
 from score_jax.run import builders
 from score_jax.run.settings import from_config
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "consistency",
-                       "openai_ct.npz")
+FIXTURE = helpers.OPENAI_CT
 B, SHAPE = 4, (4, 8, 8, 3)
-
-
-@functools.lru_cache(maxsize=None)
-def _data():
-  with np.load(FIXTURE) as d:
-    return {k: d[k] for k in d.files}
-
-
-def _tree(d, prefix):
-  return {k[len(prefix) + 1:]: v for k, v in d.items() if k.startswith(prefix + "/")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,7 +57,7 @@ def _setup():
 
 def _params(prefix):
   spec, _, _ = _setup()
-  tensors = _tree(_data(), prefix)
+  tensors = helpers.subtree(helpers.openai_ct(), prefix)
   convert.check_tensors({k: v.shape for k, v in tensors.items()}, spec, FIXTURE)
   return convert.tensors_to_params(tensors, spec)
 
@@ -84,7 +73,7 @@ def _col(v):
 
 
 def test_fixture_arrays_and_grid():
-  d = _data()
+  d = helpers.openai_ct()
   for k in ("x", "z", "net_in", "net_out", "ct/x_t", "ct/x_t2", "ct/F_t", "ct/F_t2", "cd/x_t2",
             "cd/F_t2"):
     assert d[k].shape == SHAPE and d[k].dtype == np.float32, k
@@ -102,13 +91,13 @@ def test_fixture_arrays_and_grid():
   np.testing.assert_allclose(d["ct/l2_N10/t"], grid10[d["ct/l2_N10/indices"]], rtol=2e-6)
   np.testing.assert_allclose(d["ct/l2_N10/t2"], grid10[d["ct/l2_N10/indices"] + 1], rtol=2e-6)
   # Parameter trees: the student's, the teacher's and both gradients hold the same tensors.
-  student = _tree(d, "student")
+  student = helpers.subtree(d, "student")
   for prefix in ("teacher", "ct/l2/grad", "cd/l2/grad"):
-    other = _tree(d, prefix)
+    other = helpers.subtree(d, prefix)
     assert {k: v.shape for k, v in other.items()} == {k: v.shape for k, v in student.items()}
   # The Fourier features are constants in their network (stop_gradient).
   assert not np.any(d["ct/l2/grad/GaussianFourierProjection_0/W"])
-  assert np.all(np.isfinite(np.concatenate([v.ravel() for v in _tree(d, "ct/l2/grad").values()])))
+  assert np.all(np.isfinite(np.concatenate([v.ravel() for v in helpers.subtree(d, "ct/l2/grad").values()])))
 
 
 def _consistency_fn(net, params, d, x_t, t):
@@ -150,7 +139,7 @@ def test_score_jax_ncsnpp_reproduces_their_network_and_formulas(fast_compile):
   inputs); losses rtol 2e-4 (squared differences of values ~0.1 apart, each within 2e-5).
   """
   del fast_compile
-  d = _data()
+  d = helpers.openai_ct()
   _, _, net = _setup()
   student, teacher = _params("student"), _params("teacher")
   out = np.asarray(net(student, d["net_in"], d["net_cond"]))
