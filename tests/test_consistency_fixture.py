@@ -19,7 +19,6 @@ import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import helpers
 from score_jax.convert import reference as convert
