@@ -19,7 +19,7 @@ from score_jax.run.settings import from_config as S
 
 def _plan(teacher, **changes):
   return plan_lib.make_plan(S(config("toy", TINY_TOY, **{"training.teacher_workdir": teacher,
-                                                         **changes})), need_data=False)
+                                                         **changes})))
 
 
 def _equal(a, b):
@@ -62,3 +62,16 @@ def test_a_teacher_that_does_not_fit_is_refused_in_one_line(toy_run, tmp_path):
   with pytest.raises(ConfigError, match="num_classes"):
     _plan(workdir, **{"model.num_classes": 3})
   assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints"))
+
+
+def test_a_distilled_run_samples_without_its_teacher(toy_run, tmp_path):
+  """Loading and sampling plans (need_data=False) do not read the teacher, which may be
+  gone; only the distillation loss needs it, and says so when called without one."""
+  changes = {"training.objective": "scd", "training.teacher_workdir": str(tmp_path / "gone")}
+  s = S(config("toy_sct", TINY_TOY, **changes))
+  plan = plan_lib.make_plan(s, need_data=False)
+  assert plan.teacher is None
+  with pytest.raises(ConfigError, match="distills a teacher"):
+    plan.train_loss(None, jax.random.PRNGKey(0), np.zeros((2, 2), np.float32))
+  with pytest.raises(WorkdirError, match="has no config.json"):
+    plan_lib.make_plan(s)

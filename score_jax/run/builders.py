@@ -231,10 +231,13 @@ def _continuous_consistency_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Mod
   label_scale = s.model.trigflow_label_scale
   distill = t.objective == "scd"
   t_min, t_max = 0.0, float(sde.T)
-  if distill:
-    if teacher is None:
+  if distill and teacher is None:
+    # Sampling and loading a distilled run need no teacher; only its loss does.
+    def no_teacher(*args, **kwargs):
       raise ConfigError("training.objective = 'scd' distills a teacher; set "
-                        "training.teacher_workdir.")
+                        "training.teacher_workdir to a run that exists.")
+    return no_teacher
+  if distill:
     if t.init_from_teacher and not (isinstance(teacher.sde, sde_lib.TrigFlow)
                                     and teacher.score.parameterization == "trigflow"
                                     and float(teacher.sde.sigma_data) == float(sd)):

@@ -422,7 +422,9 @@ def make_plan(s: Settings, need_data: bool = True, *,
   # sharding-in-types would need annotations inside every loss and sampler).
   mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
                                axis_types=(jax.sharding.AxisType.Auto,))
-  teacher = _teacher(s, mesh)
+  # Sampling and evaluation without data need the network only, not the teacher it learned
+  # from (which may be gone).
+  teacher = _teacher(s, mesh) if need_data else None
   plan = assemble(s, sde, model, builders.get_optimizer(s), mesh,  # refuses discrete training
                   teacher)
   if need_data:                                                     # without a chain (the loss)
