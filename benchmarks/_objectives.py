@@ -49,17 +49,19 @@ OBJECTIVES: List[Objective] = [
         "sampling.num_steps": 1,
         "eval.enable_bpd": False,
     }),
-    # sCT (continuous-time consistency training on TrigFlow, Lu & Song 2024). Optional:
-    # skipped with a note while the settings reject training.objective = 'sct'; the row
-    # appears once the objective exists.
+    # sCT (continuous-time consistency training on TrigFlow, Lu & Song 2024): one JVP of the
+    # network in (x_t, t), the adaptive-weighting head beside it.
     Objective("sct", {
         "training.sde": "trigflow",
         "model.parameterization": "trigflow",
+        "model.trigflow_label_scale": 1.0,
         "training.time_distribution": "lognormal_sigma",
         "training.objective": "sct",
         "model.scale_by_sigma": False,
+        "sampling.method": "consistency",
+        "sampling.num_steps": 1,
         "eval.enable_bpd": False,
-    }, optional=True),
+    }),
 ]
 
 

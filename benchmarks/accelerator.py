@@ -15,11 +15,10 @@ On whatever backend JAX sees it measures, in this order (most informative first)
              clipping, Adam, EMA), compile time, peak device memory, XLA's FLOP
              count of the compiled step and MFU against the chip's peak;
   jvp        the train steps that differentiate the network with jax.jvp (the
-             few-step generators: MeanFlow, and sCT once training.objective =
-             'sct' exists; benchmarks/_objectives.py) of DDPM++ at per-device batch
-             128, float32 and bfloat16, beside the plain step above: the same
-             figures, and the ratios time_ratio, memory_ratio (XLA's memory plan)
-             and peak_memory_ratio to the plain step's (the goal: at most 2x the
+             few-step generators: MeanFlow and sCT; benchmarks/_objectives.py) of
+             DDPM++ at per-device batch 128, float32 and bfloat16, beside the
+             plain step above: the same figures, and the ratios time_ratio,
+             memory_ratio (XLA's memory plan) and peak_memory_ratio to the plain step's (the goal: at most 2x the
              time and 1.5x the memory). An objective the settings reject is
              recorded as skipped;
   sample     DPM-Solver++ (2M, 20 NFE) with DDPM++ and PC (reverse diffusion +
