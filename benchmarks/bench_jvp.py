@@ -62,7 +62,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import edm_cifar_vp, toy, ve_cifar, vp_cifar  # noqa: E402
-from score_jax import models  # noqa: E402
 from score_jax.errors import ConfigError  # noqa: E402
 from score_jax.run import plan as plan_lib  # noqa: E402
 from score_jax.run import settings  # noqa: E402
@@ -70,6 +69,7 @@ from score_jax.run import state as run_state  # noqa: E402
 from score_jax.run import train  # noqa: E402
 
 import _objectives  # noqa: E402
+from accelerator import _host_params  # noqa: E402  (parameters drawn on the host)
 from _objectives import OBJECTIVES, Objective  # noqa: E402
 
 
@@ -116,18 +116,6 @@ def network_config(network: str, size: str, objective: Objective, dtype: str, ba
   config.model.dtype = dtype
   config.training.batch_size = batch
   return config
-
-
-def _host_params(model, shape, seed=0):
-  """Parameters drawn on the host, so that init's own compilation is not part of the run."""
-  shapes = jax.eval_shape(lambda r: models.init_model(r, model, shape), jax.random.PRNGKey(0))
-  rng = np.random.default_rng(seed)
-
-  def draw(s):
-    scale = 1.0 / math.sqrt(math.prod(s.shape[:-1])) if len(s.shape) > 1 else 0.1
-    return jnp.asarray(rng.normal(size=s.shape) * scale, jnp.float32)
-
-  return jax.tree_util.tree_map(draw, shapes)["params"]
 
 
 class Step:

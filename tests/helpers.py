@@ -289,6 +289,22 @@ def openai_ct():
     return {k: d[k] for k in d.files}
 
 
+def openai_ct_config():
+  """configs/ve_cifar.py made into the fixture's tiny NCSN++ (nf 8, ch_mult (1, 2), one
+  residual block, attention at 4x4, 8x8x3 images, no dropout), data in [-1, 1] as theirs."""
+  cfg = importlib.import_module("configs.ve_cifar").get_config()
+  with cfg.unlocked():
+    cfg.model.nf = 8
+    cfg.model.ch_mult = (1, 2)
+    cfg.model.num_res_blocks = 1
+    cfg.model.attn_resolutions = (4,)
+    cfg.model.dropout = 0.0
+    cfg.data.image_size = 8
+    cfg.data.num_channels = 3
+    cfg.data.centered = True  # their NCSN++ has no 2x - 1 input map
+  return cfg
+
+
 def subtree(d, prefix):
   """The entries 'prefix/<path>' of a flat dict, keyed by <path>."""
   return {k[len(prefix) + 1:]: v for k, v in d.items() if k.startswith(prefix + "/")}

@@ -11,7 +11,6 @@ score_jax.run.train.train_and_evaluate, sampled in one and two steps.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 
 import jax
@@ -192,17 +191,9 @@ def test_settings_refuse_what_discrete_consistency_training_cannot_do():
 def _fixture_setup():
   """(model, spec) of the fixture's tiny NCSN++ (as tests/test_consistency_fixture.py), with
   the consistency parameterization's coefficients (no scale_by_sigma)."""
-  config = importlib.import_module("configs.ve_cifar").get_config()
+  config = helpers.openai_ct_config()
   with config.unlocked():
-    config.model.nf = 8
-    config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (4,)
-    config.model.dropout = 0.0
     config.model.scale_by_sigma = False
-    config.data.image_size = 8
-    config.data.num_channels = 3
-    config.data.centered = True  # their NCSN++ has no 2x - 1 input map
   spec = convert.reference_spec(config, "flax")
   return builders.get_model(from_config(config)), spec
 
@@ -313,6 +304,18 @@ def _train(cfg, workdir, steps):
   return train.train_and_evaluate(from_config(cfg), str(workdir))
 
 
+def _assert_weights_in_one_and_two_steps(cfg, state, near):
+  """1- and 2-step samples: mode weights within 0.03 of the mixture's, more than `near` of
+  them within 3 std of a mode."""
+  for n in (1, 2):
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+      c.sampling.num_steps = n
+    weights, want, share = helpers.sampled_mode_weights(c, state.ema_params)
+    np.testing.assert_allclose(weights, want, atol=0.03)
+    assert share > near
+
+
 @pytest.mark.slow  # 3,000 training steps: ~6 min on 2 CPU cores
 def test_toy_ict_one_and_two_steps(tmp_path):
   """configs/toy_ict.py (3,000 steps, the curriculum over them), sampled in 1 and 2
@@ -321,14 +324,7 @@ def test_toy_ict_one_and_two_steps(tmp_path):
   helpers.assert_few_step_mixture's off-mode part does not hold at this budget; checked
   here: at least 70% within 3 std of a mode (an untrained or collapsed model: ~0%)."""
   cfg = helpers.config("toy_ict")
-  state = _train(cfg, tmp_path / "run", 3000)
-  for n in (1, 2):
-    c = cfg.copy_and_resolve_references()
-    with c.unlocked():
-      c.sampling.num_steps = n
-    weights, want, near = helpers.sampled_mode_weights(c, state.ema_params)
-    np.testing.assert_allclose(weights, want, atol=0.03)
-    assert near > 0.7
+  _assert_weights_in_one_and_two_steps(cfg, _train(cfg, tmp_path / "run", 3000), near=0.7)
 
 
 @pytest.mark.slow  # 2,000 EDM steps, then 4,000 ECT steps: ~10 min on 2 CPU cores
@@ -341,11 +337,4 @@ def test_toy_ect_from_an_edm_run_one_and_two_steps(tmp_path):
   teacher = tmp_path / "edm"
   _train(helpers.config("toy_edm"), teacher, 2000)
   cfg = helpers.config("toy_ect", **{"training.teacher_workdir": str(teacher)})
-  state = _train(cfg, tmp_path / "ect", 4000)
-  for n in (1, 2):
-    c = cfg.copy_and_resolve_references()
-    with c.unlocked():
-      c.sampling.num_steps = n
-    weights, want, near = helpers.sampled_mode_weights(c, state.ema_params)
-    np.testing.assert_allclose(weights, want, atol=0.03)
-    assert near > 0.6
+  _assert_weights_in_one_and_two_steps(cfg, _train(cfg, tmp_path / "ect", 4000), near=0.6)

@@ -14,7 +14,6 @@ network.
 from __future__ import annotations
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -32,16 +31,7 @@ B, SHAPE = 4, (4, 8, 8, 3)
 @functools.lru_cache(maxsize=None)
 def _setup():
   """(spec, model, jitted raw network (params, x, c_noise) -> F) for the fixture's network."""
-  config = importlib.import_module("configs.ve_cifar").get_config()
-  with config.unlocked():
-    config.model.nf = 8
-    config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (4,)
-    config.model.dropout = 0.0
-    config.data.image_size = 8
-    config.data.num_channels = 3
-    config.data.centered = True  # their NCSN++ has no 2x - 1 input map
+  config = helpers.openai_ct_config()
   spec = convert.reference_spec(config, "flax")
   model = builders.get_model(from_config(config))
 
