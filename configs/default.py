@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.meanflow_ratio = 0.25
   training.meanflow_power = 1.0
   training.meanflow_c = 1e-3
+  # True: d/dt u moves z along the network's own sg(u(z, t, t)) instead of e - x.
+  training.meanflow_model_tangent = False
   # A trained diffusion run the objective learns from (distillation) or starts from: its
   # workdir (a score_jax run or a converted checkpoint, as load_run opens), its checkpoint
   # (0: the newest), and whether the network starts from its EMA weights.
@@ -252,6 +254,9 @@ def get_config() -> ml_collections.ConfigDict:
   optim.warmup = 5000
   optim.lr_rampup_kimg = 0.0  # > 0: lr * min(images seen / (1000 kimg), 1) (EDM; set warmup = 0)
   optim.grad_clip = 1.0
+  # 'none': the rate stays at optim.lr after the ramp; 'cosine': times
+  # (1 + cos(pi min(step / training.n_iters, 1))) / 2, down to 0 at the last step.
+  optim.lr_decay = "none"
   # A non-finite loss or gradient: 'skip' leaves the state unchanged (the run stops at
   # the next log step); 'zero' (EDM) replaces NaN gradient entries by 0 and +-inf by
   # +-1e5 and takes the step.

@@ -65,7 +65,8 @@ def sample_times(key: Array, batch: int, *, ratio: float = 0.25, p_mean: float =
   return jnp.where(distinct, r, t), t
 
 
-def target(u_fn: UFn, z: Array, r: Array, t: Array, v: Array) -> Tuple[Array, Array]:
+def target(u_fn: UFn, z: Array, r: Array, t: Array, v: Array,
+           tangent: Optional[Array] = None) -> Tuple[Array, Array]:
   """u(z, r, t) and the MeanFlow target v - (t - r) d/dt u (stop-gradient).
 
   Args:
@@ -73,17 +74,19 @@ def target(u_fn: UFn, z: Array, r: Array, t: Array, v: Array) -> Tuple[Array, Ar
     z: [B, ...] points z_t.
     r, t: [B] times, r <= t.
     v: [B, ...] velocity at (z, t): e - x in training, or the marginal velocity.
+    tangent: [B, ...] the velocity along which d/dt u moves z (default v).
 
   Returns:
     (u [B, ...], u_tgt [B, ...]); gradients flow through u only.
   """
-  u, du_dt = jax.jvp(u_fn, (z, r, t), (v, jnp.zeros_like(r), jnp.ones_like(t)))
+  tangent = v if tangent is None else tangent
+  u, du_dt = jax.jvp(u_fn, (z, r, t), (tangent, jnp.zeros_like(r), jnp.ones_like(t)))
   u_tgt = v - _bcast(t - r, v) * du_dt
   return u, jax.lax.stop_gradient(u_tgt)
 
 
 def loss(u_fn: UFn, x: Array, e: Array, r: Array, t: Array, *, v: Optional[Array] = None,
-         power: float = 1.0, c: float = 1e-3) -> MeanFlowTerms:
+         power: float = 1.0, c: float = 1e-3, model_tangent: bool = False) -> MeanFlowTerms:
   """The MeanFlow loss per example, with the paper's adaptive weighting.
 
   The squared error ||u - u_tgt||^2 (summed over data dimensions) is divided by
@@ -96,13 +99,17 @@ def loss(u_fn: UFn, x: Array, e: Array, r: Array, t: Array, *, v: Optional[Array
     r, t: [B] times from `sample_times`.
     v: [B, ...] the velocity to use at z_t; default the conditional velocity e - x.
     power, c: the weight 1 / (error + c)^power.
+    model_tangent: move z along the network's own instantaneous velocity sg(u(z, t, t))
+      in d/dt u instead of v (one more network evaluation): the marginal velocity's
+      estimate, where v = e - x is one draw around it; the target keeps v.
 
   Returns:
     MeanFlowTerms with [B] entries.
   """
   z = (1 - _bcast(t, x)) * x + _bcast(t, x) * e
   v = e - x if v is None else v
-  u, u_tgt = target(u_fn, z, r, t, v)
+  tangent = jax.lax.stop_gradient(u_fn(z, t, t)) if model_tangent else None
+  u, u_tgt = target(u_fn, z, r, t, v, tangent)
   err = jnp.sum(jnp.square(u - u_tgt).reshape(u.shape[0], -1), axis=1)
   weight = jax.lax.stop_gradient(1.0 / (err + c) ** power)
   return MeanFlowTerms(loss=weight * err, error=err)

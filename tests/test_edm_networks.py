@@ -135,6 +135,24 @@ def test_edm_configs_train_on_edm_schedules_in_images():
   np.testing.assert_allclose(float(lr(100_000)), 1e-3, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ramp", ["warmup", "kimg"])
+def test_cosine_lr_decay_multiplies_either_ramp(ramp):
+  """optim.lr_decay = 'cosine': the ramp times (1 + cos(pi step / n_iters)) / 2, 0 from n_iters."""
+  cfg = edm_cifar_vp.get_config()
+  with cfg.unlocked():
+    cfg.training.n_iters, cfg.optim.lr_decay = 1000, "cosine"
+    if ramp == "warmup":
+      cfg.optim.lr_rampup_kimg, cfg.optim.warmup = 0.0, 100
+  s = S(cfg)
+  ramp_lr = builders.get_lr_schedule(s.replace(optim={"lr_decay": "none"}))
+  lr = builders.get_lr_schedule(s)
+  for step in (0, 50, 250, 500, 999, 1000, 5000):
+    want = float(ramp_lr(step)) * (1 + np.cos(np.pi * min(step / 1000, 1))) / 2
+    # float32: the cosine factor is exact to ~1e-7 absolute, hence atol 1e-6 of the peak rate.
+    np.testing.assert_allclose(float(lr(step)), want, rtol=1e-5, atol=1e-6 * s.optim.lr)
+  assert float(lr(500)) > 0 and float(lr(1000)) == 0.0
+
+
 def test_heun_config_spends_edm_35_evaluations():
   s = S(edm_cifar_vp.get_config())
   sde = builders.get_sde(s)

@@ -102,6 +102,22 @@ def test_loss_weighting_and_stop_gradient():
   np.testing.assert_allclose(float(jax.grad(total)(a)), grad, rtol=1e-4)
 
 
+def test_model_tangent_moves_z_along_the_networks_own_velocity():
+  """u(z, r, t) = (1 + t)(1 + r) z: with model_tangent the JVP's z-tangent is u(z, t, t) =
+  (1 + t)^2 z, so d/dt u = (1 + t)(1 + r)(1 + t)^2 z + (1 + r) z, and the target keeps
+  v = e - x: u_tgt = (e - x) - (t - r) d/dt u."""
+  x, e, r, t = _batch(16, seed=2)
+  z = (1 - _col(t)) * x + _col(t) * e
+  u_fn = lambda z, r, t: _col((1 + t) * (1 + r)) * z
+  terms = jax.jit(lambda x, e, r, t: meanflow.loss(u_fn, x, e, r, t, power=0.0,
+                                                   model_tangent=True))(x, e, r, t)
+  du_dt = _col((1 + t) * (1 + r) * (1 + t)**2 + (1 + r)) * z
+  want = np.sum(np.asarray(u_fn(z, r, t) - ((e - x) - _col(t - r) * du_dt))**2, axis=1)
+  np.testing.assert_allclose(np.asarray(terms.error), want, rtol=1e-5)
+  plain = meanflow.loss(u_fn, x, e, r, t, power=0.0)  # the tangent e - x differs
+  assert np.min(np.abs(np.asarray(plain.error) - want) / want) > 1e-2
+
+
 @pytest.mark.parametrize("times", [(1.0, 0.0), (1.0, 0.4, 0.0)])
 def test_few_step_sampling_with_the_true_average_velocity_is_exact(times):
   e = jax.random.normal(jax.random.PRNGKey(3), (4096, D))

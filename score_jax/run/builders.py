@@ -71,13 +71,21 @@ def get_model(s: Settings) -> nn.Module:
 def get_lr_schedule(s: Settings) -> optax.Schedule:
   """lr * min(step / warmup, 1), the reference's linear warmup; or EDM's ramp-up in
   images, lr * min(nimg / (1000 lr_rampup_kimg), 1) with nimg = step * batch_size the
-  images seen before the step."""
-  if s.optim.lr_rampup_kimg > 0:
-    lr, batch, ramp = s.optim.lr, s.training.batch_size, 1000.0 * s.optim.lr_rampup_kimg
-    return lambda count: lr * jnp.minimum(jnp.asarray(count, jnp.float32) * batch / ramp, 1.0)
-  if s.optim.warmup > 0:
-    return optax.linear_schedule(0.0, s.optim.lr, s.optim.warmup)
-  return optax.constant_schedule(s.optim.lr)
+  images seen before the step. optim.lr_decay = 'cosine' multiplies either by
+  (1 + cos(pi min(step / training.n_iters, 1))) / 2."""
+  o, batch = s.optim, s.training.batch_size
+  if o.lr_rampup_kimg > 0:
+    ramp_images = 1000.0 * o.lr_rampup_kimg
+    ramp = lambda count: o.lr * jnp.minimum(
+        jnp.asarray(count, jnp.float32) * batch / ramp_images, 1.0)
+  elif o.warmup > 0:
+    ramp = optax.linear_schedule(0.0, o.lr, o.warmup)
+  else:
+    ramp = optax.constant_schedule(o.lr)
+  if o.lr_decay == "none":
+    return ramp
+  cosine = optax.cosine_decay_schedule(1.0, max(s.training.n_iters, 1))
+  return lambda count: ramp(count) * cosine(count)
 
 
 def get_ema_decay(s: Settings) -> Callable[[Array], Any]:
@@ -215,7 +223,8 @@ def _meanflow_loss_fn(s: Settings, model: nn.Module, *, train: bool) -> LossFn:
     r, tt = meanflow.sample_times(rng_t, x.shape[0], ratio=t.meanflow_ratio, p_mean=t.logit_mean,
                                   p_std=t.logit_std)
     e = jax.random.normal(rng_e, x.shape, x.dtype)
-    terms = meanflow.loss(u_fn, x, e, r, tt, power=t.meanflow_power, c=t.meanflow_c)
+    terms = meanflow.loss(u_fn, x, e, r, tt, power=t.meanflow_power, c=t.meanflow_c,
+                         model_tangent=t.meanflow_model_tangent)
     return jnp.mean(terms.loss), losses.LossAux(terms.loss, tt)
 
   return loss_fn

@@ -90,6 +90,7 @@ class Training:
   objective: str
   meanflow_ratio: float
   meanflow_power: float
+  meanflow_model_tangent: bool
   meanflow_c: float
   teacher_workdir: str
   teacher_step: int
@@ -270,6 +271,7 @@ class Optim:
   lr_rampup_kimg: float
   grad_clip: float
   nonfinite_grads: str
+  lr_decay: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -568,6 +570,7 @@ def _check_sde(t: Training, m: Model) -> None:
 def _check_optim(o: Optim) -> None:
   _choice("optim.optimizer", o.optimizer, ("adam", "adamw"), lower=True)
   _choice("optim.nonfinite_grads", o.nonfinite_grads, NONFINITE_GRADS)
+  _choice("optim.lr_decay", o.lr_decay, ("none", "cosine"))
   _at_least("optim.lr_rampup_kimg", o.lr_rampup_kimg, 0.0)
   if o.lr_rampup_kimg > 0 and o.warmup > 0:
     raise ConfigError("optim.lr_rampup_kimg (a ramp-up in images) and optim.warmup (in steps) "
