@@ -317,12 +317,12 @@ def load_vae(folder: str, *, dtype: Any = jnp.float32) -> Tuple[VAE, Any, float]
   """
   config = read_config(folder)
   kwargs, scaling_factor = module_arguments(config, os.path.join(folder, CONFIG_FILE))
-  vae = VAE(AutoencoderKL(**kwargs, dtype=dtype))
-  levels = len(kwargs["block_out_channels"])
-  side = 2 ** (levels - 1)
-  param_shapes = vae.init_shapes((1, side, side, kwargs["in_channels"]))
   weights = os.path.join(folder, WEIGHTS_FILE)
-  params = tensors_to_params(read_tensors(weights), param_shapes, weights)
+  tensors = read_tensors(weights)
+  vae = VAE(AutoencoderKL(**kwargs, dtype=dtype))
+  side = 2 ** (len(kwargs["block_out_channels"]) - 1)  # the smallest image the network takes
+  param_shapes = vae.init_shapes((1, side, side, kwargs["in_channels"]))
+  params = tensors_to_params(tensors, param_shapes, weights)
   n = sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
   logging.info("Read the AutoencoderKL in %s: %d parameters, scaling factor %g.", folder, n,
                scaling_factor)

@@ -314,6 +314,12 @@ class VAE:
     return _decode(self.module, params, z)
 
   def init_shapes(self, image_shape: Sequence[int]) -> Any:
-    """The parameters' shapes for images of `image_shape` [B, H, W, C], without allocating."""
-    x = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32)
-    return jax.eval_shape(self.module.init, jax.random.PRNGKey(0), x)["params"]
+    """The parameters' shapes (ShapeDtypeStructs) for images of `image_shape` [B, H, W, C]:
+    `jax.eval_shape` of the initialization, nothing allocated."""
+    return jax.tree_util.tree_map(lambda s: s, _init_shapes(self.module, tuple(image_shape)))
+
+
+@functools.lru_cache(maxsize=16)
+def _init_shapes(module: AutoencoderKL, image_shape: Tuple[int, ...]) -> Any:
+  x = jax.ShapeDtypeStruct(image_shape, jnp.float32)
+  return jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"]
