@@ -5,6 +5,8 @@
 - `NCSNv2`: RefineNet of NCSNv2 ('ncsnv2').
 - `MLPScore`: MLP for low-dimensional data ('mlp').
 - `SongUNet`: EDM's (Karras et al. 2022) DDPM++ / NCSN++ ('song_unet').
+- `vae.AutoencoderKL`, `vae.VAE`: the Stable Diffusion VAE (not a score network; read one with
+  `score_jax.convert.vae.load_vae`).
 - `build_model(name, **kwargs)`: explicit arguments -> module (`network_arguments(name)`: the
   arguments the network takes, its family's keys); `get_score_fn(sde, model, variables,
   continuous=...)`
