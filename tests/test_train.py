@@ -94,18 +94,18 @@ def test_train_end_to_end_on_four_devices(tmp_path):
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   """N steps straight == killed (twice, mid-checkpoint likely) and resumed runs."""
-  n = 80
+  n = 40
   common = [f"--config.training.n_iters={n}", "--config.training.snapshot_freq=100000",
             "--config.training.snapshot_sampling=False", "--config.model.hidden_sizes=(128,128)",
             "--config.training.batch_size=128"]
   straight = str(tmp_path / "straight")
-  _run(straight, *common, "--config.training.snapshot_freq_for_preemption=40", devices=2)
+  _run(straight, *common, "--config.training.snapshot_freq_for_preemption=20", devices=2)
 
   killed = str(tmp_path / "killed")
   # Save at every step (asynchronously), so a kill very likely hits a write in progress.
   args = _cmd(killed, *common, "--config.training.snapshot_freq_for_preemption=1")
   kills = 0
-  for target in (20, 50):
+  for target in (10, 25):
     proc = subprocess.Popen(args, env=_env(2), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckdir = os.path.join(killed, "checkpoints")
