@@ -220,8 +220,13 @@ def _check_config(s: Any) -> List[str]:
                          f"{s.model.parameterization!r}: DiT's networks predict the noise of the "
                          "DDPM chain; set training.sde='vpsde' and "
                          "model.parameterization='default'.")
-  return [f"model.{key} = {s.model.get(key)} (DiT's linear schedule has {value})"
-          for key, value in _SCHEDULE if s.model.get(key) != value]
+  notes = [f"model.{key} = {s.model.get(key)} (DiT's linear schedule has {value})"
+           for key, value in _SCHEDULE if s.model.get(key) != value]
+  if s.training.continuous:
+    notes.append("training.continuous = True feeds the network 999 t and scales by the "
+                 "continuous VP marginals; DiT's time labels are the DDPM steps of the discrete "
+                 "chain (training.continuous = False)")
+  return notes
 
 
 def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
