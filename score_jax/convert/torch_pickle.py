@@ -39,7 +39,8 @@ import numpy as np
 
 from score_jax import files
 
-__all__ = ["Namespace", "load", "load_legacy_bytes", "load_state_dict", "save_state_dict", "flatten"]
+__all__ = ["Namespace", "load", "load_legacy_bytes", "load_state_dict", "save_state_dict",
+           "flatten"]
 
 # Storage class name -> numpy dtype (little-endian).
 _STORAGE_DTYPES = {
