@@ -242,7 +242,9 @@ def test_a_released_state_dict_converts_and_mismatches_are_named(tmp_path):
   with pytest.raises(dit_convert.DiTLayoutError, match="bare state dict"):
     dit_convert.find_state_dict(torch_pickle.load(bare), bare, "model")
 
-  args = obj["args"]
+  args = obj["args"]  # train.py's argparse.Namespace, read as an inert record
+  assert isinstance(args, torch_pickle.Namespace) and (args.model, args.image_size) == (
+      "DiT-T/2", 64)
   args.model = "DiT-S/2"  # 384 wide, 6 heads
   with pytest.raises(dit_convert.DiTLayoutError, match=r"trained as DiT-S/2 .*dit_size=S"):
     dit_convert.check_args(args, model, CKPT)

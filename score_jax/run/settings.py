@@ -637,8 +637,8 @@ def _check_data(d: Data, m: Model, families: Mapping[str, Tuple[str, ...]]) -> N
   """The data fit the network: 2-D points for the MLP, images it halves evenly for the rest."""
   if d.is_toy != (m.name.lower() == "mlp"):
     raise ConfigError(f"model.name {m.name!r} does not fit data.dataset {d.dataset!r}: 2-D toy "
-                      "data needs model.name='mlp', image data a convolutional network "
-                      "(ncsnpp, ddpmpp, ddpm, ncsnv2).")
+                      "data needs model.name='mlp', image data an image network "
+                      "(ncsnpp, ddpmpp, ddpm, ncsnv2, song_unet, dit).")
   if d.path and d.dataset.lower() not in ("images", "folder"):
     raise ConfigError(f"data.path is read only by data.dataset='images' (your own folder, zip or "
                       f".npz), not by {d.dataset!r}: set --config.data.dataset=images, or leave "
