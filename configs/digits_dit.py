@@ -8,7 +8,7 @@ learned-variance channels (score_jax's losses do not train them): 328,260 parame
 --config.model.num_classes=10 (and --config.training.class_dropout=0.1) it is
 class-conditional, as DiT.
 
-Measured (3,000 steps on 2 shared CPU cores, ~3 steps/s; the network of commit 0eea8f3):
+Measured (3,000 steps on 2 shared CPU cores, ~3 steps/s; the network of commit 832b6b2):
 training loss 0.09-0.10 at the end, as configs/digits.py's DDPM++, but FD@355 1.65 (the
 held-out digits' floor 0.116; DDPM++ 0.370) and visibly noisier samples: on 16 tokens of 2x2
 pixels, without convolutions, the fine detail of 8x8 digits is learned more slowly. Not tuned.
