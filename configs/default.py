@@ -229,7 +229,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.phema_sigma_rels = ()
   model.num_classes = 0  # 0: unconditional
   model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
-  # Gradient checkpointing of the U-Net blocks (ncsnpp, ddpmpp, ddpm): less
+  # Gradient checkpointing of the network's blocks (ncsnpp, ddpmpp, ddpm, dit): less
   # activation memory on GPU/TPU for ~1 extra forward pass (on CPU see
   # docs/training.md: XLA's CPU backend undoes it).
   model.remat = False

@@ -15,8 +15,9 @@ Two on-disk formats exist and both are read:
   the raw bytes. The published FID Inception weights date from that era.
 
 Unpickling goes through an allow-list (`find_class`): only OrderedDict, the
-tensor/parameter rebuild functions, storage classes and dtypes resolve, so a
-checkpoint cannot run arbitrary code. Tensors come back as numpy arrays
+tensor/parameter rebuild functions, storage classes and dtypes resolve, and
+`argparse.Namespace` (as the inert `Namespace`, its attributes set from the
+pickle), so a checkpoint cannot run arbitrary code. Tensors come back as numpy arrays
 (bfloat16 through `ml_dtypes`).
 
 `save_state_dict` writes a flat `{name: array}` dict in the zip format that
@@ -38,7 +39,8 @@ import numpy as np
 
 from score_jax import files
 
-__all__ = ["load", "load_legacy_bytes", "load_state_dict", "save_state_dict", "flatten"]
+__all__ = ["Namespace", "load", "load_legacy_bytes", "load_state_dict", "save_state_dict",
+           "flatten"]
 
 # Storage class name -> numpy dtype (little-endian).
 _STORAGE_DTYPES = {
@@ -164,7 +166,16 @@ def _numpy_dtype(name: Any, align: bool = False, copy: bool = True) -> np.dtype:
   return dtype
 
 
+class Namespace:
+  """Stand-in for `argparse.Namespace`, the arguments a training script saves beside its weights
+  (facebookresearch/DiT's train.py): a plain holder of the pickled attributes, no methods run."""
+
+  def __repr__(self) -> str:
+    return "Namespace(" + ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items())) + ")"
+
+
 _ALLOWED = {
+    ("argparse", "Namespace"): Namespace,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("numpy", "dtype"): _numpy_dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,

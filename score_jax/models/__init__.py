@@ -5,6 +5,7 @@
 - `NCSNv2`: RefineNet of NCSNv2 ('ncsnv2').
 - `MLPScore`: MLP for low-dimensional data ('mlp').
 - `SongUNet`: EDM's (Karras et al. 2022) DDPM++ / NCSN++ ('song_unet').
+- `DiT`: the Diffusion Transformer of Peebles & Xie (2023) ('dit'; SiT's network too).
 - `vae.AutoencoderKL`, `vae.VAE`: the Stable Diffusion VAE (not a score network; read one with
   `score_jax.convert.vae.load_vae`).
 - `build_model(name, **kwargs)`: explicit arguments -> module (`network_arguments(name)`: the
@@ -17,6 +18,7 @@ train=False, rngs={'dropout': key})`.
 """
 
 from score_jax.models.ddpm import DDPM
+from score_jax.models.dit import DiT
 from score_jax.models.mlp import MLPScore
 from score_jax.models.ncsnpp import NCSNpp
 from score_jax.models.ncsnv2 import NCSNv2
@@ -28,6 +30,7 @@ from score_jax.models.score import (PARAMETERIZATIONS, consistency_coefficients,
 
 __all__ = [
     "DDPM",
+    "DiT",
     "MLPScore",
     "NCSNpp",
     "NCSNv2",

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from score_jax.models.ddpm import DDPM
+from score_jax.models.dit import DiT
 from score_jax.models.mlp import MLPScore
 from score_jax.models.ncsnpp import NCSNpp
 from score_jax.models.ncsnv2 import NCSNv2
@@ -33,6 +34,7 @@ MODELS: Mapping[str, type] = {
     "ncsnv2_256": NCSNv2,
     "mlp": MLPScore,
     "song_unet": SongUNet,  # EDM's DDPM++ / NCSN++ (configs/edm_cifar_vp.py, edm_cifar_ve.py)
+    "dit": DiT,  # Peebles & Xie's DiT, also SiT's network (configs/imagenet256_dit_xl2.py)
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -536,8 +536,9 @@ def _check_model(m: Model, families: Mapping[str, Tuple[str, ...]]) -> None:
   _choice("model", m.name, families, lower=True)  # "Unknown model ..." (model.name)
   _choice("model.dtype", m.dtype, DTYPES)
   if m.remat and "remat" not in families[m.name.lower()]:
-    raise ConfigError(f"model.remat (gradient checkpointing) is supported by ncsnpp, ddpmpp and "
-                      f"ddpm, not by {m.name!r}; set model.remat = False.")
+    able = ", ".join(name for name, keys in families.items() if "remat" in keys)
+    raise ConfigError(f"model.remat (gradient checkpointing) is supported by {able}, not by "
+                      f"{m.name!r}; set model.remat = False.")
   if not 0.0 <= m.ema_rate < 1.0:
     raise ConfigError(f"model.ema_rate must lie in [0, 1), got {m.ema_rate}.")
   _at_least("model.ema_halflife_kimg", m.ema_halflife_kimg, 0.0)
@@ -636,8 +637,8 @@ def _check_data(d: Data, m: Model, families: Mapping[str, Tuple[str, ...]]) -> N
   """The data fit the network: 2-D points for the MLP, images it halves evenly for the rest."""
   if d.is_toy != (m.name.lower() == "mlp"):
     raise ConfigError(f"model.name {m.name!r} does not fit data.dataset {d.dataset!r}: 2-D toy "
-                      "data needs model.name='mlp', image data a convolutional network "
-                      "(ncsnpp, ddpmpp, ddpm, ncsnv2).")
+                      "data needs model.name='mlp', image data an image network "
+                      "(ncsnpp, ddpmpp, ddpm, ncsnv2, song_unet, dit).")
   if d.path and d.dataset.lower() not in ("images", "folder"):
     raise ConfigError(f"data.path is read only by data.dataset='images' (your own folder, zip or "
                       f".npz), not by {d.dataset!r}: set --config.data.dataset=images, or leave "
@@ -645,6 +646,8 @@ def _check_data(d: Data, m: Model, families: Mapping[str, Tuple[str, ...]]) -> N
   if d.is_images:
     _at_least("data.image_size", d.image_size, 1)
     _at_least("data.num_channels", d.num_channels, 1)
+    if m.name.lower() == "dit":
+      _check_dit(d, m)
     ch_mult = m.get("ch_mult")
     if ch_mult is not None and "ch_mult" in families[m.name.lower()]:
       factor = 2 ** (len(ch_mult) - 1)
@@ -652,6 +655,20 @@ def _check_data(d: Data, m: Model, families: Mapping[str, Tuple[str, ...]]) -> N
         raise ConfigError(f"data.image_size = {d.image_size} must be divisible by {factor}, since "
                           f"the network halves the resolution {len(ch_mult) - 1} times "
                           f"(model.ch_mult = {tuple(ch_mult)}).")
+
+
+def _check_dit(d: Data, m: Model) -> None:
+  """DiT's size keys (models.dit.dit_dims) and a patch size that divides the image."""
+  from score_jax.models import dit  # pylint: disable=g-import-not-at-top
+  value = {f.name: m.get(f.name, f.default) for f in dataclasses.fields(dit.DiT) if f.init}
+  try:
+    dit.dit_dims(value["dit_size"], value["hidden_size"], value["depth"], value["num_heads"])
+  except ValueError as e:
+    raise ConfigError(f"model: {e}") from None
+  patch = value["patch_size"]
+  if not isinstance(patch, int) or patch < 1 or d.image_size % patch:
+    raise ConfigError(f"model.patch_size = {patch!r} must be a positive divisor of "
+                      f"data.image_size = {d.image_size}.")
 
 
 def _check_network_keys(m: Model, families: Mapping[str, Tuple[str, ...]]) -> None:
