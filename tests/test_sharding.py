@@ -190,6 +190,6 @@ def test_fsdp_run_resumes_on_fewer_devices_through_main(tmp_path):
     x, y = (np.load(os.path.join(w, "phema", name)) for w in (whole, resumed))
     keys = [k for k in x.files if k.startswith("ema0/")]
     assert keys and sorted(keys) == sorted(k for k in y.files if k.startswith("ema0/"))
-    for k in keys:  # whole arrays, gathered from the shards
+    for k in keys:  # whole arrays gathered from the shards; averages of the parameters above
       assert x[k].shape == y[k].shape and x[k].size > 0
       np.testing.assert_allclose(y[k], x[k], rtol=1e-4, atol=1e-6)
