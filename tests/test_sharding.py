@@ -114,13 +114,16 @@ def test_fsdp_checkpoint_written_on_four_devices_resumes_on_two(runs, tmp_path):
   mesh2 = sharding.make_mesh(2, jax.devices()[:2])
   plan2 = plan_lib.make_plan(_settings("fsdp"), need_data=False, mesh=mesh2)
   restored = {}
-  for n, plan in ((4, plan4), (2, plan2)):
+  # Into a replicated run's state too (training.sharding changed on resume).
+  for n, plan in ((4, plan4), (2, plan2), ("replicated", runs["replicated"][0])):
     restored[n] = checkpoints.restore(str(tmp_path / "checkpoints"), STEPS,
                                       run_state.abstract_state(plan))
-  _assert_same_state(jax.device_get(state4), jax.device_get(restored[2]))
-  for want, got in zip(jax.tree.leaves(jax.device_get(state4)),
-                       jax.tree.leaves(jax.device_get(restored[2]))):
-    np.testing.assert_array_equal(got, want)  # a copy, bit for bit
+  for n in (2, "replicated"):  # copies, bit for bit
+    for want, got in zip(jax.tree.leaves(jax.device_get(state4)),
+                         jax.tree.leaves(jax.device_get(restored[n]))):
+      np.testing.assert_array_equal(got, want)
+  for leaf in jax.tree.leaves(restored["replicated"]):
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
   big = [a for a in jax.tree.leaves(restored[2].params) if a.size >= sharding.MIN_SHARDED_SIZE]
   assert big and all(a.sharding.mesh.shape["fsdp"] == 2 and len(a.sharding.device_set) == 2
                      and a.addressable_shards[0].data.size == a.size // 2 for a in big)
