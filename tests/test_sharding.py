@@ -139,6 +139,25 @@ def test_fsdp_checkpoint_written_on_four_devices_resumes_on_two(runs, tmp_path):
   _assert_same_state(outs[4][1], outs[2][1])
 
 
+def test_fsdp_size_two_of_four_devices_halves_the_state_and_replicates_it_along_data():
+  """training.fsdp_size = 2: a 2 x 2 mesh; the abstract state (nothing compiled) puts half
+  of each split array on each device, the same half on the two devices of a 'data' row."""
+  plan = plan_lib.make_plan(
+      _settings("fsdp").replace(training={"fsdp_size": 2}), need_data=False)
+  assert dict(plan.mesh.shape) == {"data": 2, "fsdp": 2}
+  params = run_state.abstract_state(plan).params
+  leaves = jax.tree.leaves(params)
+  want = sum(a.size * 4 // 2 if a.size >= sharding.MIN_SHARDED_SIZE
+             and any(d % 2 == 0 for d in a.shape) else a.size * 4 for a in leaves)
+  assert set(sharding.device_bytes(params).values()) == {want}
+  kernel = next(a for a in leaves if a.shape == (128, 128))
+  index = kernel.sharding.devices_indices_map(kernel.shape)
+  for row in plan.mesh.devices:  # the devices of one 'fsdp' group hold different halves
+    assert index[row[0]] != index[row[1]]
+  for column in plan.mesh.devices.T:  # along 'data', the same half
+    assert index[column[0]] == index[column[1]]
+
+
 @pytest.mark.parametrize("shape,size,spec", [
     ((3, 3, 64, 128), 4, P(None, None, None, "fsdp")),  # a convolution: output channels
     ((1024, 6), 4, P("fsdp", None)),  # the only axis 4 divides
