@@ -124,6 +124,11 @@ def test_fsdp_checkpoint_written_on_four_devices_resumes_on_two(runs, tmp_path):
       np.testing.assert_array_equal(got, want)
   for leaf in jax.tree.leaves(restored["replicated"]):
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
+  # Evaluation and sampling read whole EMA parameters (load_run, the teacher).
+  ema = run_state.restore_ema_params(plan4, str(tmp_path / "checkpoints"), STEPS)
+  for want, got in zip(jax.tree.leaves(jax.device_get(state4.ema_params)), jax.tree.leaves(ema)):
+    assert got.sharding.is_fully_replicated
+    np.testing.assert_array_equal(np.asarray(got), want)
   big = [a for a in jax.tree.leaves(restored[2].params) if a.size >= sharding.MIN_SHARDED_SIZE]
   assert big and all(a.sharding.mesh.shape["fsdp"] == 2 and len(a.sharding.device_set) == 2
                      and a.addressable_shards[0].data.size == a.size // 2 for a in big)

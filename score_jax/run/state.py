@@ -98,8 +98,10 @@ def restore_ema_params(plan: Plan, ckpt_dir: str, step: int) -> Any:
     base = {k: getattr(template, k) for k in ("step", "params", "opt_state", "ema_params")}
     template = (PhemaTrainState(**base, phema=(template.ema_params,) * count) if count
                 else TrainState(**base))
-  ema = checkpoints.restore(ckpt_dir, step, template).ema_params
-  return jax.device_put(ema, plan.replicated)
+  # Read whole onto every device (no gather afterwards); the rest keeps the training's layout.
+  whole = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=plan.replicated),
+                       template.ema_params)
+  return checkpoints.restore(ckpt_dir, step, template.replace(ema_params=whole)).ema_params
 
 
 def teacher_params(plan: Plan) -> Optional[Any]:
