@@ -426,7 +426,8 @@ def make_plan(s: Settings, need_data: bool = True, *,
 
   need_data=False skips the dataset check: sampling from a checkpoint, e.g.
   one converted from the reference, needs no data. model, mesh: reuse these
-  (another plan's, e.g. other sampling settings for the same network).
+  (another plan's, e.g. other sampling settings for the same network); a mesh
+  is a `sharding.make_mesh` ('data', 'fsdp'), possibly of some devices only.
   """
   from score_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
