@@ -24,6 +24,11 @@ def get_config() -> ml_collections.ConfigDict:
   # micro-batches in one step (the same batch-mean gradient, less memory per
   # step; meant for accelerators, see docs/training.md for the CPU).
   training.microbatches = 1
+  # How the train state lies on the devices (score_jax.run.sharding, docs/training.md):
+  # 'replicated' (data parallel: a whole copy per device) or 'fsdp' (parameters, EMA and
+  # optimizer state split over training.fsdp_size devices; 0: all devices).
+  training.sharding = "replicated"
+  training.fsdp_size = 0
   training.n_iters = 1_300_001
   training.snapshot_freq = 50_000
   training.snapshot_freq_for_preemption = 10_000

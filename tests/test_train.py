@@ -226,6 +226,9 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(t
     ({"model.ema_rate": 1.5}, "ema_rate"),
     ({"sampling.method": "magic"}, "Unknown sampling.method 'magic'"),
     ({"training.continuous": False, "training.sde": "subvpsde"}, "Discrete training"),
+    ({"training.sharding": "zero3"}, "Unknown training.sharding 'zero3'"),
+    ({"training.sharding": "fsdp", "training.fsdp_size": 3}, "fsdp_size = 3 does not divide"),
+    ({"training.fsdp_size": 2}, "with training.sharding = 'fsdp'"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, change, match):
   config = toy.get_config()
@@ -415,16 +418,22 @@ def test_toy_quickstart_learns_the_mode_weights(tmp_path):
   assert near > 0.6
 
 
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("sharding", [
+    "replicated",
+    # ~50 s more: the train state split over the two processes' devices.
+    pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_processes_match_one_process(tmp_path, sharding):
   """jax.distributed on localhost (CPU collectives through gloo): two processes
   with one device each give the losses of one process with two devices and the
-  same global batch (each process reads its half of every batch)."""
+  same global batch (each process reads its half of every batch); with
+  training.sharding = 'fsdp' each process holds half of the train state."""
   import socket
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   common = ["--config.training.n_iters=4", "--config.training.snapshot_freq=4",
-            "--config.training.snapshot_sampling=False", "--config.training.batch_size=32"]
+            "--config.training.snapshot_sampling=False", "--config.training.batch_size=32",
+            f"--config.training.sharding={sharding}"]
   single = str(tmp_path / "single")
   _run(single, *common, devices=2)
   multi = str(tmp_path / "multi")

@@ -1,7 +1,8 @@
 """Host <-> global array helpers for runs over several devices and processes.
 
-A global batch is split over a 1-D mesh of all devices; with several
-processes each holds a contiguous slice of its rows. Process 0 writes files.
+A global batch is split over all devices of the mesh (score_jax.run.sharding);
+with several processes each holds a contiguous slice of its rows. Process 0
+writes files.
 """
 
 from __future__ import annotations

@@ -143,11 +143,16 @@ class SnapshotWriter:
   state's buffers) and returns; a background thread brings the copy to the
   host and writes it atomically. Every process makes the copy (all run the
   same device programs); process 0 writes it, unless the snapshot exists (a
-  resumed run repeating steps writes the same values).
+  resumed run repeating steps writes the same values). With `replicated` (the
+  mesh's replicated sharding) the copy is gathered whole onto every device, for
+  profiles split over the devices (training.sharding = 'fsdp').
   """
 
-  def __init__(self, workdir: str, sigma_rels: Sequence[float], batch_size: int, is_main: bool):
+  def __init__(self, workdir: str, sigma_rels: Sequence[float], batch_size: int, is_main: bool,
+               replicated: Any = None):
     self.directory = snapshot_dir(workdir)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+    self._copy = copy if replicated is None else jax.jit(copy, out_shardings=replicated)
     self._sigma_rels = np.asarray(sigma_rels, np.float64)
     self._batch_size = int(batch_size)
     self._is_main = is_main
@@ -160,7 +165,7 @@ class SnapshotWriter:
   def save(self, step: int, state: Any) -> None:
     """Starts writing the profiles of `state` (a PhemaTrainState) as snapshot `step`."""
     self._raise_errors()
-    copy = jax.tree.map(jnp.copy, (state.step, state.phema))
+    copy = self._copy((state.step, state.phema))
     if self._is_main and not os.path.exists(self.path(step)):
       self._pending.append(self._pool.submit(self._write, self.path(step), copy))
 

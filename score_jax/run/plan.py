@@ -29,20 +29,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from score_jax import models
 from score_jax import sde as sde_lib
 from score_jax.data import augment as augment_lib
 from score_jax.errors import ConfigError, WorkdirError
-from score_jax.run import builders, phema, sampler_specs
+from score_jax.run import builders, phema, sampler_specs, sharding
 from score_jax.run.settings import Data, Eval, Sample, Settings, check_devices, from_json
 
 Array = jax.Array
 
 __all__ = ["Plan", "Teacher", "DataSpec", "ScoreSpec", "SamplingSpec", "TimeGridSpec", "TrainLoop",
            "EvalSpec", "SampleSpec", "make_plan", "assemble", "data_spec", "get_dataset",
-           "check_network", "checkpoint_range", "fingerprint"]
+           "check_network", "checkpoint_range", "fingerprint", "mesh_fsdp_size"]
 
 
 def fingerprint(obj: Any) -> str:
@@ -246,11 +246,17 @@ class Plan:
 
   @property
   def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
+    return sharding.replicated(self.mesh)
 
   @property
   def batch_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P("data"))
+    """The batch's first axis over all devices (every axis of the mesh)."""
+    return sharding.batch_sharding(self.mesh)
+
+  def state_shardings(self, tree: Any) -> Any:
+    """The train state's sharding per array of `tree` (score_jax.run.sharding): split
+    along the mesh's 'fsdp' axis (training.sharding = 'fsdp'), else replicated."""
+    return sharding.state_shardings(tree, self.mesh)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -405,6 +411,14 @@ def _teacher(s: Settings, mesh: jax.sharding.Mesh) -> Optional[Teacher]:
   return Teacher(t.teacher_workdir, t.teacher_step or None, plan)
 
 
+def mesh_fsdp_size(s: Settings, num_devices: int) -> int:
+  """The length of the mesh's 'fsdp' axis: training.fsdp_size (0: all devices) with
+  training.sharding = 'fsdp', else 1."""
+  if s.training.sharding != "fsdp":
+    return 1
+  return s.training.fsdp_size or num_devices
+
+
 def make_plan(s: Settings, need_data: bool = True, *,
               model: Optional[nn.Module] = None,
               mesh: Optional[jax.sharding.Mesh] = None) -> Plan:
@@ -412,16 +426,14 @@ def make_plan(s: Settings, need_data: bool = True, *,
 
   need_data=False skips the dataset check: sampling from a checkpoint, e.g.
   one converted from the reference, needs no data. model, mesh: reuse these
-  (another plan's, e.g. other sampling settings for the same network).
+  (another plan's, e.g. other sampling settings for the same network); a mesh
+  is a `sharding.make_mesh` ('data', 'fsdp'), possibly of some devices only.
   """
   from score_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   check_devices(s, jax.device_count(), jax.process_count())
   sde, model = builders.get_sde(s), model or builders.get_model(s)
-  # Auto axes: XLA propagates the batch sharding through the step (explicit
-  # sharding-in-types would need annotations inside every loss and sampler).
-  mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
-                               axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = mesh or sharding.make_mesh(mesh_fsdp_size(s, jax.device_count()))
   # Sampling and evaluation without data need the network only, not the teacher it learned
   # from (which may be gone).
   teacher = _teacher(s, mesh) if need_data else None

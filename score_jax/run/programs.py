@@ -11,9 +11,10 @@ cached (they read the plan, never settings):
   `inception(resize, precision)` (FID features).
 
 Train, eval, sample, the benchmarks, the notebook and the tests all build
-their programs here. Batches are sharded over a 1-D mesh of all devices
-(parameters replicated); sharding a program's output along the batch makes
-XLA partition the whole sampling loop over the devices.
+their programs here. Batches are sharded over all devices of the mesh
+(parameters replicated, whatever training.sharding: training gathers its split
+EMA parameters before it samples); sharding a program's output along the batch
+makes XLA partition the whole sampling loop over the devices.
 """
 
 from __future__ import annotations

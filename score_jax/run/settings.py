@@ -46,6 +46,7 @@ TASKS = ("generate", "inpaint", "colorize", "interpolate")
 QUANTIZATIONS = ("truncate", "round")
 NONFINITE_GRADS = ("skip", "zero")
 DTYPES = ("float32", "bfloat16", "float16")
+SHARDINGS = ("replicated", "fsdp")  # of the train state (score_jax.run.sharding)
 # Network parameterizations (models.PARAMETERIZATIONS), DSM time distributions and
 # weightings (losses.TIME_DISTRIBUTIONS, losses.WEIGHTINGS), spelled here so that
 # settings import nothing heavy.
@@ -72,6 +73,8 @@ class Training:
   importance_weighting: bool
   batch_size: int
   microbatches: int
+  sharding: str
+  fsdp_size: int
   n_iters: int
   snapshot_freq: int
   snapshot_freq_for_preemption: int
@@ -518,6 +521,11 @@ def _check_training(t: Training) -> None:
   for key in ("batch_size", "microbatches", "n_iters", "snapshot_freq",
               "snapshot_freq_for_preemption", "log_freq", "eval_freq"):
     _at_least(f"training.{key}", getattr(t, key), 1)
+  _choice("training.sharding", t.sharding, SHARDINGS)
+  _at_least("training.fsdp_size", t.fsdp_size, 0)
+  if t.fsdp_size and t.sharding != "fsdp":
+    raise ConfigError(f"training.fsdp_size = {t.fsdp_size} splits the state with "
+                      "training.sharding = 'fsdp'; set it too, or training.fsdp_size = 0.")
   if not 0.0 < t.eps < 1.0:
     raise ConfigError(f"training.eps must lie in (0, 1), got {t.eps}.")
   if not 0.0 <= t.class_dropout < 1.0:
@@ -903,3 +911,7 @@ def check_devices(s: Settings, num_devices: int, process_count: int) -> None:
     raise ConfigError(f"training.microbatches = {m} must split training.batch_size = {b} into "
                       f"equal micro-batches that divide across the {num_devices} devices "
                       f"(batch_size a multiple of microbatches x devices = {m * num_devices}).")
+  f = s.training.fsdp_size
+  if f and num_devices % f:
+    raise ConfigError(f"training.fsdp_size = {f} does not divide the {num_devices} devices; use "
+                      f"a divisor of {num_devices}, or 0 for all of them.")

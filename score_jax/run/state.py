@@ -45,12 +45,11 @@ class PhemaTrainState(TrainState):
   phema: Tuple[Any, ...]  # one parameter tree per profile, float32 like ema_params
 
 
-def init_state(plan: Plan, rng: Array) -> TrainState:
-  """A fresh train state, replicated over the mesh (with the post-hoc EMA profiles of
-  plan.phema_gammas, if any)."""
+def _init_fn(plan: Plan):
+  """rng -> a fresh train state (unplaced), with the post-hoc EMA profiles of
+  plan.phema_gammas, if any."""
   shape = plan.data.shape(1)
 
-  @jax.jit
   def init(rng):
     params = init_model(rng, plan.model, shape)["params"]
     common = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=plan.tx.init(params),
@@ -59,19 +58,32 @@ def init_state(plan: Plan, rng: Array) -> TrainState:
       return PhemaTrainState(**common, phema=tuple(params for _ in plan.phema_gammas))
     return TrainState(**common)
 
-  return jax.device_put(init(rng), plan.replicated)
+  return init
+
+
+def init_state(plan: Plan, rng: Array) -> TrainState:
+  """A fresh train state laid over the mesh as plan.state_shardings says (replicated, or
+  split along the 'fsdp' axis: then no device ever holds the whole state), with the
+  post-hoc EMA profiles of plan.phema_gammas, if any."""
+  init = _init_fn(plan)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_state(plan))
+  # Every leaf its own buffer: the train step donates the state, and params, ema_params
+  # (and the profiles) start equal.
+  return jax.jit(lambda r: jax.tree.map(jnp.copy, init(r)), out_shardings=shardings)(rng)
 
 
 def abstract_state(plan: Plan) -> TrainState:
-  """The train state's shapes, replicated over the mesh, without allocating it."""
-  shapes = jax.eval_shape(lambda r: init_state(plan, r), jax.random.PRNGKey(0))
+  """The train state's shapes and shardings over plan.mesh (`init_state`'s), without
+  allocating it."""
+  shapes = jax.eval_shape(_init_fn(plan), jax.random.PRNGKey(0))
   # Shardings on the target let a checkpoint written on N devices load on M.
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=plan.replicated),
-                      shapes)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                      plan.state_shardings(shapes))
 
 
 def restore_ema_params(plan: Plan, ckpt_dir: str, step: int) -> Any:
-  """The EMA parameters of checkpoint `step`, replicated over plan.mesh.
+  """The EMA parameters of checkpoint `step`, replicated over plan.mesh (whatever the
+  training's sharding: evaluation and sampling take whole parameters).
 
   A checkpoint with or without post-hoc EMA profiles (model.phema_sigma_rels)
   loads whether or not the settings track them: only ema_params is used.
@@ -86,7 +98,10 @@ def restore_ema_params(plan: Plan, ckpt_dir: str, step: int) -> Any:
     base = {k: getattr(template, k) for k in ("step", "params", "opt_state", "ema_params")}
     template = (PhemaTrainState(**base, phema=(template.ema_params,) * count) if count
                 else TrainState(**base))
-  return checkpoints.restore(ckpt_dir, step, template).ema_params
+  # Read whole onto every device (no gather afterwards); the rest keeps the training's layout.
+  whole = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=plan.replicated),
+                       template.ema_params)
+  return checkpoints.restore(ckpt_dir, step, template.replace(ema_params=whole)).ema_params
 
 
 def teacher_params(plan: Plan) -> Optional[Any]:
@@ -139,7 +154,7 @@ def start_from_teacher(plan: Plan, state: TrainState, teacher: Any) -> TrainStat
   new = state.replace(params=params, opt_state=plan.tx.init(params), ema_params=copy(params))
   if isinstance(state, PhemaTrainState):
     new = new.replace(phema=tuple(copy(params) for _ in state.phema))
-  return jax.device_put(new, plan.replicated)
+  return jax.device_put(new, plan.state_shardings(new))
 
 
 def check_workdir(plan: Plan, workdir: str) -> None:

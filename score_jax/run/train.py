@@ -1,7 +1,8 @@
 """Training: train state, the jitted data-parallel step, and the training loop.
 
-One code path from one CPU to a pod: a 1-D device mesh over all devices,
-parameters replicated, the batch sharded along the mesh. Resume order (the
+One code path from one CPU to a pod: a ('data', 'fsdp') device mesh over all
+devices, the batch split over all of them, the train state replicated or split
+along 'fsdp' (training.sharding; score_jax.run.sharding). Resume order (the
 one place it is decided): the newest complete checkpoint in
 WORKDIR/checkpoints (damaged newer ones are skipped with a warning and moved
 to WORKDIR/checkpoints_damaged/), else a fresh initialization from
@@ -40,11 +41,12 @@ from score_jax.run import distributed
 from score_jax.run import lock
 from score_jax.run import phema
 from score_jax.run import programs
+from score_jax.run import sharding
 from score_jax.run import progress
 from score_jax.run.plan import Plan, make_plan
 from score_jax.run.builders import LossContext
-from score_jax.run.state import (PhemaTrainState, TrainState, check_workdir, init_state,
-                                 save_config, start_from_teacher, teacher_params)
+from score_jax.run.state import (PhemaTrainState, TrainState, abstract_state, check_workdir,
+                                 init_state, save_config, start_from_teacher, teacher_params)
 from score_jax.errors import UserError, WorkdirError
 from score_jax.data.scaling import data_scaler
 from score_jax.run.settings import Settings
@@ -98,6 +100,13 @@ def make_train_step(plan: Plan, teacher: Any = None):
   the device, and the network gets its labels.
   """
   schedule, aug = plan.lr_schedule, plan.augment
+  # The state replicated, or split along the mesh's 'fsdp' axis (training.sharding): one
+  # program, with the parameters' all-gather and the gradients' reduce-scatter marked
+  # by sharding constraints (XLA inserts the collectives), and the update, EMA and
+  # optimizer moments computed on each device's shards alone.
+  rep = plan.replicated
+  st = jax.tree.map(lambda a: a.sharding, abstract_state(plan))
+  fsdp = sharding.fsdp_size(plan.mesh) > 1
   grad_fn = jax.value_and_grad(plan.train_loss, has_aux=True)
   microbatches = plan.loop.microbatches
   zero_mode = plan.loop.zero_nonfinite_grads
@@ -128,7 +137,12 @@ def make_train_step(plan: Plan, teacher: Any = None):
 
   def step_fn(state: TrainState, x: Array, y: Array, root_key: Array, teacher: Any):
     rng = jax.random.fold_in(root_key, state.step)
-    loss, grads = loss_and_grads(state.params, rng, x, y, LossContext(state.step, teacher))
+    params = state.params
+    if fsdp:  # ZeRO-3: the network runs on whole parameters, each device keeps its shards
+      params = jax.lax.with_sharding_constraint(params, rep)
+    loss, grads = loss_and_grads(params, rng, x, y, LossContext(state.step, teacher))
+    if fsdp:  # each device reduces only the gradients of its own shards
+      grads = jax.lax.with_sharding_constraint(grads, st.params)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if zero_mode:
@@ -141,12 +155,12 @@ def make_train_step(plan: Plan, teacher: Any = None):
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
     return new, metrics
 
-  rep, bat = plan.replicated, plan.batch_sharding
+  bat = plan.batch_sharding
   if teacher is None:
-    return jax.jit(functools.partial(step_fn, teacher=None), in_shardings=(rep, bat, bat, rep),
-                   out_shardings=(rep, rep), donate_argnums=(0,))
-  return _WithTeacher(jax.jit(step_fn, in_shardings=(rep, bat, bat, rep, rep),
-                              out_shardings=(rep, rep), donate_argnums=(0,)), teacher)
+    return jax.jit(functools.partial(step_fn, teacher=None), in_shardings=(st, bat, bat, rep),
+                   out_shardings=(st, rep), donate_argnums=(0,))
+  return _WithTeacher(jax.jit(step_fn, in_shardings=(st, bat, bat, rep, rep),
+                              out_shardings=(st, rep), donate_argnums=(0,)), teacher)
 
 
 class _WithTeacher:
@@ -168,14 +182,15 @@ def make_eval_step(plan: Plan, teacher: Any = None):
   `make_train_step`)."""
   loss_fn = plan.eval_loss
   rep, bat = plan.replicated, plan.batch_sharding
+  st = jax.tree.map(lambda a: a.sharding, abstract_state(plan))
 
   def eval_fn(state: TrainState, x: Array, y: Array, rng: Array, teacher: Any):
     return loss_fn(state.ema_params, rng, x, y, None, LossContext(state.step, teacher))[0]
 
   if teacher is None:
-    return jax.jit(functools.partial(eval_fn, teacher=None), in_shardings=(rep, bat, bat, rep),
+    return jax.jit(functools.partial(eval_fn, teacher=None), in_shardings=(st, bat, bat, rep),
                    out_shardings=rep)
-  return _WithTeacher(jax.jit(eval_fn, in_shardings=(rep, bat, bat, rep, rep),
+  return _WithTeacher(jax.jit(eval_fn, in_shardings=(st, bat, bat, rep, rep),
                               out_shardings=rep), teacher)
 
 
@@ -282,7 +297,9 @@ def train(plan: Plan, workdir: str) -> TrainState:
 
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   keep_period=loop.snapshot_freq)
-  phema_writer = (phema.SnapshotWriter(workdir, loop.phema_sigma_rels, loop.batch_size, is_main)
+  split = sharding.fsdp_size(plan.mesh) > 1  # the state split over the devices (fsdp)
+  phema_writer = (phema.SnapshotWriter(workdir, loop.phema_sigma_rels, loop.batch_size, is_main,
+                                       plan.replicated if split else None)
                   if loop.phema_sigma_rels else None)
   root_key = jax.random.PRNGKey(loop.seed)
   init_key, train_key, sample_key, eval_key = jax.random.split(root_key, 4)
@@ -305,6 +322,10 @@ def train(plan: Plan, workdir: str) -> TrainState:
   num_samples = loop.sample_batch_size
   progs = programs.Programs(plan)
   sample_fn = progs.sampler(num_samples)
+  # The programs take whole parameters: EMA parameters split over the devices (fsdp) are
+  # gathered for snapshot sampling.
+  whole = (jax.jit(lambda tree: tree, out_shardings=plan.replicated) if split
+           else lambda tree: tree)
   writer = writers.MetricWriter(workdir) if is_main else None
   train_key = jax.device_put(train_key, plan.replicated)
   images_per_step = loop.batch_size
@@ -377,7 +398,7 @@ def train(plan: Plan, workdir: str) -> TrainState:
         if snapshot or preempt or stopping:
           ckpt.save(step, state)
         if snapshot and loop.snapshot_sampling and not stopping:
-          _write_samples(progs, state, sample_fn, num_samples,
+          _write_samples(progs, whole(state.ema_params), sample_fn, num_samples,
                          jax.random.fold_in(sample_key, step), workdir, step, is_main, stop)
           # A stop requested while sampling (its checkpoint is saved already): stop now.
           stopping = stop.requested and not multi_process
@@ -402,15 +423,16 @@ def train(plan: Plan, workdir: str) -> TrainState:
   return state
 
 
-def _write_samples(progs: programs.Programs, state: TrainState, sample_fn, num_samples: int,
+def _write_samples(progs: programs.Programs, ema_params: Any, sample_fn, num_samples: int,
                    rng: Array, workdir: str, step: int, is_main: bool, stop: _StopFlag) -> None:
-  """Samples with the EMA parameters; writes samples/step_<k>.{png,npz} on process 0.
+  """Samples with the EMA parameters (replicated); writes samples/step_<k>.{png,npz} on
+  process 0.
 
   Class-conditional models get the labels 0, 1, 2, ... in turn.
   """
   data = progs.plan.data
   y = np.arange(num_samples, dtype=np.int32) % max(data.num_classes, 1)
-  x, nfe = sample_fn(state.ema_params, rng, progs.put(y))
+  x, nfe = sample_fn(ema_params, rng, progs.put(y))
   stop.wait(x)
   x = distributed.to_host(x)
   if not is_main:
