@@ -21,11 +21,12 @@ from score_jax.run import plan as plan_lib
 from score_jax.run import state as run_state
 from score_jax.run.settings import from_config as S
 
-# The network the tests train: a config and its changes (any of helpers.config). The MLP's
-# 128 x 128 kernels hold nearly all of its bytes; its biases and 2-D in/out layers are below
+# The network the tests train: a config and its changes (any of helpers.config). A DiT of
+# width 64 and two blocks on the 8x8 digits (2x2 patches): its attention, MLP and adaLN kernels
+# hold nearly all of its bytes; biases, norms and small tables are below
 # sharding.MIN_SHARDED_SIZE and stay whole.
-NETWORK = ("toy", {"model.hidden_sizes": (128,), "training.batch_size": 16,
-                   "optim.warmup": 0, "model.ema_rate": 0.9})
+NETWORK = ("digits_dit", {"model.depth": 2, "training.batch_size": 16, "optim.warmup": 0,
+                          "model.ema_rate": 0.9})
 STEPS = 3
 
 
@@ -68,7 +69,7 @@ def runs():
 def _assert_same_state(a, b):
   # Both runs sum the same per-device gradients; only the order of the cross-device sums
   # may differ, a float32 round-off of ~1e-7 relative per gradient. Adam divides the
-  # moments, so that relative error carries into updates of size lr = 1e-3 (configs/toy),
+  # moments, so that relative error carries into updates of size lr = 1e-3 (configs/digits),
   # three of them: |diff| <~ 3 * 1e-3 * 1e-6, far inside atol = 1e-6 (and rtol 1e-5 for
   # the moments). A wrong shard (say, a gradient not summed over the devices) moves a
   # parameter by a whole update, ~1e-4.
@@ -99,9 +100,12 @@ def test_fsdp_trains_like_replicated_with_a_quarter_of_the_state_per_device(runs
     assert want < 0.27 * total  # about a quarter: the kernels hold nearly all the bytes
   assert set(sharding.device_bytes(rep_state.params).values()) == {
       sum(a.nbytes for a in jax.tree.leaves(rep_state.params))}
-  # The kernels are split along their output features.
-  kernels = [a for a in jax.tree.leaves(state.params) if a.shape == (128, 128)]
-  assert kernels and all(a.sharding.spec == P(None, "fsdp") for a in kernels)
+  # The blocks' MLP kernels are split along their wider axis: 64 -> 256 along the outputs,
+  # 256 -> 64 along the inputs.
+  fc1 = [a for a in jax.tree.leaves(state.params) if a.shape == (64, 256)]
+  fc2 = [a for a in jax.tree.leaves(state.params) if a.shape == (256, 64)]
+  assert fc1 and all(a.sharding.spec == P(None, "fsdp") for a in fc1)
+  assert fc2 and all(a.sharding.spec == P("fsdp", None) for a in fc2)
 
 
 def test_fsdp_checkpoint_written_on_four_devices_resumes_on_two(runs, tmp_path):
@@ -144,7 +148,7 @@ def test_fsdp_size_two_of_four_devices_halves_the_state_and_replicates_it_along_
   want = sum(a.size * 4 // 2 if a.size >= sharding.MIN_SHARDED_SIZE
              and any(d % 2 == 0 for d in a.shape) else a.size * 4 for a in leaves)
   assert set(sharding.device_bytes(params).values()) == {want}
-  kernel = next(a for a in leaves if a.shape == (128, 128))
+  kernel = next(a for a in leaves if a.shape == (64, 256))
   index = kernel.sharding.devices_indices_map(kernel.shape)
   for row in plan.mesh.devices:  # the devices of one 'fsdp' group hold different halves
     assert index[row[0]] != index[row[1]]
