@@ -1,6 +1,6 @@
 """One command for a first look at an accelerator: training, sampling, eval and input speed.
 
-  python benchmarks/accelerator.py                    # ~8 minutes on one GPU / TPU host
+  python benchmarks/accelerator.py                    # ~10 minutes on one GPU / TPU host
   python benchmarks/accelerator.py --only train,sample --time-budget-s 300
   python benchmarks/accelerator.py --tiny --out /tmp/acc   # the same code paths, ~1 min on CPU
 
@@ -14,6 +14,11 @@ On whatever backend JAX sees it measures, in this order (most informative first)
              of memory); the library's train step (forward, DSM loss, backward,
              clipping, Adam, EMA), compile time, peak device memory, XLA's FLOP
              count of the compiled step and MFU against the chip's peak;
+  dit        DiT-XL/2 training on 32x32x4 latents (configs/imagenet256_dit_xl2.py,
+             class-conditional, 675M parameters), bfloat16 compute, per-device batch
+             32 (DiT's 256 on 8 GPUs), with training.sharding = 'replicated' and
+             'fsdp' (parameters, EMA and Adam state split over all devices: on one
+             device the same program plus the sharding constraints);
   jvp        the train steps that differentiate the network with jax.jvp (the
              few-step generators: MeanFlow and sCT; benchmarks/_objectives.py) of
              DDPM++ at per-device batch 128, float32 and bfloat16, beside the
@@ -84,7 +89,7 @@ if ROOT not in sys.path:
 if HERE not in sys.path:
   sys.path.insert(0, HERE)
 
-KINDS = ("pipeline", "train", "jvp", "sample", "inception", "bpd")
+KINDS = ("pipeline", "train", "jvp", "dit", "sample", "inception", "bpd")
 _RECORD = "@@accelerator "  # prefix of the child's machine-readable lines
 
 # ---------------------------------------------------------------------------
@@ -151,13 +156,15 @@ def peak_for(peak: Optional[Dict[str, Any]], dtype: str, platform: str,
 # ---------------------------------------------------------------------------
 # The plan: which measurements, in which order.
 
-FULL = dict(train_batch=128, train_big=(512, 256), sample_batch=1024, pc_steps=100,
+FULL = dict(dit_batch=32, train_batch=128, train_big=(512, 256), sample_batch=1024, pc_steps=100,
             dpm_nfe=20, inception_batch=500, bpd_batch=64, train_steps=10,
             pipeline_seconds=2.0, pipeline_examples={32: 50_000, 256: 1024})
-TINY = dict(train_batch=2, train_big=(8, 4), sample_batch=4, pc_steps=5, dpm_nfe=20,
+TINY = dict(dit_batch=2, train_batch=2, train_big=(8, 4), sample_batch=4, pc_steps=5, dpm_nfe=20,
             inception_batch=2, bpd_batch=2, train_steps=2, pipeline_seconds=0.3,
             pipeline_examples={32: 2048, 256: 64})
-NETWORKS = {"ddpmpp": "configs/vp_cifar.py", "ncsnpp": "configs/ve_cifar.py"}
+NETWORKS = {"ddpmpp": "configs/vp_cifar.py", "ncsnpp": "configs/ve_cifar.py",
+            "dit_xl2": "configs/imagenet256_dit_xl2.py"}
+UNET_NETWORKS = ("ddpmpp", "ncsnpp")  # the `train` units; DiT-XL/2 is the `dit` kind's
 JVP_NETWORK = "ddpmpp"
 JVP_OBJECTIVES = ("meanflow", "sct")  # entries of benchmarks/_objectives.py
 
@@ -167,23 +174,27 @@ def plan(kinds: List[str], tiny: bool) -> List[Dict[str, Any]]:
   p = TINY if tiny else FULL
   units: List[Dict[str, Any]] = []
 
-  def train(network, dtype, batch, if_oom=None, objective="denoising"):
+  def train(network, dtype, batch, if_oom=None, objective="denoising", sharding="replicated"):
     what = network if objective == "denoising" else f"{network}-{objective}"
+    what = what if sharding == "replicated" else f"{what}-{sharding}"
     units.append({"id": f"train-{what}-{dtype}-{batch}", "kind": "train", "network": network,
                   "dtype": dtype, "per_device_batch": batch, "if_oom": if_oom,
-                  "objective": objective})
+                  "objective": objective, "sharding": sharding})
 
   if "pipeline" in kinds:
     for size in (32, 256):
       units.append({"id": f"pipeline-{size}", "kind": "pipeline", "size": size})
   if "train" in kinds:  # batch 128 of everything first, the large batches last
-    for network in NETWORKS:
+    for network in UNET_NETWORKS:
       for dtype in ("float32", "bfloat16"):
         train(network, dtype, p["train_batch"])
   if "jvp" in kinds:  # beside the plain step of the same network, dtype and batch
     for objective in JVP_OBJECTIVES:
       for dtype in ("float32", "bfloat16"):
         train(JVP_NETWORK, dtype, p["train_batch"], objective=objective)
+  if "dit" in kinds:
+    for sharding in ("replicated", "fsdp"):
+      train("dit_xl2", "bfloat16", p["dit_batch"], sharding=sharding)
   if "sample" in kinds:
     units.append({"id": "sample-dpm", "kind": "sample", "sampler": "dpm_solver++",
                   "network": "ddpmpp"})
@@ -194,7 +205,7 @@ def plan(kinds: List[str], tiny: bool) -> List[Dict[str, Any]]:
     units.append({"id": "bpd", "kind": "bpd", "network": "ddpmpp"})
   if "train" in kinds:
     big, fallback = p["train_big"]
-    for network in NETWORKS:
+    for network in UNET_NETWORKS:
       for dtype in ("bfloat16", "float32"):
         first = f"train-{network}-{dtype}-{big}"
         train(network, dtype, big)
@@ -218,17 +229,21 @@ def library_train_step(config):
 
 def network_config(network: str, tiny: bool, dtype: str = "float32", batch: int = 8,
                    num_scales: Optional[int] = None, objective: str = "denoising"):
-  """The paper config of `network` (configs/vp_cifar.py or ve_cifar.py), made tiny with --tiny,
-  with the train objective's overrides (benchmarks/_objectives.py)."""
+  """The paper config of `network` (NETWORKS), made tiny with --tiny, with the train
+  objective's overrides (benchmarks/_objectives.py)."""
   import _objectives  # pylint: disable=g-import-not-at-top
-  from configs import ve_cifar, vp_cifar  # pylint: disable=g-import-not-at-top
-  config = {"ddpmpp": vp_cifar, "ncsnpp": ve_cifar}[network].get_config()
+  from configs import imagenet256_dit_xl2, ve_cifar, vp_cifar  # pylint: disable=g-import-not-at-top
+  config = {"ddpmpp": vp_cifar, "ncsnpp": ve_cifar,
+            "dit_xl2": imagenet256_dit_xl2}[network].get_config()
   _objectives.apply(config, _objectives.get(objective))
   config.model.dtype = dtype
   config.training.batch_size = batch
   if num_scales is not None:
     config.model.num_scales = num_scales
-  if tiny:  # the same networks' code, one resolution, 8 channels, 8x8 images
+  if tiny and network == "dit_xl2":  # the same DiT code: width 32, one block, 8x8 latents
+    config.data.image_size = 8
+    config.model.hidden_size, config.model.depth, config.model.num_heads = 32, 1, 2
+  elif tiny:  # the same networks' code, one resolution, 8 channels, 8x8 images
     config.data.image_size = 8
     config.model.nf = 8
     config.model.ch_mult = (1,)
@@ -365,6 +380,7 @@ def measure_train(unit: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
                       f"{ctx.simulate_oom_batch}) at per-device batch {per_dev}")
   objective = unit.get("objective", "denoising")
   config = network_config(unit["network"], ctx.tiny, dtype, batch, objective=objective)
+  config.training.sharding = unit.get("sharding", "replicated")
   try:
     setup, step_fn, train_state = library_train_step(config)
   except Exception as e:  # noqa: BLE001 - the settings' ConfigError
@@ -377,6 +393,7 @@ def measure_train(unit: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
   params = _host_params(setup.model, (1, size, size, ch))
   state = train_state(step=jnp.int32(0), params=params, opt_state=setup.tx.init(params),
                       ema_params=jax.tree_util.tree_map(jnp.copy, params))
+  state = jax.device_put(state, setup.state_shardings(state))  # replicated, or split (fsdp)
   x = jax.device_put(_random_images((batch, size, size, ch), bool(config.data.centered)),
                      setup.batch_sharding)
   y = jax.device_put(np.zeros((batch,), np.int32), setup.batch_sharding)
@@ -561,9 +578,12 @@ def describe(unit: Dict[str, Any]) -> Dict[str, Any]:
   if kind == "train":
     objective = unit.get("objective", "denoising")
     base.update(network=unit["network"], config=NETWORKS[unit["network"]], dtype=unit["dtype"],
-                per_device_batch=unit["per_device_batch"], objective=objective)
+                per_device_batch=unit["per_device_batch"], objective=objective,
+                sharding=unit.get("sharding", "replicated"))
     if objective != "denoising":
       base["name"] = f"train {objective}"
+    elif base["sharding"] != "replicated":
+      base["name"] = f"train {base['sharding']}"
   elif kind == "sample":
     base.update(name=f"sample {unit['sampler']}", network=unit["network"],
                 config=NETWORKS[unit["network"]], dtype="float32")

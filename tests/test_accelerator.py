@@ -67,7 +67,8 @@ def test_tiny_run_measures_everything_with_positive_finite_rates(tiny_run):
           | {f"train-{n}-{d}-{b}" for n in ("ddpmpp", "ncsnpp") for d in ("float32", "bfloat16")
              for b in (2, 8, 4)}
           | {f"train-ddpmpp-{o}-{d}-2" for o in ("meanflow", "sct")
-             for d in ("float32", "bfloat16")})
+             for d in ("float32", "bfloat16")}
+          | {"train-dit_xl2-bfloat16-2", "train-dit_xl2-fsdp-bfloat16-2"})
   assert set(by_unit) == want
   for r in records:
     assert r["device_kind"] == "cpu" and r["tiny"] is True
