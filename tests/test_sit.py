@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import score_jax
-from score_jax import models, sde as sde_lib
+from score_jax import losses, models, sde as sde_lib
 from score_jax.convert import cli as convert_cli
 from score_jax.convert import dit as dit_convert
 from score_jax.convert import sit as sit_convert
@@ -149,6 +149,74 @@ def test_converted_run_follows_sits_transport():
     xk = xk - h * _drifts()(xk, tk, score_fn(xk, tk))[0]
     tk = tk - h
   assert _rel_err(xk, ref["ode_euler"]) < REL_TOL
+
+
+# A Gaussian data distribution N(MU, SD^2 I) in 2-D: on the rectified flow x_t is
+# N((1 - t) MU, ((1 - t)^2 SD^2 + t^2) I), so the score and SiT's ideal velocity are closed forms.
+MU, SD = np.array([0.5, -1.0], np.float32), 0.7
+
+
+class OracleSiT:
+  """A 'network' in SiT's conventions: at label s (SiT's time, score_jax's t = 1 - s) its
+  ideal velocity E[x_0 - z | x] = E[x_0 | x] - E[z | x] for the Gaussian data."""
+
+  scale_by_sigma = False
+
+  def apply(self, variables, x, labels, y=None, *, train=False, rngs=None):
+    t = (1.0 - labels)[:, None]
+    r = (x - (1.0 - t) * MU) / ((1.0 - t) ** 2 * SD**2 + t**2)  # [B, 2]
+    return (MU + (1.0 - t) * SD**2 * r) - t * r
+
+
+class LinearSiT:
+  """F(x, s) = x W + s c: any network in SiT's conventions."""
+
+  scale_by_sigma = False
+
+  def apply(self, variables, x, labels, y=None, *, train=False, rngs=None):
+    return x @ variables["w"] + labels[:, None] * variables["c"][None, :]
+
+
+def test_sit_velocity_of_sits_ideal_network_is_the_exact_score():
+  """Closed forms: SiT's ideal velocity network (OracleSiT) through 'sit_velocity' gives the
+  exact score of Gaussian data on the rectified flow; and the flow-matching loss (weighting
+  'velocity') of a 'sit_velocity' network is SiT's training loss 0.5 |F(x_s, s) - (x_0 - z)|^2
+  at x_s = s x_0 + (1 - s) z (its transport.training_losses on the Linear path)."""
+  sde = sde_lib.RectifiedFlow()
+  gen = np.random.default_rng(0)
+  t = gen.uniform(0.02, 0.98, 256).astype(np.float32)
+  x0 = (MU + SD * gen.normal(size=(256, 2))).astype(np.float32)
+  x = (1.0 - t)[:, None] * x0 + t[:, None] * gen.normal(size=(256, 2)).astype(np.float32)
+  variables = {"w": np.array([[0.3, -0.7], [1.1, 0.2]], np.float32),
+               "c": np.array([0.5, -1.0], np.float32)}
+  oracle = models.get_score_fn(sde, OracleSiT(), {}, continuous=True,
+                               parameterization="sit_velocity")
+  net = models.get_score_fn(sde, LinearSiT(), variables, continuous=True,
+                            parameterization="sit_velocity")
+
+  @jax.jit
+  def run(rng):
+    aux = losses.dsm_loss(rng, sde, net, x0, weighting="velocity", reduce_mean=False,
+                          time_distribution="uniform")[1]
+    z = jax.random.normal(jax.random.split(rng)[1], x0.shape)  # dsm_loss's own noise
+    return oracle(x, t), aux.per_example, aux.t, z
+
+  got, per_example, tl, z = map(np.asarray, run(jax.random.PRNGKey(1)))
+  var = ((1.0 - t) ** 2 * SD**2 + t**2)[:, None]
+  exact = -(x - (1.0 - t)[:, None] * MU) / var
+  # float32: the score -(x - s F) / t divides by t >= 0.02 a difference of O(1) terms, each
+  # rounded to ~1e-7: errors ~1e-6 of |exact| + 1 / t (measured: 1.1e-7).
+  scale = np.linalg.norm(exact, axis=-1, keepdims=True) + 1.0 / t[:, None]
+  np.testing.assert_array_less(np.abs(got - exact) / scale, 1e-5)
+
+  s = 1.0 - tl  # SiT's time
+  x_s = s[:, None] * x0 + (1.0 - s)[:, None] * z  # SiT's ICPlan.compute_xt
+  f = LinearSiT().apply(variables, x_s, s)
+  want = 0.5 * np.sum((f - (x0 - z)) ** 2, -1)  # SiT's ut = d_alpha x_1 + d_sigma x_0
+  # The loss forms F through the score (divisions by t and 1 - t): float32 cancellation
+  # at t near 0 or 1 (measured: 5.4e-5 relative), as tests/test_rectified_flow.py's velocity
+  # weighting check allows.
+  np.testing.assert_allclose(per_example, want, rtol=2e-3, atol=1e-4)
 
 
 def test_sit_config_and_refusals(tmp_path):
