@@ -36,8 +36,9 @@ SIT = os.path.join(HERE, "data", "sit")
 CKPT = os.path.join(SIT, "0000001.pt")
 CONFIG = os.path.join(HERE, "..", "configs", "imagenet256_sit_xl2.py")
 # Float32 against float32, as tests/test_dit.py: two blocks of width 32 round to ~1e-7 of the
-# largest |output| (measured here: 2.6e-7 for the network, 1.4e-7 for the score, 5e-7 for the
-# drifts, whose x / (1 - t) terms cancel partly); 1e-5 leaves room for other CPUs' summation
+# largest |output| (measured here: 2.9e-7 and 3.3e-7 for the networks, 2.0e-7 for the score,
+# 5.9e-7 and 3.2e-7 for the ODE and SDE drifts, whose x / (1 - t) terms cancel partly, 1.5e-7
+# for the Euler steps); 1e-5 leaves room for other CPUs' summation
 # orders and is far below a sign or time error (s for 1 - s changes the output by O(1)).
 REL_TOL = 1e-5
 
