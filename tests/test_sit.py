@@ -220,7 +220,7 @@ def test_sit_velocity_of_sits_ideal_network_is_the_exact_score():
   np.testing.assert_allclose(per_example, want, rtol=2e-3, atol=1e-4)
 
 
-def test_sit_config_and_refusals(tmp_path):
+def test_sit_config_and_refusals(tmp_path, capsys):
   """configs/imagenet256_sit_xl2.py is SiT's: DiT-XL/2 with the 'sit_velocity' network on the
   rectified flow. The parameterization off the rectified flow, another interpolant or
   prediction in train.py's arguments, another preset, the wrong learn_sigma and a config that
@@ -251,6 +251,12 @@ def test_sit_config_and_refusals(tmp_path):
   with pytest.raises(dit_convert.DiTLayoutError, match=r"trained as SiT-S/2 .*dit_size=S"):
     dit_convert.check_args(args, _tiny()[0].model, CKPT, "SiT")
 
+  dit_config = os.path.join(HERE, "..", "configs", "imagenet256_dit_xl2.py")
+  argv = ["convert", "--from=sit", "--config=" + dit_config,
+          *[f"--config.{k}={v}" for k, v in _overrides().items()], CKPT, str(tmp_path / "run")]
+  assert convert_cli.main(argv) == 1  # DiT's config: one line naming SiT's settings
+  err = capsys.readouterr().err.strip()
+  assert "model.parameterization='sit_velocity'" in err and len(err.splitlines()) == 1, err
   with pytest.raises(dit_convert.DiTLayoutError, match="set --config.model.learn_sigma=True"):
     sit_convert.convert(CKPT, str(tmp_path / "run"), _config(**{"model.learn_sigma": False}))
   assert not (tmp_path / "run").exists()
