@@ -133,7 +133,7 @@ def test_sit_config_is_dit_xl2_on_the_rectified_flow():
   s = S(imagenet256_sit_xl2.get_config())
   d = S(imagenet256_dit_xl2.get_config())
   assert s.model.arch == d.model.arch and s.model.num_classes == 1000
-  assert (s.training.sde, s.model.parameterization) == ("rectified_flow", "velocity")
+  assert (s.training.sde, s.model.parameterization) == ("rectified_flow", "sit_velocity")
   assert (d.training.sde, d.training.continuous, d.model.parameterization) == (
       "vpsde", False, "default")
 

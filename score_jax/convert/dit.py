@@ -28,7 +28,7 @@ time label with training.continuous = False); DiT's linear schedule, betas 1e-4 
 1000 steps, is model.beta_min = 0.1, model.beta_max = 20, model.num_scales = 1000 (another
 schedule is reported). With learn_sigma the variance channels are kept (models.dit). SiT's
 checkpoints hold the same network under another interpolant (time running from noise to data,
-velocity data - noise) and are not converted here.
+velocity data - noise): `score_jax.convert.sit` (--from=sit) converts them with these steps.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -47,9 +47,9 @@ from score_jax.convert.reference_layout import Entry, _names, mismatch
 from score_jax.errors import UserError
 
 __all__ = ["DiTLayoutError", "dit_spec", "check_spec", "find_state_dict", "check_args",
-           "check_tensors", "tensors_to_params", "convert"]
+           "check_tensors", "tensors_to_params", "convert", "convert_network"]
 
-_PRESET = re.compile(r"^DiT-(S|B|L|XL)/(\d+)$")
+_PRESET = r"^{family}-(S|B|L|XL)/(\d+)$"  # train.py's --model, e.g. 'DiT-XL/2', 'SiT-XL/2'
 # DiT's DDPM schedule in score_jax's VP keys (linspace(beta_min / N, beta_max / N, N)).
 _SCHEDULE = (("beta_min", 0.1), ("beta_max", 20.0), ("num_scales", 1000))
 
@@ -141,9 +141,11 @@ def find_state_dict(obj: Any, source: str = "the file", weights: str = "ema"
   return tensors, args
 
 
-def check_args(args: Any, model: Any, source: str = "the file") -> List[str]:
+def check_args(args: Any, model: Any, source: str = "the file", family: str = "DiT"
+               ) -> List[str]:
   """train.py's arguments against the config: the preset's head count (the tensors cannot show
-  it) and the class count. Returns notes for what cannot be checked.
+  it) and the class count. `family`: the presets' prefix ('DiT', or 'SiT' for SiT's train.py,
+  whose presets have DiT's sizes). Returns notes for what cannot be checked.
 
   Raises:
     DiTLayoutError: a disagreement, naming both values.
@@ -155,7 +157,7 @@ def check_args(args: Any, model: Any, source: str = "the file") -> List[str]:
   notes = []
   width, depth, heads = dit_dims(model.dit_size, model.hidden_size, model.depth, model.num_heads)
   name = str(getattr(args, "model", ""))
-  match = _PRESET.match(name)
+  match = re.match(_PRESET.format(family=family), name)
   if match:
     size, patch = match.group(1), int(match.group(2))
     want = (DIT_SIZES[size], patch)
@@ -166,7 +168,7 @@ def check_args(args: Any, model: Any, source: str = "the file") -> List[str]:
           f"--config.model.dit_size={size} --config.model.patch_size={patch} (and "
           "model.hidden_size, depth, num_heads = 0).")
   else:
-    notes.append(f"args.model = {name!r} is not one of DiT's presets; the head count "
+    notes.append(f"args.model = {name!r} is not one of {family}'s presets; the head count "
                  f"(model.num_heads = {heads}) is not checked")
   classes = getattr(args, "num_classes", None)
   if classes is not None and int(classes) != model.num_classes:
@@ -246,13 +248,24 @@ def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
   Raises:
     FileExistsError, FileNotFoundError, pickle.UnpicklingError, DiTLayoutError.
   """
-  from score_jax.convert.workdir import write_workdir
-  from score_jax.models.dit import dit_dims, pos_embed_2d
-  from score_jax.run import builders
   from score_jax.run import settings as settings_lib
 
   s = config if isinstance(config, settings_lib.Settings) else settings_lib.from_config(config)
   notes = _check_config(s)
+  return convert_network(src, dst, s, notes, weights=weights, step=step)
+
+
+def convert_network(src: str, dst: str, s: Any, notes: List[str], *, weights: str = "ema",
+                    step: Optional[int] = None, family: str = "DiT",
+                    check_run: Optional[Callable[[Any], List[str]]] = None) -> Dict[str, Any]:
+  """The steps of `convert` after the config's check: DiT's network of settings `s` from `src`
+  into workdir `dst`. `family` names train.py's presets ('DiT', 'SiT'); `check_run(args)`
+  checks what else train.py's arguments say (SiT's interpolant) and returns notes. Returns and
+  raises as `convert`."""
+  from score_jax.convert.workdir import write_workdir
+  from score_jax.models.dit import dit_dims, pos_embed_2d
+  from score_jax.run import builders
+
   model = builders.get_model(s)
   shape = s.data.shape(1)
   entries = dit_spec(model, shape[3])
@@ -262,7 +275,10 @@ def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
     raise FileExistsError(f"{ckpt_dir} already holds {_names(sorted(os.listdir(ckpt_dir)))}; "
                           "choose a new DST.")
   tensors, args = find_state_dict(torch_pickle.load(src), src, weights)
-  notes += check_args(args, model, src)
+  notes = list(notes) + check_args(args, model, src, family)
+  if check_run is not None and args is not None:
+    notes += check_run(args)
+  _check_learn_sigma(tensors, model, shape[3], src)
   width = dit_dims(model.dit_size, model.hidden_size, model.depth, model.num_heads)[0]
   p = int(model.patch_size)
   pos = pos_embed_2d(width, shape[1] // p, shape[2] // p).astype(np.float64)
@@ -277,3 +293,17 @@ def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
   path = write_workdir(dst, s, params, step)
   return {"checkpoint": path, "step": step, "weights": weights, "tensors": len(entries),
           "notes": notes}
+
+
+def _check_learn_sigma(tensors: Mapping[str, np.ndarray], model: Any, channels: int,
+                       source: str) -> None:
+  """The final layer's width says whether the file has the learned-variance channels."""
+  w = tensors.get("final_layer.linear.weight")
+  if w is None or w.ndim != 2:
+    return  # check_tensors names it
+  p = int(model.patch_size)
+  found = {p * p * channels: False, 2 * p * p * channels: True}.get(int(w.shape[0]))
+  if found is not None and found != bool(model.learn_sigma):
+    raise DiTLayoutError(f"{source}'s final layer has {w.shape[0]} outputs per token: the "
+                         f"network was built with learn_sigma={found}; set "
+                         f"--config.model.learn_sigma={found}.")

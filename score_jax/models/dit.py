@@ -9,7 +9,8 @@ conditioning follow, and a final adaLN layer maps each token back to its p x p p
 - Noise label: 256 sinusoidal features [cos(t f_k), sin(t f_k)], f_k = 10000^(-k / 128),
   k = 0..127 (the authors' `TimestepEmbedder`, GLIDE's embedding), then Dense, SiLU, Dense.
   The label is the one `models.get_score_fn` gives every network (VP discrete: the DDPM step
-  t (N - 1), continuous: 999 t, 'edm': c_noise, 'velocity' on rectified flow: 999 t).
+  t (N - 1), continuous: 999 t, 'edm': c_noise, 'velocity' on rectified flow: 999 t,
+  'sit_velocity': SiT's time 1 - t in [0, 1]).
 - Class label: a table of num_classes + 1 rows; row num_classes is the null label that
   classifier-free guidance uses, as every network of the project: y = None means the null
   label, and training replaces labels by it at the rate training.class_dropout (the authors'
@@ -48,7 +49,8 @@ embedding xavier-uniform as a [p p C, D] matrix, the class table and the noise M
 N(0, 0.02^2), the adaLN modulations and the final Dense zero.
 
 SiT (Ma et al. 2024) is this network trained as an interpolant (the project's rectified flow
-with the 'velocity' parameterization): configs/imagenet256_sit_xl2.py.
+with the 'sit_velocity' parameterization, SiT's time and sign): configs/imagenet256_sit_xl2.py,
+score_jax.convert.sit.
 """
 
 from __future__ import annotations

@@ -39,6 +39,14 @@ The table is `parameterization='default'`. Two more, continuous time, any SDE:
   `RectifiedFlow`); solving for z, score = -(alpha v - alpha' x) / (std det)
   with det = alpha std' - std alpha' (RectifiedFlow: -(x + (1 - t) v) / t).
   Labels as in the table's continuous rows.
+- 'sit_velocity' (SiT, Ma et al. 2024), on `RectifiedFlow` only: a velocity network trained
+  on SiT's linear interpolant, whose time runs the other way, x_s = s x_0 + (1 - s) z (s = 0
+  noise, s = 1 data; willisma/SiT transport/path.py `ICPlan`), predicting its time
+  derivative x_0 - z. At score_jax's time t the path is SiT's at s = 1 - t, so the network
+  receives the label s = 1 - t as it is (SiT embeds its t in [0, 1] without DiT's factor
+  1000) and score_jax's velocity z - x_0 is v = -F(x, 1 - t); the score is then the
+  'velocity' formula's, -(x + (1 - t) v) / t = -(x - s F) / (1 - s) (SiT's own
+  `get_score_from_velocity`, (s F - x) / (1 - s)).
 - 'trigflow' (Lu & Song 2024), on `TrigFlow` only: the network F sees x_t / sigma_d
   and sigma_d F predicts the velocity cos(t) z - sin(t) x_0 (z ~ N(0, sigma_d^2 I)),
   the drift of the probability-flow ODE; score = -(sin(t) x + cos(t) sigma_d F) /
@@ -68,14 +76,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from score_jax.sde import SDE, TrigFlow, VESDE, VPSDE, batch_mul
+from score_jax.sde import SDE, RectifiedFlow, TrigFlow, VESDE, VPSDE, batch_mul
 
 Array = jax.Array
 ScoreFn = Callable[..., Array]  # (x [B, ...], t [B], y=None) -> score [B, ...]
 
 __all__ = ["PARAMETERIZATIONS", "get_score_fn", "get_consistency_fn", "consistency_coefficients"]
 
-PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow", "consistency")
+PARAMETERIZATIONS = ("default", "edm", "velocity", "sit_velocity", "trigflow", "consistency")
 
 # TrigFlow time t in [0, pi/2] -> network label in [0, 999].
 TRIGFLOW_LABEL_SCALE = 999.0 / (0.5 * math.pi)
@@ -95,8 +103,8 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
     continuous: continuous-time training (else the discrete DDPM / SMLD labels).
     train: dropout on (needs `rng`).
     rng: dropout key; the same key gives the same dropout masks.
-    parameterization: 'default' (the table above), 'edm', 'velocity', 'trigflow' or
-      'consistency' (module docstring; continuous time only).
+    parameterization: 'default' (the table above), 'edm', 'velocity', 'sit_velocity',
+      'trigflow' or 'consistency' (module docstring; continuous time only).
     sigma_data: EDM's sigma_data (standard deviation of the data), for 'edm' and
       'consistency'.
     augment_labels: [B, augment_dim] labels of the augmentation applied to the
@@ -134,6 +142,8 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping[str, Any], *, co
                            getattr(model, "embedding_type", "positional") == "fourier")
     if parameterization == "trigflow":
       return _trigflow_score_fn(sde, net, float(trigflow_label_scale))
+    if parameterization == "sit_velocity":
+      return _sit_velocity_score_fn(sde, net)
     if parameterization == "consistency":
       return _consistency_score_fn(sde, net, float(sigma_data),
                                    getattr(model, "embedding_type", "positional") == "fourier")
@@ -206,6 +216,20 @@ def _velocity_score_fn(sde: SDE, net: Callable) -> ScoreFn:
     v = net(x, labels, y)
     det = alpha * d_std - std * d_alpha  # > 0: the log-SNR decreases
     return batch_mul(d_alpha / (std * det), x) - batch_mul(alpha / (std * det), v)
+
+  return score_fn
+
+
+def _sit_velocity_score_fn(sde: SDE, net: Callable) -> ScoreFn:
+  """SiT's velocity network F(x, s), s = 1 - t, on the rectified-flow path (module docstring)."""
+  if not isinstance(sde, RectifiedFlow):
+    raise ValueError(f"The 'sit_velocity' parameterization is SiT's linear interpolant, the "
+                     f"rectified-flow path (sde.RectifiedFlow), not {type(sde).__name__}'s.")
+
+  def score_fn(x: Array, t: Array, y: Optional[Array] = None) -> Array:
+    s = 1.0 - t  # SiT's time, its label as it is
+    out = net(x, s, y)  # x_0 - z, SiT's velocity; score_jax's is its negative
+    return batch_mul(-1.0 / t, x - batch_mul(s, out))
 
   return score_fn
 

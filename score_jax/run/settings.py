@@ -50,7 +50,7 @@ SHARDINGS = ("replicated", "fsdp")  # of the train state (score_jax.run.sharding
 # Network parameterizations (models.PARAMETERIZATIONS), DSM time distributions and
 # weightings (losses.TIME_DISTRIBUTIONS, losses.WEIGHTINGS), spelled here so that
 # settings import nothing heavy.
-PARAMETERIZATIONS = ("default", "edm", "velocity", "trigflow", "consistency")
+PARAMETERIZATIONS = ("default", "edm", "velocity", "sit_velocity", "trigflow", "consistency")
 TIME_DISTRIBUTIONS = ("uniform", "lognormal_sigma", "logit_normal")
 WEIGHTINGS = ("default", "edm", "velocity")
 OBJECTIVES = ("denoising", "meanflow", "ict", "ect", "sct", "scd")
@@ -743,6 +743,9 @@ def _check_objective(t: Training, m: Model) -> None:
   if m.parameterization == "trigflow" and not trigflow:
     raise ConfigError(f"model.parameterization = 'trigflow' is TrigFlow's network; set "
                       f"training.sde = 'trigflow' (got {t.sde!r}), or use 'velocity'.")
+  if m.parameterization == "sit_velocity" and t.sde.lower() != "rectified_flow":
+    raise ConfigError(f"model.parameterization = 'sit_velocity' is SiT's network on the linear "
+                      f"interpolant; set training.sde = 'rectified_flow' (got {t.sde!r}).")
   if trigflow and t.time_distribution == "logit_normal":
     raise ConfigError("training.time_distribution = 'logit_normal' draws t in (0, 1), but "
                       "TrigFlow's t runs to pi/2; use 'lognormal_sigma' (the sCM paper's "
