@@ -1,9 +1,9 @@
 """The digits in the latent space of a small VAE: the latent pipeline end to end on a CPU.
 
-  python -m score_jax.data.train_vae --config=configs/digits.py --config.data.image_size=16 \
+  python -m score_jax.data.train_vae --config=configs/digits.py --config.data.image_size=16 \\
       --out=runs/digits_vae
-  python -m score_jax.data.encode --vae=runs/digits_vae --config=configs/digits.py \
-      --config.data.image_size=16 --out=runs/digits_latents
+  python -m score_jax.data.encode --vae=runs/digits_vae --config=configs/digits.py \\
+      --config.data.image_size=16 --splits=train,test --out=runs/digits_latents
   python main.py --config=configs/digits_latent.py --workdir=runs/digits_latent --mode=train
   python main.py --config=configs/digits_latent.py --workdir=runs/digits_latent --mode=sample
 

@@ -200,7 +200,7 @@ def test_the_digits_latent_recipe_end_to_end(tmp_path):
   run("-m", "score_jax.data.train_vae", "--config=configs/digits.py",
       "--config.data.image_size=16", f"--out={vae}", "--steps=300")
   run("-m", "score_jax.data.encode", f"--vae={vae}", "--config=configs/digits.py",
-      "--config.data.image_size=16", f"--out={lat}")
+      "--config.data.image_size=16", "--splits=train,test", f"--out={lat}")
   common = ["main.py", "--config=configs/digits_latent.py", f"--workdir={work}",
             f"--config.data.path={lat}", "--config.training.n_iters=1500",
             "--config.training.snapshot_freq=1500", "--config.training.snapshot_sampling=False",
