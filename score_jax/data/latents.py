@@ -55,7 +55,7 @@ from score_jax.errors import ConfigError, UserError
 __all__ = ["FORMAT", "META_FILE", "LatentsError", "LatentSource", "LatentDecoder",
            "ENCODE_COMMAND", "shard_path", "shard_dtype", "read_meta", "check_meta",
            "open_latents", "latent_transform", "latent_decoder", "source_settings",
-           "weights_digest"]
+           "weights_digest", "source_meta"]
 
 FORMAT = "score_jax latents v1"
 META_FILE = "meta.json"
