@@ -71,7 +71,7 @@ def scaling_factor(vae: Any, params: Any, images: np.ndarray, key: jax.Array,
 
 def train_vae(data: Any, out: str, *, block_out_channels: Sequence[int] = (32, 64),
               latent_channels: int = 4, layers_per_block: int = 1, norm_num_groups: int = 8,
-              steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
+              steps: int = 500, batch_size: int = 64, lr: float = 1e-3,
               kl_weight: float = 1e-3, seed: int = 0, log_every: int = 100,
               progress: bool = True) -> Dict[str, Any]:
   """Trains an AutoencoderKL on the images `data` (data settings) names and writes it to out.
@@ -150,7 +150,7 @@ def train_vae(data: Any, out: str, *, block_out_channels: Sequence[int] = (32, 6
 # ---------------------------------------------------------------------------
 # Command line
 
-_USAGE = ("python -m score_jax.data.train_vae --config=IMAGE_CONFIG --out=FOLDER [--steps=2000] "
+_USAGE = ("python -m score_jax.data.train_vae --config=IMAGE_CONFIG --out=FOLDER [--steps=500] "
           "[--batch_size=64] [--block_out_channels=32,64] [--latent_channels=4] "
           "[--kl_weight=1e-3] [--lr=1e-3]")
 
@@ -164,7 +164,7 @@ def _define_flags(fv: Any, argv: List[str]) -> None:
                                   sys_argv=argv)
   flags.DEFINE_string("out", None, "The folder to write (config.json and the weights).",
                       flag_values=fv)
-  flags.DEFINE_integer("steps", 2000, "Training steps.", flag_values=fv)
+  flags.DEFINE_integer("steps", 500, "Training steps.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 64, "Images per step.", flag_values=fv)
   flags.DEFINE_list("block_out_channels", ["32", "64"], "Width of each level.", flag_values=fv)
   flags.DEFINE_integer("latent_channels", 4, "Latent channels.", flag_values=fv)
