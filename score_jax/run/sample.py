@@ -55,8 +55,8 @@ def run(settings: Settings, workdir: str) -> Dict[str, str]:
   the ODE) and never overwritten (a second run gets _2, _3, ...):
   .png (grid, or scatter for 2-D data), .npz ('samples' in model space,
   'images' uint8 for image data (for data.dataset='latents' the samples are latents and
-  'images' their decoding through the VAE of the latent dataset), 'labels', 'nfe', and 'inputs' for inpaint /
-  colorize) and .json (task, step, sampler, NFE and the sampling section).
+  'images' their decoding through the VAE of the latent dataset), 'labels', 'nfe', and
+  'inputs' for inpaint / colorize) and .json (task, step, sampler, NFE and the sampling section).
 
   Returns:
     {'png': path, 'npz': path, 'json': path}.

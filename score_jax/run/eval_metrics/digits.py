@@ -1,6 +1,6 @@
-"""For data.dataset 'digits' (and latents of the digits, decoded): the digits FD of the generated samples, its floor and the
-classifier scores (score_jax/metrics/digits.py: a small classifier trained in seconds,
-cached in WORKDIR/eval/digits_classifier.npz)."""
+"""For data.dataset 'digits' (and latents of the digits, decoded): the digits FD of the generated
+samples, its floor and the classifier scores (score_jax/metrics/digits.py: a small classifier
+trained in seconds, cached in WORKDIR/eval/digits_classifier.npz)."""
 
 from __future__ import annotations
 
