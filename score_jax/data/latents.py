@@ -95,8 +95,13 @@ def weights_digest(vae_folder: str) -> str:
 
 
 def source_settings(data: Any) -> Dict[str, Any]:
-  """The data settings' keys that name the source images (SOURCE_KEYS), as plain values."""
-  return {k: getattr(data, k) if not isinstance(data, dict) else data[k] for k in SOURCE_KEYS}
+  """The data settings' keys that name the source images (SOURCE_KEYS), as plain values; the
+  paths made absolute, so that the images are found again from any working directory."""
+  out = {k: getattr(data, k) if not isinstance(data, dict) else data[k] for k in SOURCE_KEYS}
+  for k in ("data_dir", "path", "tfrecords_path"):
+    if out[k]:
+      out[k] = os.path.abspath(os.path.expanduser(out[k]))
+  return out
 
 
 def read_meta(root: str) -> Dict[str, Any]:
