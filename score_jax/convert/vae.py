@@ -43,7 +43,7 @@ from score_jax.models.vae import VAE, AutoencoderKL
 
 __all__ = ["VAEFolderError", "CONFIG_FILE", "WEIGHTS_FILE", "DIFFUSERS_DEFAULTS", "read_config",
            "module_arguments", "diffusers_keys", "plan", "read_tensors", "tensors_to_params",
-           "load_vae"]
+           "load_vae", "params_to_tensors", "save_vae"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -327,3 +327,42 @@ def load_vae(folder: str, *, dtype: Any = jnp.float32) -> Tuple[VAE, Any, float]
   logging.info("Read the AutoencoderKL in %s: %d parameters, scaling factor %g.", folder, n,
                scaling_factor)
   return vae, jax.tree_util.tree_map(jnp.asarray, params), scaling_factor
+
+
+def params_to_tensors(params: Any) -> Dict[str, np.ndarray]:
+  """The inverse of `tensors_to_params`: float32 tensors under diffusers' current names
+  (convolutions OIHW, linear layers [out, in])."""
+  out = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    value = np.asarray(leaf, np.float32)
+    if value.ndim == 4:  # HWIO -> OIHW
+      value = value.transpose(3, 2, 0, 1)
+    elif value.ndim == 2:  # [in, out] -> [out, in]
+      value = value.T
+    out[diffusers_keys(tuple(k.key for k in key_path))[0]] = np.ascontiguousarray(value)
+  return out
+
+
+def save_vae(folder: str, module: AutoencoderKL, params: Any, scaling_factor: float) -> None:
+  """Writes an AutoencoderKL as a diffusers folder that `load_vae` (and diffusers'
+  `AutoencoderKL.from_pretrained`) read: config.json and the float32 safetensors weights,
+  each written atomically."""
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
+
+  from score_jax import files  # pylint: disable=import-outside-toplevel
+
+  levels = len(module.block_out_channels)
+  config = dict(DIFFUSERS_DEFAULTS, _class_name="AutoencoderKL",
+                in_channels=module.in_channels, out_channels=module.out_channels,
+                down_block_types=["DownEncoderBlock2D"] * levels,
+                up_block_types=["UpDecoderBlock2D"] * levels,
+                block_out_channels=[int(c) for c in module.block_out_channels],
+                layers_per_block=module.layers_per_block,
+                latent_channels=module.latent_channels, norm_num_groups=module.norm_num_groups,
+                scaling_factor=float(scaling_factor), use_quant_conv=module.use_quant_conv,
+                use_post_quant_conv=module.use_post_quant_conv,
+                mid_block_add_attention=module.mid_block_add_attention, force_upcast=False)
+  os.makedirs(folder, exist_ok=True)
+  with files.atomic_write(os.path.join(folder, WEIGHTS_FILE)) as f:
+    f.write(save(params_to_tensors(params), metadata={"format": "pt"}))
+  files.write_json(os.path.join(folder, CONFIG_FILE), config)

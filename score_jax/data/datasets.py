@@ -25,6 +25,11 @@ Datasets (config.data.dataset, case-insensitive; reference names accepted):
   'labels'). Each image is converted to data.num_channels (Pillow's L or RGB),
   center-cropped to a square and resized to image_size with Pillow's
   antialiased bicubic filter; see score_jax/data/image_files.py.
+- 'latents': images encoded once by a VAE (`python -m score_jax.data.encode`)
+  into the folder config.data.path; data.image_size and data.num_channels
+  name the latent shape. Yields float32 latents [L, h, w, c], each drawn from
+  its stored posterior with noise keyed by (seed, step, slot); raw=True gives
+  the source images instead (FID statistics). See score_jax/data/latents.py.
 
 Splits are 'train' and 'test'; 'test' is the dataset's evaluation split
 (cifar10/svhn 'test', celeb_a/lsun 'validation' as in the reference,
@@ -47,6 +52,7 @@ score_jax/data/pipeline.py.
 from __future__ import annotations
 
 import os
+import types
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -55,6 +61,7 @@ from score_jax.data.digits import DIGITS_NUM_CLASSES, load_digits
 from score_jax.errors import ConfigError
 from score_jax.data.scaling import data_scaler
 from score_jax.data.image_files import open_images
+from score_jax.data.latents import LatentSource, latent_transform, open_latents, read_meta
 from score_jax.data.images import center_crop, crop_resize, resize, resize_small
 from score_jax.data.pipeline import Batches, Transform
 from score_jax.data.prefetch import Prefetch, to_device
@@ -86,7 +93,7 @@ __all__ = [
 
 SPLITS = ("train", "test")
 DATASETS = ("toy", "digits", "cifar10", "svhn_cropped", "celeb_a", "lsun", "ffhq", "celebahq",
-            "images")
+            "images", "latents")
 # Reference-code and common spellings -> our names.
 _ALIASES = {"svhn": "svhn_cropped", "celeba": "celeb_a", "celeb_a_hq": "celebahq", "celeba_hq": "celebahq",
             "folder": "images"}
@@ -153,7 +160,7 @@ def open_source(dataset: str, split: str, *, image_size: int, num_channels: int,
     data_dir: tfds data_dir ('' = tfds default), or the TFRecord file/folder for ffhq/celebahq.
     category: the LSUN category when `dataset` is 'lsun'.
     toy_name: which toy distribution when `dataset` is 'toy'.
-    path: the folder, zip or .npz when `dataset` is 'images'.
+    path: the folder, zip or .npz when `dataset` is 'images'; the encoded folder for 'latents'.
 
   Returns:
     A Source: len(), read(indices) -> (data [n, *shape], labels int32 [n]), shape, num_classes.
@@ -179,6 +186,8 @@ def open_source(dataset: str, split: str, *, image_size: int, num_channels: int,
     return ArraySource(images, labels, num_classes=DIGITS_NUM_CLASSES)
   if name == "images":
     return open_images(path, image_size=image_size, num_channels=num_channels)
+  if name == "latents":
+    return open_latents(path, split, image_size=image_size, num_channels=num_channels)
   if name in ("ffhq", "celebahq"):
     return open_tfrecord_images(data_dir, image_size=image_size, num_channels=num_channels, name=name)
   if name in ("cifar10", "svhn_cropped"):
@@ -233,10 +242,13 @@ def make_batches(source: Source, *, batch_size: int, evaluation: bool = False, r
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  is_images = len(source.shape) == 3
+  is_images = len(source.shape) == 3 and not isinstance(source, LatentSource)
   if raw and not is_images:
     raise ValueError("raw=True yields uint8 images; this dataset is not an image dataset.")
-  if raw or not is_images:
+  if isinstance(source, LatentSource):  # flips, dequantization and centering do not apply
+    transform = latent_transform(source.scaling_factor, seed=seed,
+                                 stream=_EVAL_STREAM if evaluation else _TRAIN_STREAM)
+  elif raw or not is_images:
     transform: Transform = lambda data, step, slots: data
   else:
     transform = image_transform(random_flip=random_flip, uniform_dequantization=uniform_dequantization,
@@ -305,6 +317,8 @@ def get_dataset(data: Any, split: str = "train", *, batch_size: int, seed: int,
   """
   source = _open(data, split)
   check_classes(source, num_classes, data.dataset)
+  if raw and isinstance(source, LatentSource):  # the images that were encoded
+    source = _open(types.SimpleNamespace(**read_meta(data.path)["source"]), split)
   return make_batches(
       source, batch_size=batch_size, evaluation=evaluation,
       random_flip=data.random_flip and split == "train" and not evaluation,

@@ -77,14 +77,48 @@ class DataSpec:
     return self.source.centered
 
   @property
+  def is_latents(self) -> bool:
+    return self.source.is_latents
+
+  @property
+  def pixel_dataset(self) -> str:
+    """The dataset the images come from: data.dataset, or for latents the encoded one's."""
+    if not self.is_latents:
+      return self.source.dataset
+    from score_jax.data import latents  # pylint: disable=g-import-not-at-top
+    source = latents.source_meta(self.source.path)
+    return "" if source is None else str(source["dataset"])
+
+  def to_images(self, x: Any, quantization: str) -> Any:
+    """Model-space samples [N, ...] -> uint8 images [N, H, W, C]: the data scaler's inverse, or
+    for latents the VAE's decoding (score_jax.data.latents.LatentDecoder)."""
+    from score_jax.data.scaling import to_uint8  # pylint: disable=g-import-not-at-top
+
+    if not self.is_latents:
+      return to_uint8(x, self.centered, quantization)
+    from score_jax.data import latents  # pylint: disable=g-import-not-at-top
+    return to_uint8(latents.latent_decoder(self.source.path)(x), True, quantization)
+
+  def to_unit(self, x: Any) -> Any:
+    """Model-space samples -> float images in [0, 1] (unclipped), decoded for latents."""
+    from score_jax.data.scaling import data_scaler  # pylint: disable=g-import-not-at-top
+
+    if not self.is_latents:
+      return data_scaler(self.centered).inverse(x)
+    from score_jax.data import latents  # pylint: disable=g-import-not-at-top
+    return data_scaler(True).inverse(latents.latent_decoder(self.source.path)(x))
+
+  @property
   def name(self) -> str:
     """The dataset's name; for your own images (data.path) 'images-<base name>-<hash of the
-    absolute path>', so that results and cached FID statistics of two folders never mix."""
-    if self.source.dataset.lower() not in ("images", "folder") or not self.source.path:
+    absolute path>', and 'latents-<base name>-<hash>' for latents, so that results and cached
+    FID statistics of two folders never mix."""
+    if self.source.dataset.lower() not in ("images", "folder", "latents") or not self.source.path:
       return self.source.dataset
     path = os.path.realpath(os.path.expanduser(self.source.path))
     base = os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0]
-    return f"images-{base}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    kind = "latents" if self.is_latents else "images"
+    return f"{kind}-{base}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
 
   @property
   def image_size(self) -> int:

@@ -20,7 +20,6 @@ import jax
 import numpy as np
 
 from score_jax import files, plotting
-from score_jax.data.scaling import to_uint8
 from score_jax.run import checkpoints
 from score_jax.run import load as runs
 from score_jax.run import programs
@@ -55,8 +54,9 @@ def run(settings: Settings, workdir: str) -> Dict[str, str]:
   <task>_step<k>_<sampler>_nfe<n> (`output_base`; interpolate's sampler is
   the ODE) and never overwritten (a second run gets _2, _3, ...):
   .png (grid, or scatter for 2-D data), .npz ('samples' in model space,
-  'images' uint8 for image data, 'labels', 'nfe', and 'inputs' for inpaint /
-  colorize) and .json (task, step, sampler, NFE and the sampling section).
+  'images' uint8 for image data (for data.dataset='latents' the samples are latents and
+  'images' their decoding through the VAE of the latent dataset), 'labels', 'nfe', and
+  'inputs' for inpaint / colorize) and .json (task, step, sampler, NFE and the sampling section).
 
   Returns:
     {'png': path, 'npz': path, 'json': path}.
@@ -108,7 +108,7 @@ def write(plan: Plan, out: TaskOutput, workdir: str, step: int,
     arrays["labels"] = out.labels
   if is_main():
     if data.is_images:
-      arrays["images"] = to_uint8(x, data.centered, plan.sample.quantization)
+      arrays["images"] = data.to_images(x, plan.sample.quantization)  # latents: decoded
       shown = arrays["images"]
       if out.shown_inputs is not None:  # inputs above their results
         shown = np.concatenate([out.shown_inputs[:_GRID_SIZE // 2], shown[:_GRID_SIZE // 2]])

@@ -219,6 +219,11 @@ class Data:
   def is_images(self) -> bool:
     return not self.is_toy
 
+  @property
+  def is_latents(self) -> bool:
+    """Images encoded by a VAE (data.path): the model sees latents, samples decode to images."""
+    return self.dataset.lower() == "latents"
+
   def shape(self, batch: int) -> Tuple[int, ...]:
     """Shape of a batch of data: [B, 2] for toy data, else [B, H, W, C]."""
     if self.is_toy:
@@ -511,6 +516,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   _check_sample(s.sample, s.model)
   _check_data(s.data, s.model, families)
   _check_augment(s.data, s.model)
+  _check_latents(s)
   # Last: a network that cannot take the data or its augmentation is the error to show
   # first when model.name changes; the keys of the former network follow from it.
   _check_network_keys(s.model, families)
@@ -647,10 +653,10 @@ def _check_data(d: Data, m: Model, families: Mapping[str, Tuple[str, ...]]) -> N
     raise ConfigError(f"model.name {m.name!r} does not fit data.dataset {d.dataset!r}: 2-D toy "
                       "data needs model.name='mlp', image data an image network "
                       "(ncsnpp, ddpmpp, ddpm, ncsnv2, song_unet, dit).")
-  if d.path and d.dataset.lower() not in ("images", "folder"):
+  if d.path and d.dataset.lower() not in ("images", "folder", "latents"):
     raise ConfigError(f"data.path is read only by data.dataset='images' (your own folder, zip or "
-                      f".npz), not by {d.dataset!r}: set --config.data.dataset=images, or leave "
-                      "data.path empty.")
+                      f".npz) and 'latents' (encoded images), not by {d.dataset!r}: set "
+                      "--config.data.dataset=images, or leave data.path empty.")
   if d.is_images:
     _at_least("data.image_size", d.image_size, 1)
     _at_least("data.num_channels", d.num_channels, 1)
@@ -677,6 +683,26 @@ def _check_dit(d: Data, m: Model) -> None:
   if not isinstance(patch, int) or patch < 1 or d.image_size % patch:
     raise ConfigError(f"model.patch_size = {patch!r} must be a positive divisor of "
                       f"data.image_size = {d.image_size}.")
+
+
+def _check_latents(s: Settings) -> None:
+  """Latent data (score_jax/data/latents.py): what acts on pixels has no meaning on latents."""
+  d = s.data
+  if not d.is_latents:
+    return
+  for key in ("random_flip", "uniform_dequantization"):
+    if getattr(d, key):
+      raise ConfigError(f"data.{key} acts on pixels; data.dataset='latents' holds encoded images "
+                        f"(flip or dequantize before encoding): set data.{key} = False.")
+  if d.augment_p > 0:
+    raise ConfigError("data.augment_p > 0 augments pixels, not latents: set data.augment_p = 0 "
+                      "for data.dataset='latents'.")
+  if s.eval.enable_bpd:
+    raise ConfigError("eval.enable_bpd measures bits/dim of 8-bit pixels; latents have none: set "
+                      "eval.enable_bpd = False for data.dataset='latents'.")
+  if s.sample.task != "generate":
+    raise ConfigError(f"sample.task = {s.sample.task!r} works on images in the model's space; "
+                      "a latent model generates only: set sample.task = 'generate'.")
 
 
 def _check_network_keys(m: Model, families: Mapping[str, Tuple[str, ...]]) -> None:

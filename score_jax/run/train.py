@@ -48,7 +48,6 @@ from score_jax.run.builders import LossContext
 from score_jax.run.state import (PhemaTrainState, TrainState, abstract_state, check_workdir,
                                  init_state, save_config, start_from_teacher, teacher_params)
 from score_jax.errors import UserError, WorkdirError
-from score_jax.data.scaling import data_scaler
 from score_jax.run.settings import Settings
 
 Array = jax.Array
@@ -446,5 +445,5 @@ def _write_samples(progs: programs.Programs, ema_params: Any, sample_fn, num_sam
                                     process_count=1)))["image"]
     plotting.save_scatter(base + ".png", x, np.asarray(points), title=title)
   else:
-    plotting.save_image_grid(base + ".png", data_scaler(data.centered).inverse(x))
+    plotting.save_image_grid(base + ".png", data.to_unit(x))  # latents: decoded by the VAE
   plotting.save_arrays(base + ".npz", samples=x, nfe=np.asarray(nfe))

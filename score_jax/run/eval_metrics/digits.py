@@ -1,6 +1,6 @@
-"""For data.dataset 'digits': the digits FD of the generated samples, its floor and the
-classifier scores (score_jax/metrics/digits.py: a small classifier trained in seconds,
-cached in WORKDIR/eval/digits_classifier.npz)."""
+"""For data.dataset 'digits' (and latents of the digits, decoded): the digits FD of the generated
+samples, its floor and the classifier scores (score_jax/metrics/digits.py: a small classifier
+trained in seconds, cached in WORKDIR/eval/digits_classifier.npz)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
   return result
 
 
-METRIC = Metric(enabled=lambda plan: plan.data.name.lower() == "digits",
+METRIC = Metric(enabled=lambda plan: plan.data.pixel_dataset.lower() == "digits",
                 done_key=lambda plan: "digits_fd", compute=compute, needs=("samples",),
                 scalars=("digits_fd", "digits_fd_floor", "digits_fd_355", "digits_confident",
                          "digits_classifier_score", "digits_class_balance",

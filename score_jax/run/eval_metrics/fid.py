@@ -31,7 +31,7 @@ def weights_path(plan: Plan) -> str:
   if plan.eval.inception_path:
     return plan.eval.inception_path
   default = inception.default_weights_path()
-  if plan.data.name != "digits" and os.path.isfile(default):
+  if plan.data.pixel_dataset != "digits" and os.path.isfile(default):
     return default
   return ""
 
@@ -169,7 +169,7 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
 
 def _warn_if_not_the_reference_network(plan: Plan) -> None:
   """For 256 px and up the reference measured FID with another network (docs/evaluation.md)."""
-  if plan.data.image_size >= 256:
+  if plan.data.image_size >= 256 and not plan.data.is_latents:
     logging.warning(
         "FID at %d px: the 2021 reference computed FID for image_size >= 256 with TF-Hub's "
         "imagenet/inception_v3/feature_vector/4 on x / 255 inputs, not the 2015 FID Inception "
@@ -188,7 +188,7 @@ def _why_off(plan: Plan) -> str:
 
   if not plan.data.is_images:
     return "2-D data: no FID / IS / KID (they need images); see samples.png."
-  if plan.data.name == "digits":
+  if plan.data.pixel_dataset == "digits":
     return "digits: FID / IS / KID only with eval.inception_path (the digits FD is reported)."
   return (f"No FID Inception weights (eval.inception_path is empty and "
           f"{inception.default_weights_path()} does not exist): FID / IS / KID skipped. "

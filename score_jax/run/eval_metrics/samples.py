@@ -13,7 +13,6 @@ import jax
 import numpy as np
 
 from score_jax import plotting
-from score_jax.data.scaling import to_uint8
 from score_jax.run import distributed
 from score_jax.run.distributed import check_batch, global_array, local_rows, sync, to_host
 from score_jax.run.eval_metrics.base import Inputs, Metric, Stage, shard_count, shard_path
@@ -78,12 +77,15 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
     seconds += time.perf_counter() - start
     if not np.all(np.isfinite(x)):
       raise FloatingPointError(f"Sampling round {r} produced non-finite values.")
-    samples = (to_uint8(x, plan.data.centered, plan.eval.quantization) if plan.data.is_images
-               else x)
-    arrays = {"samples": samples, "nfe": np.asarray(int(nfe))}
-    if num_classes > 0:
-      arrays["labels"] = to_host(y)[:n]
+    labels = to_host(y)[:n]
     if distributed.is_main():
+      # Images as uint8 (latents decoded by the VAE first, and kept as 'latents').
+      samples = plan.data.to_images(x, plan.eval.quantization) if plan.data.is_images else x
+      arrays = {"samples": samples, "nfe": np.asarray(int(nfe))}
+      if plan.data.is_latents:
+        arrays["latents"] = x.astype(np.float32)
+      if num_classes > 0:
+        arrays["labels"] = labels
       plotting.save_arrays(path, **arrays)  # atomic: a shard on disk is a finished round
     new_samples += n
     stage.step()
