@@ -15,10 +15,11 @@ score_jax's losses train the noise prediction only, so a run trained here leaves
 channels at their initialization; converted networks keep the authors' (models/dit.py says
 how they are read).
 
-Data: `data.dataset = 'latents'` names the latent pipeline (ImageNet encoded by the VAE),
-which is built apart from this config; until the project has it this config serves
-conversion, sampling and the network, not training. Samples are latents; decoding them to
-images is the VAE's part.
+Data: `data.dataset = 'latents'` with `data.path` the ImageNet latents that
+`python -m score_jax.data.encode --vae=sd-vae-ft-mse --config=<ImageNet 256 config> --out=DIR`
+writes (docs/latent.md); training draws scaled posterior samples from them, and samples,
+grids and FID are decoded through the VAE named in DIR/meta.json. ImageNet figures need an
+accelerator and were not measured here.
 
 Sampling: DiT samples 250 DDPM steps with its learned variance and a guidance scale s (1.5
 for its FID 2.27, 4.0 for its figures), applied to the first 3 latent channels "for exact

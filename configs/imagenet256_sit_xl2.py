@@ -19,8 +19,8 @@ Training as DiT's: AdamW at 1e-4 without weight decay, batch 256, EMA 0.9999, la
 0.1. Sampling: the probability-flow ODE with an adaptive solver (SiT's ODE sampler is
 dopri5 with atol 1e-6, rtol 1e-3; FID 2.15 there, 2.06 with its SDE sampler, guidance scale
 1.5, i.e. sampling.guidance_weight = 0.5; SiT guides the first 3 latent channels only, as DiT,
-score_jax all 4). Data as configs/imagenet256_dit_xl2.py: the latent pipeline is built apart
-(`data.dataset = 'latents'`).
+score_jax all 4). Data as configs/imagenet256_dit_xl2.py: `data.dataset = 'latents'`, the
+ImageNet latents written by `python -m score_jax.data.encode` (docs/latent.md).
 """
 
 import ml_collections
