@@ -42,6 +42,8 @@ NETWORKS = {
     "ddpm": (models.DDPM(nf=32, **_ATTN), (2, 8, 8, 3), (0.5, 3.0)),
     "ncsnv2": (models.NCSNv2(nf=8), (2, 8, 8, 3), (0.5, 3.0)),
     "mlp": (models.MLPScore(hidden_sizes=(32, 32), nf=16, second_time=True), (2, 2), (0.5, 3.0)),
+    "dit": (models.DiT(hidden_size=32, depth=1, num_heads=2, patch_size=2, learn_sigma=False,
+                       second_time=True), (2, 8, 8, 3), (0.5, 3.0)),
 }
 
 H = 1e-3

@@ -160,7 +160,7 @@ def test_the_mlp_takes_a_second_time_input():
                              np.asarray(u_fn(z, t, t)), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["mlp", "song_unet", "ddpmpp"])
+@pytest.mark.parametrize("name", ["mlp", "song_unet", "ddpmpp", "dit"])
 def test_second_time_input_is_declared(name):
   """Shapes only (no compile): with second_time the network has its own layer for the
   second label, and without it refuses one. (tests/test_jvp.py differentiates SongUNet and
@@ -173,6 +173,8 @@ def test_second_time_input_is_declared(name):
                                fir=False, progressive_input="none", embedding_type="positional",
                                scale_by_sigma=False, centered=True, second_time=True),
                  (2, 4, 4, 1)),
+      "dit": (models.DiT(dit_size="S", hidden_size=16, depth=1, num_heads=2, patch_size=2,
+                         learn_sigma=False, second_time=True), (2, 4, 4, 1)),
   }[name]
   z, t = jnp.ones(shape), jnp.ones(2)
   init = lambda m, **kw: jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), z, t, **kw))

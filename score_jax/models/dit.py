@@ -188,6 +188,8 @@ class DiT(nn.Module):
     frequency_embedding_size: sinusoidal features of the noise label.
     remat: gradient checkpointing of every block (activations recomputed in the backward
       pass; the parameters' names do not change).
+    second_time: a second noise label (`labels2`, MeanFlow's t - r) with an embedder of its
+      own (`r_embedder`), added to the first's, for the few-step generators.
     dtype: compute dtype (parameters float32, output float32).
   """
   dit_size: str = "XL"
@@ -200,14 +202,18 @@ class DiT(nn.Module):
   learn_sigma: bool = True
   frequency_embedding_size: int = 256
   remat: bool = False
+  second_time: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False,
-               full_output: bool = False) -> Array:
+               full_output: bool = False, labels2: Optional[Array] = None) -> Array:
     """x [B, H, W, C], labels [B] (noise labels), y [B] int class labels or None (the null
-    label) -> [B, H, W, C] float32 ([B, H, W, 2 C] with learn_sigma and full_output)."""
+    label), labels2 [B] the second time (second_time: MeanFlow's t - r; None: 0) ->
+    [B, H, W, C] float32 ([B, H, W, 2 C] with learn_sigma and full_output)."""
     del train  # no dropout: the authors' DiT has none (label dropout is the loss's)
+    if labels2 is not None and not self.second_time:
+      raise ValueError("labels2 needs a network built with second_time=True.")
     width, depth, heads = dit_dims(self.dit_size, self.hidden_size, self.depth, self.num_heads)
     p = int(self.patch_size)
     if x.ndim != 4:
@@ -228,10 +234,15 @@ class DiT(nn.Module):
     pos = jnp.asarray(pos_embed_2d(width, rows, cols))  # [T, D], fixed
     h = h.reshape(batch, rows * cols, width) + pos[None].astype(dt)
 
-    c = timestep_features(labels, self.frequency_embedding_size)
-    c = nn.Dense(width, dtype=dt, kernel_init=_small, bias_init=_zeros, name="t_embedder_0")(c)
-    c = nn.Dense(width, dtype=dt, kernel_init=_small, bias_init=_zeros,
-                 name="t_embedder_2")(nn.silu(c))
+    def embed_time(values: Array, name: str) -> Array:
+      e = timestep_features(values, self.frequency_embedding_size)
+      e = nn.Dense(width, dtype=dt, kernel_init=_small, bias_init=_zeros, name=f"{name}_0")(e)
+      return nn.Dense(width, dtype=dt, kernel_init=_small, bias_init=_zeros,
+                      name=f"{name}_2")(nn.silu(e))
+
+    c = embed_time(labels, "t_embedder")
+    if self.second_time:  # a second embedder of its own, added (None: r = t, the velocity)
+      c = c + embed_time(jnp.zeros_like(labels) if labels2 is None else labels2, "r_embedder")
     layers.check_class_labels(y, self.num_classes)
     if self.num_classes > 0:
       if y is None:
