@@ -111,7 +111,7 @@ def test_fid_finds_the_converted_inception_weights_at_the_default_location(tmp_p
   assert inception.default_weights_path() == default
   plan = lambda name, path="": types.SimpleNamespace(
       eval=types.SimpleNamespace(inception_path=path),
-      data=types.SimpleNamespace(name=name, is_images=True))
+      data=types.SimpleNamespace(name=name, pixel_dataset=name, is_images=True))
   assert fid.weights_path(plan("cifar10")) == "" and not fid.METRIC.enabled(plan("cifar10"))
   assert "python -m score_jax.convert.inception" in fid.METRIC.why_off(plan("cifar10"))
   # The one command: SRC alone writes the default location, where eval then looks.

@@ -22,10 +22,10 @@ from score_jax.run import state as run_state
 from score_jax.run.settings import from_config as S
 
 # The network the tests train: a config and its changes (any of helpers.config). A DiT of
-# width 64 and two blocks on the 8x8 digits (2x2 patches): its attention, MLP and adaLN kernels
+# width 64 and one block on the 8x8 digits (2x2 patches): its attention, MLP and adaLN kernels
 # hold nearly all of its bytes; biases, norms and small tables are below
 # sharding.MIN_SHARDED_SIZE and stay whole.
-NETWORK = ("digits_dit", {"model.depth": 2, "training.batch_size": 16, "optim.warmup": 0,
+NETWORK = ("digits_dit", {"model.depth": 1, "training.batch_size": 16, "optim.warmup": 0,
                           "model.ema_rate": 0.9})
 STEPS = 3
 

@@ -93,7 +93,7 @@ def test_train_end_to_end_on_four_devices(tmp_path):
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
-  """N steps straight == killed (twice, mid-checkpoint likely) and resumed runs."""
+  """N steps straight == killed (mid-checkpoint likely) and resumed runs."""
   n = 40
   common = [f"--config.training.n_iters={n}", "--config.training.snapshot_freq=100000",
             "--config.training.snapshot_sampling=False", "--config.model.hidden_sizes=(128,128)",
@@ -105,7 +105,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   # Save at every step (asynchronously), so a kill very likely hits a write in progress.
   args = _cmd(killed, *common, "--config.training.snapshot_freq_for_preemption=1")
   kills = 0
-  for target in (10, 25):
+  for target in (20,):
     proc = subprocess.Popen(args, env=_env(2), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckdir = os.path.join(killed, "checkpoints")
@@ -119,7 +119,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
       proc.send_signal(signal.SIGKILL)
       kills += 1
     proc.wait()
-  assert kills == 2, "the run finished before it could be killed; make it slower"
+  assert kills == 1, "the run finished before it could be killed; make it slower"
   _run(killed, *common, "--config.training.snapshot_freq_for_preemption=1", devices=2)
 
   a = _final_params(straight)
@@ -160,6 +160,7 @@ def _cache_report(stderr):
   return int(m.group(1)), int(m.group(3))
 
 
+@pytest.mark.slow  # two main.py runs: ~15 s on 2 CPU cores
 def test_compilation_cache_serves_a_second_run(tmp_path, monkeypatch):
   """A second run of the same config loads every compiled program and computes the same."""
   cache = tmp_path / "cache"

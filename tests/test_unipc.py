@@ -257,6 +257,7 @@ def test_optimized_grid_beats_the_uniform_log_snr_grid_on_the_exact_flow():
   assert rms[1] < rms[0] / 1.8, rms
 
 
+@pytest.mark.slow  # fits a grid, samples three times, evaluates: ~20 s on 2 CPU cores
 def test_optimized_grid_is_fitted_once_and_stored_with_the_run(toy_run, tmp_path, monkeypatch,
                                                               fast_compile):
   from score_jax.run import evaluate
