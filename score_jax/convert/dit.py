@@ -38,12 +38,11 @@ import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-import jax
 import numpy as np
 
 from score_jax.convert import torch_pickle
 from score_jax.convert.edm import tensors_to_params
-from score_jax.convert.reference_layout import Entry, _names, mismatch
+from score_jax.convert.reference_layout import Entry, _names, check_entries, mismatch
 from score_jax.errors import UserError
 
 __all__ = ["DiTLayoutError", "dit_spec", "check_spec", "find_state_dict", "check_args",
@@ -106,16 +105,7 @@ def check_spec(entries: List[Entry], model: Any, shape: Tuple[int, ...]) -> None
   Raises:
     RuntimeError: they disagree (a bug in this module).
   """
-  from flax import traverse_util
-  from score_jax.models import init_model
-
-  tree = jax.eval_shape(lambda r: init_model(r, model, shape), jax.random.PRNGKey(0))["params"]
-  have = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
-  want = {"/".join(e.ours): e.shape for e in entries}
-  if have != want or len(want) != len(entries):
-    diff = sorted(f"{k} {v}" for k, v in set(have.items()) ^ set(want.items()))
-    raise RuntimeError(f"score_jax.convert.dit's map disagrees with DiT's parameters at: "
-                       f"{_names(diff)}")
+  check_entries(entries, model, shape, "score_jax.convert.dit's map and DiT's parameters")
 
 
 def find_state_dict(obj: Any, source: str = "the file", weights: str = "ema"

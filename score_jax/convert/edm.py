@@ -43,14 +43,13 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import jax
 import numpy as np
 
 from score_jax.convert import edm_pickle
 from score_jax.errors import UserError
 # One tensor of the map (kind 'conv': OIHW <-> HWIO, 'dense': [out, in] <-> [in, out], 'plain';
 # trainable False for the Fourier frequencies, a buffer in EDM), and the mismatch report.
-from score_jax.convert.reference_layout import Entry, _names, mismatch
+from score_jax.convert.reference_layout import Entry, _names, check_entries, mismatch
 
 __all__ = ["EDMLayoutError", "Entry", "EDM_PRECOND_DEFAULTS", "SONG_UNET_DEFAULTS", "edm_spec",
            "check_spec", "check_tensors", "check_init_kwargs", "find_network", "tensors_to_params",
@@ -202,16 +201,7 @@ def check_spec(entries: Sequence[Entry], model: Any, shape: Sequence[int]) -> No
   Raises:
     RuntimeError: they disagree (a bug in this module).
   """
-  from flax import traverse_util
-  from score_jax.models import init_model
-
-  tree = jax.eval_shape(lambda r: init_model(r, model, shape), jax.random.PRNGKey(0))["params"]
-  have = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
-  want = {"/".join(e.ours): e.shape for e in entries}
-  if have != want or len(want) != len(entries):
-    diff = sorted(f"{k} {v}" for k, v in set(have.items()) ^ set(want.items()))
-    raise RuntimeError(f"score_jax.convert.edm's map disagrees with SongUNet's parameters at: "
-                       f"{_names(diff)}")
+  check_entries(entries, model, shape, "score_jax.convert.edm's map and SongUNet's parameters")
 
 
 def check_tensors(tensors: Mapping[str, np.ndarray], entries: Sequence[Entry],

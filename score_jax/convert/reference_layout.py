@@ -26,11 +26,31 @@ import numpy as np
 from score_jax.errors import UserError
 
 __all__ = ["FORMATS", "Entry", "Spec", "ReferenceLayoutError", "UnsupportedConfigError",
-           "PYTORCH_BUFFERS", "as_settings", "reference_spec", "reference_shapes", "check_spec"]
+           "PYTORCH_BUFFERS", "as_settings", "reference_spec", "reference_shapes", "check_spec",
+           "check_entries"]
 
 def _names(names: Sequence[str], limit: int = 16) -> str:
   shown = ", ".join(names[:limit])
   return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_entries(entries: Sequence["Entry"], model: Any, shape: Sequence[int],
+                  what: str) -> None:
+  """A converter's map (entries' `ours` paths and shapes) against `jax.eval_shape` of the
+  network's initialization; `what` names the converter and network in the error.
+
+  Raises:
+    RuntimeError: they disagree (a bug in that converter).
+  """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from score_jax.models import init_model  # pylint: disable=g-import-not-at-top
+
+  tree = jax.eval_shape(lambda r: init_model(r, model, shape), jax.random.PRNGKey(0))["params"]
+  have = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
+  want = {"/".join(e.ours): e.shape for e in entries}
+  if have != want or len(want) != len(entries):
+    diff = sorted(f"{k} {v}" for k, v in set(have.items()) ^ set(want.items()))
+    raise RuntimeError(f"{what} disagrees at: {_names(diff)}")
 
 
 def mismatch(found: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]]
