@@ -34,7 +34,6 @@ velocity data - noise): `score_jax.convert.sit` (--from=sit) converts them with 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -42,7 +41,7 @@ import numpy as np
 
 from score_jax.convert import torch_pickle
 from score_jax.convert.edm import tensors_to_params
-from score_jax.convert.reference_layout import Entry, _names, check_entries, mismatch
+from score_jax.convert.reference_layout import Entry, check_entries, mismatch
 from score_jax.errors import UserError
 
 __all__ = ["DiTLayoutError", "dit_spec", "check_spec", "find_state_dict", "check_args",
@@ -252,7 +251,7 @@ def convert_network(src: str, dst: str, s: Any, notes: List[str], *, weights: st
   into workdir `dst`. `family` names train.py's presets ('DiT', 'SiT'); `check_run(args)`
   checks what else train.py's arguments say (SiT's interpolant) and returns notes. Returns and
   raises as `convert`."""
-  from score_jax.convert.workdir import write_workdir
+  from score_jax.convert.workdir import refuse_existing, write_workdir
   from score_jax.models.dit import dit_dims, pos_embed_2d
   from score_jax.run import builders
 
@@ -260,10 +259,7 @@ def convert_network(src: str, dst: str, s: Any, notes: List[str], *, weights: st
   shape = s.data.shape(1)
   entries = dit_spec(model, shape[3])
   check_spec(entries, model, shape)
-  ckpt_dir = os.path.join(os.path.abspath(dst), "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise FileExistsError(f"{ckpt_dir} already holds {_names(sorted(os.listdir(ckpt_dir)))}; "
-                          "choose a new DST.")
+  refuse_existing(dst)  # before the (long) read
   tensors, args = find_state_dict(torch_pickle.load(src), src, weights)
   notes = list(notes) + check_args(args, model, src, family)
   if check_run is not None and args is not None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -440,7 +439,7 @@ def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
   Raises:
     FileExistsError, FileNotFoundError, edm_pickle.EDMPickleError, EDMLayoutError.
   """
-  from score_jax.convert.workdir import write_workdir
+  from score_jax.convert.workdir import refuse_existing, write_workdir
   from score_jax.run import builders
   from score_jax.run import settings as settings_lib
 
@@ -450,10 +449,7 @@ def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
   shape = s.data.shape(1)
   entries, buffers = edm_spec(model, shape[1], shape[3])
   check_spec(entries, model, shape)
-  ckpt_dir = os.path.join(os.path.abspath(dst), "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise FileExistsError(f"{ckpt_dir} already holds {_names(sorted(os.listdir(ckpt_dir)))}; "
-                          "choose a new DST.")
+  refuse_existing(dst)  # before the (long) read
   net = find_network(edm_pickle.load(src), src, weights)
   notes = check_init_kwargs(net, model, s, src)
   for note in notes:

@@ -87,7 +87,7 @@ from score_jax.convert.reference_layout import (  # pylint: disable=unused-impor
     FORMATS, PYTORCH_BUFFERS, Entry, ReferenceLayoutError, Spec, UnsupportedConfigError, _get_sigmas,
     _names, _ref_layout_shape, _to_ours, _to_ref, as_settings, check_spec, mismatch,
     reference_shapes, reference_spec)
-from score_jax.convert.workdir import existing_steps, write_workdir
+from score_jax.convert.workdir import refuse_existing, write_workdir
 
 def check_tensors(found: Mapping[str, Sequence[int]], spec: Spec, source: str = "the checkpoint") -> None:
   """Checks that `found` ({name: shape}) holds exactly the spec's reference tensors.
@@ -362,9 +362,7 @@ def convert(src: str, dst: str, config: ml_collections.ConfigDict, fmt: str, *,
   spec = reference_spec(config, fmt)
   check_compatible(spec)
   check_spec(spec, config)
-  existing = existing_steps(os.path.join(os.path.abspath(dst), "checkpoints"))
-  if existing:  # fail before the (long) read
-    raise FileExistsError(f"{dst}/checkpoints already holds {_names(existing)}; choose a new DST.")
+  refuse_existing(dst)  # before the (long) read
   tensors, file_step, used = load_reference(src, spec, weights)
   params = tensors_to_params(tensors, spec)
   del tensors

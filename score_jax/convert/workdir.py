@@ -12,13 +12,23 @@ import ml_collections
 
 from score_jax.convert.reference_layout import _names, as_settings
 
-__all__ = ["write_workdir", "existing_steps"]
+__all__ = ["write_workdir", "existing_steps", "refuse_existing"]
 
 
 def existing_steps(ckpt_dir: str) -> List[str]:
   if not os.path.isdir(ckpt_dir):
     return []
   return sorted(os.listdir(ckpt_dir))
+
+
+def refuse_existing(dst: str) -> None:
+  """Raises FileExistsError when dst/checkpoints already holds something: the converters call
+  it before reading their (large) source, and `write_workdir` again before writing."""
+  ckpt_dir = os.path.join(os.path.abspath(dst), "checkpoints")
+  existing = existing_steps(ckpt_dir)
+  if existing:
+    raise FileExistsError(f"{ckpt_dir} already holds {_names(existing)}; refusing to write a "
+                          "converted checkpoint beside (or over) them. Choose a new DST.")
 
 
 def write_workdir(dst: str, config: ml_collections.ConfigDict, params: Mapping[str, Any],
@@ -41,10 +51,7 @@ def write_workdir(dst: str, config: ml_collections.ConfigDict, params: Mapping[s
   config = as_settings(config)
   dst = os.path.abspath(dst)
   ckpt_dir = os.path.join(dst, "checkpoints")
-  if existing_steps(ckpt_dir):
-    raise FileExistsError(f"{ckpt_dir} already holds {_names(existing_steps(ckpt_dir))}; "
-                          "refusing to write a converted checkpoint beside (or over) them. "
-                          "Choose a new DST.")
+  refuse_existing(dst)
   if os.path.exists(dst) and not os.path.isdir(dst):
     raise FileExistsError(f"{dst} exists and is not a folder.")
   parent = os.path.dirname(dst)
