@@ -156,6 +156,14 @@ def get_config() -> ml_collections.ConfigDict:
   evaluate.stats_path = ""
   evaluate.stats_num_images = 0  # 0: all training images (the protocol)
   evaluate.kid_dataset_features = 10_000  # dataset feature rows kept for KID
+  # FD-DINOv2 (EDM2's fd_dinov2): a converted DINOv2 ViT-L/14 .npz (python -m
+  # score_jax.convert.dinov2 dinov2_vitl14_pretrain.pth); empty: the converter's default
+  # location if a file is there, else skipped. Dataset statistics are cached in
+  # dinov2_stats_path (empty: WORKDIR/eval/stats_<dataset>_<size>_dinov2.npz).
+  evaluate.dinov2_path = ""
+  evaluate.dinov2_precision = "highest"  # highest | high | default
+  evaluate.dinov2_batch_size = 250
+  evaluate.dinov2_stats_path = ""
 
   # Sample mode (--mode=sample); the sampler itself is config.sampling.
   config.sample = sample = ml_collections.ConfigDict()

@@ -17,6 +17,11 @@ the plan enables, in the order of their METRICS table (one module each):
               eval.inception_path, or when it is empty those that
               `python -m score_jax.convert.inception SRC` put in its default
               location (~/.cache/score_jax/inception/; not for the digits);
+  fd_dinov2   FD-DINOv2 (EDM2's) of those samples: the Frechet distance of DINOv2
+              ViT-L/14 features against the dataset's, with the weights of
+              eval.dinov2_path, or when it is empty those that
+              `python -m score_jax.convert.dinov2 SRC` put in its default
+              location (~/.cache/score_jax/dinov2/; not for the digits);
   digits      for data.dataset 'digits', the digits FD, its floor and the
               classifier scores of those samples (score_jax/metrics/digits.py: a
               small classifier trained in seconds, cached in
@@ -35,12 +40,13 @@ Files (k = checkpoint index, r = sampling round):
   WORKDIR/eval/ckpt_<k>/samples_<r>.npz 'samples' uint8 [n, H, W, C] (images)
                                         or float32 [n, D], 'labels', 'nfe'
   WORKDIR/eval/ckpt_<k>/features_<r>.npz Inception 'pool' [n, 2048], 'logits' [n, 1008]
+  WORKDIR/eval/ckpt_<k>/dinov2_<r>.npz  DINOv2 'features' [n, 1024]
   WORKDIR/eval/ckpt_<k>/samples.png     grid of the first samples
 
 Resume: every file is written to a temporary name and renamed, so a file that
 exists is complete. A restarted eval skips checkpoints whose JSON holds every
-enabled metric, sampling rounds whose shard exists, Inception features whose
-file exists, and likelihood batches recorded in progress.json; each round and
+enabled metric, sampling rounds whose shard exists, Inception and DINOv2
+features whose file exists, and likelihood batches recorded in progress.json; each round and
 batch draws its randomness from fold_in(key, index), so redoing an interrupted
 one gives the values it would have given. Shards hold exactly num_samples
 samples in all (the last round is cut), whatever was interrupted.

@@ -8,7 +8,7 @@ cached (they read the plan, never settings):
 - `sampler(batch, weight)`, `controlled_sampler(task, batch, weight)`,
   `ode(batch, weight, denoise)` (encode / decode along the probability flow);
 - `loss()` (per-example training objective), `likelihood()` (bits/dim or nats),
-  `inception(resize, precision)` (FID features).
+  `inception(resize, precision)` (FID features), `dinov2(arch, precision)` (FD-DINOv2's).
 
 Train, eval, sample, the benchmarks, the notebook and the tests all build
 their programs here. Batches are sharded over all devices of the mesh
@@ -271,3 +271,19 @@ class Programs:
       return jax.jit(run, in_shardings=(self.rep, self.bat), out_shardings=self.bat)
 
     return self._cached(("inception", resize, precision), build)
+
+  def dinov2(self, arch: Any, precision: str):
+    """(DINOv2 params, uint8 images [B, H, W, C]) -> {'features'}, sharded; arch: the
+    network's `score_jax.metrics.dinov2.Arch`."""
+    from score_jax.metrics import dinov2  # pylint: disable=g-import-not-at-top
+
+    def build():
+      def run(params, images):
+        if images.shape[-1] == 1:  # gray-scale data: the same plane in R, G and B
+          images = jnp.repeat(images, 3, axis=-1)
+        return {"features": dinov2.dinov2_features(params, images, arch=arch,
+                                                   precision=precision)}
+
+      return jax.jit(run, in_shardings=(self.rep, self.bat), out_shardings=self.bat)
+
+    return self._cached(("dinov2", arch, precision), build)

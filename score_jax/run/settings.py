@@ -166,6 +166,10 @@ class Eval:
   stats_path: str
   stats_num_images: int
   kid_dataset_features: int
+  dinov2_path: str
+  dinov2_precision: str
+  dinov2_batch_size: int
+  dinov2_stats_path: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -630,8 +634,10 @@ def _check_eval(e: Eval) -> None:
   _choice("eval.quantization", e.quantization, QUANTIZATIONS)
   _choice("eval.inception_resize", e.inception_resize, ("tf1", "pytorch"))
   _choice("eval.inception_precision", e.inception_precision, ("highest", "high", "default"))
+  _choice("eval.dinov2_precision", e.dinov2_precision, ("highest", "high", "default"))
   _choice("eval.bpd_dataset", e.bpd_dataset, ("train", "test"))
-  for key in ("batch_size", "num_samples", "bpd_passes", "inception_batch_size"):
+  for key in ("batch_size", "num_samples", "bpd_passes", "inception_batch_size",
+              "dinov2_batch_size"):
     _at_least(f"eval.{key}", getattr(e, key), 1)
   _at_least("eval.wait_timeout_s", e.wait_timeout_s, 0.0)
   _at_least("eval.poll_interval_s", e.poll_interval_s, 0.0)

@@ -5,14 +5,14 @@ after the units it needs). Adding a metric is a module with a `METRIC` and a
 line here. Every unit reads the run plan and the programs, never settings,
 and lives here, in the running layer, because it drives the jitted programs,
 the datasets and the workdir's files (score_jax.metrics holds the math they
-call: Inception, FID/IS/KID, the digits classifier).
+call: Inception, DINOv2, FID/IS/KID, the digits classifier).
 """
 
 from __future__ import annotations
 
 from typing import Dict, List
 
-from score_jax.run.eval_metrics import digits, fid, likelihood, loss, samples
+from score_jax.run.eval_metrics import digits, fd_dinov2, fid, likelihood, loss, samples
 from score_jax.run.eval_metrics.base import Inputs, Metric, Progress
 from score_jax.run.plan import Plan
 
@@ -23,6 +23,7 @@ METRICS: Dict[str, Metric] = {
     "likelihood": likelihood.METRIC,
     "samples": samples.METRIC,
     "fid": fid.METRIC,
+    "fd_dinov2": fd_dinov2.METRIC,
     "digits": digits.METRIC,
 }
 

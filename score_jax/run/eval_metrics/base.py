@@ -19,15 +19,16 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from score_jax import files
+from score_jax import files, plotting
 from score_jax.run import distributed
-from score_jax.run.distributed import global_array, local_rows, to_host
+from score_jax.run.distributed import global_array, local_rows, sync, to_host
 from score_jax.run.plan import Plan
 from score_jax.run.programs import Programs
 
 Array = jax.Array
 
-__all__ = ["Metric", "Inputs", "Progress", "Stage", "shard_path", "shard_count", "batched"]
+__all__ = ["Metric", "Inputs", "Progress", "Stage", "shard_path", "shard_count", "batched",
+           "shard_features", "dataset_stats"]
 
 
 class Progress:
@@ -149,3 +150,80 @@ def batched(fn: Callable[[Array], Dict[str, Array]], data: np.ndarray, batch: in
     for k, v in res.items():
       outs.setdefault(k, []).append(to_host(v)[:n])
   return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def shard_features(inputs: Inputs, kind: str, desc: str,
+                   fn: Callable[[np.ndarray], Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+  """fn's outputs on the samples of every sampling round, concatenated in round order.
+
+  Round r's outputs are saved beside its shard (<kind>_<r>.npz), so an interrupted run computes
+  only the missing ones; a file whose row count differs from its shard's (num_samples
+  changed) is redone.
+  """
+  out_dir, rounds = inputs.out_dir, inputs.results["sampling_rounds"]
+
+  def done(r: int) -> bool:  # present and made from the shard as it is now
+    path = shard_path(out_dir, kind, r)
+    if not os.path.exists(path):
+      return False
+    with np.load(path) as f:
+      return f[f.files[0]].shape[0] == shard_count(shard_path(out_dir, "samples", r))
+
+  todo = {r for r in range(rounds) if not done(r)}
+  sync(f"{kind}_todo_{out_dir}")  # decided alike on every process: the network is collective
+  parts: Dict[str, List[np.ndarray]] = {}
+  stage = Stage(desc, rounds, rounds - len(todo), unit="shard")
+  for r in range(rounds):
+    path = shard_path(out_dir, kind, r)
+    if r in todo:
+      with np.load(shard_path(out_dir, "samples", r)) as f:
+        feats = fn(f["samples"])
+      if distributed.is_main():
+        plotting.save_arrays(path, **feats)
+      stage.step()
+    else:
+      with np.load(path) as f:
+        feats = {k: f[k] for k in f.files}
+    for k, v in feats.items():
+      parts.setdefault(k, []).append(v)
+  stage.close()
+  return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def dataset_stats(plan: Plan, path: str, desc: str, features: Callable[[np.ndarray], np.ndarray],
+                  batch: int, num_features_kept: int = 0):
+  """The `score_jax.metrics.stats.Stats` of the training images' features, read from `path`,
+  or computed once over every training image (uint8, eval.stats_num_images to cap) and cached
+  there.
+
+  features: uint8 images [n, H, W, C] -> [n, D] on the host (`batched` over the devices).
+  """
+  from score_jax.metrics import stats as metrics  # pylint: disable=g-import-not-at-top
+
+  exists = os.path.exists(path)
+  sync(f"stats_exists_{path}")  # every process must take the same branch: computing is collective
+  if exists:
+    return metrics.load_stats(path)
+  logging.info("Computing %s statistics of the %s training images -> %s (once).", desc,
+               plan.data.name, path)
+  # Every process reads whole global batches; `batched` gives the devices their rows.
+  batches = plan.data.batches("train", evaluation=True, raw=True, batch_size=batch,
+                              process_index=0, process_count=1)
+  cap = plan.eval.stats_num_images
+  stage = Stage(f"{desc} features of the training images",
+                min(len(batches), -(-cap // batch)) if cap else len(batches))
+
+  def train_images():
+    for b in batches:
+      yield b["image"][b["mask"]]
+      stage.step()
+    stage.close()
+
+  # Only process 0 writes the cache; the others keep theirs in a private file.
+  own = path if distributed.is_main() else f"{path}.process{jax.process_index()}"
+  stats = metrics.dataset_stats(own, train_images(), features, recompute=True,
+                                num_features_kept=num_features_kept,
+                                max_images=cap or None)
+  if not distributed.is_main():
+    os.remove(own)
+  return stats

@@ -12,13 +12,9 @@ import re
 from typing import Any, Dict
 
 import jax
-import numpy as np
 
-from score_jax import plotting
 from score_jax.run import distributed
-from score_jax.run.distributed import sync
-from score_jax.run.eval_metrics.base import (Inputs, Metric, Stage, batched, shard_count,
-                                             shard_path)
+from score_jax.run.eval_metrics.base import Inputs, Metric, batched, dataset_stats, shard_features
 from score_jax.run.plan import Plan
 from score_jax.run.programs import Programs
 
@@ -47,37 +43,9 @@ def _stats_path(plan: Plan, workdir: str) -> str:
 
 def _dataset_stats(plan: Plan, progs: Programs, workdir: str, feature_fn, batch: int):
   """The cached Inception statistics of the training images, computed on first use."""
-  from score_jax.metrics import stats as metrics  # pylint: disable=g-import-not-at-top
-
-  stats_path = _stats_path(plan, workdir)
-  exists = os.path.exists(stats_path)
-  sync("stats_exists")  # every process must take the same branch: computing is collective
-  if exists:
-    return metrics.load_stats(stats_path)
-  logging.info("Computing Inception statistics of the %s training images -> %s (once).",
-               plan.data.name, stats_path)
-  # Every process reads whole global batches; `batched` gives the devices their rows.
-  batches = plan.data.batches("train", evaluation=True, raw=True, batch_size=batch,
-                              process_index=0, process_count=1)
-  cap = plan.eval.stats_num_images
-  stage = Stage("Inception features of the training images",
-                min(len(batches), -(-cap // batch)) if cap else len(batches))
-
-  def train_images():
-    for b in batches:
-      yield b["image"][b["mask"]]
-      stage.step()
-    stage.close()
-
-  # Only process 0 writes the cache; the others keep theirs in a private file.
-  path = stats_path if distributed.is_main() else f"{stats_path}.process{jax.process_index()}"
-  stats = metrics.dataset_stats(
-      path, train_images(), lambda images: batched(feature_fn, images, batch, progs.bat)["pool"],
-      recompute=True, num_features_kept=plan.eval.kid_dataset_features,
-      max_images=plan.eval.stats_num_images or None)
-  if not distributed.is_main():
-    os.remove(path)
-  return stats
+  return dataset_stats(plan, _stats_path(plan, workdir), "Inception",
+                       lambda images: batched(feature_fn, images, batch, progs.bat)["pool"],
+                       batch, num_features_kept=plan.eval.kid_dataset_features)
 
 
 def _inception(plan: Plan, progs: Programs):
@@ -116,38 +84,13 @@ def compute(inputs: Inputs) -> Dict[str, Any]:
   """
   from score_jax.metrics import stats as metrics  # pylint: disable=g-import-not-at-top
 
-  plan, progs, out_dir = inputs.plan, inputs.progs, inputs.out_dir
-  e, rounds = plan.eval, inputs.results["sampling_rounds"]
+  plan, progs = inputs.plan, inputs.progs
+  e = plan.eval
   resize, precision = e.inception_resize, e.inception_precision
   feature_fn, batch = _inception(plan, progs)
-
-  def features_done(r: int) -> bool:  # present and made from the shard as it is now
-    path = shard_path(out_dir, "features", r)
-    if not os.path.exists(path):
-      return False
-    with np.load(path) as f:
-      return f["pool"].shape[0] == shard_count(shard_path(out_dir, "samples", r))
-
-  todo = {r for r in range(rounds) if not features_done(r)}
-  sync(f"features_todo_{out_dir}")  # decided alike on every process: Inception is collective
-  pools, logits = [], []
-  stage = Stage("Inception features of the samples", rounds, rounds - len(todo), unit="shard")
-  for r in range(rounds):
-    path = shard_path(out_dir, "features", r)
-    if r in todo:
-      with np.load(shard_path(out_dir, "samples", r)) as f:
-        feats = batched(feature_fn, f["samples"], batch, progs.bat)
-      pool, logit = feats["pool"], feats["logits"]
-      if distributed.is_main():
-        plotting.save_arrays(path, pool=pool, logits=logit)
-      stage.step()
-    else:
-      with np.load(path) as f:
-        pool, logit = f["pool"], f["logits"]
-    pools.append(pool)
-    logits.append(logit)
-  stage.close()
-  pool, logit = np.concatenate(pools), np.concatenate(logits)
+  feats = shard_features(inputs, "features", "Inception features of the samples",
+                         lambda samples: batched(feature_fn, samples, batch, progs.bat))
+  pool, logit = feats["pool"], feats["logits"]
 
   stats = _dataset_stats(plan, progs, inputs.workdir, feature_fn, batch)
   result: Dict[str, Any] = {
