@@ -18,20 +18,21 @@ Written:
 * tiny.npz, for a tiny `Precond(img_resolution=8, img_channels=3, label_dim=4,
   model_channels=4, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
   channels_per_head=4, dropout=0, use_fp16=False, logvar_channels=32)` (cosine attention
-  with 2 heads at 4x4 and in the bottleneck): EDM2's MP weights
-  are randn (random, not degenerate), and its zero-initialized gains (every block's
-  emb_gain, the U-Net's out_gain) are redrawn as N(0, 1) + 1 so that they matter.
-  Arrays, in EDM2's names and layouts ('.' -> '/' is not applied), prefixed:
+  with 2 heads at 4x4 and in the bottleneck): EDM2's MP weights are randn (random, not
+  degenerate), and its zero-initialized gains (every block's emb_gain, the U-Net's
+  out_gain) are redrawn as N(0, 1) + 1 so that they matter. Arrays, in EDM2's names and
+  layouts (NCHW, weights [out, in, kh, kw]), some under a prefix:
   - 'w0/<name>': every parameter and buffer of the network before training;
-  - eval mode (`net.eval()`) on fixed inputs: x = 'images' [4, 3, 8, 8], sigma [4], labels [4, 4]
-    (one-hot, the last row zero: EDM2's dropped label) -> 'D', 'logvar' of
+  - eval mode (`net.eval()`) on fixed inputs: x = 'images' [4, 3, 8, 8], 'sigma' [4],
+    'labels' [4, 4] (one-hot, the last row zero: EDM2's dropped label) -> 'D', 'logvar' of
     `net(x, sigma, labels, return_logvar=True)` and 'F' of
     `net.unet(c_in x, c_noise, labels)`;
   - two training steps exactly as training/training_loop.py takes them (batch 4, one
     accumulation round, loss_scaling 1): `net.train()`, `EDM2Loss(P_mean=-0.4, P_std=1.0)`
     on the batch 'images' [4, 3, 8, 8] with 'labels', its two random draws fixed
-    ('rnd_normal' [2, 4, 1, 1, 1], 'noise' [2, 4, 3, 8, 8], stand-ins for torch.randn and
-    torch.randn_like while it is called), `loss.sum().mul(1 / 4).backward()`, the rate
+    ('rnd_normal' [2, 4], EDM2's [4, 1, 1, 1] per step, and 'noise' [2, 4, 3, 8, 8]:
+    stand-ins for torch.randn and torch.randn_like while it is called),
+    `loss.sum().mul(1 / 4).backward()`, the rate
     `learning_rate_schedule(cur_nimg, 4, ref_lr=0.01, ref_batches=2, rampup_Mimg=2e-5)` at
     cur_nimg = 12 and 16 ('lr' [2]), nan_to_num of the gradients, `torch.optim.Adam(betas=
     (0.9, 0.99), eps=1e-8)`.step(); 'loss' [2] the two losses (sum / batch), 'g0/<name>'
