@@ -196,7 +196,7 @@ def edm2_imagenet(config: ml_collections.ConfigDict, preset: str) -> ml_collecti
   training.batch_size = p.batch
   training.n_iters = p.duration // p.batch
   training.snapshot_freq = (8 << 20) // p.batch  # EDM2's snapshot_nimg, 8Mi images
-  training.snapshot_freq_for_preemption = (128 << 20) // p.batch // 8
+  training.snapshot_freq_for_preemption = (2 << 20) // p.batch  # every 2Mi images
   training.phema_snapshot_freq = (8 << 20) // p.batch
   training.snapshot_sampling = False
   training.log_freq = 64  # EDM2's status_nimg 128Ki images

@@ -93,20 +93,20 @@ def normalize_weight(w: Array) -> Array:
 
 def mp_silu(x: Array) -> Array:
   """Magnitude-preserving SiLU (EDM2 eq. 81)."""
-  return nn.silu(x) / np.float32(0.596)
+  return nn.silu(x) / 0.596  # Python floats keep the activations' dtype (bfloat16)
 
 
 def mp_sum(a: Array, b: Array, t: float = 0.5) -> Array:
   """Magnitude-preserving sum (1 - t) a + t b, rescaled (EDM2 eq. 88)."""
-  return (a + t * (b - a)) / np.float32(math.sqrt((1 - t) ** 2 + t ** 2))
+  return (a + t * (b - a)) / math.sqrt((1 - t) ** 2 + t ** 2)
 
 
 def mp_cat(a: Array, b: Array, t: float = 0.5) -> Array:
   """Magnitude-preserving concatenation along the channel (last) axis (EDM2 eq. 103)."""
   na, nb = a.shape[-1], b.shape[-1]
   c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
-  wa = np.float32(c / math.sqrt(na) * (1 - t))
-  wb = np.float32(c / math.sqrt(nb) * t)
+  wa = c / math.sqrt(na) * (1 - t)
+  wb = c / math.sqrt(nb) * t
   return jnp.concatenate([wa * a, wb * b], axis=-1)
 
 
@@ -129,7 +129,7 @@ class MPFourier(nn.Module):
                         (self.num_channels,))
     freqs, phases = jax.lax.stop_gradient(freqs), jax.lax.stop_gradient(phases)
     y = x.astype(jnp.float32)[:, None] * freqs[None, :] + phases[None, :]
-    return jnp.cos(y) * np.float32(math.sqrt(2))
+    return jnp.cos(y) * math.sqrt(2)
 
 
 class MPConv(nn.Module):
@@ -205,7 +205,7 @@ class Block(nn.Module):
       # EDM2's channel order: (head, channel, q/k/v), q/k/v fastest.
       qkv = normalize(qkv.reshape(b, h * w, heads, cout // heads, 3), (3,))
       q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]  # [B, HW, heads, ch]
-      logits = jnp.einsum("bqhc,bkhc->bhqk", q, k / np.float32(math.sqrt(cout // heads)),
+      logits = jnp.einsum("bqhc,bkhc->bhqk", q, k / math.sqrt(cout // heads),
                           preferred_element_type=jnp.float32)
       a = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
       y = jnp.einsum("bhqk,bkhc->bqhc", a, v).reshape(b, h, w, cout)
