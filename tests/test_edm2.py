@@ -2,8 +2,8 @@
 against EDM2's own code.
 
 Fixtures: tests/data/edm2/ (tests/data/make_edm2_fixtures.py, EDM2's classes and training
-loop on a tiny network; commit and versions in manifest.json): EDM2's parameter counts of
-every ImageNet preset (counts.json), and a tiny network's weights, outputs on fixed inputs
+loop on a tiny network; commit and versions in manifest.json): EDM2's ImageNet presets and
+their parameter counts (counts.json), and a tiny network's weights, outputs on fixed inputs
 and two training steps (tiny.npz). Full-size networks are only shape-evaluated.
 """
 
@@ -216,14 +216,24 @@ def test_parameter_counts_equal_edm2_all_presets(name):
 
 
 def test_preset_configs_follow_train_edm2():
-  """Each config's recipe is its train_edm2.py preset (models.edm2.PRESETS): rate, decay in
-  steps, dropout, P_mean / P_std, batch and duration; data and optimizer as EDM2."""
+  """Each config's recipe is its preset in EDM2's train_edm2.py (counts.json holds them as
+  EDM2's code defines them): rate, decay in steps (ref_batches), dropout, P_mean / P_std,
+  channels, batch and duration; data and optimizer as EDM2's."""
+  with open(os.path.join(EDM2, "counts.json")) as f:
+    presets = {k: v["preset"] for k, v in json.load(f).items()}
   for name in PRESET_CONFIGS:
     s = from_config(_preset_module(name).get_config())
-    p = edm2.preset(name.replace("_", "-"))
-    assert (s.optim.lr, s.optim.ref_batches, s.model.dropout) == (p.lr, p.decay, p.dropout)
-    assert (s.training.p_mean, s.training.p_std) == (p.p_mean, p.p_std)
-    assert s.training.batch_size * s.training.n_iters == p.duration
+    p = presets[name.replace("_", "-")]
+    assert edm2.preset(name.replace("_", "-"))._asdict() == {
+        "channels": p["channels"], "lr": p["lr"], "decay": p["decay"], "dropout": p["dropout"],
+        "p_mean": p["P_mean"], "p_std": p["P_std"], "duration": p["duration"],
+        "batch": p["batch"]}
+    assert (s.optim.lr, s.optim.ref_batches, s.model.dropout) == (p["lr"], p["decay"],
+                                                                  p["dropout"])
+    assert (s.training.p_mean, s.training.p_std) == (p["P_mean"], p["P_std"])
+    assert dict(s.model.arch)["model_channels"] == p["channels"]
+    assert s.training.batch_size == p["batch"]
+    assert s.training.batch_size * s.training.n_iters == p["duration"]
     assert (s.optim.beta1, s.optim.beta2, s.optim.eps, s.optim.grad_clip) == (0.9, 0.99, 1e-8, 0)
     assert s.optim.lr_rampup_kimg == 10_000 and s.optim.lr_decay == "inverse_sqrt"
     assert s.training.objective == "edm2" and s.model.parameterization == "edm"

@@ -14,7 +14,8 @@ Written:
   `training.networks_edm2.Precond(img_resolution=64, img_channels=C, label_dim=1000,
   model_channels=M, dropout=D)` for every preset of train_edm2.py (img512-*: C = 4, the
   latents; img64-*: C = 3), i.e. the network train_edm2.py builds; EDM2's Fourier
-  frequencies and phases are buffers, not counted.
+  frequencies and phases are buffers, not counted; 'preset' is the preset's entry itself
+  (duration, batch, channels, lr, decay, dropout, P_mean, P_std).
 * tiny.npz, for a tiny `Precond(img_resolution=8, img_channels=3, label_dim=4,
   model_channels=4, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
   channels_per_head=4, dropout=0, use_fp16=False, logvar_channels=32)` (cosine attention
@@ -102,7 +103,7 @@ def main():
       net = N.Precond(img_resolution=64, img_channels=channels, label_dim=1000,
                       model_channels=p.channels, dropout=p.dropout)
     counts[name[len("edm2-"):]] = dict(
-        img_channels=channels, model_channels=p.channels,
+        img_channels=channels, model_channels=p.channels, preset=dict(p),
         parameters=int(sum(q.numel() for q in net.parameters())),
         buffers=int(sum(b.numel() for b in net.buffers())))
   with open(os.path.join(OUT, "counts.json"), "w") as f:
