@@ -50,10 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.weighting = "default"
   # The objective: denoising (the losses above) | edm2 (EDM2's loss: ln sigma ~ N(p_mean,
   # p_std^2) untruncated, EDM's weighting, divided by the learned uncertainty e^u(sigma) plus
-  # u(sigma); model.name = 'edm2_unet', parameterization 'edm', vesde) | meanflow (score_jax.meanflow: an
-  # average-velocity network u(z, r, t), model.second_time = True, on rectified_flow with
-  # time_distribution logit_normal; a share meanflow_ratio of the batch has r < t, the
-  # loss is weighted by 1 / (error + meanflow_c)^meanflow_power).
+  # u(sigma); model.name = 'edm2_unet', parameterization 'edm', vesde) | meanflow
+  # (score_jax.meanflow: an average-velocity network u(z, r, t), model.second_time = True,
+  # on rectified_flow with time_distribution logit_normal; a share meanflow_ratio of the
+  # batch has r < t, the loss is weighted by 1 / (error + meanflow_c)^meanflow_power).
   training.objective = "denoising"
   training.meanflow_ratio = 0.25
   training.meanflow_power = 1.0

@@ -255,6 +255,24 @@ def test_inverse_sqrt_schedule_is_edm2s():
     assert float(schedule(step)) == pytest.approx(lr, rel=1e-6, abs=1e-12)
 
 
+def test_edm2_settings_refuse_what_they_cannot_train():
+  """The 'edm2' objective needs EDM2's network, the 'edm' parameterization, VE and no
+  augmentation; the inverse-sqrt decay a reference length."""
+  from score_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  for section, key, value, words in [
+      ("model", "parameterization", "default", "model.parameterization = 'edm'"),
+      ("training", "sde", "vpsde", "training.sde = 'vesde'"),
+      ("data", "augment_p", 0.1, "data.augment_p = 0"),
+      ("optim", "ref_batches", 0, "optim.ref_batches >= 1")]:
+    config = digits_edm2.get_config()
+    config[section][key] = value
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(".", r"\.")):
+      from_config(config)
+  config = families.edm2(default.get_config(), sigma_data=0.5, p_mean=-0.4, p_std=1.0)
+  with pytest.raises(ConfigError, match="model.name = 'edm2_unet'"):
+    from_config(config)
+
+
 # ---------------------------------------------------------------------------
 # Against EDM2's own code (tiny.npz)
 

@@ -820,6 +820,9 @@ def _check_edm2(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   if m.name.lower() != "edm2_unet":
     raise ConfigError(f"{name} learns EDM2's uncertainty u(sigma), which the 'edm2_unet' "
                       f"network has; set model.name = 'edm2_unet' (got {m.name!r}).")
+  if s.data.augment_p > 0:
+    raise ConfigError(f"{name} trains without EDM's augmentation (EDM2's network takes no "
+                      f"augmentation labels); set data.augment_p = 0.")
 
 
 def _check_meanflow(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
