@@ -7,9 +7,10 @@ U-Net and training recipe.
 The network (models/edm2.py): 16 channels, multipliers (1, 2, 2) (8x8, 4x4, 2x2), one block
 per resolution, single-head cosine attention at 4x4 (and in the 2x2 bottleneck's first block,
 as EDM2), dropout 0.1, not class-conditional: 300,896 parameters (288 of them the fixed
-Fourier features), about configs/digits_edm.py's DDPM++ (317,121). EDM2's loss (training.objective 'edm2': EDM's weighting
-divided by the learned uncertainty e^u(sigma), plus u(sigma)) at ln sigma ~ N(-1.2, 1.2^2)
-as configs/digits_edm.py, sigma_data = 0.75 (the centered digits' standard deviation).
+Fourier features), about configs/digits_edm.py's DDPM++ (317,121). EDM2's loss
+(training.objective 'edm2': EDM's weighting divided by the learned uncertainty e^u(sigma),
+plus u(sigma)) at ln sigma ~ N(-1.2, 1.2^2) as configs/digits_edm.py, sigma_data = 0.75 (the
+centered digits' standard deviation).
 EDM2's optimizer: Adam betas (0.9, 0.99), no clipping, forced weight normalization; the rate
 0.01 ramped up over 200 steps (25.6 kimg) and divided by sqrt(step / 1000) after 1,000 steps
 (EDM2's 0.01 and inverse-square-root decay, over a shorter horizon). The EMA of
