@@ -43,8 +43,10 @@ outputs.npz (per network; NHWC / [B]): x [B, H, W, C], sigma [B],
 class_labels [B, label_dim] (one-hot; conditional only), c_noise, F =
 net.unet(c_in x, c_noise, class_labels), D, logvar = net(x, sigma,
 class_labels, return_logvar=True) (logvar [B]); conditional also D_null
-(class_labels=None: EDM2's zero label). Computed in float32 on the CPU from the
-float16 weights as pickled (Precond runs float32 off CUDA). manifest.json
+(class_labels=None: EDM2's zero label). Computed on the CPU (Precond runs float32
+off CUDA) from the float16 weights as pickled, and as F_f32, D_f32, logvar_f32,
+D_null_f32 from the same weights made float32 (`net.to(torch.float32)`): with
+float16 gains EDM2's MPConv rounds gain / sqrt(fan_in) to float16. manifest.json
 records the commit, versions, keywords, sizes and hashes.
 """
 
@@ -158,13 +160,18 @@ def _outputs(net, label_dim, channels, torch, seed):
   c_in = 1 / (net.sigma_data ** 2 + s ** 2).sqrt()
   c_noise = sigma.log() / 4
   out = dict(x=_nhwc(x), sigma=sigma.numpy(), c_noise=c_noise.numpy())
-  with torch.no_grad():
-    out["F"] = _nhwc(net.unet((c_in * x).to(torch.float32), c_noise, onehot))
-    d, logvar = net(x, sigma, onehot, return_logvar=True)
-    out["D"], out["logvar"] = _nhwc(d), logvar.reshape(-1).numpy()
-    if label_dim:
-      out["class_labels"] = onehot.numpy()
-      out["D_null"] = _nhwc(net(x, sigma, None))
+  if label_dim:
+    out["class_labels"] = onehot.numpy()
+  # As pickled (float16 weights), and the same weights made float32 (`net.to(torch.float32)`,
+  # as reconstruct_phema.py loads them): with float16 gains, MPConv's gain / sqrt(fan_in) is
+  # a float16 scalar, rounded to 2^-11 relative.
+  for suffix, model in (("", net), ("_f32", copy.deepcopy(net).to(torch.float32))):
+    with torch.no_grad():
+      out["F" + suffix] = _nhwc(model.unet((c_in * x).to(torch.float32), c_noise, onehot))
+      d, logvar = model(x, sigma, onehot, return_logvar=True)
+      out["D" + suffix], out["logvar" + suffix] = _nhwc(d), logvar.reshape(-1).numpy()
+      if label_dim:
+        out["D_null" + suffix] = _nhwc(model(x, sigma, None))
   return out, (x, sigma, onehot)
 
 
