@@ -137,3 +137,88 @@ def sct(config: ml_collections.ConfigDict, *, sigma_data: float, p_mean: float,
   config.sampling.num_steps = 1
   config.eval.enable_bpd = False  # the likelihood integrates a score; this network gives f
   return config
+
+
+def edm2_network(config: ml_collections.ConfigDict, **arch) -> ml_collections.ConfigDict:
+  """EDM2's magnitude-preserving U-Net (model.name 'edm2_unet', models/edm2.py) in place of the
+  config's network (its architecture keys removed), with EDM2's optimizer: Adam with betas
+  (0.9, 0.99), eps 1e-8, no clipping, the rate ramped up over optim.lr_rampup_kimg images
+  and decayed as 1 / sqrt(max(step / optim.ref_batches, 1)), forced weight normalization
+  after each update (chained by the optimizer builder for this network)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  model = config.model
+  generic = set(default.get_config().model.keys())
+  for key in [k for k in model.keys() if k not in generic]:
+    del model[key]
+  model.name = "edm2_unet"
+  for key, value in arch.items():
+    model[key] = value
+  optim = config.optim
+  optim.optimizer = "Adam"
+  optim.beta1 = 0.9
+  optim.beta2 = 0.99
+  optim.eps = 1e-8
+  optim.weight_decay = 0.0
+  optim.grad_clip = 0.0
+  optim.warmup = 0
+  optim.lr_decay = "inverse_sqrt"
+  return config
+
+
+def edm2(config: ml_collections.ConfigDict, *, sigma_data: float, p_mean: float,
+         p_std: float) -> ml_collections.ConfigDict:
+  """EDM2's loss on EDM's process and preconditioning (edm() above): ln sigma ~ N(p_mean,
+  p_std^2), EDM's weighting divided by the learned uncertainty e^u(sigma), plus u(sigma)
+  (training.objective 'edm2'), summed over dimensions; the network must be EDM2's
+  (edm2_network)."""
+  config = edm(config, sigma_data=sigma_data, p_mean=p_mean)
+  training = config.training
+  training.objective = "edm2"
+  training.p_std = p_std
+  training.continuous = True
+  training.reduce_mean = False
+  return config
+
+
+def edm2_imagenet(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+  """One of EDM2's ImageNet presets (train_edm2.py, models.edm2.PRESETS): 'img512-*' on the
+  64x64x4 latents of Stable Diffusion's VAE (data.dataset 'latents'), 'img64-*' on 64x64x3
+  pixels; class-conditional (1000 classes), batch 2048, the preset's channels, dropout,
+  P_mean / P_std, reference rate and decay, ramp-up over 10M images, and its duration in
+  images as training.n_iters = duration / batch; post-hoc EMA profiles sigma_rel 0.05 and
+  0.10 (EDM2's), fp32 master weights with bfloat16 compute."""
+  from score_jax.models import edm2 as edm2_lib  # pylint: disable=g-import-not-at-top
+  p = edm2_lib.preset(preset)
+  latent = preset.startswith("img512")
+  config = edm2_network(config, model_channels=p.channels)
+  config = edm2(config, sigma_data=0.5, p_mean=p.p_mean, p_std=p.p_std)
+  training = config.training
+  training.batch_size = p.batch
+  training.n_iters = p.duration // p.batch
+  training.snapshot_freq = (8 << 20) // p.batch  # EDM2's snapshot_nimg, 8Mi images
+  training.snapshot_freq_for_preemption = (128 << 20) // p.batch // 8
+  training.phema_snapshot_freq = (8 << 20) // p.batch
+  training.snapshot_sampling = False
+  training.log_freq = 64  # EDM2's status_nimg 128Ki images
+  training.class_dropout = 0.0  # EDM2 trains its guiding network separately
+  data = config.data
+  data.dataset = "latents" if latent else "images"  # data.path: the latents / ImageNet 64x64
+  data.image_size = 64
+  data.num_channels = 4 if latent else 3
+  data.random_flip = False  # EDM2's training loop does not flip
+  data.centered = True
+  model = config.model
+  model.num_classes = 1000
+  model.dropout = p.dropout
+  model.dtype = "bfloat16"
+  model.phema_sigma_rels = (0.05, 0.10)
+  model.ema_rate = 0.9999
+  model.ema_warmup = False
+  optim = config.optim
+  optim.lr = p.lr
+  optim.ref_batches = p.decay
+  optim.lr_rampup_kimg = 10_000.0  # EDM2's rampup_Mimg = 10
+  config.sampling.num_steps = 32  # EDM2's generate_images.py: 32 Heun steps (63 NFE)
+  config.sampling.batch_size = 64
+  config.eval.batch_size = 256
+  return config

@@ -48,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.logit_mean = 0.0
   training.logit_std = 1.0
   training.weighting = "default"
-  # The objective: denoising (the losses above) | meanflow (score_jax.meanflow: an
+  # The objective: denoising (the losses above) | edm2 (EDM2's loss: ln sigma ~ N(p_mean,
+  # p_std^2) untruncated, EDM's weighting, divided by the learned uncertainty e^u(sigma) plus
+  # u(sigma); model.name = 'edm2_unet', parameterization 'edm', vesde) | meanflow (score_jax.meanflow: an
   # average-velocity network u(z, r, t), model.second_time = True, on rectified_flow with
   # time_distribution logit_normal; a share meanflow_ratio of the batch has r < t, the
   # loss is weighted by 1 / (error + meanflow_c)^meanflow_power).
@@ -254,14 +256,17 @@ def get_config() -> ml_collections.ConfigDict:
   optim.optimizer = "Adam"
   optim.lr = 2e-4
   optim.beta1 = 0.9
+  optim.beta2 = 0.999
   optim.eps = 1e-8
   optim.weight_decay = 0.0
   optim.warmup = 5000
   optim.lr_rampup_kimg = 0.0  # > 0: lr * min(images seen / (1000 kimg), 1) (EDM; set warmup = 0)
   optim.grad_clip = 1.0
   # 'none': the rate stays at optim.lr after the ramp; 'cosine': times
-  # (1 + cos(pi min(step / training.n_iters, 1))) / 2, down to 0 at the last step.
+  # (1 + cos(pi min(step / training.n_iters, 1))) / 2, down to 0 at the last step;
+  # 'inverse_sqrt' (EDM2): times 1 / sqrt(max(step / optim.ref_batches, 1)).
   optim.lr_decay = "none"
+  optim.ref_batches = 0  # steps at full rate before the inverse-sqrt decay (EDM2: 70000)
   # A non-finite loss or gradient: 'skip' leaves the state unchanged (the run stops at
   # the next log step); 'zero' (EDM) replaces NaN gradient entries by 0 and +-inf by
   # +-1e5 and takes the step.

@@ -10,6 +10,8 @@ function itself is called on the whole batch (networks are batched).
   distribution (`uniform`, EDM's `lognormal_sigma`, flow matching's
   `logit_normal`) and a weighting (`default` std^2, likelihood, `edm`,
   `velocity`) of its one residual |std s + z|^2.
+- `edm2_loss`: EDM2's loss, EDM's weighted denoising error divided by a learned uncertainty
+  e^u(sigma) plus u(sigma), at log-normal sigma.
 - `ddpm_loss`: the DDPM discrete loss (epsilon prediction, L_simple).
 - `smld_loss`: the NCSN discrete loss (random noise level, sigma^2 weight).
 - `implicit_score_matching_loss`, `sliced_score_matching_loss`: score
@@ -41,6 +43,7 @@ __all__ = [
     "sample_time",
     "loss_weight",
     "dsm_loss",
+    "edm2_loss",
     "ddpm_loss",
     "smld_loss",
     "implicit_score_matching_loss",
@@ -242,6 +245,36 @@ def dsm_loss(
       weight = loss_weight(sde, t, weighting, sigma_data)
   per_example = _batched_residual(score, z, std, weight, reduce_mean)
   return jnp.mean(per_example), LossAux(per_example, t)
+
+
+def edm2_loss(denoise_fn: Callable[[Array, Array], Array], logvar_fn: Callable[[Array], Array],
+              x: Array, sigma: Array, z: Array, *, sigma_data: float = 0.5
+              ) -> Tuple[Array, Array]:
+  """EDM2's uncertainty-weighted loss (Karras et al. 2024, eq. 21; NVlabs/edm2 `EDM2Loss`).
+
+  Per example, summed over its n elements as EDM2 sums its loss tensor:
+  sum_i [w(sigma) / e^u (D_i - x_i)^2 + u] = w(sigma) e^-u |D - x|^2 + n u, with
+  D = denoise_fn(x + sigma z, sigma), u = logvar_fn(sigma), EDM's weight w(sigma) =
+  (sigma^2 + sd^2) / (sigma sd)^2. At the optimal u, e^u = w |D - x|^2 / n: the weight
+  adapts so every noise level contributes equally.
+
+  Args:
+    denoise_fn: (x_t [B, ...], sigma [B]) -> D [B, ...].
+    logvar_fn: sigma [B] -> u [B].
+    x: data [B, ...]; sigma: noise levels [B] (EDM2 draws ln sigma ~ N(P_mean, P_std^2));
+    z: standard normal noise [B, ...].
+  Returns:
+    (scalar batch mean, per-example losses [B]); EDM2 backpropagates the sum over the batch
+    divided by the batch size, the mean.
+  """
+  sigma = sigma.astype(jnp.float32)
+  denoised = denoise_fn(x + batch_mul(sigma, z), sigma)
+  u = logvar_fn(sigma).astype(jnp.float32)  # [B]
+  weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+  n = math.prod(x.shape[1:])
+  sq = jnp.sum(jnp.square(denoised - x).reshape(x.shape[0], -1), axis=1)  # [B]
+  per_example = weight * jnp.exp(-u) * sq + n * u
+  return jnp.mean(per_example), per_example
 
 
 def _discrete_loss(rng, score_fn, x, num_scales, mean_coefs, stds, reduce_mean):

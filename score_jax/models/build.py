@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from score_jax.models.ddpm import DDPM
 from score_jax.models.dit import DiT
+from score_jax.models.edm2 import EDM2UNet
 from score_jax.models.mlp import MLPScore
 from score_jax.models.ncsnpp import NCSNpp
 from score_jax.models.ncsnv2 import NCSNv2
@@ -35,6 +36,7 @@ MODELS: Mapping[str, type] = {
     "mlp": MLPScore,
     "song_unet": SongUNet,  # EDM's DDPM++ / NCSN++ (configs/edm_cifar_vp.py, edm_cifar_ve.py)
     "dit": DiT,  # Peebles & Xie's DiT, also SiT's network (configs/imagenet256_dit_xl2.py)
+    "edm2_unet": EDM2UNet,  # EDM2's magnitude-preserving U-Net (configs/edm2_img64_s.py)
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

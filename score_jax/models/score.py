@@ -81,7 +81,8 @@ from score_jax.sde import SDE, RectifiedFlow, TrigFlow, VESDE, VPSDE, batch_mul
 Array = jax.Array
 ScoreFn = Callable[..., Array]  # (x [B, ...], t [B], y=None) -> score [B, ...]
 
-__all__ = ["PARAMETERIZATIONS", "get_score_fn", "get_consistency_fn", "consistency_coefficients"]
+__all__ = ["PARAMETERIZATIONS", "get_score_fn", "get_consistency_fn", "consistency_coefficients",
+           "get_edm_denoiser_fn"]
 
 PARAMETERIZATIONS = ("default", "edm", "velocity", "sit_velocity", "trigflow", "consistency")
 
@@ -204,6 +205,33 @@ def _edm_score_fn(sde: SDE, net: Callable, sigma_data: float, fourier: bool) -> 
     return batch_mul(-1.0 / r**2, x) + batch_mul(sigma_data * alpha / (std * r), out)
 
   return score_fn
+
+
+def get_edm_denoiser_fn(model: nn.Module, variables: Mapping[str, Any], *, sigma_data: float,
+                        train: bool = False, rng: Optional[Array] = None) -> Callable[..., Array]:
+  """EDM's preconditioned denoiser in sigma on EDM's process x = x_0 + sigma z (the 'edm'
+  parameterization on `VESDE`, where alpha = 1): D(x, sigma, y) = c_skip x + c_out F(c_in x;
+  c_noise) with the coefficients of the module docstring, computed as they are (EDM2's loss
+  compares D with x_0 directly; going through the score would cancel c_skip x against x).
+
+  Returns:
+    denoise(x [B, ...], sigma [B], y=None) -> D [B, ...] float32.
+  """
+  if not (math.isfinite(sigma_data) and sigma_data > 0):
+    raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}.")
+  fourier = getattr(model, "embedding_type", "positional") == "fourier"
+  rngs = {"dropout": rng} if rng is not None else None
+  sd = float(sigma_data)
+
+  def denoise(x: Array, sigma: Array, y: Optional[Array] = None) -> Array:
+    sigma = sigma.astype(jnp.float32)
+    r = jnp.sqrt(sigma**2 + sd**2)
+    c_noise = 0.25 * jnp.log(sigma)
+    out = model.apply(variables, batch_mul(1.0 / r, x), jnp.exp(c_noise) if fourier else c_noise,
+                      y, train=train, rngs=rngs)
+    return batch_mul(sd**2 / r**2, x) + batch_mul(sigma * sd / r, out)
+
+  return denoise
 
 
 def _velocity_score_fn(sde: SDE, net: Callable) -> ScoreFn:

@@ -19,6 +19,7 @@ from score_jax import consistency, losses, meanflow, models, scm
 from score_jax import sde as sde_lib
 from score_jax.data import augment
 from score_jax.errors import ConfigError
+from score_jax.models.edm2 import forced_weight_normalization
 from score_jax.models.logvar import WithLogvar
 from score_jax.run import sampler_specs
 from score_jax.run.settings import Settings
@@ -72,7 +73,9 @@ def get_lr_schedule(s: Settings) -> optax.Schedule:
   """lr * min(step / warmup, 1), the reference's linear warmup; or EDM's ramp-up in
   images, lr * min(nimg / (1000 lr_rampup_kimg), 1) with nimg = step * batch_size the
   images seen before the step. optim.lr_decay = 'cosine' multiplies either by
-  (1 + cos(pi min(step / training.n_iters, 1))) / 2."""
+  (1 + cos(pi min(step / training.n_iters, 1))) / 2, 'inverse_sqrt' by
+  1 / sqrt(max(step / optim.ref_batches, 1)): EDM2's `learning_rate_schedule` (its
+  cur_nimg / (ref_batches batch_size) is step / ref_batches)."""
   o, batch = s.optim, s.training.batch_size
   if o.lr_rampup_kimg > 0:
     ramp_images = 1000.0 * o.lr_rampup_kimg
@@ -84,6 +87,10 @@ def get_lr_schedule(s: Settings) -> optax.Schedule:
     ramp = optax.constant_schedule(o.lr)
   if o.lr_decay == "none":
     return ramp
+  if o.lr_decay == "inverse_sqrt":
+    ref = float(o.ref_batches)
+    return lambda count: ramp(count) * jax.lax.rsqrt(
+        jnp.maximum(jnp.asarray(count, jnp.float32) / ref, 1.0))
   cosine = optax.cosine_decay_schedule(1.0, max(s.training.n_iters, 1))
   return lambda count: ramp(count) * cosine(count)
 
@@ -115,16 +122,21 @@ def get_ema_decay(s: Settings) -> Callable[[Array], Any]:
 
 
 def get_optimizer(s: Settings) -> optax.GradientTransformation:
-  """Adam (or AdamW with weight decay) with warmup and global-norm clipping."""
+  """Adam (or AdamW with weight decay) with warmup and global-norm clipping; for a network
+  with magnitude-preserving weights (`forced_weight_norm`, EDM2's) the update ends with
+  their projection back onto the sphere (models.edm2.forced_weight_normalization)."""
   o = s.optim
   schedule = get_lr_schedule(s)
-  kw = dict(b1=o.beta1, b2=0.999, eps=o.eps)
+  kw = dict(b1=o.beta1, b2=o.beta2, eps=o.eps)
   if o.weight_decay > 0:
     opt = optax.adamw(schedule, weight_decay=o.weight_decay, **kw)
   else:
     opt = optax.adam(schedule, **kw)
   chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  return optax.chain(*chain, opt)
+  chain.append(opt)
+  if getattr(models.MODELS[s.model.name.lower()], "forced_weight_norm", False):
+    chain.append(forced_weight_normalization())
+  return optax.chain(*chain)
 
 
 def parameterization_kwargs(s: Settings) -> Dict[str, Any]:
@@ -171,6 +183,8 @@ def get_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool,
                       f"discrete chain: vpsde (DDPM) or vesde (SMLD), not {t.sde!r}.")
   if t.objective == "meanflow":
     return _meanflow_loss_fn(s, model, train=train)
+  if t.objective == "edm2":
+    return _edm2_loss_fn(s, sde, model, train=train)
   if t.objective in ("sct", "scd"):
     return _continuous_consistency_loss_fn(s, sde, model, train=train, teacher=teacher)
   if t.objective in ("ict", "ect"):
@@ -206,6 +220,35 @@ def _training_labels(s: Settings, y: Optional[Array], rng: Array, train: bool) -
   if y is not None and rate > 0 and train:
     y = jnp.where(jax.random.bernoulli(rng, rate, y.shape), num_classes, y)
   return y
+
+
+def _edm2_loss_fn(s: Settings, sde: sde_lib.SDE, model: nn.Module, *, train: bool) -> LossFn:
+  """get_loss_fn's loss for training.objective = 'edm2' (losses.edm2_loss): ln sigma ~
+  N(p_mean, p_std^2), as EDM2 not truncated to the SDE's range, EDM's denoiser and the
+  network's uncertainty head u(sigma) (`EDM2UNet.log_variance`). LossAux.t: the VE times of
+  the sigmas."""
+  t, sd = s.training, s.model.sigma_data
+
+  def loss_fn(params, rng: Array, x: Array, y: Optional[Array] = None,
+              augment_labels: Optional[Array] = None, context: Optional[LossContext] = None):
+    del context
+    if augment_labels is not None:
+      raise ConfigError("training.objective = 'edm2' takes no augmentation labels (EDM2 "
+                        "trains without augmentation); set data.augment_p = 0.")
+    rng_s, rng_z, rng_drop, rng_label = jax.random.split(rng, 4)
+    y = _training_labels(s, y, rng_label, train)
+    variables = {"params": params}
+    denoise = models.get_edm_denoiser_fn(model, variables, sigma_data=sd, train=train,
+                                         rng=rng_drop if train else None)
+    logvar = lambda sigma: model.apply(variables, 0.25 * jnp.log(sigma),
+                                       method=type(model).log_variance)
+    sigma = jnp.exp(t.p_mean + t.p_std * jax.random.normal(rng_s, (x.shape[0],)))
+    z = jax.random.normal(rng_z, x.shape, x.dtype)
+    loss, per_example = losses.edm2_loss(lambda xx, ss: denoise(xx, ss, y), logvar, x, sigma, z,
+                                         sigma_data=sd)
+    return loss, losses.LossAux(per_example, sde.t_from_log_snr(-jnp.log(sigma)))
+
+  return loss_fn
 
 
 def _meanflow_loss_fn(s: Settings, model: nn.Module, *, train: bool) -> LossFn:

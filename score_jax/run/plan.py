@@ -36,7 +36,8 @@ from score_jax import sde as sde_lib
 from score_jax.data import augment as augment_lib
 from score_jax.errors import ConfigError, WorkdirError
 from score_jax.run import builders, phema, sampler_specs, sharding
-from score_jax.run.settings import Data, Eval, Sample, Settings, check_devices, from_json
+from score_jax.run.settings import (DIFFUSION_OBJECTIVES, Data, Eval, Sample, Settings,
+                                   check_devices, from_json)
 
 Array = jax.Array
 
@@ -430,9 +431,10 @@ def _teacher(s: Settings, mesh: jax.sharding.Mesh) -> Optional[Teacher]:
                        "a score_jax run (train one with main.py --mode=train, or convert a "
                        "checkpoint with python -m score_jax.convert).")
   ts = from_json(path)
-  if ts.training.objective != "denoising":
+  if ts.training.objective not in DIFFUSION_OBJECTIVES:
     raise ConfigError(f"The teacher {t.teacher_workdir} was trained with training.objective = "
-                      f"{ts.training.objective!r}; a teacher is a diffusion run ('denoising').")
+                      f"{ts.training.objective!r}; a teacher is a diffusion run "
+                      f"({' or '.join(repr(o) for o in DIFFUSION_OBJECTIVES)}).")
   if ts.data.shape(1) != s.data.shape(1):
     raise ConfigError(f"The teacher {t.teacher_workdir} models data of shape "
                       f"{ts.data.shape(1)[1:]}, this run {s.data.shape(1)[1:]}; use a teacher "

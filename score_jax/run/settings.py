@@ -53,7 +53,10 @@ SHARDINGS = ("replicated", "fsdp")  # of the train state (score_jax.run.sharding
 PARAMETERIZATIONS = ("default", "edm", "velocity", "sit_velocity", "trigflow", "consistency")
 TIME_DISTRIBUTIONS = ("uniform", "lognormal_sigma", "logit_normal")
 WEIGHTINGS = ("default", "edm", "velocity")
-OBJECTIVES = ("denoising", "meanflow", "ict", "ect", "sct", "scd")
+OBJECTIVES = ("denoising", "edm2", "meanflow", "ict", "ect", "sct", "scd")
+# The diffusion objectives: a run of one is a score model (a teacher, a sampler's network).
+DIFFUSION_OBJECTIVES = ("denoising", "edm2")
+LR_DECAYS = ("none", "cosine", "inverse_sqrt")
 # SongUNet's ways of combining MeanFlow's two times (models.song_unet.SECOND_TIME_MODES).
 SECOND_TIME_MODES = ("add", "concat")
 # Discrete consistency training (score_jax.consistency.METRICS, WEIGHTINGS).
@@ -273,6 +276,7 @@ class Optim:
   optimizer: str
   lr: float
   beta1: float
+  beta2: float
   eps: float
   weight_decay: float
   warmup: int
@@ -280,6 +284,7 @@ class Optim:
   grad_clip: float
   nonfinite_grads: str
   lr_decay: str
+  ref_batches: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,6 +509,7 @@ def _check(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
   _check_training(s.training)
   _check_objective(s.training, s.model)
   _check_meanflow(s, families)
+  _check_edm2(s, families)
   _check_scm(s)
   _check_ct(s)
   _check_teacher(s.training)
@@ -585,7 +591,14 @@ def _check_sde(t: Training, m: Model) -> None:
 def _check_optim(o: Optim) -> None:
   _choice("optim.optimizer", o.optimizer, ("adam", "adamw"), lower=True)
   _choice("optim.nonfinite_grads", o.nonfinite_grads, NONFINITE_GRADS)
-  _choice("optim.lr_decay", o.lr_decay, ("none", "cosine"))
+  _choice("optim.lr_decay", o.lr_decay, LR_DECAYS)
+  for key in ("beta1", "beta2"):
+    if not 0.0 <= getattr(o, key) < 1.0:
+      raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(o, key)}.")
+  if o.lr_decay == "inverse_sqrt" and o.ref_batches < 1:
+    raise ConfigError(f"optim.lr_decay = 'inverse_sqrt' divides the rate by sqrt(max(step / "
+                      f"optim.ref_batches, 1)); set optim.ref_batches >= 1 (EDM2: 70000 or "
+                      f"35000), got {o.ref_batches}.")
   _at_least("optim.lr_rampup_kimg", o.lr_rampup_kimg, 0.0)
   if o.lr_rampup_kimg > 0 and o.warmup > 0:
     raise ConfigError("optim.lr_rampup_kimg (a ramp-up in images) and optim.warmup (in steps) "
@@ -788,6 +801,25 @@ def _check_objective(t: Training, m: Model) -> None:
   for key in ("p_std", "logit_std"):
     if not getattr(t, key) > 0:
       raise ConfigError(f"training.{key} must be > 0, got {getattr(t, key)}.")
+
+
+def _check_edm2(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
+  """EDM2's loss (training.objective = 'edm2') trains EDM's preconditioned denoiser on EDM's
+  process with a network that has EDM2's uncertainty head."""
+  del families
+  t, m = s.training, s.model
+  if t.objective != "edm2":
+    return
+  name = "training.objective = 'edm2'"
+  if t.sde.lower() != "vesde" or not t.continuous:
+    raise ConfigError(f"{name} is on EDM's process x_0 + sigma z; set training.sde = 'vesde' "
+                      f"and training.continuous = True (got {t.sde!r}, {t.continuous}).")
+  if m.parameterization != "edm":
+    raise ConfigError(f"{name} trains EDM's preconditioned denoiser; set "
+                      f"model.parameterization = 'edm' (got {m.parameterization!r}).")
+  if m.name.lower() != "edm2_unet":
+    raise ConfigError(f"{name} learns EDM2's uncertainty u(sigma), which the 'edm2_unet' "
+                      f"network has; set model.name = 'edm2_unet' (got {m.name!r}).")
 
 
 def _check_meanflow(s: Settings, families: Mapping[str, Tuple[str, ...]]) -> None:
