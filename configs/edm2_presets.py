@@ -26,9 +26,11 @@ evaluates without labels, as EDM2 does.
 
 The sampler is EDM2's: EDM's deterministic Heun on 32 noise levels from 80 to 0.002 with
 rho = 7 and a last Euler step to 0, 63 network evaluations (sampling.num_steps = 31 Heun
-steps + noise_removal, the denoising step). The process is EDM's (VE SDE, sigma 0.002..80,
-model.parameterization 'edm', sigma_data 0.5), the network score_jax's EDM2UNet; the converter
-sets its architecture from the file, so any network of the preset's data converts with it.
+steps + noise_removal, the denoising step), computed in float32. The rest is the main
+network's training preset (configs/_families.py edm2_imagenet: EDM's process, the VE SDE
+with sigma 0.002..80, model.parameterization 'edm', sigma_data 0.5, EDM2's loss and
+optimizer), the network score_jax's EDM2UNet; the converter sets its architecture from the
+file, so any network of the preset's data converts with it.
 
 img512 networks model 64 x 64 x 4 latents of Stable Diffusion's VAE (sd-vae-ft-mse), which
 EDM2 normalizes per channel (z = (raw - mean) * 0.5 / std, mean (5.81, 3.25, 0.12, -2.15),
@@ -42,7 +44,7 @@ from typing import Dict, NamedTuple, Optional
 
 import ml_collections
 
-from configs import default
+from configs import _families as families, default
 
 
 class Preset(NamedTuple):
@@ -110,11 +112,6 @@ PRESETS: Dict[str, Preset] = {
                                       "edm2-img64-xs-0134217-0.175.pkl", 2.20),
 }
 
-# train_edm2.py's sizes: model_channels and dropout (the other UNet arguments are its defaults).
-SIZES = {"xs": (128, 0.0), "s": (192, 0.0), "m": (256, 0.1), "l": (320, 0.1), "xl": (384, 0.1),
-         "xxl": (448, 0.1)}
-
-
 def _network(file: str):
   """(data 'img512' | 'img64', size, conditional) of a released file name."""
   parts = file.split("-")  # edm2, img512, s, [uncond,] kimg, std.pkl
@@ -127,18 +124,8 @@ def get_config(preset: str = "edm2-img512-s-fid") -> ml_collections.ConfigDict:
                      "(--config=configs/edm2_presets.py:<preset>).")
   p = PRESETS[preset]
   data_kind, size, conditional = _network(p.net)
-  config = default.get_config()
-
-  training = config.training
-  training.sde = "vesde"
-  training.continuous = True
-  training.reduce_mean = False
-  training.batch_size = 2048
-  training.time_distribution = "lognormal_sigma"
-  training.p_mean = -0.4 if data_kind == "img512" else -0.8
-  training.p_std = 1.0 if data_kind == "img512" else 1.6
-  training.weighting = "edm"
-  training.snapshot_sampling = False
+  # The main network's training preset (data, process, loss, network size), then generation.
+  config = families.edm2_imagenet(default.get_config(), f"{data_kind}-{size}")
 
   sampling = config.sampling
   sampling.method = "heun"
@@ -149,29 +136,13 @@ def get_config(preset: str = "edm2-img512-s-fid") -> ml_collections.ConfigDict:
   sampling.eps = 1e-6  # sigma^ = 0.002 * 40000 ** 1e-6 = 0.0020000212
   sampling.guidance_weight = p.guidance - 1.0
   sampling.batch_size = 32
-
   if p.gnet is not None:
     config.sample.guide_workdir = f"runs/{preset}-guide"
 
-  data = config.data
-  data.image_size = 64
-  data.centered = True
-  data.random_flip = False
-  if data_kind == "img512":
-    data.dataset = "latents"
-    data.num_channels = 4
-  else:
-    data.dataset = "images"
-    data.num_channels = 3
-
   model = config.model
-  model.name = "edm2_unet"
-  model.parameterization = "edm"
-  model.sigma_data = 0.5
-  model.sigma_min = 0.002
-  model.sigma_max = 80.0
+  model.dtype = "float32"  # EDM2 generates in float16; bfloat16 has 3 fewer mantissa bits
   model.num_classes = 1000 if conditional else 0
-  model.model_channels, model.dropout = SIZES[size]
+  # EDM2's UNet defaults, written out (the converter reports the file's values that differ).
   model.channel_mult = (1, 2, 3, 4)
   model.num_blocks = 3
   model.attn_resolutions = (16, 8)
