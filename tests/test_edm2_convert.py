@@ -250,7 +250,7 @@ def test_unsupported_constructor_arguments_are_refused():
     edm2_convert.encoder_notes(obj, S(pixels))
 
 
-def test_presets_are_edm2s_generation_settings():
+def test_presets_are_edm2s_generation_settings(fast_compile):
   """Every generate_images.py preset builds; the guided ones hold EDM2's guidance as
   guidance_weight g - 1 and a guide; the sampler is EDM2's 32-level Heun (63 NFE) on
   sigma_i = (80^(1/7) + i/31 (0.002^(1/7) - 80^(1/7)))^7 with a last Euler step to 0, compared
@@ -284,3 +284,24 @@ def test_presets_are_edm2s_generation_settings():
     xn = xe
   # float32 over 63 evaluations, and the last level 0.0020000212 instead of 0.002.
   np.testing.assert_allclose(np.asarray(x), xn, rtol=1e-4, atol=1e-5)
+
+
+# EDM2's Table 2 (img512, 1000 classes): parameters in millions, by model_channels.
+EDM2_PARAMS_M = {128: 125, 192: 280, 256: 498, 320: 777, 384: 1119, 448: 1523}
+
+
+def test_full_size_maps_count_edm2s_parameters_and_fit_the_network():
+  """The map of each released img512 size holds EDM2's parameter count (its Table 2, without
+  the Fourier buffers); the XS map fits score_jax's EDM2UNet (jax.eval_shape)."""
+  import math  # pylint: disable=import-outside-toplevel
+  for channels, millions in EDM2_PARAMS_M.items():
+    # As train_edm2.py constructs them: channels, dropout, use_fp16 and the interface.
+    kw = {**edm2_convert.BLOCK_DEFAULTS, **edm2_convert.UNET_DEFAULTS,
+          **edm2_convert.PRECOND_DEFAULTS, "img_resolution": 64, "img_channels": 4,
+          "label_dim": 1000, "model_channels": channels}
+    entries = edm2_convert.edm2_spec(kw)
+    assert round(sum(math.prod(e.ref_shape) for e in entries if e.trainable) / 1e6) == millions
+  kw["model_channels"] = 128
+  config, _ = edm2_convert.config_for(edm2_presets.get_config("edm2-img512-xs-fid"), kw)
+  s = S(config)
+  edm2_convert.check_spec(edm2_convert.edm2_spec(kw), builders.get_model(s), s.data.shape(1))
