@@ -45,6 +45,7 @@ from typing import Dict, NamedTuple, Optional
 import ml_collections
 
 from configs import _families as families, default
+from score_jax.errors import ConfigError
 
 
 class Preset(NamedTuple):
@@ -120,8 +121,8 @@ def _network(file: str):
 
 def get_config(preset: str = "edm2-img512-s-fid") -> ml_collections.ConfigDict:
   if preset not in PRESETS:
-    raise ValueError(f"Unknown EDM2 preset {preset!r}; choose one of {sorted(PRESETS)} "
-                     "(--config=configs/edm2_presets.py:<preset>).")
+    raise ConfigError(f"Unknown EDM2 preset {preset!r}; choose one of {sorted(PRESETS)} "
+                      "(--config=configs/edm2_presets.py:<preset>).")
   p = PRESETS[preset]
   data_kind, size, conditional = _network(p.net)
   # The main network's training preset (data, process, loss, network size), then generation.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import pickle
 
@@ -22,6 +23,7 @@ from score_jax import models
 from score_jax.convert import cli as convert_cli
 from score_jax.convert import edm2 as edm2_convert
 from score_jax.convert import edm_pickle
+from score_jax.errors import ConfigError
 from score_jax.models.edm2 import EDM2UNet
 from score_jax.run import builders
 from score_jax.run.settings import from_config as S
@@ -261,7 +263,7 @@ def test_presets_are_edm2s_generation_settings(fast_compile):
     assert s.sampling.guidance_weight == pytest.approx(p.guidance - 1.0)
     assert bool(s.sample.guide_workdir) == (p.gnet is not None)
     assert s.model.num_classes == (0 if "-uncond-" in p.net else 1000)
-  with pytest.raises(ValueError, match="Unknown EDM2 preset"):
+  with pytest.raises(ConfigError, match="Unknown EDM2 preset"):
     edm2_presets.get_config("edm2-img512-s")
   s = S(edm2_presets.get_config("edm2-img64-s-fid"))
   sde = builders.get_sde(s)
@@ -293,7 +295,6 @@ EDM2_PARAMS_M = {128: 125, 192: 280, 256: 498, 320: 777, 384: 1119, 448: 1523}
 def test_full_size_maps_count_edm2s_parameters_and_fit_the_network():
   """The map of each released img512 size holds EDM2's parameter count (its Table 2, without
   the Fourier buffers); the XS map fits score_jax's EDM2UNet (jax.eval_shape)."""
-  import math  # pylint: disable=import-outside-toplevel
   for channels, millions in EDM2_PARAMS_M.items():
     # As train_edm2.py constructs them: channels, dropout, use_fp16 and the interface.
     kw = {**edm2_convert.BLOCK_DEFAULTS, **edm2_convert.UNET_DEFAULTS,
