@@ -306,3 +306,38 @@ def test_full_size_maps_count_edm2s_parameters_and_fit_the_network():
   config, _ = edm2_convert.config_for(edm2_presets.get_config("edm2-img512-xs-fid"), kw)
   s = S(config)
   edm2_convert.check_spec(edm2_convert.edm2_spec(kw), builders.get_model(s), s.data.shape(1))
+
+
+@pytest.mark.slow
+def test_converted_autoguidance_pair_guides_as_edm2(tmp_path):
+  """The documented pair (main: the reconstruct_phema output, guide: the snapshot, preset
+  edm2-img512-s-autog-fid) samples with EDM2's guided denoiser D_guide + g (D_main - D_guide),
+  g = 2.10 (generate_images.py's ref_Dx.lerp(Dx, guidance)): score_jax's autoguided score at
+  the fixtures' x, sigma and labels against that formula on EDM2's float32 outputs of the two
+  networks. Tolerance: each D to 1e-5 of |D| (as above) times 1 + 2 g, plus float32 roundings
+  of |x| amplified by the same factor (D = x + sigma^2 ((1 + w) s_main - w s_guide))."""
+  from score_jax.run import load, programs  # pylint: disable=import-outside-toplevel
+  main, guide = str(tmp_path / "main"), str(tmp_path / "guide")
+  config = edm2_presets.get_config("edm2-img512-s-autog-fid")
+  config.data.image_size = 8
+  config.sample.guide_workdir = guide
+  edm2_convert.convert(_pkl("phema"), main, config)
+  edm2_convert.convert(_pkl("snapshot"), guide, config)
+  run = score_jax.load_run(main)
+  progs = programs.Programs(run.plan, guide=load.load_guide(run.settings, run.plan))
+  ref_main, ref_guide = _ref("phema"), _ref("snapshot")
+  x, sigma = ref_main["x"], ref_main["sigma"]
+  y = jnp.asarray(ref_main["class_labels"].argmax(1))
+  sde = run.plan.sde
+  t = sde.t_from_log_snr(-jnp.log(jnp.asarray(sigma)))
+  w = run.settings.sampling.guidance_weight
+  score = progs.score_fn(progs.guided(run.params), y, w)(jnp.asarray(x), t)
+  d = np.asarray(x + sde.marginal_std(t)[:, None, None, None] ** 2 * score)
+  g = 2.10
+  want = ref_guide["D_f32"] + g * (ref_main["D_f32"] - ref_guide["D_f32"])
+  for i in range(len(sigma)):
+    tol = (1 + 2 * g) * (1e-5 * np.abs(want[i]).max()
+                         + 2 * np.finfo(np.float32).eps * np.abs(x[i]).max())
+    assert np.abs(d[i] - want[i]).max() <= tol, sigma[i]
+  # Guidance moves D: the pair differs from the main network alone.
+  assert np.abs(want - ref_main["D_f32"]).max() > 1e-2
