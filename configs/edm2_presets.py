@@ -10,9 +10,11 @@ A guided preset (edm2-img512-s-autog-fid, the guid-* ones, ...) names two networ
 the main one into runs/<preset> and the guide into runs/<preset>-guide (this config's
 sample.guide_workdir, the guide's converted config samples alone), then sample the first:
 
-  python -m score_jax.convert --from=edm2 --config=configs/edm2_presets.py:edm2-img512-s-autog-fid \\
+  python -m score_jax.convert --from=edm2 \\
+      --config=configs/edm2_presets.py:edm2-img512-s-autog-fid \\
       edm2-img512-s-2147483-0.070.pkl runs/edm2-img512-s-autog-fid
-  python -m score_jax.convert --from=edm2 --config=configs/edm2_presets.py:edm2-img512-s-autog-fid \\
+  python -m score_jax.convert --from=edm2 \\
+      --config=configs/edm2_presets.py:edm2-img512-s-autog-fid \\
       edm2-img512-xs-0134217-0.125.pkl runs/edm2-img512-s-autog-fid-guide
   python main.py --config=runs/edm2-img512-s-autog-fid/config.json \\
       --workdir=runs/edm2-img512-s-autog-fid --mode=sample
@@ -35,7 +37,10 @@ file, so any network of the preset's data converts with it.
 img512 networks model 64 x 64 x 4 latents of Stable Diffusion's VAE (sd-vae-ft-mse), which
 EDM2 normalizes per channel (z = (raw - mean) * 0.5 / std, mean (5.81, 3.25, 0.12, -2.15),
 std (4.17, 4.62, 3.71, 3.28)); data.dataset = 'latents' with data.path a latent folder whose
-VAE decodes the samples. img64 networks model ImageNet 64 x 64 pixels in [-1, 1]
+VAE decodes the samples. score_jax's latent decoder divides by one scaling factor
+(score_jax/data/latents.py) and does not undo EDM2's per-channel normalization yet, so img512
+samples are not decoded correctly; the networks, the sampler and the guidance are. img64
+networks model ImageNet 64 x 64 pixels in [-1, 1]
 (data.dataset = 'images', data.path EDM2's dataset zip). Both have 1000 classes (the
 '-uncond-' networks none; the converter takes label_dim from the file).
 """

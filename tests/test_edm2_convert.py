@@ -151,7 +151,8 @@ def test_converted_networks_give_edm2_denoiser_and_logvar(fast_compile):
       for suffix, rel in (("_f32", 1e-5), ("", 2e-3)):
         want = ref["D" + tag + suffix]
         for i in range(len(ref["sigma"])):
-          tol = rel * np.abs(want[i]).max() + 2 * np.finfo(np.float32).eps * np.abs(ref["x"][i]).max()
+          tol = (rel * np.abs(want[i]).max()
+                 + 2 * np.finfo(np.float32).eps * np.abs(ref["x"][i]).max())
           assert np.abs(d[i] - want[i]).max() <= tol, (name, tag, suffix, ref["sigma"][i])
       np.testing.assert_allclose(logvar, ref["logvar_f32"], rtol=0, atol=1e-6)
 

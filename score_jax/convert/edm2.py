@@ -1,8 +1,10 @@
 """Convert NVlabs/edm2's networks (Precond over its magnitude-preserving UNet) into score_jax
 workdirs.
 
-  python -m score_jax.convert --from=edm2 --config=configs/edm2_presets.py:edm2-img512-s-fid edm2-img512-s-2147483-0.130.pkl runs/edm2-img512-s-fid
-  python main.py --config=runs/edm2-img512-s-fid/config.json --workdir=runs/edm2-img512-s-fid --mode=sample
+  python -m score_jax.convert --from=edm2 --config=configs/edm2_presets.py:edm2-img64-s-fid \
+      edm2-img64-s-1073741-0.075.pkl runs/edm2-img64-s-fid
+  python main.py --config=runs/edm2-img64-s-fid/config.json --workdir=runs/edm2-img64-s-fid \
+      --mode=sample
 
 EDM2's released networks (`edm2-img512-{xs,s,m,l,xl,xxl}-<kimg>-<std>.pkl`,
 `edm2-img64-...`, the post-hoc EMA reconstructions that its reconstruct_phema.py writes) and

@@ -1,4 +1,5 @@
-"""Read NVlabs/edm and NVlabs/edm2 network pickles with numpy, without torch, running nothing they contain.
+"""Read NVlabs/edm and NVlabs/edm2 network pickles with numpy, without torch, running nothing
+they contain.
 
 EDM (Karras et al. 2022) releases its networks, and its training loop writes
 its snapshots, as plain Python pickles (protocol 4) of *persistent classes*

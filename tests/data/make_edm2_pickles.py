@@ -205,7 +205,9 @@ def main():
   import torch  # pylint: disable=import-outside-toplevel
   import dnnlib  # pylint: disable=import-outside-toplevel
   from torch_utils import persistence  # pylint: disable=import-outside-toplevel
-  import training.networks_edm2, training.encoders, training.training_loop, training.phema  # noqa: F401  pylint: disable=import-outside-toplevel,multiple-imports
+  # pylint: disable=import-outside-toplevel,multiple-imports
+  import training.networks_edm2, training.encoders, training.training_loop, training.phema  # noqa
+  # pylint: enable=import-outside-toplevel,multiple-imports
   import reconstruct_phema  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(1)
   os.makedirs(os.path.join(args.out, "uncond"), exist_ok=True)
