@@ -293,9 +293,10 @@ def test_presets_are_edm2s_generation_settings(fast_compile):
 EDM2_PARAMS_M = {128: 125, 192: 280, 256: 498, 320: 777, 384: 1119, 448: 1523}
 
 
-def test_full_size_maps_count_edm2s_parameters_and_fit_the_network():
+def test_full_size_maps_count_edm2s_parameters():
   """The map of each released img512 size holds EDM2's parameter count (its Table 2, without
-  the Fourier buffers); the XS map fits score_jax's EDM2UNet (jax.eval_shape)."""
+  the Fourier buffers; tests/test_edm2.py counts EDM2UNet's, and the converter checks the map
+  against the network's jax.eval_shape at every conversion)."""
   for channels, millions in EDM2_PARAMS_M.items():
     # As train_edm2.py constructs them: channels, dropout, use_fp16 and the interface.
     kw = {**edm2_convert.BLOCK_DEFAULTS, **edm2_convert.UNET_DEFAULTS,
@@ -303,10 +304,6 @@ def test_full_size_maps_count_edm2s_parameters_and_fit_the_network():
           "label_dim": 1000, "model_channels": channels}
     entries = edm2_convert.edm2_spec(kw)
     assert round(sum(math.prod(e.ref_shape) for e in entries if e.trainable) / 1e6) == millions
-  kw["model_channels"] = 128
-  config, _ = edm2_convert.config_for(edm2_presets.get_config("edm2-img512-xs-fid"), kw)
-  s = S(config)
-  edm2_convert.check_spec(edm2_convert.edm2_spec(kw), builders.get_model(s), s.data.shape(1))
 
 
 @pytest.mark.slow
