@@ -114,10 +114,11 @@ def find_network(obj: Any, source: str = "the file", weights: str = "ema"
                           "persistent network.")
   if obj.class_name != "Precond" or not isinstance(obj.modules.get("unet"),
                                                      edm_pickle.PersistentObject):
-    hint = (" (an EDM network: convert it with --from=edm)"
-            if obj.class_name in ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond") else "")
-    raise EDM2LayoutError(f"{source}: the network is a {obj.class_name}{hint}; --from=edm2 "
-                          "converts EDM2's Precond over its UNet only.")
+    what = (f"EDM's {obj.class_name} (convert it with --from=edm)"
+            if obj.class_name in ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond")
+            else f"a persistent {obj.class_name}")
+    raise EDM2LayoutError(f"{source}: the network is {what}; --from=edm2 converts EDM2's "
+                          "Precond over its UNet only.")
   if obj.modules["unet"].class_name != "UNet":
     raise EDM2LayoutError(f"{source}: Precond's unet is a {obj.modules['unet'].class_name}, not "
                           "EDM2's UNet.")
