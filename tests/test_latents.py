@@ -36,7 +36,8 @@ def _data(dataset, path, image_size, num_channels, **extra):
   return types.SimpleNamespace(
       dataset=dataset, path=path, image_size=image_size, num_channels=num_channels,
       data_dir="", category="", toy_name="gaussian_mixture", tfrecords_path="",
-      random_flip=False, uniform_dequantization=False, centered=False, **extra)
+      random_flip=False, uniform_dequantization=False, centered=False,
+      **{"latent_scale": (), "latent_shift": (), "vae": "", "vae_centered": True, **extra})
 
 
 @pytest.fixture(scope="module")
