@@ -250,7 +250,7 @@ def test_unsupported_constructor_arguments_are_refused():
   pixels.data.centered = False
   obj = edm_pickle.load(_pkl("uncond"))
   with pytest.raises(edm2_convert.EDM2LayoutError, match="data.centered=True"):
-    edm2_convert.encoder_notes(obj, S(pixels))
+    edm2_convert.encoder_config(obj, pixels)
 
 
 def test_presets_are_edm2s_generation_settings(fast_compile):

@@ -34,9 +34,10 @@ torch; nothing in the file runs). The conversion:
 The config must use model.name = 'edm2_unet' and model.parameterization = 'edm' on the VE
 SDE (EDM2's preconditioning: c_in x and c_noise = ln(sigma) / 4 into the network, D = c_skip x
 + c_out F); EDM2's uncertainty u(sigma) is `EDM2UNet.log_variance(c_noise)`. The snapshot's
-encoder is reported: StandardRGBEncoder (pixels in [-1, 1], data.centered) or
-StabilityVAEEncoder (Stable Diffusion VAE latents normalized per channel, (z - raw_mean) *
-final_std / raw_std, which a decoder must undo).
+encoder sets the data's settings (`encoder_config`): StandardRGBEncoder (pixels in [-1, 1],
+data.centered) or StabilityVAEEncoder (Stable Diffusion VAE latents of [0, 1] pixels,
+data.vae_centered = False, normalized per channel as z = raw * scale + bias: the file's scale
+and bias become data.latent_scale and data.latent_shift, refused where the config sets others).
 
 Where `sample.guide_workdir` of the config is DST itself (the autoguidance guide of a preset
 being converted), the written config.json samples without a guide: the guide's own run is
@@ -58,7 +59,7 @@ from score_jax.errors import UserError
 
 __all__ = ["EDM2LayoutError", "PRECOND_DEFAULTS", "UNET_DEFAULTS", "BLOCK_DEFAULTS",
            "edm2_spec", "check_spec", "find_network", "resolved_kwargs", "config_for",
-           "check_tensors", "encoder_notes", "convert"]
+           "check_tensors", "encoder_config", "convert"]
 
 Shape = Tuple[int, ...]
 
@@ -193,25 +194,51 @@ def config_for(config: Any, kw: Mapping[str, Any], source: str = "the file"
   return ml_collections.ConfigDict(raw), notes
 
 
-def encoder_notes(obj: Any, s: Any, source: str = "the file") -> List[str]:
-  """What the snapshot's encoder says about the data (notes), and a refusal where it
-  contradicts the config (EDM2's pixels are in [-1, 1]: data.centered)."""
+def encoder_config(obj: Any, config: Any, source: str = "the file") -> Tuple[Any, List[str]]:
+  """`config` with the data settings the snapshot's encoder implies, and notes.
+
+  StandardRGBEncoder: pixels in [-1, 1] (data.centered must be True). StabilityVAEEncoder:
+  latents of Stable Diffusion's VAE of [0, 1] pixels (data.vae_centered must be False),
+  normalized per channel as z = raw * scale + bias: the file's scale and bias become
+  data.latent_scale and data.latent_shift where the config leaves them empty (), and must
+  agree with them (to 1e-6 relative, the file's values are kept) where it sets them.
+
+  Raises:
+    EDM2LayoutError: a config that contradicts the encoder (one line with the fix).
+  """
   enc = obj.get("encoder") if isinstance(obj, Mapping) else None
   if not isinstance(enc, edm_pickle.PersistentObject):
-    return []
+    return config, []
+  data = config.data
   if enc.class_name == "StandardRGBEncoder":
-    if not s.data.centered:
+    if not data.centered:
       raise EDM2LayoutError(f"{source}: the network models pixels in [-1, 1] (EDM2's "
                             "StandardRGBEncoder); set --config.data.centered=True.")
-    return []
-  if enc.class_name == "StabilityVAEEncoder":
-    scale = np.asarray(enc.state.get("scale"), np.float64).reshape(-1)
-    bias = np.asarray(enc.state.get("bias"), np.float64).reshape(-1)
-    if scale.size and scale.shape == bias.shape:
-      return [f"latents of {enc.state.get('vae_name')!r} normalized per channel, z = raw * "
-              f"{_show(tuple(np.round(scale, 6)))} + {_show(tuple(np.round(bias, 6)))} (EDM2's "
-              "StabilityVAEEncoder); images decode from raw = (z - bias) / scale"]
-  return [f"EDM2 encoder {enc.class_name}"]
+    return config, []
+  if enc.class_name != "StabilityVAEEncoder":
+    return config, [f"EDM2 encoder {enc.class_name}"]
+  scale = np.asarray(enc.state.get("scale"), np.float32).reshape(-1)
+  bias = np.asarray(enc.state.get("bias"), np.float32).reshape(-1)
+  if not scale.size or scale.shape != bias.shape:
+    raise EDM2LayoutError(f"{source}: its StabilityVAEEncoder holds no per-channel scale and "
+                          f"bias (scale {scale.shape}, bias {bias.shape}); nothing was converted.")
+  if str(data.dataset).lower() != "latents" or data.vae_centered:
+    raise EDM2LayoutError(f"{source}: the network models Stable Diffusion VAE latents of [0, 1] "
+                          "pixels (EDM2's StabilityVAEEncoder); use an img512 preset, or set "
+                          "--config.data.dataset=latents --config.data.vae_centered=False.")
+  notes = [f"latents of {enc.state.get('vae_name')!r} (EDM2's StabilityVAEEncoder)"]
+  for key, values in (("latent_scale", scale), ("latent_shift", bias)):
+    given = tuple(data[key])
+    if given and not (len(given) == len(values) and np.allclose(
+        np.asarray(given, np.float64), values, rtol=1e-6, atol=1e-9)):
+      raise EDM2LayoutError(
+          f"{source}: its encoder normalizes the latents with {key}={_show(tuple(values))}, the "
+          f"config sets data.{key}={_show(given)}; nothing was converted: set "
+          f"--config.data.{key}=\"()\" to take the file's values.")
+    data[key] = tuple(float(v) for v in values)
+    if not given:
+      notes.append(f"data.{key}={_show(tuple(values))} from the file")
+  return config, notes
 
 
 # ---------------------------------------------------------------------------
@@ -378,8 +405,9 @@ def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
     config.sampling.guidance_weight = 0.0
     notes.append("sample.guide_workdir is DST itself (this is the guide): cleared, with "
                  "sampling.guidance_weight")
+  config, more = encoder_config(obj, config, src)
+  notes += more
   s = settings_lib.from_config(config)
-  notes += encoder_notes(obj, s, src)
   model = builders.get_model(s)
   shape = s.data.shape(1)
   entries = edm2_spec(kw)

@@ -4,8 +4,9 @@
 dataset through a diffusers AutoencoderKL folder (`score_jax.convert.vae.load_vae`) and writes
 
   DIR/meta.json               the VAE folder, its scaling factor and weights' SHA-256, the
-                              pixel range into it (vae_centered), the latent shape, the source data (dataset, path, image size,
-                              channels, classes) and the splits' sizes and shard counts
+                              pixel range into it (vae_centered), the latent shape, the
+                              source data (dataset, path, image size, channels, classes) and
+                              the splits' sizes and shard counts
   DIR/<split>-<k>.npy         shard k of a split: examples [k S, min((k + 1) S, N)) (S =
                               shard_size) as a structured array with fields 'mean' and
                               'std' (float32 [h, w, c], the posterior N(mean, std^2) of the
@@ -384,7 +385,8 @@ def latent_decoder(data: Any) -> LatentDecoder:
     ConfigError: neither data.vae nor data.path, or settings that contradict meta.json.
     LatentsError, DatasetNotFoundError, VAEFolderError: a gone or malformed VAE or dataset.
   """
-  from score_jax.convert.vae import module_arguments, read_config  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from score_jax.convert.vae import module_arguments, read_config
 
   vae = os.path.expanduser(data.vae) if data.vae else ""
   meta = read_meta(data.path) if data.path else None
