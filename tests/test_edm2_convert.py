@@ -33,6 +33,7 @@ from configs import edm2_presets
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data", "edm2_pickles")
 CONFIG = os.path.join(HERE, "..", "configs", "edm2_presets.py")
+VAE = os.path.join(HERE, "data", "vae", "tiny")  # 16x16x3 images <-> 8x8x4 latents
 # name -> (pickle, outputs, preset whose data it has: 4 channels = img512, 3 = img64)
 FIXTURES = {
     "snapshot": ("network-snapshot-0000008-0.050.pkl", "outputs.npz", "edm2-img512-s-autog-fid"),
@@ -182,7 +183,7 @@ def test_command_line_converts_the_guide_of_an_autoguidance_preset(tmp_path, cap
   guide = str(tmp_path / "guide")
   argv = ["convert", "--from=edm2", f"--config={CONFIG}:edm2-img512-s-autog-fid",
           "--config.data.image_size=8", f"--config.sample.guide_workdir={guide}",
-          _pkl("snapshot"), guide]
+          "--config.data.latent_scale=()", f"--config.data.vae={VAE}", _pkl("snapshot"), guide]
   assert convert_cli.main(argv) == 0
   out = capsys.readouterr().out
   assert "63 tensors, ema weights" in out and f"--workdir={guide} --mode=sample" in out
@@ -197,6 +198,46 @@ def test_command_line_converts_the_guide_of_an_autoguidance_preset(tmp_path, cap
   assert main.sample.guide_workdir == "runs/edm2-img512-s-autog-fid-guide"
   with pytest.raises(FileExistsError, match="already holds"):
     convert_cli.convert(_pkl("phema"), guide, _config("phema"), "edm2")
+  # The file's encoder scale and bias (EDM2's defaults in the fixture) in config.json, where
+  # the config left data.latent_scale empty; and in the preset, which sets them.
+  enc = edm_pickle.load(_pkl("snapshot"))["encoder"].state
+  for source in (run.settings.data, S(_config("snapshot")).data):
+    np.testing.assert_array_equal(np.float32(source.latent_scale), enc["scale"])
+    np.testing.assert_array_equal(np.float32(source.latent_shift), enc["bias"])
+    assert source.vae_centered is False
+
+
+@pytest.mark.slow  # ~16 s on 2 CPU cores, most of it compiling the sampler
+def test_a_converted_img512_network_samples_images_through_data_vae(tmp_path):
+  """--mode=sample of a converted latent network with data.vae and no data.path writes the
+  latents decoded as EDM2 decodes them: vae.decode((z - bias) / scale), clamp(0, 1) * 255
+  -> uint8 (the tiny VAE of tests/data/vae makes 16x16x3 images of the 8x8x4 latents)."""
+  from score_jax.convert import vae as convert_vae  # pylint: disable=g-import-not-at-top
+  from score_jax.run import sample  # pylint: disable=g-import-not-at-top
+  from score_jax.run import settings as settings_lib  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path / "img512")
+  config = _config("snapshot")
+  config.data.vae = VAE
+  edm2_convert.convert(_pkl("snapshot"), workdir, config)
+  with open(os.path.join(workdir, "config.json")) as f:
+    raw = json.load(f)
+  assert raw["data"]["path"] == "" and raw["data"]["vae"] == VAE
+  raw["sample"].update(num=2)
+  raw["sampling"].update(num_steps=2, batch_size=2)
+  paths = sample.run(settings_lib.from_config(raw), workdir)
+  with np.load(paths["npz"]) as f:
+    z, images = f["samples"], f["images"]
+  assert z.shape == (2, 8, 8, 4) and images.shape == (2, 16, 16, 3)
+  vae, params, _ = convert_vae.load_vae(VAE)
+  enc = edm_pickle.load(_pkl("snapshot"))["encoder"].state
+  y = np.asarray(vae.decode(params, (z - enc["bias"].reshape(-1)) / enc["scale"].reshape(-1)))
+  edm2 = (np.clip(y, 0, 1) * 255).astype(np.uint8)
+  # Through [-1, 1] and back: a value within float32 rounding of a level may truncate to the
+  # next one (test_latents.py); never further, and rarely.
+  diff = np.abs(images.astype(int) - edm2)
+  assert diff.max() <= 1 and (diff > 0).mean() < 1e-2
+  assert os.path.isfile(paths["png"])
 
 
 def test_bad_or_absent_files_are_refused_in_one_line(tmp_path, capsys):
@@ -251,6 +292,17 @@ def test_unsupported_constructor_arguments_are_refused():
   obj = edm_pickle.load(_pkl("uncond"))
   with pytest.raises(edm2_convert.EDM2LayoutError, match="data.centered=True"):
     edm2_convert.encoder_config(obj, pixels)
+  # A latent config that sets another normalization than the file's encoder, or [-1, 1] pixels.
+  obj = edm_pickle.load(_pkl("snapshot"))
+  other = _config("snapshot")
+  other.data.latent_shift = (0.0, 0.0, 0.0, 0.0)
+  with pytest.raises(edm2_convert.EDM2LayoutError, match=r"latent_shift=.*latent_shift=\(0, 0, "
+                     r"0, 0\); nothing was converted: set --config.data.latent_shift=\"\(\)\""):
+    edm2_convert.encoder_config(obj, other)
+  other = _config("snapshot")
+  other.data.vae_centered = True
+  with pytest.raises(edm2_convert.EDM2LayoutError, match="vae_centered=False"):
+    edm2_convert.encoder_config(obj, other)
 
 
 def test_presets_are_edm2s_generation_settings(fast_compile):

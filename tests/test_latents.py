@@ -172,6 +172,18 @@ def test_samples_of_a_latent_model_are_decoded_by_its_vae(tiny, encoded, tmp_pat
     expected = to_uint8(np.asarray(vae.decode(params, z / np.float32(scaling))), True, "round")
     np.testing.assert_array_equal(f["images"], expected)
     assert f["images"].shape == (3, 16, 16, 3)
+  # Without a latent dataset: the VAE data.vae names, per-channel values, its RGB images.
+  scale, shift = (0.5, 2.0, 1.0, 0.25), (0.1, -0.2, 0.0, 0.3)
+  cfg = helpers.config("digits_latent", **{"data.path": "", "data.vae": TINY,
+                                           "data.latent_scale": scale, "data.latent_shift": shift})
+  plan = plan_lib.assemble(settings_lib.from_config(cfg), None, None, None,
+                           jax.make_mesh((jax.device_count(),), ("data",)))
+  assert plan.data.pixel_dataset == ""
+  paths = sample.write(plan, out, str(tmp_path), step=1)
+  with np.load(paths["npz"]) as f:
+    raw = (z - np.float32(shift)) / np.float32(scale)
+    expected = to_uint8(np.asarray(vae.decode(params, raw)), True, "round")
+    np.testing.assert_array_equal(f["images"], expected)
 
 
 def test_edm2_latents_of_unit_pixels_whitened_per_channel_and_decoded(tiny, images, encoded,
@@ -228,7 +240,7 @@ def test_data_vae_and_data_path_must_name_the_same_weights(tiny, encoded, tmp_pa
   vae, params, _ = tiny
   out, _ = encoded
   copy = shutil.copytree(TINY, str(tmp_path / "copy"))
-  z = np.random.default_rng(2).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  z = np.random.default_rng(2).standard_normal((3, 8, 8, 4)).astype(np.float32)  # compiled above
   own = latents.latent_decoder(_data("latents", out, 8, 4))(z)
   np.testing.assert_array_equal(latents.latent_decoder(_data("latents", out, 8, 4, vae=copy))(z),
                                 own)  # the same bytes: data.vae is taken
