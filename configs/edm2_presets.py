@@ -34,15 +34,18 @@ with sigma 0.002..80, model.parameterization 'edm', sigma_data 0.5, EDM2's loss 
 optimizer), the network score_jax's EDM2UNet; the converter sets its architecture from the
 file, so any network of the preset's data converts with it.
 
-img512 networks model 64 x 64 x 4 latents of Stable Diffusion's VAE (sd-vae-ft-mse), which
-EDM2 normalizes per channel (z = (raw - mean) * 0.5 / std, mean (5.81, 3.25, 0.12, -2.15),
-std (4.17, 4.62, 3.71, 3.28)); data.dataset = 'latents' with data.path a latent folder whose
-VAE decodes the samples. score_jax's latent decoder divides by one scaling factor
-(score_jax/data/latents.py) and does not undo EDM2's per-channel normalization yet, so img512
-samples are not decoded correctly; the networks, the sampler and the guidance are. img64
-networks model ImageNet 64 x 64 pixels in [-1, 1]
-(data.dataset = 'images', data.path EDM2's dataset zip). Both have 1000 classes (the
-'-uncond-' networks none; the converter takes label_dim from the file).
+img512 networks model 64 x 64 x 4 latents of Stable Diffusion's VAE (sd-vae-ft-mse) of [0, 1]
+pixels (data.vae_centered = False), which EDM2 normalizes per channel (z = (raw - mean) * 0.5 /
+std, mean (5.81, 3.25, 0.12, -2.15), std (4.17, 4.62, 3.71, 3.28): data.latent_scale and
+data.latent_shift, score_jax.data.latents.edm2_norm()); data.dataset = 'latents'. Samples
+decode through data.vae, a local diffusers folder of sd-vae-ft-mse, with no encoded dataset:
+
+  python -m score_jax.convert --from=edm2 --config=configs/edm2_presets.py:edm2-img512-s-fid \\
+      --config.data.vae=sd-vae-ft-mse edm2-img512-s-2147483-0.130.pkl runs/edm2-img512-s-fid
+
+img64 networks model ImageNet 64 x 64 pixels in [-1, 1] (data.dataset = 'images', data.path
+EDM2's dataset zip). Both have 1000 classes (the '-uncond-' networks none; the converter takes
+label_dim from the file).
 """
 
 from typing import Dict, NamedTuple, Optional

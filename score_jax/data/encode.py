@@ -253,7 +253,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"wrote {len(done)}.")
     print(f"Latents {h}x{w}x{c} (scaling factor {meta['scaling_factor']:g}) in {fv.out}. Train "
           f"on them with --config.data.dataset=latents --config.data.path={fv.out} "
-          f"--config.data.image_size={h} --config.data.num_channels={c}.")
+          f"--config.data.image_size={h} --config.data.num_channels={c}"
+          f"{'' if meta['vae_centered'] else ' --config.data.vae_centered=False'}.")
     return 0
 
   return cli.report_user_errors(run)
