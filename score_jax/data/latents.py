@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import threading
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
