@@ -182,11 +182,12 @@ def edm2(config: ml_collections.ConfigDict, *, sigma_data: float, p_mean: float,
 
 def edm2_imagenet(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
   """One of EDM2's ImageNet presets (train_edm2.py, models.edm2.PRESETS): 'img512-*' on the
-  64x64x4 latents of Stable Diffusion's VAE (data.dataset 'latents'), 'img64-*' on 64x64x3
-  pixels; class-conditional (1000 classes), batch 2048, the preset's channels, dropout,
-  P_mean / P_std, reference rate and decay, ramp-up over 10M images, and its duration in
-  images as training.n_iters = duration / batch; post-hoc EMA profiles sigma_rel 0.05 and
-  0.10 (EDM2's), fp32 master weights with bfloat16 compute."""
+  64x64x4 latents of Stable Diffusion's VAE (data.dataset 'latents', encoded from [0, 1] pixels
+  and normalized per channel as EDM2 does: data.vae_centered, data.latent_scale and
+  data.latent_shift), 'img64-*' on 64x64x3 pixels; class-conditional (1000 classes), batch 2048,
+  the preset's channels, dropout, P_mean / P_std, reference rate and decay, ramp-up over 10M
+  images, and its duration in images as training.n_iters = duration / batch; post-hoc EMA
+  profiles sigma_rel 0.05 and 0.10 (EDM2's), fp32 master weights with bfloat16 compute."""
   from score_jax.models import edm2 as edm2_lib  # pylint: disable=g-import-not-at-top
   p = edm2_lib.preset(preset)
   latent = preset.startswith("img512")
@@ -207,6 +208,10 @@ def edm2_imagenet(config: ml_collections.ConfigDict, preset: str) -> ml_collecti
   data.num_channels = 4 if latent else 3
   data.random_flip = False  # EDM2's training loop does not flip
   data.centered = True
+  if latent:  # EDM2's StabilityVAEEncoder: [0, 1] pixels, latents whitened per channel
+    from score_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
+    data.latent_scale, data.latent_shift = latents_lib.edm2_norm()
+    data.vae_centered = False
   model = config.model
   model.num_classes = 1000
   model.dropout = p.dropout

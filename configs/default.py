@@ -213,6 +213,16 @@ def get_config() -> ml_collections.ConfigDict:
   data.augment_rotate_frac = 0.0  # any angle
   data.augment_aniso = 0.0  # anisotropic, log2 std 0.2
   data.augment_translate_frac = 0.0  # std 1/8 of the size
+  # dataset 'latents' (docs/latent.md): the model sees z = latent_scale * raw + latent_shift,
+  # one value per latent channel (() : the VAE's scaling factor, no shift; EDM2's img512
+  # networks: score_jax.data.latents.edm2_norm()). vae: the diffusers VAE folder that decodes
+  # samples ('' : the one data.path's meta.json names; sampling needs no data.path then).
+  # vae_centered: pixels enter and leave the VAE in [-1, 1] (True, latent diffusion) or in
+  # [0, 1] (False, EDM2); the encode records it, training and decoding check it.
+  data.latent_scale = ()
+  data.latent_shift = ()
+  data.vae = ""
+  data.vae_centered = True
 
   # Model: the keys every network shares. The architecture keys are model.name's network's
   # constructor arguments (score_jax.models.network_arguments), whose defaults hold where a

@@ -36,7 +36,8 @@ def _data(dataset, path, image_size, num_channels, **extra):
   return types.SimpleNamespace(
       dataset=dataset, path=path, image_size=image_size, num_channels=num_channels,
       data_dir="", category="", toy_name="gaussian_mixture", tfrecords_path="",
-      random_flip=False, uniform_dequantization=False, centered=False, **extra)
+      random_flip=False, uniform_dequantization=False, centered=False,
+      **{"latent_scale": (), "latent_shift": (), "vae": "", "vae_centered": True, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +172,93 @@ def test_samples_of_a_latent_model_are_decoded_by_its_vae(tiny, encoded, tmp_pat
     expected = to_uint8(np.asarray(vae.decode(params, z / np.float32(scaling))), True, "round")
     np.testing.assert_array_equal(f["images"], expected)
     assert f["images"].shape == (3, 16, 16, 3)
+  # Without a latent dataset: the VAE data.vae names, per-channel values, its RGB images.
+  scale, shift = (0.5, 2.0, 1.0, 0.25), (0.1, -0.2, 0.0, 0.3)
+  cfg = helpers.config("digits_latent", **{"data.path": "", "data.vae": TINY,
+                                           "data.latent_scale": scale, "data.latent_shift": shift})
+  plan = plan_lib.assemble(settings_lib.from_config(cfg), None, None, None,
+                           jax.make_mesh((jax.device_count(),), ("data",)))
+  assert plan.data.pixel_dataset == ""
+  paths = sample.write(plan, out, str(tmp_path), step=1)
+  with np.load(paths["npz"]) as f:
+    raw = (z - np.float32(shift)) / np.float32(scale)
+    expected = to_uint8(np.asarray(vae.decode(params, raw)), True, "round")
+    np.testing.assert_array_equal(f["images"], expected)
+
+
+def test_edm2_latents_of_unit_pixels_whitened_per_channel_and_decoded(tiny, images, encoded,
+                                                                       tmp_path):
+  """EDM2's StabilityVAEEncoder written out: [0, 1] pixels into the VAE (data.vae_centered =
+  False), z = (mean + std eps) * scale + bias per channel, and decoding (z - bias) / scale
+  through the VAE, clamp(0, 1) * 255 -> uint8; here through data.vae without a dataset."""
+  vae, params, _ = tiny
+  path, x, _ = images
+  out = str(tmp_path / "unit")
+  src = _data("images", path, 16, 3, vae_centered=False)
+  meta = encode.encode_dataset(src, TINY, out, shard_size=N, batch_size=4, progress=False)
+  assert meta["vae_centered"] is False
+  rows = np.load(latents.shard_path(out, "train", 0))
+  mean, _ = vae.encode(params, x[:4].astype(np.float32) / 255)  # EDM2: x / 255
+  # The same float32 function and batch as the encode's first call (1e-5: see above).
+  np.testing.assert_allclose(rows["mean"][:4], np.asarray(mean), atol=1e-5)
+  # EDM2's constants (training/encoders.py), computed in float32 as EDM2 does.
+  raw_mean, raw_std = np.float32([5.81, 3.25, 0.12, -2.15]), np.float32([4.17, 4.62, 3.71, 3.28])
+  scale, shift = latents.edm2_norm()
+  np.testing.assert_array_equal(np.float32(scale), np.float32(0.5) / raw_std)
+  np.testing.assert_array_equal(np.float32(shift), np.float32(0) - raw_mean * np.float32(scale))
+  norm = dict(latent_scale=scale, latent_shift=shift)
+  data = _data("latents", out, 8, 4, vae_centered=False, **norm)
+  b = next(datasets.get_dataset(data, "train", batch_size=4, seed=3))
+  eps = np.stack([g.standard_normal((8, 8, 4), dtype=np.float32)
+                  for g in example_rngs(3, 1, 0, np.arange(4))])
+  r = rows[b["index"]]
+  raw = r["mean"] + eps * r["std"]
+  np.testing.assert_array_equal(b["image"], raw * np.float32(scale) + np.float32(shift))
+  # The inverse undoes it up to float32 rounding of z (|z| <= ~10, so 1e-5 absolute).
+  ln = latents.latent_norm(scale, shift, 0.18215, 4)
+  np.testing.assert_allclose(ln.inverse(b["image"]), raw, atol=1e-5)
+  with pytest.raises(ConfigError, match="vae_centered=False"):  # latents of [0, 1] pixels
+    datasets.get_dataset(_data("latents", out, 8, 4, **norm), "train", batch_size=4, seed=3)
+  with pytest.raises(ConfigError, match="data.latent_scale has 3 values.*4 channels"):
+    datasets.get_dataset(_data("latents", out, 8, 4, vae_centered=False, latent_scale=scale[:3]),
+                         "train", batch_size=4, seed=3)
+
+  dec = latents.latent_decoder(_data("latents", "", 8, 4, vae=TINY, vae_centered=False, **norm))
+  got = dec(b["image"])
+  y = np.asarray(vae.decode(params, (b["image"] - np.float32(shift)) / np.float32(scale)))
+  np.testing.assert_allclose(got, 2 * y - 1, atol=1e-6)  # [0, 1] -> [-1, 1], float32 eps
+  assert got.shape == (4, 16, 16, 3)
+  edm2 = (np.clip(y, 0, 1) * 255).astype(np.uint8)  # EDM2's decode
+  ours = to_uint8(got, True, "truncate")
+  # Truncation after the round trip through [-1, 1]: a value within float32 rounding of a level
+  # may land one level lower or higher (expected ~1e-5 of the pixels), never further.
+  diff = np.abs(ours.astype(int) - edm2)
+  assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_data_vae_and_data_path_must_name_the_same_weights(tiny, encoded, tmp_path):
+  vae, params, _ = tiny
+  out, _ = encoded
+  copy = shutil.copytree(TINY, str(tmp_path / "copy"))
+  z = np.random.default_rng(2).standard_normal((3, 8, 8, 4)).astype(np.float32)  # compiled above
+  own = latents.latent_decoder(_data("latents", out, 8, 4))(z)
+  np.testing.assert_array_equal(latents.latent_decoder(_data("latents", out, 8, 4, vae=copy))(z),
+                                own)  # the same bytes: data.vae is taken
+  np.testing.assert_allclose(own, np.asarray(vae.decode(params, z / np.float32(0.18215))),
+                             atol=1e-6)
+  other = str(tmp_path / "other")
+  convert_vae.save_vae(other, vae.module, jax.tree_util.tree_map(lambda a: a * 1.01, params),
+                       0.18215)
+  with pytest.raises(ConfigError, match="is not the VAE the latents .* were encoded with"):
+    latents.latent_decoder(_data("latents", out, 8, 4, vae=other))
+  with pytest.raises(ConfigError, match="set --config.data.vae=FOLDER"):
+    latents.latent_decoder(_data("latents", "", 8, 4))
+  cfg = helpers.config("digits", **{"data.vae": TINY})
+  with pytest.raises(ConfigError, match="data.vae applies to data.dataset = 'latents' only"):
+    settings_lib.from_config(cfg)
+  cfg = helpers.config("digits_latent", **{"data.latent_shift": (0.0, 1.0)})
+  with pytest.raises(ConfigError, match="data.latent_shift has 2 values"):
+    settings_lib.from_config(cfg)
 
 
 def test_save_vae_writes_a_folder_load_vae_reads_back(tiny, tmp_path):

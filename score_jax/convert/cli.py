@@ -1,6 +1,6 @@
-"""`python -m score_jax.convert --from=pytorch|flax|edm|dit|sit --config=... SRC DST`: a checkpoint
-of the 2021 reference (Flax or PyTorch), an NVlabs/edm network pickle, or a facebookresearch/DiT
-or willisma/SiT checkpoint -> a score_jax workdir."""
+"""`python -m score_jax.convert --from=pytorch|flax|edm|edm2|dit|sit --config=... SRC DST`: a
+checkpoint of the 2021 reference (Flax or PyTorch), an NVlabs/edm or NVlabs/edm2 network pickle,
+or a facebookresearch/DiT or willisma/SiT checkpoint -> a score_jax workdir."""
 
 from __future__ import annotations
 
@@ -17,14 +17,17 @@ __all__ = ["convert", "main"]
 
 def convert(src: str, dst: str, config: ml_collections.ConfigDict, fmt: str, *,
             weights: str = "ema", step: Optional[int] = None) -> Dict[str, Any]:
-  """`reference.convert` (fmt 'pytorch' | 'flax'), `edm.convert` (fmt 'edm'), `dit.convert`
-  (fmt 'dit') or `sit.convert` (fmt 'sit')."""
+  """`reference.convert` (fmt 'pytorch' | 'flax'), `edm.convert` (fmt 'edm'), `edm2.convert`
+  (fmt 'edm2'), `dit.convert` (fmt 'dit') or `sit.convert` (fmt 'sit')."""
   if fmt == "sit":
     from score_jax.convert import sit  # pylint: disable=g-import-not-at-top
     return sit.convert(src, dst, config, weights=weights, step=step)
   if fmt == "dit":
     from score_jax.convert import dit  # pylint: disable=g-import-not-at-top
     return dit.convert(src, dst, config, weights=weights, step=step)
+  if fmt == "edm2":
+    from score_jax.convert import edm2  # pylint: disable=g-import-not-at-top
+    return edm2.convert(src, dst, config, weights=weights, step=step)
   if fmt == "edm":
     from score_jax.convert import edm  # pylint: disable=g-import-not-at-top
     return edm.convert(src, dst, config, weights=weights, step=step)
@@ -36,7 +39,7 @@ def convert(src: str, dst: str, config: ml_collections.ConfigDict, fmt: str, *,
 # Command line
 
 
-_USAGE = ("python -m score_jax.convert --from=pytorch|flax|edm|dit|sit "
+_USAGE = ("python -m score_jax.convert --from=pytorch|flax|edm|edm2|dit|sit "
           "--config=configs/<paper config>.py [--weights=ema|model] [--step=N] SRC DST")
 
 
@@ -47,9 +50,9 @@ def _define_flags(fv: Any, argv: List[str]) -> None:
   # sys_argv: the --config.<key>=value overrides are found in argv, not sys.argv.
   config_flags.DEFINE_config_file("config", None, "The paper config SRC was trained with.",
                                   flag_values=fv, lock_config=True, sys_argv=argv)
-  flags.DEFINE_enum("from", None, list(FORMATS) + ["edm", "dit", "sit"],
+  flags.DEFINE_enum("from", None, list(FORMATS) + ["edm", "edm2", "dit", "sit"],
                     "Format of SRC: the reference's Flax checkpoint_<n>, its PyTorch twin's "
-                    "checkpoint_<n>.pth, an NVlabs/edm network pickle (.pkl), or a "
+                    "checkpoint_<n>.pth, an NVlabs/edm or NVlabs/edm2 network pickle (.pkl), or a "
                     "facebookresearch/DiT or willisma/SiT checkpoint or released network (.pt).",
                     flag_values=fv)
   flags.DEFINE_enum("weights", "ema", ["ema", "model"], "EMA weights (preferred) or the raw ones.",

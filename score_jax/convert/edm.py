@@ -241,7 +241,7 @@ def tensors_to_params(tensors: Mapping[str, np.ndarray], entries: Sequence[Entry
     node = params
     for key in e.ours[:-1]:
       node = node.setdefault(key, {})
-    node[e.ours[-1]] = np.ascontiguousarray(a)
+    node[e.ours[-1]] = np.asarray(a, order="C")  # (ascontiguousarray makes 0-d 1-d)
   return params
 
 

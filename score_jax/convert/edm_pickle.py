@@ -1,4 +1,5 @@
-"""Read NVlabs/edm network pickles with numpy, without torch, running nothing they contain.
+"""Read NVlabs/edm and NVlabs/edm2 network pickles with numpy, without torch, running nothing
+they contain.
 
 EDM (Karras et al. 2022) releases its networks, and its training loop writes
 its snapshots, as plain Python pickles (protocol 4) of *persistent classes*
@@ -17,8 +18,9 @@ does. It rebuilds an allow-list only:
   `_rebuild_parameter`) over storages stored inline
   (`torch.storage._load_from_bytes` of a legacy-format `torch.save` stream,
   read by `score_jax.convert.torch_pickle.load_legacy_bytes`) -> numpy arrays;
-- OrderedDicts, sets, numpy scalars and dtypes, `dnnlib.util.EasyDict` (a
-  plain dict);
+- OrderedDicts, sets, numpy scalars, dtypes and arrays of plain dtypes (EDM2's
+  `StabilityVAEEncoder` keeps its per-channel scale and bias as arrays),
+  `dnnlib.util.EasyDict` (a plain dict);
 
 and refuses every other global with an `EDMPickleError` that names it.
 `state_dict(module)` lists a module's tensors as torch's `state_dict()`
@@ -157,6 +159,16 @@ def _tensor(*args: Any) -> np.ndarray:
   return torch_pickle._rebuild_tensor(*args).materialize()  # pylint: disable=protected-access
 
 
+def _numpy_reconstruct(cls: Any, shape: Any, typecode: Any) -> np.ndarray:
+  """numpy's `_reconstruct`: an empty array that the pickle's BUILD then fills (numpy's own
+  `__setstate__`, over a dtype `_numpy_dtype` let through: never one holding objects)."""
+  if cls is not np.ndarray:
+    raise pickle.UnpicklingError(f"a numpy array of class {cls!r}")
+  if not isinstance(typecode, bytes) or not isinstance(shape, tuple):
+    raise pickle.UnpicklingError("a numpy array with a malformed header")
+  return np.ndarray.__new__(np.ndarray, shape, np.dtype(typecode))
+
+
 def _parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None, *unused) -> Any:
   if not isinstance(data, np.ndarray):
     raise pickle.UnpicklingError(f"a parameter over a {type(data).__name__}")
@@ -177,6 +189,9 @@ _ALLOWED = {
     ("numpy", "dtype"): torch_pickle._numpy_dtype,  # pylint: disable=protected-access
     ("numpy.core.multiarray", "scalar"): torch_pickle._numpy_scalar,  # pylint: disable=protected-access
     ("numpy._core.multiarray", "scalar"): torch_pickle._numpy_scalar,  # pylint: disable=protected-access
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
     ("dnnlib.util", "EasyDict"): _EasyDict,
     **{("torch.nn.modules.container", name): cls for name, cls in _CONTAINERS.items()},
 }

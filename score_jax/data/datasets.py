@@ -61,6 +61,7 @@ from score_jax.data.digits import DIGITS_NUM_CLASSES, load_digits
 from score_jax.errors import ConfigError
 from score_jax.data.scaling import data_scaler
 from score_jax.data.image_files import open_images
+from score_jax.data import latents as latents_lib
 from score_jax.data.latents import LatentSource, latent_transform, open_latents, read_meta
 from score_jax.data.images import center_crop, crop_resize, resize, resize_small
 from score_jax.data.pipeline import Batches, Transform
@@ -213,7 +214,8 @@ def open_source(dataset: str, split: str, *, image_size: int, num_channels: int,
 def make_batches(source: Source, *, batch_size: int, evaluation: bool = False, random_flip: bool = False,
                  uniform_dequantization: bool = False, centered: bool = False, raw: bool = False,
                  seed: int = 0, start_step: int = 0, process_index: int | None = None,
-                 process_count: int | None = None, num_threads: int | None = None) -> Batches:
+                 process_count: int | None = None, num_threads: int | None = None,
+                 latent_norm: latents_lib.LatentNorm | None = None) -> Batches:
   """Batches of `source` for this process (config-free).
 
   Args:
@@ -233,6 +235,8 @@ def make_batches(source: Source, *, batch_size: int, evaluation: bool = False, r
     process_index, process_count: this process and how many there are
       (defaults: jax.process_index(), jax.process_count()).
     num_threads: reader threads (default: 0 for in-memory data, else min(8, cpus)).
+    latent_norm: a latent source's normalization, z = scale * raw + shift per channel (None:
+      the VAE's scaling factor, no shift).
 
   Returns:
     A Batches iterator (see score_jax.data.pipeline.Batches).
@@ -246,7 +250,9 @@ def make_batches(source: Source, *, batch_size: int, evaluation: bool = False, r
   if raw and not is_images:
     raise ValueError("raw=True yields uint8 images; this dataset is not an image dataset.")
   if isinstance(source, LatentSource):  # flips, dequantization and centering do not apply
-    transform = latent_transform(source.scaling_factor, seed=seed,
+    norm = latent_norm or latents_lib.latent_norm((), (), source.scaling_factor,
+                                                   source.latent_shape[-1])
+    transform = latent_transform(norm, seed=seed,
                                  stream=_EVAL_STREAM if evaluation else _TRAIN_STREAM)
   elif raw or not is_images:
     transform: Transform = lambda data, step, slots: data
@@ -301,7 +307,8 @@ def get_dataset(data: Any, split: str = "train", *, batch_size: int, seed: int,
   """Batches of a split of the dataset that data settings (`score_jax.run.settings.Data`) name.
 
   Reads data.{dataset, data_dir, path, image_size, num_channels, random_flip,
-  centered, uniform_dequantization, toy_name, category, tfrecords_path}.
+  centered, uniform_dequantization, toy_name, category, tfrecords_path} and for latents
+  data.{latent_scale, latent_shift, vae_centered}.
   Random flips apply only to split 'train' with evaluation=False.
 
   Args:
@@ -317,14 +324,20 @@ def get_dataset(data: Any, split: str = "train", *, batch_size: int, seed: int,
   """
   source = _open(data, split)
   check_classes(source, num_classes, data.dataset)
-  if raw and isinstance(source, LatentSource):  # the images that were encoded
-    source = _open(types.SimpleNamespace(**read_meta(data.path)["source"]), split)
+  norm = None
+  if isinstance(source, LatentSource):
+    latents_lib.check_vae_centered(source.meta, data.vae_centered, data.path)
+    norm = latents_lib.latent_norm(data.latent_scale, data.latent_shift, source.scaling_factor,
+                                   source.latent_shape[-1])
+    if raw:  # the images that were encoded
+      source = _open(types.SimpleNamespace(**read_meta(data.path)["source"]), split)
   return make_batches(
       source, batch_size=batch_size, evaluation=evaluation,
       random_flip=data.random_flip and split == "train" and not evaluation,
       uniform_dequantization=data.uniform_dequantization, centered=data.centered,
       raw=raw, seed=seed, start_step=start_step,
-      process_index=process_index, process_count=process_count, num_threads=num_threads)
+      process_index=process_index, process_count=process_count, num_threads=num_threads,
+      latent_norm=norm)
 
 
 def num_examples(data: Any, split: str) -> int:

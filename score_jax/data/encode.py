@@ -6,7 +6,8 @@ through a VAE, once, into the sharded latent dataset `data.dataset='latents'` re
 
 CONFIG is any image config (digits, tfds datasets, your own folder with data.dataset='images',
 ...); its data section picks the images, brought to data.image_size and data.num_channels as
-training would read them, without flips or dequantization. VAE is a diffusers AutoencoderKL
+training would read them, without flips or dequantization, as pixels in [-1, 1] (or in [0, 1]
+with --config.data.vae_centered=False, EDM2's convention). VAE is a diffusers AutoencoderKL
 folder (`score_jax.convert.vae.load_vae`). The layout of DIR, and why the posterior's mean and
 std are stored: score_jax/data/latents.py. Shards are written atomically, so running the same
 command again continues at the missing shards; --process_index/--process_count split the
@@ -29,10 +30,14 @@ from score_jax.errors import ConfigError
 __all__ = ["encode_dataset", "encode_split", "make_meta", "to_vae_input", "main"]
 
 
-def to_vae_input(images: np.ndarray, in_channels: int) -> np.ndarray:
-  """uint8 [n, H, W, C] -> float32 [n, H, W, in_channels] in [-1, 1]; gray images repeat their
-  plane for an RGB VAE."""
-  x = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+def to_vae_input(images: np.ndarray, in_channels: int, centered: bool = True) -> np.ndarray:
+  """uint8 [n, H, W, C] -> float32 [n, H, W, in_channels] in [-1, 1] (centered, latent
+  diffusion's convention) or [0, 1] (EDM2's x / 255); gray images repeat their plane for an RGB
+  VAE."""
+  if centered:
+    x = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+  else:
+    x = images.astype(np.float32) / np.float32(255.0)
   if x.shape[-1] == 1 and in_channels == 3:
     x = np.repeat(x, 3, axis=-1)
   return x
@@ -41,13 +46,14 @@ def to_vae_input(images: np.ndarray, in_channels: int) -> np.ndarray:
 def make_meta(*, vae_folder: str, digest: str, scaling_factor: float,
               latent_shape: Sequence[int], source: Dict[str, Any], num_classes: int,
               class_names: Sequence[str], shard_size: int,
-              sizes: Dict[str, int]) -> Dict[str, Any]:
+              sizes: Dict[str, int], vae_centered: bool = True) -> Dict[str, Any]:
   """The meta.json of a latent dataset (see score_jax/data/latents.py)."""
   return {
       "format": latents_lib.FORMAT,
       "vae": os.path.realpath(vae_folder),
       "vae_sha256": digest,
       "scaling_factor": float(scaling_factor),
+      "vae_centered": bool(vae_centered),
       "latent_shape": [int(d) for d in latent_shape],
       "stored": "posterior mean and std of the unscaled latents, float32",
       "source": dict(source, num_classes=int(num_classes), class_names=list(class_names)),
@@ -59,7 +65,9 @@ def make_meta(*, vae_folder: str, digest: str, scaling_factor: float,
 
 def _check_same(old: Dict[str, Any], new: Dict[str, Any], out: str) -> None:
   """A resumed encode must be the one that began: same VAE, data, shards."""
-  keys = ("vae_sha256", "scaling_factor", "latent_shape", "source", "shard_size", "splits")
+  keys = ("vae_sha256", "scaling_factor", "vae_centered", "latent_shape", "source", "shard_size",
+          "splits")
+  old = dict(old, vae_centered=old.get("vae_centered", True))  # not recorded before: [-1, 1]
   diff = [k for k in keys if old.get(k) != new.get(k)]
   if diff or old.get("format") != latents_lib.FORMAT:
     raise latents_lib.LatentsError(
@@ -69,7 +77,7 @@ def _check_same(old: Dict[str, Any], new: Dict[str, Any], out: str) -> None:
 
 def encode_split(source: Any, vae: Any, params: Any, out: str, split: str, *, shard_size: int,
                  batch_size: int = 64, process_index: int = 0, process_count: int = 1,
-                 progress: bool = True) -> List[int]:
+                 progress: bool = True, centered: bool = True) -> List[int]:
   """Encodes this process's missing shards of one split (k mod process_count = process_index).
 
   Args:
@@ -81,6 +89,7 @@ def encode_split(source: Any, vae: Any, params: Any, out: str, split: str, *, sh
     batch_size: images per VAE call (the last one padded: one compilation).
     process_index, process_count: this process's share of the shards.
     progress: show a tqdm bar (examples).
+    centered: pixels into the VAE in [-1, 1] (True) or [0, 1] (`to_vae_input`).
 
   Returns:
     The shards written by this call (those already on disk are skipped).
@@ -103,7 +112,7 @@ def encode_split(source: Any, vae: Any, params: Any, out: str, split: str, *, sh
       for start in range(0, len(indices), batch_size):
         images, y = source.read(indices[start:start + batch_size])
         m = len(images)
-        x = to_vae_input(images, in_channels)
+        x = to_vae_input(images, in_channels, centered)
         if m < batch_size:
           x = np.concatenate([x, np.zeros((batch_size - m,) + x.shape[1:], x.dtype)])
         mean, logvar = vae.encode(params, x)
@@ -128,7 +137,8 @@ def encode_dataset(data: Any, vae_folder: str, out: str, *, splits: Sequence[str
   """Encodes the image data that `data` (the data settings) names into `out`.
 
   Writes out/meta.json (or checks that the one there describes the same encode), then this
-  process's missing shards of every split.
+  process's missing shards of every split. The pixels enter the VAE in [-1, 1], or in [0, 1]
+  where data.vae_centered is False (EDM2's convention); meta.json records which.
 
   Returns:
     The meta.json contents, with 'written': {split: [shards written by this call]}.
@@ -171,7 +181,8 @@ def encode_dataset(data: Any, vae_folder: str, out: str, *, splits: Sequence[str
                    latent_shape=(size // factor, size // factor, module.latent_channels),
                    source=latents_lib.source_settings(data), num_classes=first.num_classes,
                    class_names=getattr(first, "class_names", ()), shard_size=shard_size,
-                   sizes={split: len(s) for split, s in sources.items()})
+                   sizes={split: len(s) for split, s in sources.items()},
+                   vae_centered=data.vae_centered)
   os.makedirs(out, exist_ok=True)
   meta_path = os.path.join(out, latents_lib.META_FILE)
   old = files.read_json(meta_path)
@@ -183,7 +194,8 @@ def encode_dataset(data: Any, vae_folder: str, out: str, *, splits: Sequence[str
   for split, source in sources.items():
     written[split] = encode_split(source, vae, params, out, split, shard_size=shard_size,
                                   batch_size=batch_size, process_index=process_index,
-                                  process_count=process_count, progress=progress)
+                                  process_count=process_count, progress=progress,
+                                  centered=data.vae_centered)
   return dict(meta, written=written)
 
 
@@ -241,7 +253,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"wrote {len(done)}.")
     print(f"Latents {h}x{w}x{c} (scaling factor {meta['scaling_factor']:g}) in {fv.out}. Train "
           f"on them with --config.data.dataset=latents --config.data.path={fv.out} "
-          f"--config.data.image_size={h} --config.data.num_channels={c}.")
+          f"--config.data.image_size={h} --config.data.num_channels={c}"
+          f"{'' if meta['vae_centered'] else ' --config.data.vae_centered=False'}.")
     return 0
 
   return cli.report_user_errors(run)

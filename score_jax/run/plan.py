@@ -87,18 +87,19 @@ class DataSpec:
     if not self.is_latents:
       return self.source.dataset
     from score_jax.data import latents  # pylint: disable=g-import-not-at-top
-    source = latents.source_meta(self.source.path)
+    source = latents.source_meta(self.source.path) if self.source.path else None
     return "" if source is None else str(source["dataset"])
 
   def to_images(self, x: Any, quantization: str) -> Any:
     """Model-space samples [N, ...] -> uint8 images [N, H, W, C]: the data scaler's inverse, or
-    for latents the VAE's decoding (score_jax.data.latents.LatentDecoder)."""
+    for latents the VAE's decoding (score_jax.data.latents.latent_decoder: data.vae, else the
+    VAE of data.path's latents)."""
     from score_jax.data.scaling import to_uint8  # pylint: disable=g-import-not-at-top
 
     if not self.is_latents:
       return to_uint8(x, self.centered, quantization)
     from score_jax.data import latents  # pylint: disable=g-import-not-at-top
-    return to_uint8(latents.latent_decoder(self.source.path)(x), True, quantization)
+    return to_uint8(latents.latent_decoder(self.source)(x), True, quantization)
 
   def to_unit(self, x: Any) -> Any:
     """Model-space samples -> float images in [0, 1] (unclipped), decoded for latents."""
@@ -107,7 +108,7 @@ class DataSpec:
     if not self.is_latents:
       return data_scaler(self.centered).inverse(x)
     from score_jax.data import latents  # pylint: disable=g-import-not-at-top
-    return data_scaler(True).inverse(latents.latent_decoder(self.source.path)(x))
+    return data_scaler(True).inverse(latents.latent_decoder(self.source)(x))
 
   @property
   def name(self) -> str:

@@ -55,7 +55,7 @@ def run(settings: Settings, workdir: str) -> Dict[str, str]:
   the ODE) and never overwritten (a second run gets _2, _3, ...):
   .png (grid, or scatter for 2-D data), .npz ('samples' in model space,
   'images' uint8 for image data (for data.dataset='latents' the samples are latents and
-  'images' their decoding through the VAE of the latent dataset), 'labels', 'nfe', and
+  'images' their decoding through data.vae or the VAE of the latent dataset), 'labels', 'nfe', and
   'inputs' for inpaint / colorize) and .json (task, step, sampler, NFE and the sampling section).
 
   Returns:
@@ -65,6 +65,9 @@ def run(settings: Settings, workdir: str) -> Dict[str, str]:
   task = TASKS[plan.sample.task]
   task.check(plan)
   sample_labels(plan, 1)  # a bad class label fails before the checkpoint loads
+  if plan.data.is_latents:  # and a missing or foreign VAE (data.vae, data.path)
+    from score_jax.data import latents  # pylint: disable=g-import-not-at-top
+    latents.latent_decoder(plan.data.source)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   step, params = checkpoints.restore_intact(
       ckpt_dir, lambda k: run_state.restore_ema_params(plan, ckpt_dir, k), plan.sample.ckpt_step)

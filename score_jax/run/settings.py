@@ -211,6 +211,14 @@ class Data:
   augment_rotate_frac: float
   augment_aniso: float
   augment_translate_frac: float
+  # data.dataset = 'latents' (score_jax/data/latents.py): z = latent_scale * raw + latent_shift
+  # per latent channel (empty: the VAE's scaling factor, no shift); the VAE that decodes
+  # samples (empty: the one data.path's meta.json names); pixels in and out of the VAE in
+  # [-1, 1] (True) or [0, 1] (False, EDM2's).
+  latent_scale: Tuple[float, ...]
+  latent_shift: Tuple[float, ...]
+  vae: str
+  vae_centered: bool
 
   def augment_kwargs(self) -> Dict[str, float]:
     """score_jax.data.augment.Augment's arguments: p and the probability multipliers."""
@@ -705,10 +713,33 @@ def _check_dit(d: Data, m: Model) -> None:
 
 
 def _check_latents(s: Settings) -> None:
-  """Latent data (score_jax/data/latents.py): what acts on pixels has no meaning on latents."""
+  """Latent data (score_jax/data/latents.py): the normalization's values, one per latent
+  channel; what acts on pixels has no meaning on latents; the latent keys none elsewhere."""
   d = s.data
+  for key in ("latent_scale", "latent_shift"):
+    values = getattr(d, key)
+    if not isinstance(values, tuple) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in values):
+      raise ConfigError(f"data.{key} must be a tuple of finite numbers (one per latent "
+                        f"channel) or (), got {values!r}.")
   if not d.is_latents:
+    given = [k for k in ("latent_scale", "latent_shift", "vae") if getattr(d, k)]
+    if given:
+      one = len(given) == 1
+      raise ConfigError(f"{', '.join(f'data.{k}' for k in given)} appl{'ies' if one else 'y'} "
+                        f"to data.dataset = 'latents' only; leave {'it' if one else 'them'} "
+                        "empty.")
     return
+  for key in ("latent_scale", "latent_shift"):
+    n = len(getattr(d, key))
+    if n not in (0, d.num_channels):
+      raise ConfigError(f"data.{key} has {n} values, the latents data.num_channels = "
+                        f"{d.num_channels} channels: give one per channel, or () for the VAE's "
+                        "scaling factor.")
+  if any(v == 0 for v in d.latent_scale):
+    raise ConfigError(f"data.latent_scale must not hold 0 (decoding divides by it), got "
+                      f"{d.latent_scale}.")
   for key in ("random_flip", "uniform_dequantization"):
     if getattr(d, key):
       raise ConfigError(f"data.{key} acts on pixels; data.dataset='latents' holds encoded images "
