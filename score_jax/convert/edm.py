@@ -387,17 +387,9 @@ def check_init_kwargs(net: edm_pickle.PersistentObject, model: Any, settings: An
 def find_network(obj: Any, source: str = "the file", weights: str = "ema"
                  ) -> edm_pickle.PersistentObject:
   """The EDMPrecond network of a snapshot dict ('ema') or of a bare network pickle."""
-  if weights != "ema":
-    raise EDMLayoutError(f"EDM's network pickles hold only the EMA network ('ema'); "
-                         f"--weights={weights} is not available for them.")
-  if isinstance(obj, Mapping):
-    if "ema" not in obj:
-      raise EDMLayoutError(f"{source} has no 'ema' network (top-level keys: "
-                           f"{sorted(map(str, obj))}); it is not an EDM network snapshot.")
-    obj = obj["ema"]
-  if not isinstance(obj, edm_pickle.PersistentObject):
-    raise EDMLayoutError(f"{source}: the network is a {type(obj).__name__}, not an EDM "
-                         "persistent network.")
+  obj = edm_pickle.snapshot_network(
+      obj, EDMLayoutError, source=source, weights=weights, family="EDM", kind="network snapshot",
+      weights_note="EDM's network pickles hold only the EMA network ('ema')")
   if obj.class_name != "EDMPrecond":
     raise EDMLayoutError(
         f"{source}: the network is an EDM {obj.class_name}; score_jax converts EDM-preconditioned "

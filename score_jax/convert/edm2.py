@@ -102,17 +102,10 @@ _IGNORED = ("use_fp16", "resample_filter")  # the compute dtype is model.dtype; 
 def find_network(obj: Any, source: str = "the file", weights: str = "ema"
                  ) -> edm_pickle.PersistentObject:
   """The Precond network of a snapshot / released dict ('ema') or of a bare network pickle."""
-  if weights != "ema":
-    raise EDM2LayoutError(f"EDM2's network pickles hold one network ('ema', the EMA or post-hoc "
-                          f"EMA weights); --weights={weights} is not available for them.")
-  if isinstance(obj, Mapping):
-    if "ema" not in obj:
-      raise EDM2LayoutError(f"{source} has no 'ema' network (top-level keys: "
-                            f"{sorted(map(str, obj))}); it is not an EDM2 network pickle.")
-    obj = obj["ema"]
-  if not isinstance(obj, edm_pickle.PersistentObject):
-    raise EDM2LayoutError(f"{source}: the network is a {type(obj).__name__}, not an EDM2 "
-                          "persistent network.")
+  obj = edm_pickle.snapshot_network(
+      obj, EDM2LayoutError, source=source, weights=weights, family="EDM2", kind="network pickle",
+      weights_note="EDM2's network pickles hold one network ('ema', the EMA or post-hoc EMA "
+                   "weights)")
   if obj.class_name != "Precond" or not isinstance(obj.modules.get("unet"),
                                                      edm_pickle.PersistentObject):
     what = (f"EDM's {obj.class_name} (convert it with --from=edm)"

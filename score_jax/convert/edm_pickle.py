@@ -244,6 +244,25 @@ def load(path: str | os.PathLike) -> Any:
   return loads(data, path)
 
 
+def snapshot_network(obj: Any, error: type, *, source: str, weights: str, family: str,
+                     kind: str, weights_note: str) -> PersistentObject:
+  """The persistent network of a network snapshot of EDM's or EDM2's training loop (its 'ema'
+  entry) or of a bare network pickle; anything else raises `error` with one line naming it.
+  `family` ('EDM', 'EDM2') and `kind` ('network snapshot') name the expected file,
+  `weights_note` what such files hold, for a --weights other than 'ema'."""
+  if weights != "ema":
+    raise error(f"{weights_note}; --weights={weights} is not available for them.")
+  if isinstance(obj, Mapping):
+    if "ema" not in obj:
+      raise error(f"{source} has no 'ema' network (top-level keys: {sorted(map(str, obj))}); "
+                  f"it is not an {family} {kind}.")
+    obj = obj["ema"]
+  if not isinstance(obj, PersistentObject):
+    raise error(f"{source}: the network is a {type(obj).__name__}, not an {family} persistent "
+                "network.")
+  return obj
+
+
 def _items(mapping: Any, where: str):
   if mapping is None:
     return []
