@@ -184,6 +184,7 @@ STEPS_FAST = 2
 SAMPLE_STEPS_FAST = 5
 
 
+@pytest.mark.slow  # ~20 s on 2 CPU cores (train steps and every sampler in bfloat16)
 def test_bfloat16_train_steps_checkpoint_and_sampler_paths(tmp_path, fast_compile):
   """The default tier's check of the paths the slow runs below exercise (compiled with
   most optimizations off): STEPS_FAST bfloat16 training steps from the float32 init, the

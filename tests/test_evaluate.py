@@ -101,6 +101,7 @@ def test_wait_for_checkpoint_polls_times_out_and_gives_up_early(toy_run, tmp_pat
   assert time.monotonic() - start < 5
 
 
+@pytest.mark.slow  # ~19 s on 2 CPU cores (an eval process killed and rerun)
 def test_eval_killed_midway_resumes_without_redoing_rounds(toy_run, tmp_path):
   workdir = _fresh_copy(toy_run, tmp_path)
   # Slow rounds (1000 predictor + 1000 corrector steps each) so that the kill lands mid-run.

@@ -92,6 +92,7 @@ def test_train_end_to_end_on_four_devices(tmp_path):
   assert len(_losses(workdir)) == 6
 
 
+@pytest.mark.slow  # three main.py runs, ~45 s on 2 CPU cores; the in-process resume tests (SIGTERM, phema, fsdp) stay fast
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   """N steps straight == killed (mid-checkpoint likely) and resumed runs."""
   n = 40
