@@ -57,6 +57,7 @@ logvar_channels) more).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Tuple
 
@@ -257,17 +258,8 @@ class MPUNet(nn.Module):
     emb = MPConv(cemb, (), name="emb_noise")(MPFourier(cnoise, name="emb_fourier")(c_noise))
     layers.check_class_labels(y, self.num_classes)
     if self.num_classes > 0:
-      if y is None:
-        onehot = jnp.zeros((batch, self.num_classes), jnp.float32)
-      elif y.ndim == 1:
-        onehot = jax.nn.one_hot(y, self.num_classes, dtype=jnp.float32)  # num_classes -> zeros
-      else:
-        onehot = y.astype(jnp.float32)
-      if onehot.shape != (batch, self.num_classes):
-        raise ValueError(f"class labels must have shape [{batch}] or [{batch}, "
-                         f"{self.num_classes}], got {y.shape}.")
       lab = MPConv(cemb, (), name="emb_label")(
-          onehot * np.float32(math.sqrt(self.num_classes)))
+          layers.class_onehot(y, self.num_classes, batch))
       emb = mp_sum(emb, lab, t=self.label_balance)
     emb = mp_silu(emb)
 
@@ -309,6 +301,10 @@ class MPUNet(nn.Module):
     return out.astype(jnp.float32)
 
 
+_UNET_ARGS = tuple(f.name for f in dataclasses.fields(MPUNet)
+                   if f.init and f.name not in ("parent", "name"))
+
+
 class EDM2UNet(nn.Module):
   """EDM2's network: the MP U-Net (`unet`) and the uncertainty head u(c_noise)
   (`logvar_fourier`, `logvar_linear`); the module docstring has the calls and names.
@@ -337,14 +333,9 @@ class EDM2UNet(nn.Module):
   forced_weight_norm: ClassVar[bool] = True
 
   def setup(self):
-    self.unet = MPUNet(
-        model_channels=self.model_channels, channel_mult=tuple(self.channel_mult),
-        channel_mult_noise=self.channel_mult_noise, channel_mult_emb=self.channel_mult_emb,
-        num_blocks=self.num_blocks, attn_resolutions=tuple(self.attn_resolutions),
-        label_balance=self.label_balance, concat_balance=self.concat_balance,
-        num_classes=self.num_classes, dropout=self.dropout, res_balance=self.res_balance,
-        attn_balance=self.attn_balance, clip_act=self.clip_act,
-        channels_per_head=self.channels_per_head, dtype=self.dtype)
+    # The U-Net's attributes are this module's of the same names (lists as tuples).
+    self.unet = MPUNet(**{name: tuple(v) if isinstance(v, list) else v
+                          for name in _UNET_ARGS for v in [getattr(self, name)]})
     self.logvar_fourier = MPFourier(self.logvar_channels)
     self.logvar_linear = MPConv(1, ())
 

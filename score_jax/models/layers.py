@@ -35,6 +35,7 @@ __all__ = [
     "GaussianFourierProjection",
     "ClassEmbedding",
     "check_class_labels",
+    "class_onehot",
     "AttnBlock",
     "Upsample",
     "Downsample",
@@ -170,6 +171,22 @@ def check_class_labels(y: Optional[Array], num_classes: int) -> None:
   if y is not None and num_classes <= 0:
     raise ValueError("class labels y were given but the network has num_classes = 0 "
                      "(unconditional); set model.num_classes.")
+
+
+def class_onehot(y: Optional[Array], num_classes: int, batch: int) -> Array:
+  """EDM's class conditioning input: float32 [batch, num_classes] one-hot vectors times
+  sqrt(num_classes). y: int [batch] (the null label num_classes gives zeros), float
+  [batch, num_classes] (used as is), or None (zeros: unconditional)."""
+  if y is None:
+    onehot = jnp.zeros((batch, num_classes), jnp.float32)
+  elif y.ndim == 1:
+    onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32)  # num_classes -> zeros
+  else:
+    onehot = y.astype(jnp.float32)
+  if onehot.shape != (batch, num_classes):
+    raise ValueError(f"class labels must have shape [{batch}] or [{batch}, {num_classes}], "
+                     f"got {y.shape}.")
+  return onehot * np.float32(math.sqrt(num_classes))
 
 
 def augment_input(augment_labels: Optional[Array], augment_dim: int, batch: int) -> Array:

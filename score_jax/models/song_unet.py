@@ -311,17 +311,8 @@ class SongUNet(nn.Module):
         emb = emb + nn.Dense(noise_ch, kernel_init=_xavier(), name="map_noise2")(emb2)
     layers.check_class_labels(y, self.num_classes)
     if self.num_classes > 0:
-      if y is None:
-        onehot = jnp.zeros((batch, self.num_classes), jnp.float32)
-      elif y.ndim == 1:
-        onehot = jax.nn.one_hot(y, self.num_classes, dtype=jnp.float32)  # num_classes -> zeros
-      else:
-        onehot = y.astype(jnp.float32)
-      if onehot.shape != (batch, self.num_classes):
-        raise ValueError(f"class labels must have shape [{batch}] or [{batch}, "
-                         f"{self.num_classes}], got {y.shape}.")
       emb = emb + nn.Dense(noise_ch, kernel_init=_xavier(), name="map_label")(
-          onehot * np.float32(math.sqrt(self.num_classes)))
+          layers.class_onehot(y, self.num_classes, batch))
     aug = layers.augment_input(augment_labels, self.augment_dim, batch)
     if self.augment_dim > 0:
       # Bias-free, so zero labels (and None, at sampling time) add nothing.
