@@ -251,7 +251,7 @@ def convert_network(src: str, dst: str, s: Any, notes: List[str], *, weights: st
   into workdir `dst`. `family` names train.py's presets ('DiT', 'SiT'); `check_run(args)`
   checks what else train.py's arguments say (SiT's interpolant) and returns notes. Returns and
   raises as `convert`."""
-  from score_jax.convert.workdir import refuse_existing, write_workdir
+  from score_jax.convert.workdir import refuse_existing, write_converted
   from score_jax.models.dit import dit_dims, pos_embed_2d
   from score_jax.run import builders
 
@@ -273,12 +273,8 @@ def convert_network(src: str, dst: str, s: Any, notes: List[str], *, weights: st
     logging.warning("%s: %s.", src, note)
   params = tensors_to_params(tensors, entries)
   del tensors
-  step = s.training.snapshot_freq if step is None else int(step)
-  if step < 0:
-    raise ValueError(f"step must be >= 0, got {step}.")
-  path = write_workdir(dst, s, params, step)
-  return {"checkpoint": path, "step": step, "weights": weights, "tensors": len(entries),
-          "notes": notes}
+  return write_converted(dst, s, params, step, weights=weights, tensors=len(entries),
+                         notes=notes)
 
 
 def _check_learn_sigma(tensors: Mapping[str, np.ndarray], model: Any, channels: int,

@@ -26,7 +26,7 @@ the file runs). The conversion:
    parameter `map_noise/freqs`; the resampling filters (buffers) must be the
    config's `resample_filter`. A missing, unexpected or misshapen tensor
    stops it, naming them; nothing is written;
-3. writes a normal workdir (`score_jax.convert.reference.write_workdir`): the EMA
+3. writes a normal workdir (`score_jax.convert.workdir.write_workdir`): the EMA
    weights as parameters and EMA parameters, a fresh optimizer state,
    config.json.
 
@@ -431,7 +431,7 @@ def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
   Raises:
     FileExistsError, FileNotFoundError, edm_pickle.EDMPickleError, EDMLayoutError.
   """
-  from score_jax.convert.workdir import refuse_existing, write_workdir
+  from score_jax.convert.workdir import refuse_existing, write_converted
   from score_jax.run import builders
   from score_jax.run import settings as settings_lib
 
@@ -450,9 +450,5 @@ def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
   check_tensors(tensors, entries, buffers, src)
   params = tensors_to_params(tensors, entries)
   del tensors
-  step = s.training.snapshot_freq if step is None else int(step)
-  if step < 0:
-    raise ValueError(f"step must be >= 0, got {step}.")
-  path = write_workdir(dst, s, params, step)
-  return {"checkpoint": path, "step": step, "weights": "ema", "tensors": len(entries),
-          "notes": notes}
+  return write_converted(dst, s, params, step, weights="ema", tensors=len(entries),
+                         notes=notes)

@@ -380,7 +380,7 @@ def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
   Raises:
     FileExistsError, FileNotFoundError, edm_pickle.EDMPickleError, EDM2LayoutError.
   """
-  from score_jax.convert.workdir import refuse_existing, write_workdir
+  from score_jax.convert.workdir import refuse_existing, write_converted
   from score_jax.run import builders
   from score_jax.run import settings as settings_lib
 
@@ -411,9 +411,5 @@ def convert(src: str, dst: str, config: Any, *, weights: str = "ema",
   del tensors, obj
   for note in notes:
     logging.info("%s: %s.", src, note)
-  step = s.training.snapshot_freq if step is None else int(step)
-  if step < 0:
-    raise ValueError(f"step must be >= 0, got {step}.")
-  path = write_workdir(dst, s, params, step)
-  return {"checkpoint": path, "step": step, "weights": "ema", "tensors": len(entries),
-          "notes": notes}
+  return write_converted(dst, s, params, step, weights="ema", tensors=len(entries),
+                         notes=notes)

@@ -79,3 +79,15 @@ def write_workdir(dst: str, config: ml_collections.ConfigDict, params: Mapping[s
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return os.path.join(ckpt_dir, str(step))
+
+
+def write_converted(dst: str, settings: Any, params: Mapping[str, Any], step: Any, *,
+                    weights: str, tensors: int, notes: List[str]) -> dict:
+  """The network converters' last step: `params` as checkpoint `step` (None: the config's
+  training.snapshot_freq) of workdir `dst` (write_workdir), and their summary."""
+  step = settings.training.snapshot_freq if step is None else int(step)
+  if step < 0:
+    raise ValueError(f"step must be >= 0, got {step}.")
+  path = write_workdir(dst, settings, params, step)
+  return {"checkpoint": path, "step": step, "weights": weights, "tensors": tensors,
+          "notes": notes}
