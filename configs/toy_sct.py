@@ -25,14 +25,14 @@ toy.py's positional embedding. Shipped: 32,000 steps with the learning rate deca
 a cosine (optim.lr_decay). Measured (as above; largest mode-weight error, share off every
 mode; the data's off-mode share is 1.1%, the few-step check allows 2.2%): 1 step 0.023,
 1.8%; 2 steps 0.012, 1.8% (the slow test's run, 1,025 s on 2 CPU cores). Two trainings of
-24,000 steps (the same settings; XLA's CPU reductions are not bitwise repeatable, and the
-runs drift apart): 0.014, 1.6% / 0.012, 1.5% and 0.023, 2.0% / 0.017, 1.7%. With the diffusion configs' label 636 t
-(and Fourier features of its log) the training gave 0.107, 82% and 0.087, 63% at 2,000
-steps, and at 6,000 steps its one-step samples collapsed onto the data mean (f(x_t, t) the
-posterior mean E[x_0 | x_t]): the tangent differentiates the network in t, and a
-fast-varying time embedding makes that derivative large; a label of 100 t: 54% / 42% at
-6,000 steps. Without tangent normalization (training.scm_tangent_c = 1e3) the samples
-collapse.
+24,000 steps with the same settings (through main.py and through the slow test; they do not
+repeat bit for bit here and ended apart): 0.014, 1.6% / 0.012, 1.5% and 0.023, 2.0% / 0.017,
+1.7%. With the diffusion configs' label 636 t (and Fourier features of its log) the training
+gave 0.107, 82% and 0.087, 63% at 2,000 steps, and at 6,000 steps its one-step samples
+collapsed onto the data mean (f(x_t, t) the posterior mean E[x_0 | x_t]): the tangent
+differentiates the network in t, and a fast-varying time embedding makes that derivative
+large; a label of 100 t: 54% / 42% at 6,000 steps. Without tangent normalization
+(training.scm_tangent_c = 1e3) the samples collapse.
 """
 
 import ml_collections
