@@ -332,11 +332,11 @@ def test_toy_ict_one_and_two_steps(tmp_path):
 def test_toy_ect_from_an_edm_run_one_and_two_steps(tmp_path):
   """configs/toy_edm.py for 2,000 steps, then configs/toy_ect.py started from it (its EMA
   weights) for its 4,000 steps, sampled in 1 and 2 consistency steps: the mode weights within
-  0.03. Measured on one device: 0.016 (1 step) and 0.010 (2 steps), with 24% and 20% of the
-  samples off every mode (the data: 1.1%; 35% and 34% at a constant rate), so
-  helpers.assert_few_step_mixture's off-mode part does not hold at this budget; checked
-  here: at least 60% within 3 std of a mode."""
+  0.03. Measured on one device (8,192 samples): 0.007 (1 step) and 0.008 (2 steps), with 12%
+  and 11% of the samples off every mode (the data: 1.1%; 24% and 20% with the L2 norm, c =
+  0), so helpers.assert_few_step_mixture's off-mode part does not hold at this budget;
+  checked here: at least 80% within 3 std of a mode."""
   teacher = tmp_path / "edm"
   _train(helpers.config("toy_edm"), teacher, 2000)
   cfg = helpers.config("toy_ect", **{"training.teacher_workdir": str(teacher)})
-  _assert_weights_in_one_and_two_steps(cfg, _train(cfg, tmp_path / "ect", 4000), near=0.6)
+  _assert_weights_in_one_and_two_steps(cfg, _train(cfg, tmp_path / "ect", 4000), near=0.8)
