@@ -236,13 +236,13 @@ def test_toy_meanflow_trains_and_samples_in_one_and_two_steps(tmp_path, fast_com
 @pytest.mark.slow  # 1,000 training steps: 2-4 min on 2 shared CPU cores
 def test_toy_meanflow_learns_the_mode_weights_in_one_and_two_steps(tmp_path):
   """configs/toy_meanflow.py cut to 1,000 steps (its cosine decay over them), through the
-  few-step generators' check (helpers.assert_few_step_mixture): the 1- and 2-step mode weights
-  are within 0.03, but the share of samples off every mode is not yet within twice the data's
-  (2.2%), so the check must fail on that share and on nothing else. The config's 10,000 steps
-  reach 3.2% (1 step) and 2.0% (2 steps), 4,000 steps 4.8% and 2.9% (docs/few_step.md); with
-  the constant rate, ratio 0.25 and the tangent e - x, 1,000 steps gave weight errors 0.023
-  and 0.020 and off-mode shares 12.9% and 10.7%. When the check passes, pytest.raises fails
-  here: call the helper plainly."""
+  few-step generators' check (helpers.assert_few_step_mixture): the 1- and 2-step mode
+  weights are within 0.03, but the share of samples off every mode is not yet within twice
+  the data's (2.2%), so the check must fail on that share and on nothing else. The config's
+  10,000 steps reach 3.2% (1 step) and 2.0% (2 steps), 4,000 steps 4.8% and 2.9%, 60,000
+  steps 2.1% and 1.0% in one training (docs/few_step.md); with the constant rate, ratio 0.25
+  and the tangent e - x, 1,000 steps gave weight errors 0.023 and 0.020 and off-mode shares
+  12.9% and 10.7%. When the check passes, pytest.raises fails here: call the helper plainly."""
   from configs import toy_meanflow
   from score_jax.run import train
   from score_jax.run.settings import from_config
