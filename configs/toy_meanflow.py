@@ -26,13 +26,13 @@ steps from 10,000 steps, at 1 step only at 60,000, at the limit. Measured (one d
 machine) 2.3% / 1.2% (0.004 / 0.009); 60,000 steps (2,950 s on one core) 2.1% / 1.0% (0.005
 / 0.008), in one training (another seed: 2.2% / 1.0%, at the limit). The tangent e - x with
 the cosine decay: 8.0% / 5.1% at 4,000 steps; and without the decay, ratio 0.25, 1,000
-steps: 12.6% / 10.0%. The off- mode samples lie on the circle between neighbouring modes:
-the one-step map must switch between modes within a narrow band of noise, and its borders
+steps: 12.6% / 10.0%. The off-mode samples lie on the circle between neighbouring modes: the
+one-step map must switch between modes within a narrow band of noise, and its borders
 sharpen slowly. Also tried at 1,000 steps (none better): ratio 1, logit_std 2, the data
 divided by its std, hidden_sizes (512,) * 3 or (256,) * 6, relu, batch 2048, power 0.5 or 1
 (the one-step samples fall inside the circle); at 4,000 steps with the decay, 128 random
 Fourier features of the input (std 1: 9.7% / 6.0%; std 4: 23% / 21%); at 10,000 steps,
-learning rate 3e-3 (24% / 17%) and logit- normal std 2 (4.1% / 2.8%); 40,000 steps at batch
+learning rate 3e-3 (24% / 17%) and logit-normal std 2 (4.1% / 2.8%); 40,000 steps at batch
 128 (10,000 steps' samples): 3.2% / 1.1%. The network's own instantaneous-velocity ODE (u(z,
 t, t), 400 Heun steps) of the 30,000-step run puts 0.4% off every mode: the one-jump map
 u(z, 0, 1) lags.
